@@ -1,0 +1,21 @@
+"""Model-family adapters: everything family-specific lives in one small file per family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter
+from .llava import LlavaAdapter
+
+__all__ = ["Adapter", "ADAPTERS", "adapter_for"]
+
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter that handles ``model``; ``TypeError`` naming the supported classes otherwise."""
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    supported = ", ".join(name for a in ADAPTERS for name in a.model_classes)
+    raise TypeError(f"learnpruner does not support {type(model).__name__}; supported model classes: {supported}")

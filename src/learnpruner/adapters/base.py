@@ -1,0 +1,91 @@
+"""The adapter interface the engine runs against."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class Adapter:
+    """Where a model family keeps its parts, and how it turns pixels into visual-token features.
+
+    The engine needs: the text embedding, decoder layers, final norm, rotary embedding and LM head;
+    the image placeholder id; vision features at the feature layer (before the projector) and the
+    projector itself. Subclasses fill these in for one model family.
+    """
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes or any(
+            c.__name__ in cls.model_classes for c in type(model).__mro__
+        )
+
+    # --- parts of the text model -------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def text_config(self):
+        return self.language_model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def attention(self, layer_idx: int) -> nn.Module:
+        return self.layers[layer_idx].self_attn
+
+    def rotary_fn(self, layer_idx: int) -> Callable:
+        """The ``apply_rotary_pos_emb`` of the module that defines the layer's attention class."""
+        mod = sys.modules[type(self.attention(layer_idx)).__module__]
+        fn = getattr(mod, "apply_rotary_pos_emb", None)
+        if fn is None:
+            raise TypeError(f"cannot find apply_rotary_pos_emb next to {type(self.attention(layer_idx)).__name__}")
+        return fn
+
+    @property
+    def cache_kwarg(self) -> str:
+        """``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier 5.x) for decoder layers."""
+        params = inspect.signature(self.layers[0].forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    # --- vision ---------------------------------------------------------------------------------
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image that the LLM would see unpruned."""
+        raise NotImplementedError
+
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def feature_layer(self):
+        raise NotImplementedError
+
+    def vision_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``[num_images, n, d]`` features at the vision feature layer, before the projector."""
+        raise NotImplementedError
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Projector applied to (kept) feature rows: ``[..., d] -> [..., hidden]``."""
+        raise NotImplementedError
+
+    def output_class(self) -> type:
+        raise NotImplementedError

@@ -1,0 +1,118 @@
+"""The public API: :func:`apply`, :func:`remove`, :func:`stats`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import adapter_for
+from .budget import check_tokens
+from .engine import PruneState, Stats, pruned_forward
+from .lpm import LearnablePruningModule, LPMConfig
+from .methods import get_method
+
+__all__ = ["apply", "remove", "stats", "is_pruned"]
+
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def _pruned_class(base: type) -> type:
+    """A per-instance subclass of ``base`` whose ``forward`` is the pruning engine (nothing global)."""
+    if base not in _PRUNED_CLASSES:
+        _PRUNED_CLASSES[base] = type(
+            base.__name__,
+            (base,),
+            {"forward": pruned_forward, "__module__": base.__module__, "_learnpruner_base": base},
+        )
+    return _PRUNED_CLASSES[base]
+
+
+def is_pruned(model: nn.Module) -> bool:
+    """Whether :func:`apply` patched this model instance."""
+    return "_learnpruner" in model.__dict__
+
+
+def _resolve_lpm(lpm, adapter, model, seed: int) -> LearnablePruningModule:
+    """An LPM from a path, a module, ``"random"`` (untrained, seeded) or the model folder's default."""
+    if lpm is None:
+        folder = getattr(model.config, "_name_or_path", "") or ""
+        default = Path(folder) / "learnpruner-lpm"
+        if folder and (default / "lpm.json").is_file():
+            lpm = default
+        else:
+            raise ValueError(
+                "method 'learnpruner' needs a Learnable Pruning Module: pass lpm=PATH (a folder written by "
+                "`learnpruner train`), lpm=<LearnablePruningModule>, or lpm='random' for an untrained one"
+            )
+    if isinstance(lpm, str) and lpm == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = LearnablePruningModule(
+                LPMConfig(
+                    feature_dim=adapter.feature_dim(),
+                    family=adapter.family,
+                    feature_layer=adapter.feature_layer(),
+                    num_tokens=adapter.num_visual_tokens(),
+                )
+            )
+    elif isinstance(lpm, (str, os.PathLike)):
+        module = LearnablePruningModule.load(lpm)
+    elif isinstance(lpm, LearnablePruningModule):
+        module = lpm
+    else:
+        raise TypeError(f"lpm must be a path, a LearnablePruningModule or 'random', got {type(lpm).__name__}")
+    module.check_compatible(adapter.family, adapter.feature_dim(), adapter.feature_layer())
+    param = next(model.parameters())
+    return module.to(param.device).eval()
+
+
+def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, **options) -> nn.Module:
+    """Prune the visual tokens of ``model`` (patched in place; returns it).
+
+    Args:
+        model: a supported transformers VLM instance (e.g. ``LlavaForConditionalGeneration``).
+        method: a name from :data:`learnpruner.METHODS` (``none``, ``random``, ``fastv``, ``learnpruner``...).
+        tokens: the budget, as the AVERAGE number of visual tokens per LLM layer (per image). A budget of
+            at least the image's token count is a no-op.
+        **options: method options, e.g. ``lpm=PATH``, ``r1``, ``r2``, ``layer``, ``diversity``, ``seed``.
+
+    Only this instance changes: it gets a private subclass whose ``forward`` runs the pruning engine,
+    so ``model(**inputs)`` and ``model.generate(**inputs)`` take the processor's outputs unchanged.
+    """
+    if is_pruned(model):
+        raise ValueError("this model is already pruned; call learnpruner.remove(model) before applying again")
+    adapter = adapter_for(model)
+    m = get_method(method)
+    tokens = check_tokens(tokens)
+    opts = m.check_options(options)
+    n = adapter.num_visual_tokens()
+    num_layers = adapter.text_config.num_hidden_layers
+    m.schedule(tokens, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"})  # fail early
+    seed = opts.get("seed", 0)
+    lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if m.stage1 == "lpm" else None
+    generator = torch.Generator().manual_seed(seed) if m.stage1 == "random" else None
+    state = PruneState(
+        method=m, tokens=tokens, options=opts, adapter=adapter, base_class=type(model), lpm=lpm, generator=generator
+    )
+    model.__class__ = _pruned_class(type(model))
+    model._learnpruner = state
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the instance gets its original class back and no pruning state."""
+    if not is_pruned(model):
+        raise ValueError("this model is not pruned by learnpruner")
+    state: PruneState = model.__dict__.pop("_learnpruner")
+    model.__class__ = state.base_class
+    return model
+
+
+def stats(model: nn.Module) -> Stats | None:
+    """What the last forward with images did (see :class:`learnpruner.engine.Stats`); None before one."""
+    if not is_pruned(model):
+        raise ValueError("this model is not pruned by learnpruner; call learnpruner.apply(model, ...) first")
+    return model._learnpruner.last

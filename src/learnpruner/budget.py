@@ -1,0 +1,106 @@
+"""Token budgets: the average number of visual tokens per LLM layer.
+
+A budget ``T`` means the AVERAGE number of visual tokens each decoder layer processes (the
+FLOPs-matched convention of the LearnPruner, FastV and SparseVLM papers). A method that keeps
+``r1`` tokens in layers ``[0, K)`` and ``r2`` in ``[K, L)`` meets the budget when
+``(K * r1 + (L - K) * r2) / L`` is (close to) ``T``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+__all__ = ["Schedule", "check_tokens", "average", "default_layer", "two_stage", "single_drop"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many visual tokens (per image) each part of the LLM sees.
+
+    ``r1``: tokens kept by stage 1 (after the vision encoder), ``None`` when stage 1 keeps all.
+    ``r2``: tokens kept from layer ``layer`` on, ``None`` when stage 2 does not run.
+    """
+
+    n: int
+    num_layers: int
+    r1: int | None = None
+    r2: int | None = None
+    layer: int | None = None
+
+    def per_layer(self) -> list[int]:
+        """Visual tokens per image each decoder layer processes under this schedule."""
+        first = self.n if self.r1 is None else self.r1
+        if self.r2 is None or self.layer is None:
+            return [first] * self.num_layers
+        return [first] * self.layer + [min(self.r2, first)] * (self.num_layers - self.layer)
+
+    @property
+    def average(self) -> float:
+        counts = self.per_layer()
+        return sum(counts) / len(counts)
+
+    @property
+    def is_noop(self) -> bool:
+        return all(c >= self.n for c in self.per_layer())
+
+
+def check_tokens(tokens: object) -> int:
+    """Validate a budget: a positive integer. Raises ``ValueError`` naming the bad value."""
+    if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral):
+        if isinstance(tokens, float) and tokens.is_integer() and tokens > 0:
+            return int(tokens)
+        raise ValueError(
+            f"tokens must be a positive integer (average visual tokens per LLM layer), got {tokens!r}"
+        )
+    if tokens <= 0:
+        raise ValueError(f"tokens must be a positive integer (average visual tokens per LLM layer), got {tokens}")
+    return int(tokens)
+
+
+def average(r1: int, r2: int, layer: int, num_layers: int) -> float:
+    """Average visual tokens per layer for ``r1`` tokens in ``[0, layer)`` and ``r2`` after."""
+    return (layer * r1 + (num_layers - layer) * r2) / num_layers
+
+
+def default_layer(num_layers: int, layer_of_32: int) -> int:
+    """A layer index given for a 32-layer LLM, scaled to ``num_layers`` (at least 1, below L)."""
+    return max(1, min(num_layers - 1, round(layer_of_32 * num_layers / 32)))
+
+
+def two_stage(tokens: int, n: int, num_layers: int, layer: int, ratio: float = 3.0) -> Schedule:
+    """LearnPruner's schedule: ``r1 : r2 = ratio : 1`` with an average of ``tokens``.
+
+    ``r2 = round(T L / (ratio K + L - K))`` and ``r1 = max(ratio * r2, round((T L - (L - K) r2) / K))``:
+    the ratio is kept and rounding slack goes to stage 1. This reproduces the paper's
+    64 -> 111/37 and 32 -> 55/18 for LLaVA-1.5-7B (L = 32, K = 12). When ``r1`` would exceed ``n``,
+    stage 1 keeps everything and ``r2`` absorbs the budget. A budget of at least ``n`` is a no-op.
+    """
+    if tokens >= n:
+        return Schedule(n=n, num_layers=num_layers)
+    k, tl = layer, tokens * num_layers
+    r2 = max(1, round(tl / (ratio * k + num_layers - k)))
+    r1 = max(round(ratio * r2), round((tl - (num_layers - k) * r2) / k))
+    if r1 >= n:
+        r2 = round((tl - k * n) / (num_layers - k))
+        return Schedule(n=n, num_layers=num_layers, r1=None, r2=min(r2, n), layer=layer)
+    return Schedule(n=n, num_layers=num_layers, r1=r1, r2=min(r2, r1), layer=layer)
+
+
+def single_drop(tokens: int, n: int, num_layers: int, layer: int, method: str) -> Schedule:
+    """One drop at ``layer`` (FastV-style): all ``n`` tokens before it, ``r`` after, average ``tokens``.
+
+    ``r = round((T L - K n) / (L - K))``. Budgets below ``K n / L`` cannot be reached without
+    moving the drop earlier; they raise ``ValueError`` naming the smallest reachable budget.
+    """
+    if tokens >= n:
+        return Schedule(n=n, num_layers=num_layers)
+    r = round((tokens * num_layers - layer * n) / (num_layers - layer))
+    if r < 1:
+        lowest = -(-(layer * n + (num_layers - layer)) // num_layers)
+        raise ValueError(
+            f"{method} prunes at LLM layer {layer} of {num_layers}, so its average budget is at least "
+            f"{lowest} visual tokens for {n}-token images; got tokens={tokens}. Use tokens >= {lowest} "
+            f"or an earlier layer (layer=1)."
+        )
+    return Schedule(n=n, num_layers=num_layers, r1=None, r2=r, layer=layer)

@@ -1,0 +1,483 @@
+"""The engine: runs a pruned forward pass through an adapted model.
+
+Data path, once::
+
+    pixels -> vision features (n per image) -> STAGE 1 rule -> r1 kept rows -> projector (kept rows only)
+    -> placeholders of dropped tokens are removed from the sequence (kept tokens keep their original
+       position ids and order) -> LLM layers [0, K) -> scores from layer K-1's queries and keys
+    -> STAGE 2 rule -> r2 kept -> LLM layers [K, L) on the shorter sequence -> logits
+
+Pruned tokens are physically removed from the hidden states (no masking in place of removal). With
+a KV cache, layers before K cache the stage-1 set and layers from K on the stage-2 set; the
+compacted padding masks travel on the cache object so that every decode step attends to exactly
+the kept tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from . import selection as sel
+from .adapters import Adapter
+from .budget import Schedule
+from .lpm import LearnablePruningModule
+from .methods import Method
+
+__all__ = ["PruneState", "Stats", "pruned_forward", "fixed_selection"]
+
+LAYOUT_ATTR = "_learnpruner_layout"
+
+
+@dataclass
+class Stats:
+    """What the last forward with images did.
+
+    ``stage1_kept`` / ``stage2_kept``: ``LongTensor[num_images, k]`` of visual-token indices
+    ``0..n-1`` in original order (one row per image; with one image per prompt, one row per sample),
+    or ``None`` where a stage did not run. ``tokens_per_layer``: visual tokens per image each decoder
+    layer processed, counted on the hidden states actually passed to it. ``kept_positions``:
+    ``LongTensor[batch, s]`` original sequence index of each row of the returned logits (-1 for
+    padding added by compaction). ``stage2_scores``: ``[num_images, n]`` stage-2 scores (``-inf``
+    for tokens stage 1 removed), when stage 2 ran.
+    """
+
+    method: str
+    schedule: Schedule | None = None
+    stage1_kept: torch.Tensor | None = None
+    stage2_kept: torch.Tensor | None = None
+    tokens_per_layer: list[int] = field(default_factory=list)
+    kept_positions: torch.Tensor | None = None
+    stage2_scores: torch.Tensor | None = None
+    num_images: int = 0
+
+    @property
+    def average_tokens(self) -> float:
+        """Average visual tokens per image per LLM layer in the last forward."""
+        return sum(self.tokens_per_layer) / max(1, len(self.tokens_per_layer))
+
+
+@dataclass
+class PruneState:
+    """All pruning state of one model instance (kept in ``model._learnpruner``)."""
+
+    method: Method
+    tokens: int | None
+    options: dict
+    adapter: Adapter
+    base_class: type
+    lpm: LearnablePruningModule | None = None
+    generator: torch.Generator | None = None
+    last: Stats | None = None
+    forced: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+    _schedules: dict = field(default_factory=dict)
+
+    def schedule(self, n: int) -> Schedule:
+        if n not in self._schedules:
+            num_layers = self.adapter.text_config.num_hidden_layers
+            if self.tokens is None:
+                self._schedules[n] = Schedule(n=n, num_layers=num_layers)
+            else:
+                self._schedules[n] = self.method.schedule(self.tokens, n, num_layers, self.options)
+        return self._schedules[n]
+
+
+@contextmanager
+def fixed_selection(model, stage1_kept: torch.Tensor | None, stage2_kept: torch.Tensor | None):
+    """Within this context, forwards keep exactly these token sets instead of running the rules.
+
+    Used to recompute a generation step by step over the kept sets of its prefill (cache checks),
+    and by visualisations. Indices are ``[num_images, k]`` visual-token indices.
+    """
+    state: PruneState = model._learnpruner
+    previous, state.forced = state.forced, (stage1_kept, stage2_kept)
+    try:
+        yield model
+    finally:
+        state.forced = previous
+
+
+# --------------------------------------------------------------------------------------------------
+# sequence bookkeeping
+
+
+def _compact(keep: torch.Tensor) -> torch.Tensor:
+    """Index map ``[b, s']`` of the kept positions of each row, right-aligned; ``-1`` marks new padding."""
+    b, _ = keep.shape
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if b else 0
+    slot = keep.long().cumsum(dim=1) - 1 + (width - counts)[:, None]
+    idx = torch.full((b, width), -1, dtype=torch.long, device=keep.device)
+    rows, cols = keep.nonzero(as_tuple=True)
+    idx[rows, slot[rows, cols]] = cols
+    return idx
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor, fill=0) -> torch.Tensor:
+    """Gather ``x[b, idx[b, j], ...]`` along dim 1 (``x`` may have batch 1); ``fill`` where ``idx < 0``."""
+    if x.shape[0] != idx.shape[0]:
+        x = x.expand(idx.shape[0], *x.shape[1:])
+    safe = idx.clamp(min=0)
+    out = x.gather(1, safe.view(*safe.shape, *([1] * (x.dim() - 2))).expand(*safe.shape, *x.shape[2:]))
+    pad = (idx < 0).view(*idx.shape, *([1] * (x.dim() - 2)))
+    return out.masked_fill(pad, fill) if bool(pad.any()) else out
+
+
+@dataclass
+class _Seq:
+    """The running sequence: hidden states plus per-position bookkeeping, all ``[b, s, ...]``."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None  # 2D padding mask (None = no padding, as given by the user)
+    pos: torch.Tensor  # position ids [b or 1, s]
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    vis: torch.Tensor  # visual-token index or -1
+    img: torch.Tensor  # image number or -1
+    orig: torch.Tensor  # original sequence index or -1 (padding added by compaction)
+
+    def take(self, idx: torch.Tensor) -> _Seq:
+        b, s = self.hidden.shape[:2]
+        mask = self.mask if self.mask is not None else torch.ones(b, s, dtype=torch.long, device=idx.device)
+        return _Seq(
+            hidden=_take(self.hidden, idx),
+            mask=_take(mask, idx, 0),
+            pos=_take(self.pos, idx, 1),
+            cos_sin=(_take(self.cos_sin[0], idx), _take(self.cos_sin[1], idx)),
+            vis=_take(self.vis, idx, -1),
+            img=_take(self.img, idx, -1),
+            orig=_take(self.orig, idx, -1),
+        )
+
+
+def _keep_from_table(seq: _Seq, kept: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions to keep: every non-visual position plus the visual tokens listed in ``kept``."""
+    chosen = torch.zeros(kept.shape[0], n, dtype=torch.bool, device=seq.vis.device)
+    chosen.scatter_(1, kept.to(seq.vis.device), True)
+    is_vis = seq.vis >= 0
+    return ~is_vis | chosen[seq.img.clamp(min=0), seq.vis.clamp(min=0)]
+
+
+# --------------------------------------------------------------------------------------------------
+# stage rules
+
+
+def _stage1(state: PruneState, feats: torch.Tensor, r1: int) -> torch.Tensor:
+    rule = state.method.stage1
+    if rule == "lpm":
+        lpm = state.lpm
+        p = next(lpm.parameters())
+        if p.device != feats.device:
+            lpm.to(feats.device)
+        keep_prob = lpm(feats)
+        return sel.lpm_select(keep_prob, feats, r1, state.options.get("diversity", 0.1))
+    if rule == "random":
+        return sel.random_select(feats.shape[0], feats.shape[1], r1, state.generator, device=feats.device)
+    raise ValueError(f"unknown stage-1 rule {rule!r}")
+
+
+def _query_rows(seq: _Seq, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows score the visual tokens: ``(index [b, q], valid [b, q])``.
+
+    ``"text"``: every valid non-visual token after the sample's last visual token (the instruction);
+    a sample whose prompt ends with the image falls back to its last token. ``"last"``: the last
+    valid token of each sample.
+    """
+    b, s = seq.vis.shape
+    ar = torch.arange(s, device=seq.vis.device).expand(b, s)
+    valid = seq.mask.bool() if seq.mask is not None else torch.ones(b, s, dtype=torch.bool, device=ar.device)
+    last_valid = torch.where(valid, ar, -1).amax(dim=1)
+    if rule == "last":
+        return last_valid[:, None], torch.ones(b, 1, dtype=torch.bool, device=ar.device)
+    last_vis = torch.where(seq.vis >= 0, ar, -1).amax(dim=1)
+    rows = valid & (ar > last_vis[:, None]) & (seq.vis < 0)
+    rows[rows.sum(dim=1) == 0, :] = False
+    empty = rows.sum(dim=1) == 0
+    rows[empty, last_valid[empty].clamp(min=0)] = True
+    q = int(rows.sum(dim=1).max())
+    order = torch.sort(rows.long(), dim=1, descending=True, stable=True).indices[:, :q]
+    return order, rows.gather(1, order)
+
+
+class _Capture:
+    """Forward hooks that keep the outputs of one layer's q/k projections for a single call."""
+
+    def __init__(self, attn):
+        self.out = {}
+        self.handles = [
+            attn.q_proj.register_forward_hook(lambda m, i, o: self.out.__setitem__("q", o)),
+            attn.k_proj.register_forward_hook(lambda m, i, o: self.out.__setitem__("k", o)),
+        ]
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _stage2_scores(ad: Adapter, layer_idx: int, cap: dict, seq: _Seq, rule: str) -> torch.Tensor:
+    """Attention each position receives from the scoring queries in ``layer_idx``: ``[b, s]``.
+
+    Computed from the layer's own q/k projections with the model's RoPE; only the needed query
+    rows are formed, so no attention implementation has to return weights.
+    """
+    attn = ad.attention(layer_idx)
+    rope = ad.rotary_fn(layer_idx)
+    hd = attn.head_dim
+    b, s = seq.vis.shape
+    qidx, qvalid = _query_rows(seq, rule)
+    q = _take(cap["q"], qidx).view(b, qidx.shape[1], -1, hd).transpose(1, 2)
+    k = cap["k"].view(b, s, -1, hd).transpose(1, 2)
+    cos, sin = seq.cos_sin
+    cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
+    q, _ = rope(q, q, _take(cos, qidx), _take(sin, qidx))
+    _, k = rope(k, k, cos, sin)
+    key_valid = seq.mask.bool() if seq.mask is not None else torch.ones(b, s, dtype=torch.bool, device=k.device)
+    probs = sel.attention_probs(q, k, attn.scaling, qidx, key_valid)
+    return sel.aggregate_scores(probs, qvalid)
+
+
+# --------------------------------------------------------------------------------------------------
+# the forward
+
+
+def _mask(ad: Adapter, seq_hidden, mask2d, cache, pos, layer_idx=None):
+    kwargs = {"position_ids": pos}
+    if layer_idx is not None:
+        kwargs["layer_idx"] = layer_idx
+    return create_causal_mask(ad.text_config, seq_hidden, mask2d, cache, **kwargs)
+
+
+def pruned_forward(
+    self,
+    input_ids: torch.LongTensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    cache=None,
+    past_key_values=None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    vision_feature_layer=None,
+    vision_feature_select_strategy: str | None = None,
+    image_sizes=None,
+    return_dict: bool | None = None,
+    output_attentions: bool | None = None,
+    output_hidden_states: bool | None = None,
+    **kwargs,
+):
+    """Forward of a model patched by :func:`learnpruner.apply`; same arguments as the original."""
+    state: PruneState = self._learnpruner
+    ad = state.adapter
+    if output_attentions or output_hidden_states:
+        raise NotImplementedError(
+            "output_attentions/output_hidden_states are not available on a pruned model (layers see "
+            "different sequences); call learnpruner.remove(model) first"
+        )
+    kwargs.pop("mm_encoder_outputs", None)
+    cache = cache if cache is not None else past_key_values
+    cfg = ad.text_config
+    use_cache = use_cache if use_cache is not None else getattr(cfg, "use_cache", True)
+    if use_cache and cache is None:
+        cache = DynamicCache(config=cfg)
+    lm = ad.language_model
+    if inputs_embeds is None:
+        if input_ids is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        inputs_embeds = lm.embed_tokens(input_ids)
+    b, s = inputs_embeds.shape[:2]
+    past = cache.get_seq_length() if cache is not None else 0
+    layout = getattr(cache, LAYOUT_ATTR, None) if past > 0 else None
+    if pixel_values is not None and past > 0:
+        raise ValueError("learnpruner prunes at prefill: pixel_values with a non-empty cache is not supported")
+
+    num_layers = cfg.num_hidden_layers
+    split = None  # layer from which a second sequence (stage 2) is used
+    stats = None
+    if layout is not None:
+        # decode step (or continuation) after a pruned prefill
+        virtual_past = layout["orig_len"] + (cache.get_seq_length(0) - layout["len1"])
+        if attention_mask is not None and attention_mask.shape[1] != virtual_past + s:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} positions, expected {virtual_past + s} "
+                "(prompt + generated tokens)"
+            )
+        new = (
+            attention_mask[:, layout["orig_len"]:]
+            if attention_mask is not None
+            else torch.ones(b, virtual_past + s - layout["orig_len"], dtype=torch.long, device=inputs_embeds.device)
+        )
+        if position_ids is None:
+            position_ids = (torch.arange(s, device=inputs_embeds.device) + virtual_past)[None]
+        m1 = torch.cat([layout["mask1"], new.to(layout["mask1"].dtype)], dim=1)
+        mask_a = _mask(ad, inputs_embeds, m1, cache, position_ids, 0)
+        masks = [mask_a]
+        if layout["mask2"] is not None:
+            split = layout["layer"]
+            m2 = torch.cat([layout["mask2"], new.to(layout["mask2"].dtype)], dim=1)
+            masks.append(_mask(ad, inputs_embeds, m2, cache, position_ids, split))
+        hidden = inputs_embeds
+        cos_sin = lm.rotary_emb(hidden, position_ids=position_ids)
+        hidden = _run_layers(ad, hidden, masks, split, cos_sin, position_ids, cache, use_cache, kwargs)
+        final_orig = None
+    else:
+        if position_ids is None:
+            position_ids = (torch.arange(s, device=inputs_embeds.device) + past)[None]
+        vis = torch.full((b, s), -1, dtype=torch.long, device=inputs_embeds.device)
+        img = vis.clone()
+        keep = None
+        sched = None
+        kept1 = kept2 = None
+        n_img = 0
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
+            feats = ad.vision_features(
+                pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+            )
+            n_img, n = feats.shape[:2]
+            placeholders = input_ids == ad.image_token_id
+            if int(placeholders.sum()) != n_img * n:
+                raise ValueError(
+                    f"Image features and image tokens do not match: {int(placeholders.sum())} image tokens in "
+                    f"input_ids, {n_img} image(s) x {n} features"
+                )
+            g = placeholders.flatten().long().cumsum(0).view(b, s) - 1
+            vis = torch.where(placeholders, g % n, vis)
+            img = torch.where(placeholders, g // n, img)
+            sched = state.schedule(n)
+            forced1, forced2 = state.forced or (None, None)
+            if forced1 is not None:
+                kept1 = forced1.to(feats.device)
+            elif sched.r1 is not None:
+                kept1 = _stage1(state, feats, sched.r1)
+            if kept1 is not None:
+                rows = feats.gather(1, kept1[:, :, None].expand(-1, -1, feats.shape[-1]))
+            else:
+                rows = feats
+            proj = ad.project(rows).to(inputs_embeds.device, inputs_embeds.dtype)
+            seq_vis = torch.where(placeholders, vis, -1)
+            if kept1 is not None:
+                chosen = torch.zeros(n_img, n, dtype=torch.bool, device=vis.device)
+                chosen.scatter_(1, kept1.to(vis.device), True)
+                keep = ~placeholders | chosen[img.clamp(min=0), seq_vis.clamp(min=0)]
+                slot = placeholders & keep
+            else:
+                slot = placeholders
+            # the projected rows fill the kept placeholders in (image, token) order
+            inputs_embeds = inputs_embeds.masked_scatter(slot[..., None], proj.reshape(-1, proj.shape[-1]))
+            if forced2 is not None:
+                split = sched.layer if sched.layer is not None else state.options.get("layer")
+            elif sched.r2 is not None:
+                split = sched.layer
+
+        cos_sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids)
+        orig = torch.arange(s, device=inputs_embeds.device).expand(b, s)
+        seq = _Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig)
+        if keep is not None and not bool(keep.all()):
+            seq = seq.take(_compact(keep))
+        len1 = seq.hidden.shape[1]
+        mask1 = seq.mask
+        masks = [_mask(ad, seq.hidden, seq.mask, cache, seq.pos)]
+        tokens_per_layer = []
+        cap = None
+        scores = table = None
+        hidden = seq.hidden
+        for i, layer in enumerate(ad.layers[:num_layers]):
+            if split is not None and i == split:
+                forced2 = (state.forced or (None, None))[1]
+                if forced2 is not None:
+                    kept2 = forced2.to(seq.vis.device)
+                else:
+                    seq.hidden = hidden
+                    table = sel.per_image_scores(scores, seq.vis, seq.img, n_img, sched.n)
+                    avail = int((table > float("-inf")).sum(dim=1).min())
+                    kept2 = sel.topk_sorted(table, min(sched.r2, avail))
+                keep2 = _keep_from_table(seq, kept2, sched.n)
+                seq.hidden = hidden
+                if not bool(keep2.all()):
+                    seq = seq.take(_compact(keep2))
+                hidden = seq.hidden
+                masks.append(_mask(ad, hidden, seq.mask, cache, seq.pos, split))
+            if n_img:
+                tokens_per_layer.append(int((seq.vis >= 0).sum()) // n_img)
+            need_scores = split is not None and i == split - 1 and (state.forced or (None, None))[1] is None
+            if need_scores:
+                cap = _Capture(ad.attention(i))
+            try:
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks[-1],
+                    position_embeddings=seq.cos_sin,
+                    position_ids=seq.pos,
+                    use_cache=use_cache,
+                    **{ad.cache_kwarg: cache},
+                    **kwargs,
+                )
+            finally:
+                if cap is not None:
+                    cap.close()
+            if need_scores:
+                seq.hidden = hidden
+                scores = _stage2_scores(ad, i, cap.out, seq, state.method.stage2)
+                cap = None
+        final_orig = seq.orig
+        if pixel_values is not None:
+            stats = Stats(
+                method=state.method.name,
+                schedule=sched,
+                stage1_kept=kept1,
+                stage2_kept=kept2,
+                tokens_per_layer=tokens_per_layer,
+                kept_positions=seq.orig,
+                stage2_scores=table,
+                num_images=n_img,
+            )
+            state.last = stats
+        if cache is not None and (seq.hidden.shape[1] != s or len1 != s):
+            setattr(cache, LAYOUT_ATTR, {
+                "orig_len": s,
+                "len1": len1,
+                "mask1": mask1 if mask1 is not None else torch.ones(b, len1, dtype=torch.long, device=hidden.device),
+                "mask2": (seq.mask if split is not None else None),
+                "layer": split,
+            })
+
+    hidden = lm.norm(hidden)
+    keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = self.lm_head(hidden[:, keep_slice, :])
+    loss = None
+    if labels is not None:
+        if final_orig is not None and final_orig.shape[1] != labels.shape[1] or (
+            final_orig is not None and not torch.equal(final_orig, torch.arange(s, device=final_orig.device).expand(b, s))
+        ):
+            labels = _take(labels.to(final_orig.device), final_orig, -100)
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+    out_cls = ad.output_class()
+    cache_field = "cache" if "cache" in out_cls.__dataclass_fields__ else "past_key_values"
+    out = out_cls(loss=loss, logits=logits, **{cache_field: cache if use_cache else None})
+    if return_dict is False:
+        return out.to_tuple()
+    return out
+
+
+def _run_layers(ad, hidden, masks, split, cos_sin, pos, cache, use_cache, kwargs):
+    """Decode-time layer loop: ``masks[0]`` before ``split``, ``masks[1]`` from it on."""
+    for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
+        mask = masks[1] if split is not None and i >= split else masks[0]
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=cos_sin,
+            position_ids=pos,
+            use_cache=use_cache,
+            **{ad.cache_kwarg: cache},
+            **kwargs,
+        )
+    return hidden

@@ -1,0 +1,122 @@
+"""The Learnable Pruning Module (LPM), LearnPruner's stage 1 (arXiv 2604.23950, Sec. 3.2).
+
+A small MLP classifies each visual token as keep/drop from the vision encoder's features at the
+vision feature layer (CLIP layer -2 for LLaVA, before the projector): ``softmax(MLP(x))`` over two
+classes, class 1 = keep. Default shape ``Linear(d, 512) -> GELU -> Linear(512, 2)`` (about 0.53M
+parameters for CLIP-L's d = 1024).
+
+On disk an LPM is a folder with ``lpm.safetensors`` (weights) and ``lpm.json`` (metadata: the
+model family, feature layer, feature width and number of visual tokens it was trained for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["LPMConfig", "LearnablePruningModule", "atomic_write"]
+
+FORMAT = "learnpruner-lpm"
+WEIGHTS = "lpm.safetensors"
+META = "lpm.json"
+
+
+@dataclass
+class LPMConfig:
+    """What an LPM was built for. ``family`` and ``feature_dim`` must match the model it prunes."""
+
+    feature_dim: int
+    hidden_dim: int = 512
+    family: str = "llava"
+    feature_layer: int | list[int] = -2
+    num_tokens: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class LearnablePruningModule(nn.Module):
+    """Keep/drop classifier over visual tokens. ``forward(x) -> keep-probability [..., n]``."""
+
+    def __init__(self, config: LPMConfig):
+        super().__init__()
+        self.config = config
+        self.mlp = nn.Sequential(
+            nn.Linear(config.feature_dim, config.hidden_dim),
+            nn.GELU(),
+            nn.Linear(config.hidden_dim, 2),
+        )
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Two-class logits ``[..., n, 2]`` (class 1 = keep)."""
+        p = next(self.parameters())
+        return self.mlp(features.to(p.dtype))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(features).float(), dim=-1)[..., 1]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``lpm.safetensors`` and ``lpm.json`` into folder ``path`` (atomically)."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        meta = {"format": FORMAT, "version": 1, **asdict(self.config)}
+        atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        atomic_write(out / META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LearnablePruningModule:
+        """Load from a folder written by :meth:`save` (or the ``lpm.safetensors`` file inside it)."""
+        p = Path(path)
+        folder = p.parent if p.suffix == ".safetensors" else p
+        meta_path, weights_path = folder / META, folder / WEIGHTS
+        if not meta_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(
+                f"no LPM at {str(path)!r}: expected a folder with {WEIGHTS} and {META} (as written by "
+                f"LearnablePruningModule.save or `learnpruner train`)"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} is not a learnpruner LPM (format={meta.get('format')!r})")
+        fields = {k: meta[k] for k in ("feature_dim", "hidden_dim", "family", "feature_layer", "num_tokens", "extra")
+                  if k in meta}
+        module = cls(LPMConfig(**fields))
+        state = load_file(str(weights_path))
+        module.load_state_dict(state)
+        return module
+
+    def check_compatible(self, family: str, feature_dim: int, feature_layer: int | list[int]) -> None:
+        """Raise ``ValueError`` when this LPM was trained for another model family or feature width."""
+        c = self.config
+        if c.family != family:
+            raise ValueError(f"this LPM was trained for model family {c.family!r}, but the model is {family!r}")
+        if c.feature_dim != feature_dim:
+            raise ValueError(
+                f"this LPM expects vision features of width {c.feature_dim}, but the model's vision feature "
+                f"layer gives width {feature_dim}"
+            )
+        if c.feature_layer != feature_layer:
+            raise ValueError(
+                f"this LPM was trained on vision feature layer {c.feature_layer}, but the model uses {feature_layer}"
+            )
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then move the file onto ``path``, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
