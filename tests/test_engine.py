@@ -164,10 +164,12 @@ def test_decode_attends_to_exactly_the_kept_set(model):
     st = learnpruner.stats(model)
     layout = getattr(cache, LAYOUT_ATTR)
     n, s = n_visual(model), inp["input_ids"].shape[1]
-    assert layout["mask1"].shape[1] == s - n + st.schedule.r1
-    assert layout["mask2"].shape[1] == s - n + st.schedule.r2
+    (start1, mask1), (start2, mask2) = layout["segments"]
+    assert (start1, start2) == (0, st.schedule.layer)
+    assert mask1.shape[1] == s - n + st.schedule.r1
+    assert mask2.shape[1] == s - n + st.schedule.r2
     # same padding count as the prompt: compaction removed only visual tokens
-    assert torch.equal(layout["mask1"].sum(1), inp["attention_mask"].sum(1) - n + st.schedule.r1)
+    assert torch.equal(mask1.sum(1), inp["attention_mask"].sum(1) - n + st.schedule.r1)
 
 
 @torch.no_grad()

@@ -19,21 +19,35 @@ class Schedule:
     """How many visual tokens (per image) each part of the LLM sees.
 
     ``r1``: tokens kept by stage 1 (after the vision encoder), ``None`` when stage 1 keeps all.
-    ``r2``: tokens kept from layer ``layer`` on, ``None`` when stage 2 does not run.
+    ``drops``: ``((layer, r), ...)`` drops inside the LLM, by increasing layer: from ``layer`` on,
+    ``r`` tokens remain. Two-stage methods have one drop; PyramidDrop-style methods several.
     """
 
     n: int
     num_layers: int
     r1: int | None = None
-    r2: int | None = None
-    layer: int | None = None
+    drops: tuple[tuple[int, int], ...] = ()
 
     def per_layer(self) -> list[int]:
         """Visual tokens per image each decoder layer processes under this schedule."""
-        first = self.n if self.r1 is None else self.r1
-        if self.r2 is None or self.layer is None:
-            return [first] * self.num_layers
-        return [first] * self.layer + [min(self.r2, first)] * (self.num_layers - self.layer)
+        current = self.n if self.r1 is None else self.r1
+        starts = dict(self.drops)
+        counts = []
+        for i in range(self.num_layers):
+            if i in starts:
+                current = min(current, starts[i])
+            counts.append(current)
+        return counts
+
+    @property
+    def r2(self) -> int | None:
+        """Tokens kept by the first LLM drop (stage 2), or None."""
+        return self.drops[0][1] if self.drops else None
+
+    @property
+    def layer(self) -> int | None:
+        """Layer of the first LLM drop (stage 2), or None."""
+        return self.drops[0][0] if self.drops else None
 
     @property
     def average(self) -> float:
@@ -83,8 +97,8 @@ def two_stage(tokens: int, n: int, num_layers: int, layer: int, ratio: float = 3
     r1 = max(round(ratio * r2), round((tl - (num_layers - k) * r2) / k))
     if r1 >= n:
         r2 = round((tl - k * n) / (num_layers - k))
-        return Schedule(n=n, num_layers=num_layers, r1=None, r2=min(r2, n), layer=layer)
-    return Schedule(n=n, num_layers=num_layers, r1=r1, r2=min(r2, r1), layer=layer)
+        return Schedule(n=n, num_layers=num_layers, drops=((layer, min(r2, n)),) if r2 < n else ())
+    return Schedule(n=n, num_layers=num_layers, r1=r1, drops=((layer, min(r2, r1)),))
 
 
 def single_drop(tokens: int, n: int, num_layers: int, layer: int, method: str) -> Schedule:
@@ -103,4 +117,4 @@ def single_drop(tokens: int, n: int, num_layers: int, layer: int, method: str) -
             f"{lowest} visual tokens for {n}-token images; got tokens={tokens}. Use tokens >= {lowest} "
             f"or an earlier layer (layer=1)."
         )
-    return Schedule(n=n, num_layers=num_layers, r1=None, r2=r, layer=layer)
+    return Schedule(n=n, num_layers=num_layers, drops=((layer, r),))

@@ -27,6 +27,7 @@ from .adapters import Adapter
 from .budget import Schedule
 from .lpm import LearnablePruningModule
 from .methods import Method
+from .rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext
 
 __all__ = ["PruneState", "Stats", "pruned_forward", "fixed_selection"]
 
@@ -50,6 +51,7 @@ class Stats:
     schedule: Schedule | None = None
     stage1_kept: torch.Tensor | None = None
     stage2_kept: torch.Tensor | None = None
+    llm_kept: list[torch.Tensor] = field(default_factory=list)
     tokens_per_layer: list[int] = field(default_factory=list)
     kept_positions: torch.Tensor | None = None
     stage2_scores: torch.Tensor | None = None
@@ -73,7 +75,7 @@ class PruneState:
     lpm: LearnablePruningModule | None = None
     generator: torch.Generator | None = None
     last: Stats | None = None
-    forced: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+    forced: tuple | None = None
     _schedules: dict = field(default_factory=dict)
 
     def schedule(self, n: int) -> Schedule:
@@ -87,14 +89,16 @@ class PruneState:
 
 
 @contextmanager
-def fixed_selection(model, stage1_kept: torch.Tensor | None, stage2_kept: torch.Tensor | None):
+def fixed_selection(model, stage1_kept: torch.Tensor | None, llm_kept=None):
     """Within this context, forwards keep exactly these token sets instead of running the rules.
 
     Used to recompute a generation step by step over the kept sets of its prefill (cache checks),
-    and by visualisations. Indices are ``[num_images, k]`` visual-token indices.
+    and by visualisations. Indices are ``[num_images, k]`` visual-token indices; ``llm_kept`` is one
+    tensor (one LLM drop) or a list with one tensor per drop (``Stats.llm_kept``). Merged tokens are
+    not replayed: only the kept sets are fixed.
     """
     state: PruneState = model._learnpruner
-    previous, state.forced = state.forced, (stage1_kept, stage2_kept)
+    previous, state.forced = state.forced, (stage1_kept, llm_kept)
     try:
         yield model
     finally:
@@ -162,39 +166,28 @@ def _keep_from_table(seq: _Seq, kept: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# stage rules
+# scoring inside the LLM
 
 
-def _stage1(state: PruneState, feats: torch.Tensor, r1: int) -> torch.Tensor:
-    rule = state.method.stage1
-    if rule == "lpm":
-        lpm = state.lpm
-        p = next(lpm.parameters())
-        if p.device != feats.device:
-            lpm.to(feats.device)
-        keep_prob = lpm(feats)
-        return sel.lpm_select(keep_prob, feats, r1, state.options.get("diversity", 0.1))
-    if rule == "random":
-        return sel.random_select(feats.shape[0], feats.shape[1], r1, state.generator, device=feats.device)
-    raise ValueError(f"unknown stage-1 rule {rule!r}")
-
-
-def _query_rows(seq: _Seq, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _query_rows(vis: torch.Tensor, mask: torch.Tensor | None, rule) -> tuple[torch.Tensor, torch.Tensor]:
     """Which rows score the visual tokens: ``(index [b, q], valid [b, q])``.
 
     ``"text"``: every valid non-visual token after the sample's last visual token (the instruction);
     a sample whose prompt ends with the image falls back to its last token. ``"last"``: the last
-    valid token of each sample.
+    valid token of each sample. A callable computes its own rows.
     """
-    b, s = seq.vis.shape
-    ar = torch.arange(s, device=seq.vis.device).expand(b, s)
-    valid = seq.mask.bool() if seq.mask is not None else torch.ones(b, s, dtype=torch.bool, device=ar.device)
+    if callable(rule):
+        return rule(vis, mask)
+    b, s = vis.shape
+    ar = torch.arange(s, device=vis.device).expand(b, s)
+    valid = mask.bool() if mask is not None else torch.ones(b, s, dtype=torch.bool, device=vis.device)
     last_valid = torch.where(valid, ar, -1).amax(dim=1)
     if rule == "last":
-        return last_valid[:, None], torch.ones(b, 1, dtype=torch.bool, device=ar.device)
-    last_vis = torch.where(seq.vis >= 0, ar, -1).amax(dim=1)
-    rows = valid & (ar > last_vis[:, None]) & (seq.vis < 0)
-    rows[rows.sum(dim=1) == 0, :] = False
+        return last_valid[:, None], torch.ones(b, 1, dtype=torch.bool, device=vis.device)
+    if rule != "text":
+        raise ValueError(f"unknown query rule {rule!r}; accepted: 'text', 'last' or a callable")
+    last_vis = torch.where(vis >= 0, ar, -1).amax(dim=1)
+    rows = valid & (ar > last_vis[:, None]) & (vis < 0)
     empty = rows.sum(dim=1) == 0
     rows[empty, last_valid[empty].clamp(min=0)] = True
     q = int(rows.sum(dim=1).max())
@@ -217,21 +210,21 @@ class _Capture:
             h.remove()
 
 
-def _stage2_scores(ad: Adapter, layer_idx: int, cap: dict, seq: _Seq, rule: str) -> torch.Tensor:
-    """Attention each position receives from the scoring queries in ``layer_idx``: ``[b, s]``.
+def _attention_received(ad: Adapter, layer_idx: int, cap: dict, seq: _Seq, query) -> torch.Tensor:
+    """Attention each position receives from the ``query`` rows in ``layer_idx``: ``[b, s]``.
 
     Computed from the layer's own q/k projections with the model's RoPE; only the needed query
-    rows are formed, so no attention implementation has to return weights.
+    rows are formed, so no attention implementation has to return weights (SDPA and FlashAttention
+    work) and the result equals eager attention's probabilities.
     """
     attn = ad.attention(layer_idx)
     rope = ad.rotary_fn(layer_idx)
     hd = attn.head_dim
     b, s = seq.vis.shape
-    qidx, qvalid = _query_rows(seq, rule)
+    qidx, qvalid = _query_rows(seq.vis, seq.mask, query)
     q = _take(cap["q"], qidx).view(b, qidx.shape[1], -1, hd).transpose(1, 2)
     k = cap["k"].view(b, s, -1, hd).transpose(1, 2)
-    cos, sin = seq.cos_sin
-    cos, sin = cos.expand(b, *cos.shape[1:]), sin.expand(b, *sin.shape[1:])
+    cos, sin = (t.expand(b, *t.shape[1:]) for t in seq.cos_sin)
     q, _ = rope(q, q, _take(cos, qidx), _take(sin, qidx))
     _, k = rope(k, k, cos, sin)
     key_valid = seq.mask.bool() if seq.mask is not None else torch.ones(b, s, dtype=torch.bool, device=k.device)
@@ -243,11 +236,44 @@ def _stage2_scores(ad: Adapter, layer_idx: int, cap: dict, seq: _Seq, rule: str)
 # the forward
 
 
-def _mask(ad: Adapter, seq_hidden, mask2d, cache, pos, layer_idx=None):
+def _mask(ad: Adapter, hidden, mask2d, cache, pos, layer_idx=None):
     kwargs = {"position_ids": pos}
     if layer_idx is not None:
         kwargs["layer_idx"] = layer_idx
-    return create_causal_mask(ad.text_config, seq_hidden, mask2d, cache, **kwargs)
+    return create_causal_mask(ad.text_config, hidden, mask2d, cache, **kwargs)
+
+
+def _call_layer(ad: Adapter, layer, hidden, mask, seq_cos_sin, pos, cache, use_cache, kwargs):
+    return layer(
+        hidden,
+        attention_mask=mask,
+        position_embeddings=seq_cos_sin,
+        position_ids=pos,
+        use_cache=use_cache,
+        **{ad.cache_kwarg: cache},
+        **kwargs,
+    )
+
+
+def _replace_rows(rows: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """Apply a selection's merged rows to the gathered kept rows ``[num_images, k, d]``."""
+    if selection.replace is None:
+        return rows
+    m = selection.replace_mask if selection.replace_mask is not None else torch.ones_like(selection.kept, dtype=bool)
+    return torch.where(m[..., None], selection.replace.to(rows.dtype), rows)
+
+
+def _stage1(state: PruneState, ctx: VisionContext, r1: int | None, forced) -> tuple[Selection | None, torch.Tensor]:
+    """Run stage 1; returns the selection (None when nothing is dropped) and the rows to project."""
+    feats = ctx.features
+    if forced is not None:
+        selection = Selection(forced.to(feats.device))
+    elif r1 is not None:
+        selection = STAGE1_RULES[state.method.stage1](ctx, r1)
+    else:
+        return None, feats
+    rows = feats.gather(1, selection.kept[:, :, None].expand(-1, -1, feats.shape[-1]))
+    return selection, _replace_rows(rows, selection)
 
 
 def pruned_forward(
@@ -284,200 +310,184 @@ def pruned_forward(
     use_cache = use_cache if use_cache is not None else getattr(cfg, "use_cache", True)
     if use_cache and cache is None:
         cache = DynamicCache(config=cfg)
-    lm = ad.language_model
     if inputs_embeds is None:
         if input_ids is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        inputs_embeds = lm.embed_tokens(input_ids)
-    b, s = inputs_embeds.shape[:2]
+        inputs_embeds = ad.language_model.embed_tokens(input_ids)
     past = cache.get_seq_length() if cache is not None else 0
-    layout = getattr(cache, LAYOUT_ATTR, None) if past > 0 else None
     if pixel_values is not None and past > 0:
         raise ValueError("learnpruner prunes at prefill: pixel_values with a non-empty cache is not supported")
-
-    num_layers = cfg.num_hidden_layers
-    split = None  # layer from which a second sequence (stage 2) is used
-    stats = None
+    layout = getattr(cache, LAYOUT_ATTR, None) if past > 0 else None
     if layout is not None:
-        # decode step (or continuation) after a pruned prefill
-        virtual_past = layout["orig_len"] + (cache.get_seq_length(0) - layout["len1"])
-        if attention_mask is not None and attention_mask.shape[1] != virtual_past + s:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[1]} positions, expected {virtual_past + s} "
-                "(prompt + generated tokens)"
-            )
-        new = (
-            attention_mask[:, layout["orig_len"]:]
-            if attention_mask is not None
-            else torch.ones(b, virtual_past + s - layout["orig_len"], dtype=torch.long, device=inputs_embeds.device)
-        )
-        if position_ids is None:
-            position_ids = (torch.arange(s, device=inputs_embeds.device) + virtual_past)[None]
-        m1 = torch.cat([layout["mask1"], new.to(layout["mask1"].dtype)], dim=1)
-        mask_a = _mask(ad, inputs_embeds, m1, cache, position_ids, 0)
-        masks = [mask_a]
-        if layout["mask2"] is not None:
-            split = layout["layer"]
-            m2 = torch.cat([layout["mask2"], new.to(layout["mask2"].dtype)], dim=1)
-            masks.append(_mask(ad, inputs_embeds, m2, cache, position_ids, split))
-        hidden = inputs_embeds
-        cos_sin = lm.rotary_emb(hidden, position_ids=position_ids)
-        hidden = _run_layers(ad, hidden, masks, split, cos_sin, position_ids, cache, use_cache, kwargs)
-        final_orig = None
+        hidden, final_orig = _decode(ad, layout, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
     else:
-        if position_ids is None:
-            position_ids = (torch.arange(s, device=inputs_embeds.device) + past)[None]
-        vis = torch.full((b, s), -1, dtype=torch.long, device=inputs_embeds.device)
-        img = vis.clone()
-        keep = None
-        sched = None
-        kept1 = kept2 = None
-        n_img = 0
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
-            feats = ad.vision_features(
-                pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-            )
-            n_img, n = feats.shape[:2]
-            placeholders = input_ids == ad.image_token_id
-            if int(placeholders.sum()) != n_img * n:
-                raise ValueError(
-                    f"Image features and image tokens do not match: {int(placeholders.sum())} image tokens in "
-                    f"input_ids, {n_img} image(s) x {n} features"
-                )
-            g = placeholders.flatten().long().cumsum(0).view(b, s) - 1
-            vis = torch.where(placeholders, g % n, vis)
-            img = torch.where(placeholders, g // n, img)
-            sched = state.schedule(n)
-            forced1, forced2 = state.forced or (None, None)
-            if forced1 is not None:
-                kept1 = forced1.to(feats.device)
-            elif sched.r1 is not None:
-                kept1 = _stage1(state, feats, sched.r1)
-            if kept1 is not None:
-                rows = feats.gather(1, kept1[:, :, None].expand(-1, -1, feats.shape[-1]))
-            else:
-                rows = feats
-            proj = ad.project(rows).to(inputs_embeds.device, inputs_embeds.dtype)
-            seq_vis = torch.where(placeholders, vis, -1)
-            if kept1 is not None:
-                chosen = torch.zeros(n_img, n, dtype=torch.bool, device=vis.device)
-                chosen.scatter_(1, kept1.to(vis.device), True)
-                keep = ~placeholders | chosen[img.clamp(min=0), seq_vis.clamp(min=0)]
-                slot = placeholders & keep
-            else:
-                slot = placeholders
-            # the projected rows fill the kept placeholders in (image, token) order
-            inputs_embeds = inputs_embeds.masked_scatter(slot[..., None], proj.reshape(-1, proj.shape[-1]))
-            if forced2 is not None:
-                split = sched.layer if sched.layer is not None else state.options.get("layer")
-            elif sched.r2 is not None:
-                split = sched.layer
+        hidden, final_orig = _prefill(
+            state, inputs_embeds, input_ids, pixel_values, attention_mask, position_ids, cache, use_cache, past,
+            {"vision_feature_layer": vision_feature_layer,
+             "vision_feature_select_strategy": vision_feature_select_strategy},
+            kwargs,
+        )
 
-        cos_sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids)
-        orig = torch.arange(s, device=inputs_embeds.device).expand(b, s)
-        seq = _Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig)
-        if keep is not None and not bool(keep.all()):
-            seq = seq.take(_compact(keep))
-        len1 = seq.hidden.shape[1]
-        mask1 = seq.mask
-        masks = [_mask(ad, seq.hidden, seq.mask, cache, seq.pos)]
-        tokens_per_layer = []
-        cap = None
-        scores = table = None
-        hidden = seq.hidden
-        for i, layer in enumerate(ad.layers[:num_layers]):
-            if split is not None and i == split:
-                forced2 = (state.forced or (None, None))[1]
-                if forced2 is not None:
-                    kept2 = forced2.to(seq.vis.device)
-                else:
-                    seq.hidden = hidden
-                    table = sel.per_image_scores(scores, seq.vis, seq.img, n_img, sched.n)
-                    avail = int((table > float("-inf")).sum(dim=1).min())
-                    kept2 = sel.topk_sorted(table, min(sched.r2, avail))
-                keep2 = _keep_from_table(seq, kept2, sched.n)
-                seq.hidden = hidden
-                if not bool(keep2.all()):
-                    seq = seq.take(_compact(keep2))
-                hidden = seq.hidden
-                masks.append(_mask(ad, hidden, seq.mask, cache, seq.pos, split))
-            if n_img:
-                tokens_per_layer.append(int((seq.vis >= 0).sum()) // n_img)
-            need_scores = split is not None and i == split - 1 and (state.forced or (None, None))[1] is None
-            if need_scores:
-                cap = _Capture(ad.attention(i))
-            try:
-                hidden = layer(
-                    hidden,
-                    attention_mask=masks[-1],
-                    position_embeddings=seq.cos_sin,
-                    position_ids=seq.pos,
-                    use_cache=use_cache,
-                    **{ad.cache_kwarg: cache},
-                    **kwargs,
-                )
-            finally:
-                if cap is not None:
-                    cap.close()
-            if need_scores:
-                seq.hidden = hidden
-                scores = _stage2_scores(ad, i, cap.out, seq, state.method.stage2)
-                cap = None
-        final_orig = seq.orig
-        if pixel_values is not None:
-            stats = Stats(
-                method=state.method.name,
-                schedule=sched,
-                stage1_kept=kept1,
-                stage2_kept=kept2,
-                tokens_per_layer=tokens_per_layer,
-                kept_positions=seq.orig,
-                stage2_scores=table,
-                num_images=n_img,
-            )
-            state.last = stats
-        if cache is not None and (seq.hidden.shape[1] != s or len1 != s):
-            setattr(cache, LAYOUT_ATTR, {
-                "orig_len": s,
-                "len1": len1,
-                "mask1": mask1 if mask1 is not None else torch.ones(b, len1, dtype=torch.long, device=hidden.device),
-                "mask2": (seq.mask if split is not None else None),
-                "layer": split,
-            })
-
-    hidden = lm.norm(hidden)
+    hidden = ad.language_model.norm(hidden)
     keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     logits = self.lm_head(hidden[:, keep_slice, :])
     loss = None
     if labels is not None:
-        if final_orig is not None and final_orig.shape[1] != labels.shape[1] or (
-            final_orig is not None and not torch.equal(final_orig, torch.arange(s, device=final_orig.device).expand(b, s))
-        ):
+        if final_orig is not None:
             labels = _take(labels.to(final_orig.device), final_orig, -100)
-        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size, **kwargs)
     out_cls = ad.output_class()
     cache_field = "cache" if "cache" in out_cls.__dataclass_fields__ else "past_key_values"
     out = out_cls(loss=loss, logits=logits, **{cache_field: cache if use_cache else None})
-    if return_dict is False:
-        return out.to_tuple()
-    return out
+    return out.to_tuple() if return_dict is False else out
 
 
-def _run_layers(ad, hidden, masks, split, cos_sin, pos, cache, use_cache, kwargs):
-    """Decode-time layer loop: ``masks[0]`` before ``split``, ``masks[1]`` from it on."""
-    for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
-        mask = masks[1] if split is not None and i >= split else masks[0]
-        hidden = layer(
-            hidden,
-            attention_mask=mask,
-            position_embeddings=cos_sin,
-            position_ids=pos,
-            use_cache=use_cache,
-            **{ad.cache_kwarg: cache},
-            **kwargs,
+def _decode(ad, layout, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    """A step after a pruned prefill: each layer group attends to exactly its cached kept tokens."""
+    b, s = inputs_embeds.shape[:2]
+    orig_len, segments = layout["orig_len"], layout["segments"]
+    virtual_past = orig_len + (cache.get_seq_length(0) - segments[0][1].shape[1])
+    if attention_mask is not None and attention_mask.shape[1] != virtual_past + s:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[1]} positions, expected {virtual_past + s} "
+            "(prompt + generated tokens)"
         )
+    if attention_mask is not None:
+        new = attention_mask[:, orig_len:]
+    else:
+        new = torch.ones(b, virtual_past + s - orig_len, dtype=torch.long, device=inputs_embeds.device)
+    if position_ids is None:
+        position_ids = (torch.arange(s, device=inputs_embeds.device) + virtual_past)[None]
+    cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=position_ids)
+    starts = [start for start, _ in segments]
+    masks = [
+        _mask(ad, inputs_embeds, torch.cat([m, new.to(m.dtype)], dim=1), cache, position_ids, start)
+        for start, m in segments
+    ]
+    hidden = inputs_embeds
+    seg = 0
+    for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
+        while seg + 1 < len(starts) and i >= starts[seg + 1]:
+            seg += 1
+        hidden = _call_layer(ad, layer, hidden, masks[seg], cos_sin, position_ids, cache, use_cache, kwargs)
+    return hidden, None
+
+
+def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, position_ids, cache, use_cache, past,
+             vision_kwargs, kwargs):
+    """A full forward (prefill): stage 1, then the decoder layers with the LLM drops."""
+    ad = state.adapter
+    b, s = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    if position_ids is None:
+        position_ids = (torch.arange(s, device=device) + past)[None]
+    vis = torch.full((b, s), -1, dtype=torch.long, device=device)
+    img = vis.clone()
+    n_img, sched, sel1, keep = 0, None, None, None
+    forced1, forced_llm = state.forced or (None, None)
+    if pixel_values is not None:
+        if input_ids is None:
+            raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
+        feats = ad.vision_features(pixel_values, **vision_kwargs)
+        n_img, n = feats.shape[:2]
+        placeholders = input_ids == ad.image_token_id
+        if int(placeholders.sum()) != n_img * n:
+            raise ValueError(
+                f"Image features and image tokens do not match: {int(placeholders.sum())} image tokens in "
+                f"input_ids, {n_img} image(s) x {n} features"
+            )
+        g = placeholders.flatten().long().cumsum(0).view(b, s) - 1
+        vis = torch.where(placeholders, g % n, vis)
+        img = torch.where(placeholders, g // n, img)
+        sched = state.schedule(n)
+        ctx = VisionContext(feats, state, pixel_values, input_ids, vis, img)
+        sel1, rows = _stage1(state, ctx, sched.r1, forced1)
+        proj = ad.project(rows).to(device, inputs_embeds.dtype)
+        slot = placeholders
+        if sel1 is not None:
+            chosen = torch.zeros(n_img, n, dtype=torch.bool, device=device)
+            chosen.scatter_(1, sel1.kept.to(device), True)
+            keep = ~placeholders | chosen[img.clamp(min=0), vis.clamp(min=0)]
+            slot = placeholders & keep
+        # the projected rows fill the kept placeholders in (image, token) order
+        inputs_embeds = inputs_embeds.masked_scatter(slot[..., None], proj.reshape(-1, proj.shape[-1]))
+
+    lm = ad.language_model
+    cos_sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids)
+    orig = torch.arange(s, device=device).expand(b, s)
+    seq = _Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig)
+    compacted = keep is not None and not bool(keep.all())
+    if compacted:
+        seq = seq.take(_compact(keep))
+    drops = dict(sched.drops) if sched is not None and n_img else {}
+    if forced_llm is not None:
+        forced_llm = [forced_llm] if isinstance(forced_llm, torch.Tensor) else list(forced_llm)
+        drops = {layer: None for layer, _ in (sched.drops if sched is not None else ())}
+        if len(forced_llm) != len(drops):
+            raise ValueError(f"fixed_selection got {len(forced_llm)} LLM selection(s) for {len(drops)} drop(s)")
+    rule = LLM_RULES[state.method.stage2] if drops and state.method.stage2 else None
+    segments = [(0, seq.mask)]
+    masks = [_mask(ad, seq.hidden, seq.mask, cache, seq.pos)]
+    tokens_per_layer, llm_kept, scores, table = [], [], None, None
+    hidden = seq.hidden
+    for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
+        if i in drops:
+            seq.hidden = hidden
+            if forced_llm is not None:
+                selection = Selection(forced_llm[len(llm_kept)].to(device))
+            else:
+                table = sel.per_image_scores(scores, seq.vis, seq.img, n_img, sched.n) if rule.query else None
+                ctx = LLMContext(hidden, seq.vis, seq.img, seq.mask, table, n_img, sched.n, i, state)
+                selection = rule.fn(ctx, drops[i])
+            llm_kept.append(selection.kept)
+            if selection.replace is not None:
+                seq.hidden = _replace_hidden(seq, selection)
+            keep2 = _keep_from_table(seq, selection.kept, sched.n)
+            if not bool(keep2.all()):
+                seq = seq.take(_compact(keep2))
+                compacted = True
+            hidden = seq.hidden
+            segments.append((i, seq.mask))
+            masks.append(_mask(ad, hidden, seq.mask, cache, seq.pos, i))
+        if n_img:
+            tokens_per_layer.append(int((seq.vis >= 0).sum()) // n_img)
+        cap = _Capture(ad.attention(i)) if (i + 1) in drops and rule is not None and rule.query else None
+        try:
+            hidden = _call_layer(ad, layer, hidden, masks[-1], seq.cos_sin, seq.pos, cache, use_cache, kwargs)
+        finally:
+            if cap is not None:
+                cap.close()
+        if cap is not None:
+            seq.hidden = hidden
+            scores = _attention_received(ad, i, cap.out, seq, rule.query)
+
+    if pixel_values is not None:
+        state.last = Stats(
+            method=state.method.name,
+            schedule=sched,
+            stage1_kept=sel1.kept if sel1 is not None else None,
+            stage2_kept=llm_kept[0] if llm_kept else None,
+            llm_kept=llm_kept,
+            tokens_per_layer=tokens_per_layer,
+            kept_positions=seq.orig,
+            stage2_scores=table,
+            num_images=n_img,
+        )
+    if cache is not None and compacted:
+        # the cache now holds fewer tokens than the prompt: decode steps need the compacted masks
+        segs = [(start, m if m is not None else torch.ones(b, s, dtype=torch.long, device=device))
+                for start, m in segments]
+        setattr(cache, LAYOUT_ATTR, {"orig_len": s, "segments": segs})
+    return hidden, seq.orig
+
+
+def _replace_hidden(seq: _Seq, selection: Selection) -> torch.Tensor:
+    """Write a selection's merged rows into the hidden states at the kept slots they replace."""
+    m = selection.replace_mask if selection.replace_mask is not None else torch.ones_like(selection.kept, dtype=bool)
+    hidden = seq.hidden.clone()
+    imgs, slots = m.nonzero(as_tuple=True)
+    targets = selection.kept[imgs, slots]
+    where = (seq.vis[None] == targets[:, None, None]) & (seq.img[None] == imgs[:, None, None])  # [r, b, s]
+    r, bb, ss = where.nonzero(as_tuple=True)
+    hidden[bb, ss] = selection.replace[imgs[r], slots[r]].to(hidden.dtype)
     return hidden

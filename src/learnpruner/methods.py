@@ -88,7 +88,7 @@ def _fastv_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Sche
     layer = _check_layer(options.get("layer", 2), num_layers)
     if options.get("r2") is not None:
         r2 = options["r2"]
-        return Schedule(n=n, num_layers=num_layers, r2=r2 if r2 < n else None, layer=layer if r2 < n else None)
+        return Schedule(n=n, num_layers=num_layers, drops=((layer, r2),) if r2 < n else ())
     return single_drop(tokens, n, num_layers, layer, "fastv")
 
 
@@ -102,7 +102,7 @@ def _learnpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -
     first = n if r1 is None else r1
     if r2 is not None and r2 >= first:
         r2 = None
-    return Schedule(n=n, num_layers=num_layers, r1=r1, r2=r2, layer=layer if r2 is not None else None)
+    return Schedule(n=n, num_layers=num_layers, r1=r1, drops=((layer, r2),) if r2 is not None else ())
 
 
 register(Method(

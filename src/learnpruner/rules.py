@@ -1,0 +1,172 @@
+"""Rule registries: how each stage picks the visual tokens to keep.
+
+A *stage-1 rule* runs after the vision encoder on the features of the vision feature layer; an
+*LLM rule* runs before a decoder layer on the hidden states (and, when it declares a ``query``,
+on the attention that layer's predecessor gave the visual tokens). Both return a
+:class:`Selection`: sorted indices of the visual tokens kept per image, and optionally new rows
+for some kept slots (merged tokens, as in VisionZip's contextual tokens or SparseVLM's recycling).
+
+Rules adapt the model-free functions of :mod:`learnpruner.selection` to the engine's contexts.
+Methods in :mod:`learnpruner.methods` name the rules they use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import selection as sel
+
+__all__ = [
+    "Selection",
+    "VisionContext",
+    "LLMContext",
+    "LLMRule",
+    "STAGE1_RULES",
+    "LLM_RULES",
+    "stage1_rule",
+    "llm_rule",
+]
+
+
+@dataclass
+class Selection:
+    """Kept visual tokens per image (``kept``: ``[num_images, k]``, ascending).
+
+    ``replace`` (``[num_images, k, d]``) with ``replace_mask`` (``[num_images, k]`` bool) gives new
+    rows for some kept slots: merged tokens that take the place (and position id) of a kept token.
+    """
+
+    kept: torch.Tensor
+    replace: torch.Tensor | None = None
+    replace_mask: torch.Tensor | None = None
+
+
+@dataclass
+class VisionContext:
+    """What a stage-1 rule may read. ``features``: ``[num_images, n, d]`` before the projector."""
+
+    features: torch.Tensor
+    state: Any
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    vis: torch.Tensor  # [b, s] visual-token index of each position, -1 for text
+    img: torch.Tensor  # [b, s] image number of each position, -1 for text
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict:
+        return self.state.options
+
+    @property
+    def adapter(self):
+        return self.state.adapter
+
+    def cls_attention(self) -> torch.Tensor:
+        """``[num_images, n]`` attention from [CLS] to each visual token at the feature layer (cached)."""
+        if "cls" not in self.cache:
+            self.cache["cls"] = self.adapter.cls_attention(self.pixel_values)
+        return self.cache["cls"]
+
+
+@dataclass
+class LLMContext:
+    """What an LLM rule may read, for the sequence entering decoder layer ``layer``."""
+
+    hidden: torch.Tensor  # [b, s, d]
+    vis: torch.Tensor  # [b, s]
+    img: torch.Tensor  # [b, s]
+    mask: torch.Tensor | None  # [b, s] padding mask
+    scores: torch.Tensor | None  # [num_images, n] attention received (-inf where absent), if the rule has a query
+    num_images: int
+    n: int
+    layer: int
+    state: Any
+
+    @property
+    def options(self) -> dict:
+        return self.state.options
+
+    def visual_rows(self) -> torch.Tensor:
+        """``[num_images, n, d]`` hidden rows of the visual tokens present (zeros where absent)."""
+        table = self.hidden.new_zeros(self.num_images, self.n, self.hidden.shape[-1])
+        present = self.vis >= 0
+        table[self.img[present], self.vis[present]] = self.hidden[present]
+        return table
+
+    def present(self) -> torch.Tensor:
+        """``[num_images, n]`` bool: which visual tokens are still in the sequence."""
+        table = torch.zeros(self.num_images, self.n, dtype=torch.bool, device=self.vis.device)
+        p = self.vis >= 0
+        table[self.img[p], self.vis[p]] = True
+        return table
+
+
+@dataclass(frozen=True)
+class LLMRule:
+    """An LLM rule and the query rows whose attention it reads (``None``: no attention needed).
+
+    ``query`` is ``"text"`` (every instruction token after the image), ``"last"`` (the last token) or
+    a callable ``(vis, mask) -> (index [b, q], valid [b, q])``.
+    """
+
+    fn: Callable[[LLMContext, int], Selection]
+    query: str | Callable | None = None
+
+
+STAGE1_RULES: dict[str, Callable[[VisionContext, int], Selection]] = {}
+LLM_RULES: dict[str, LLMRule] = {}
+
+
+def stage1_rule(name: str):
+    """Register a stage-1 rule under ``name``."""
+
+    def deco(fn):
+        if name in STAGE1_RULES:
+            raise ValueError(f"stage-1 rule {name!r} is already registered")
+        STAGE1_RULES[name] = fn
+        return fn
+
+    return deco
+
+
+def llm_rule(name: str, query: str | Callable | None = None):
+    """Register an LLM rule under ``name`` that reads the attention of ``query`` rows."""
+
+    def deco(fn):
+        if name in LLM_RULES:
+            raise ValueError(f"LLM rule {name!r} is already registered")
+        LLM_RULES[name] = LLMRule(fn, query)
+        return fn
+
+    return deco
+
+
+# --- the rules of the core methods ------------------------------------------------------------------
+
+
+@stage1_rule("lpm")
+def _lpm(ctx: VisionContext, k: int) -> Selection:
+    lpm = ctx.state.lpm
+    if next(lpm.parameters()).device != ctx.features.device:
+        lpm.to(ctx.features.device)
+    keep_prob = lpm(ctx.features)
+    return Selection(sel.lpm_select(keep_prob, ctx.features, k, ctx.options.get("diversity", 0.1)))
+
+
+@stage1_rule("random")
+def _random(ctx: VisionContext, k: int) -> Selection:
+    f = ctx.features
+    return Selection(sel.random_select(f.shape[0], f.shape[1], k, ctx.state.generator, device=f.device))
+
+
+def _top_scores(ctx: LLMContext, k: int) -> Selection:
+    available = int((ctx.scores > float("-inf")).sum(dim=1).min())
+    return Selection(sel.topk_sorted(ctx.scores, min(k, available)))
+
+
+llm_rule("text", query="text")(_top_scores)
+llm_rule("last", query="last")(_top_scores)
