@@ -162,3 +162,22 @@ def test_mismatched_image_tokens_fail_clearly():
     learnpruner.apply(model, "fastv", tokens=40)
     with pytest.raises(ValueError, match="128 image tokens in input_ids, 1 image"):
         model(**inp)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_cls_attention_equals_eager_clip_attention(strategy):
+    model = tiny_llava(layers=4, strategy=strategy, seed=7)
+    from learnpruner.adapters import adapter_for
+
+    ad = adapter_for(model)
+    pixel_values = make_inputs(model)["pixel_values"]
+    feats, cls = ad.vision_features(pixel_values, cls_attention=True)
+    assert torch.equal(feats, ad.vision_features(pixel_values))
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    attn = tower(pixel_values, output_attentions=True).attentions[-2]  # layer producing hidden_states[-2]
+    expected = attn[:, :, 0].mean(dim=1)
+    expected = expected[:, 1:] if strategy == "default" else expected
+    assert cls.shape == (2, n_visual(model))
+    torch.testing.assert_close(cls, expected, atol=1e-6, rtol=1e-5)

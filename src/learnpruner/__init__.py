@@ -6,6 +6,7 @@
 >>> learnpruner.stats(model).tokens_per_layer
 """
 
+from . import peers  # noqa: E402,F401  (registers the peer methods)
 from .api import apply, is_pruned, remove, stats
 from .engine import Stats, fixed_selection
 from .lpm import LearnablePruningModule, LPMConfig

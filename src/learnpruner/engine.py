@@ -388,7 +388,10 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
     if pixel_values is not None:
         if input_ids is None:
             raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
-        feats = ad.vision_features(pixel_values, **vision_kwargs)
+        rule1 = STAGE1_RULES.get(state.method.stage1) if state.method.stage1 else None
+        needs_cls = bool(getattr(rule1, "needs_cls", False)) and forced1 is None
+        feats = ad.vision_features(pixel_values, cls_attention=needs_cls, **vision_kwargs)
+        feats, cls_attn = feats if needs_cls else (feats, None)
         n_img, n = feats.shape[:2]
         placeholders = input_ids == ad.image_token_id
         if int(placeholders.sum()) != n_img * n:
@@ -401,6 +404,8 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
         img = torch.where(placeholders, g // n, img)
         sched = state.schedule(n)
         ctx = VisionContext(feats, state, pixel_values, input_ids, vis, img)
+        if cls_attn is not None:
+            ctx.cache["cls"] = cls_attn
         sel1, rows = _stage1(state, ctx, sched.r1, forced1)
         proj = ad.project(rows).to(device, inputs_embeds.dtype)
         slot = placeholders

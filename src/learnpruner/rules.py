@@ -66,9 +66,13 @@ class VisionContext:
         return self.state.adapter
 
     def cls_attention(self) -> torch.Tensor:
-        """``[num_images, n]`` attention from [CLS] to each visual token at the feature layer (cached)."""
+        """``[num_images, n]`` attention from [CLS] to each visual token at the feature layer.
+
+        Available when the rule was registered with ``needs_cls=True`` (the engine then captures it
+        during the vision forward, at no extra pass).
+        """
         if "cls" not in self.cache:
-            self.cache["cls"] = self.adapter.cls_attention(self.pixel_values)
+            raise RuntimeError("this stage-1 rule must be registered with needs_cls=True to read [CLS] attention")
         return self.cache["cls"]
 
 
@@ -121,12 +125,13 @@ STAGE1_RULES: dict[str, Callable[[VisionContext, int], Selection]] = {}
 LLM_RULES: dict[str, LLMRule] = {}
 
 
-def stage1_rule(name: str):
-    """Register a stage-1 rule under ``name``."""
+def stage1_rule(name: str, needs_cls: bool = False):
+    """Register a stage-1 rule under ``name``; ``needs_cls`` makes the engine capture [CLS] attention."""
 
     def deco(fn):
         if name in STAGE1_RULES:
             raise ValueError(f"stage-1 rule {name!r} is already registered")
+        fn.needs_cls = needs_cls
         STAGE1_RULES[name] = fn
         return fn
 

@@ -79,8 +79,12 @@ class Adapter:
     def feature_layer(self):
         raise NotImplementedError
 
-    def vision_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``[num_images, n, d]`` features at the vision feature layer, before the projector."""
+    def vision_features(self, pixel_values: torch.Tensor, cls_attention: bool = False, **kwargs):
+        """``[num_images, n, d]`` features at the vision feature layer, before the projector.
+
+        With ``cls_attention=True`` returns ``(features, cls)`` where ``cls`` is ``[num_images, n]``,
+        the [CLS] token's attention to each visual token at the feature layer (mean over heads).
+        """
         raise NotImplementedError
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

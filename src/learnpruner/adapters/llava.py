@@ -39,17 +39,47 @@ class LlavaAdapter(Adapter):
         n = (vc.image_size // vc.patch_size) ** 2
         return n + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
 
-    def vision_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    def vision_features(self, pixel_values: torch.Tensor, cls_attention: bool = False, **kwargs):
+        """Features at the feature layer; with ``cls_attention=True`` also ``[num_images, n]`` [CLS] attention.
+
+        The [CLS] attention is that of the encoder layer that produced the (last) feature layer, mean
+        over heads, computed from that layer's own q/k projections during the same forward (so SDPA
+        works); under strategy "default" the [CLS] column itself is left out, under "full" it is kept.
+        """
         cfg = self.model.config
         layer = kwargs.get("vision_feature_layer") or cfg.vision_feature_layer
         strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
         tower = self.model.model.vision_tower
-        out = tower(pixel_values, output_hidden_states=True, return_dict=True)
         layers = [layer] if isinstance(layer, int) else list(layer)
+        captured, handles = {}, []
+        if cls_attention:
+            encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
+            last = layers[-1]
+            idx = (len(encoder_layers) + 1 + last if last < 0 else last) - 1
+            if idx < 0:
+                raise ValueError("[CLS] attention needs a vision feature layer after the embeddings")
+            attn = encoder_layers[idx].self_attn
+            handles = [
+                attn.q_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("q", o[:, :1])),
+                attn.k_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("k", o)),
+            ]
+        try:
+            out = tower(pixel_values, output_hidden_states=True, return_dict=True)
+        finally:
+            for h in handles:
+                h.remove()
         feats = [out.hidden_states[i] for i in layers]
         if strategy == "default":
             feats = [f[:, 1:] for f in feats]
-        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        if not cls_attention:
+            return feats
+        b, s = captured["k"].shape[:2]
+        heads, hd = attn.num_heads, attn.head_dim
+        q = captured["q"].view(b, 1, heads, hd).transpose(1, 2).float()
+        k = captured["k"].view(b, s, heads, hd).transpose(1, 2).float()
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1).mean(dim=1)[:, 0]  # [b, s]
+        return feats, (probs[:, 1:] if strategy == "default" else probs)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)

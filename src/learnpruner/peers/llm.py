@@ -1,0 +1,1 @@
+"""Peer methods that prune inside the LLM (LLM rules)."""

@@ -1,0 +1,1 @@
+"""Peer methods that prune after the vision encoder (stage-1 rules)."""
