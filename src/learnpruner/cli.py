@@ -1,0 +1,164 @@
+"""The ``learnpruner`` command.
+
+Subcommands: ``generate`` (answer one question about one image, pruned), ``methods`` (list the
+registered methods with their papers and defaults). Others register themselves in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+__all__ = ["main", "COMMANDS"]
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated function as subcommand ``name``; ``arguments`` adds its options."""
+
+    def deco(run):
+        COMMANDS[name] = (arguments, run, help)
+        return run
+
+    return deco
+
+
+def _method_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` options for ``apply``; integers and floats are parsed, the rest kept as text."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: --option takes KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="hub id, local folder, or a built-in name (shapes-tiny, tiny-random-llava)")
+    p.add_argument("--image", required=True,
+                   help="image file, or shapesvqa:N for item N of the ShapesVQA test split")
+    p.add_argument("--prompt", help="question; wrapped in the model's chat template unless it holds <image> "
+                   "(default with shapesvqa:N: that item's question)")
+    p.add_argument("--method", default="learnpruner", help="pruning method (see `learnpruner methods`)")
+    p.add_argument("--tokens", type=int, default=64, help="budget: average visual tokens per LLM layer")
+    p.add_argument("--lpm", default=None, help="LPM folder for learnpruner (default: the model's own, if shipped)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="extra method option, repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
+
+
+@command("generate", "answer a question about an image with a pruned model", _generate_args)
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import learnpruner
+
+    from .hub import format_prompt, load
+
+    image, prompt = _image_and_prompt(args.image, args.prompt)
+    model, processor = load(args.model, device=args.device, dtype=args.dtype)
+    options = _method_options(args.option)
+    if args.lpm is not None:
+        options["lpm"] = args.lpm
+    learnpruner.apply(model, args.method, tokens=args.tokens, **options)
+    text = format_prompt(processor, prompt)
+    inputs = processor(images=image, text=text, return_tensors="pt").to(args.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    st = learnpruner.stats(model)
+    print(f"answer: {answer}")
+    print(describe_stats(st))
+    print(f"wall time: {elapsed * 1000:.1f} ms for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens "
+          f"(generate, {args.device})")
+    return 0
+
+
+def _image_and_prompt(image: str, prompt: str | None):
+    """Open ``image`` (a file or ``shapesvqa:N``); the prompt defaults to the ShapesVQA item's question."""
+    from PIL import Image
+
+    if image.startswith("shapesvqa:"):
+        from .testbed.shapes import generate_item
+
+        index = image.split(":", 1)[1]
+        if not index.isdigit():
+            raise ValueError(f"shapesvqa:N takes a non-negative integer N, got {image!r}")
+        item = generate_item("test", int(index))
+        return item.image, prompt or item.question
+    if prompt is None:
+        raise ValueError("--prompt is required with an image file")
+    try:
+        return Image.open(image).convert("RGB"), prompt
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {image!r}: {e}") from None
+
+
+def describe_stats(st) -> str:
+    """One line per stage: how many visual tokens each stage kept."""
+    if st is None:
+        return "visual tokens: no image in the input"
+    n = st.schedule.n
+    lines = [f"method: {st.method}; visual tokens per image: {n}"]
+    lines.append(
+        f"stage 1 (after the vision encoder): kept {st.stage1_kept.shape[1]} of {n}"
+        if st.stage1_kept is not None else "stage 1 (after the vision encoder): kept all"
+    )
+    for (layer, _), kept in zip(st.schedule.drops, st.llm_kept):
+        lines.append(f"LLM drop before layer {layer}: kept {kept.shape[1]}")
+    lines.append(f"average visual tokens per LLM layer: {st.average_tokens:.1f} (per layer: {st.tokens_per_layer})")
+    return "\n".join(lines)
+
+
+def _methods_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="show one method")
+
+
+@command("methods", "list the pruning methods with their papers and defaults", _methods_args)
+def _methods(args: argparse.Namespace) -> int:
+    import learnpruner
+
+    names = [args.name] if args.name else sorted(learnpruner.METHODS)
+    for name in names:
+        m = learnpruner.get_method(name)
+        print(f"{m.name}\n  options: {', '.join(m.options) or '-'}\n  {m.doc}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="learnpruner", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _, help) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args) or 0
+    except (ValueError, TypeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Loading models by name: hub ids and local paths through ``from_pretrained``, plus built-in names.
+
+Built-in names need no network:
+
+- ``shapes-tiny``: the small LLaVA trained on ShapesVQA that ships inside the package (with its LPM).
+- ``tiny-random-llava``: the ShapesVQA architecture with random weights (answers are noise), for
+  checking the pipeline end to end on a fresh machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["BUILTIN_MODELS", "load", "resolve", "format_prompt", "parse_dtype"]
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN_MODELS = {
+    "shapes-tiny": ASSETS / "shapes-tiny",
+    "tiny-random-llava": None,
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
+
+
+def parse_dtype(name: str):
+    """``float32``/``fp32``, ``float16``/``fp16``, ``bfloat16``/``bf16`` or ``auto``."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}") from None
+
+
+def resolve(name: str) -> str:
+    """A built-in name's local folder, or ``name`` unchanged (a hub id or a local path)."""
+    if name in BUILTIN_MODELS and BUILTIN_MODELS[name] is not None:
+        path = BUILTIN_MODELS[name]
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"built-in model {name!r} is not installed at {path} (this build ships without it); "
+                "pass a hub id or a local path"
+            )
+        return str(path)
+    return name
+
+
+def load(name: str, device: str = "cpu", dtype: str = "auto"):
+    """``(model, processor)`` for a hub id, a local folder or a built-in name, in eval mode on ``device``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch_dtype = parse_dtype(dtype)
+    if name == "tiny-random-llava":
+        from .testbed.model import build_model, build_processor
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            processor = build_processor()
+            model = build_model(processor.tokenizer)
+        model = model.to(device, torch.float32 if torch_dtype == "auto" else torch_dtype)
+        return model.eval(), processor
+    path = resolve(name)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
+    processor = AutoProcessor.from_pretrained(path)
+    return model.to(device).eval(), processor
+
+
+def format_prompt(processor, prompt: str) -> str:
+    """The text to feed the processor: the user's text if it holds ``<image>``, else a chat turn."""
+    if "<image>" in prompt:
+        return prompt
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: <image>\n{prompt} ASSISTANT:"

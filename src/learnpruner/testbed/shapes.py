@@ -1,0 +1,482 @@
+"""ShapesVQA: a deterministic synthetic VQA dataset of small shapes and characters on cluttered backgrounds.
+
+Every item is generated from an integer seed (no files needed). Images are 336x336 RGB; the answer to each
+templated question depends on one or two small objects, so most of the 24x24 patch grid is uninformative
+background. Per-patch ground truth (object kind, colour, shape, character, object centre) comes with each scene.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+IMAGE_SIZE = 336
+PATCH = 14
+GRID = IMAGE_SIZE // PATCH  # 24
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon")
+PLURALS = {s: (s + "es" if s.endswith(("s", "x")) else s + "s") for s in SHAPES}
+COLORS = {
+    "red": (225, 35, 35),
+    "green": (40, 185, 50),
+    "blue": (40, 85, 235),
+    "yellow": (245, 225, 35),
+    "purple": (155, 55, 210),
+    "orange": (255, 140, 10),
+    "white": (250, 250, 250),
+}
+COLOR_NAMES = tuple(COLORS)
+SIZES = (24, 34, 44)  # bounding-box side in pixels
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+QTYPES = ("color", "shape", "count", "exist", "position", "read")
+KINDS = ("background", "object", "text")
+BOX_SIZE = 30
+MIN_OBJECTS, MAX_OBJECTS = 3, 8
+SPLIT_TAGS = {"train": 0, "val": 1, "test": 2}
+SPLIT_SIZES = {"val": 500, "test": 1200}
+MAX_COUNT = 4  # counting questions are only asked when the answer is at most this
+MIN_SEPARATION = 24  # px between centres for a left/above relation to count as unambiguous
+
+# A tiny 5x7 bitmap font, so text rendering needs no font file and is identical everywhere.
+_FONT_ROWS = {
+    "A": (" ### ", "#   #", "#   #", "#####", "#   #", "#   #", "#   #"),
+    "B": ("#### ", "#   #", "#   #", "#### ", "#   #", "#   #", "#### "),
+    "C": (" ####", "#    ", "#    ", "#    ", "#    ", "#    ", " ####"),
+    "E": ("#####", "#    ", "#    ", "#### ", "#    ", "#    ", "#####"),
+    "F": ("#####", "#    ", "#    ", "#### ", "#    ", "#    ", "#    "),
+    "H": ("#   #", "#   #", "#   #", "#####", "#   #", "#   #", "#   #"),
+    "K": ("#   #", "#  # ", "# #  ", "##   ", "# #  ", "#  # ", "#   #"),
+    "L": ("#    ", "#    ", "#    ", "#    ", "#    ", "#    ", "#####"),
+    "P": ("#### ", "#   #", "#   #", "#### ", "#    ", "#    ", "#    "),
+    "R": ("#### ", "#   #", "#   #", "#### ", "# #  ", "#  # ", "#   #"),
+    "T": ("#####", "  #  ", "  #  ", "  #  ", "  #  ", "  #  ", "  #  "),
+    "X": ("#   #", "#   #", " # # ", "  #  ", " # # ", "#   #", "#   #"),
+    "2": (" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"),
+    "3": ("#### ", "    #", "    #", " ### ", "    #", "    #", "#### "),
+    "4": ("   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "),
+    "5": ("#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "),
+    "7": ("#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "),
+    "8": (" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "),
+    "9": (" ### ", "#   #", "#   #", " ####", "    #", "    #", " ### "),
+}
+CHARS = tuple(_FONT_ROWS)
+
+QUESTION_TEMPLATES = {
+    "color": "what color is the {shape}?",
+    "shape": "what shape is the {color} object?",
+    "count": "how many {plural} are there?",
+    "exist": "is there a {color} {shape}?",
+    "position": "is the {color} {shape} {relation} the {color2} {shape2}?",
+    "read": "what is written in the box?",
+}
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+@dataclass
+class SceneObject:
+    """A shape instance: centre (x, y) in pixels, bounding-box side ``size``."""
+
+    shape: str
+    color: str
+    size: int
+    x: int
+    y: int
+
+
+@dataclass
+class TextBox:
+    """A small box with a single character drawn in it; centre (x, y)."""
+
+    char: str
+    x: int
+    y: int
+    size: int = BOX_SIZE
+
+
+@dataclass
+class Scene:
+    """A rendered scene with its metadata and 24x24 per-patch labels."""
+
+    image: Image.Image
+    objects: list[SceneObject]
+    boxes: list[TextBox]
+    labels: dict[str, np.ndarray]
+
+
+@dataclass
+class VQAItem:
+    """One ShapesVQA example. ``qas`` holds every (question, answer, qtype) asked about the image; the
+    first one is also exposed as ``question``/``answer``/``qtype``."""
+
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str
+    objects: list[dict]
+    boxes: list[dict]
+    labels: dict[str, np.ndarray]
+    index: int = 0
+    split: str = "train"
+    qas: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def _shape_polygon(shape: str, x: float, y: float, size: float) -> list[tuple[float, float]] | None:
+    r = size / 2.0
+    if shape == "square":
+        r *= 0.85
+        return [(x - r, y - r), (x + r, y - r), (x + r, y + r), (x - r, y + r)]
+    if shape == "triangle":
+        return [(x, y - r), (x + r, y + r * 0.8), (x - r, y + r * 0.8)]
+    if shape == "diamond":
+        return [(x, y - r), (x + r * 0.8, y), (x, y + r), (x - r * 0.8, y)]
+    if shape == "hexagon":
+        return [(x + r * np.cos(a), y + r * np.sin(a)) for a in np.arange(6) * np.pi / 3]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.42
+            a = -np.pi / 2 + k * np.pi / 5
+            pts.append((x + rad * np.cos(a), y + rad * np.sin(a)))
+        return pts
+    if shape == "cross":
+        t = r / 3.0
+        return [(x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t), (x + t, y + t),
+                (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t), (x - r, y - t), (x - t, y - t)]
+    return None  # circle
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
+    poly = _shape_polygon(obj.shape, obj.x, obj.y, obj.size)
+    if poly is None:
+        r = obj.size / 2.0
+        draw.ellipse([obj.x - r, obj.y - r, obj.x + r, obj.y + r], fill=fill)
+    else:
+        draw.polygon([(round(px), round(py)) for px, py in poly], fill=fill)
+
+
+def _draw_box(draw: ImageDraw.ImageDraw, box: TextBox, fill, border, ink) -> None:
+    h = box.size // 2
+    x0, y0 = box.x - h, box.y - h
+    draw.rectangle([x0, y0, x0 + box.size - 1, y0 + box.size - 1], fill=border)
+    draw.rectangle([x0 + 2, y0 + 2, x0 + box.size - 3, y0 + box.size - 3], fill=fill)
+    rows = _FONT_ROWS[box.char]
+    s = 3  # 5x7 glyph scaled to 15x21
+    gx, gy = box.x - (5 * s) // 2, box.y - (7 * s) // 2
+    for j, row in enumerate(rows):
+        for i, c in enumerate(row):
+            if c == "#":
+                draw.rectangle([gx + i * s, gy + j * s, gx + i * s + s - 1, gy + j * s + s - 1], fill=ink)
+
+
+def _muted(rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation, mid/low-brightness colour."""
+    grey = rng.uniform(55, 150)
+    tint = rng.normal(0, 1, 3)
+    tint = tint / (np.linalg.norm(tint) + 1e-6) * rng.uniform(5, 30)
+    return np.clip(grey + tint, 0, 255)
+
+
+def _background(rng: np.random.Generator) -> Image.Image:
+    n = IMAGE_SIZE
+    img = np.empty((n, n, 3), np.float32)
+    img[:] = _muted(rng)
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    if rng.random() < 0.7:  # stripes
+        theta = rng.uniform(0, np.pi)
+        period = rng.uniform(8, 40)
+        amp = rng.uniform(4, 16)
+        wave = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
+        img += (amp * wave)[..., None] * (rng.uniform(0.6, 1.0, 3)[None, None])
+    base = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    layer = Image.new("RGB", (n, n), (0, 0, 0))
+    mask = Image.new("L", (n, n), 0)
+    d, dm = ImageDraw.Draw(layer), ImageDraw.Draw(mask)
+    for _ in range(int(rng.integers(3, 9))):  # blotches
+        cx, cy = rng.uniform(0, n, 2)
+        rx, ry = rng.uniform(15, 80, 2)
+        col = tuple(int(v) for v in _muted(rng))
+        d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=col)
+        dm.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=int(rng.integers(90, 200)))
+    mask = mask.filter(ImageFilter.GaussianBlur(6))
+    base = Image.composite(layer.filter(ImageFilter.GaussianBlur(3)), base, mask)
+    d = ImageDraw.Draw(base)
+    for _ in range(int(rng.integers(4, 14))):  # clutter: thin muted lines
+        x0, y0, x1, y1 = (float(v) for v in rng.uniform(0, n, 4))
+        d.line([x0, y0, x1, y1], fill=tuple(int(v) for v in _muted(rng)), width=int(rng.integers(1, 3)))
+    arr = np.asarray(base).astype(np.float32)
+    arr += rng.normal(0, rng.uniform(4, 14), arr.shape).astype(np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _patch_labels(objects: Sequence[SceneObject], boxes: Sequence[TextBox]) -> dict[str, np.ndarray]:
+    ids = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    d = ImageDraw.Draw(ids)
+    for i, o in enumerate(objects):
+        _draw_shape(d, o, i + 1)
+    for j, b in enumerate(boxes):
+        h = b.size // 2
+        d.rectangle([b.x - h, b.y - h, b.x - h + b.size - 1, b.y - h + b.size - 1], fill=len(objects) + j + 1)
+    arr = np.asarray(ids).reshape(GRID, PATCH, GRID, PATCH)
+    n_ids = len(objects) + len(boxes)
+    counts = np.stack([(arr == k).sum(axis=(1, 3)) for k in range(1, n_ids + 1)]) if n_ids else None
+    labels = {k: np.zeros((GRID, GRID), np.int64) for k in ("kind", "color", "shape", "char", "center")}
+    if counts is None:
+        return labels
+    best = counts.argmax(0)
+    present = counts.max(0) >= 20  # at least ~10% of the patch's 196 pixels
+    for k in range(n_ids):
+        m = present & (best == k)
+        if k < len(objects):
+            o = objects[k]
+            labels["kind"][m] = 1
+            labels["color"][m] = COLOR_NAMES.index(o.color) + 1
+            labels["shape"][m] = SHAPES.index(o.shape) + 1
+        else:
+            labels["kind"][m] = 2
+            labels["char"][m] = CHARS.index(boxes[k - len(objects)].char) + 1
+    for o in objects:
+        labels["center"][min(o.y // PATCH, GRID - 1), min(o.x // PATCH, GRID - 1)] = 1
+    return labels
+
+
+def render_scene(objects: Sequence[SceneObject], boxes: Sequence[TextBox] = (), seed: int = 0) -> Scene:
+    """Render objects and text boxes on a background drawn from ``seed``; returns image and patch labels."""
+    rng = np.random.default_rng(seed)
+    img = _background(rng)
+    d = ImageDraw.Draw(img)
+    for o in objects:
+        base = np.asarray(COLORS[o.color], np.float32)
+        col = tuple(int(v) for v in np.clip(base + rng.integers(-12, 13, 3), 0, 255))
+        _draw_shape(d, o, col)
+    for b in boxes:
+        fill = tuple(int(v) for v in rng.integers(215, 240, 3))
+        _draw_box(d, b, fill=fill, border=(25, 25, 25), ink=(15, 15, 15))
+    return Scene(img, list(objects), list(boxes), _patch_labels(objects, boxes))
+
+
+# -------------------------------------------------------------------------------------------- scene layout
+
+
+def _place(rng: np.random.Generator, sizes: Sequence[int], margin: int = 4, tries: int = 200):
+    """Random non-overlapping centres (bounding boxes separated by ``margin``) for items of given sizes."""
+    placed: list[tuple[int, int, int]] = []
+    for s in sizes:
+        for _ in range(tries):
+            h = s / 2 + 2
+            x = int(rng.integers(int(np.ceil(h)), int(IMAGE_SIZE - h)))
+            y = int(rng.integers(int(np.ceil(h)), int(IMAGE_SIZE - h)))
+            if all(abs(x - px) * 2 >= s + ps + 2 * margin or abs(y - py) * 2 >= s + ps + 2 * margin
+                   for px, py, ps in placed):
+                placed.append((x, y, s))
+                break
+        else:
+            return None
+    return [(x, y) for x, y, _ in placed]
+
+
+def random_layout(rng: np.random.Generator, n_objects: int, n_boxes: int = 1):
+    """Sample object attributes and non-overlapping positions. Shapes/colours come from a per-scene
+    palette so that repeats (for counting) and unique ones (for referring) both occur."""
+    shape_pal = rng.choice(len(SHAPES), size=int(rng.integers(2, 6)), replace=False)
+    color_pal = rng.choice(len(COLOR_NAMES), size=int(rng.integers(3, 7)), replace=False)
+    attrs = [(SHAPES[int(rng.choice(shape_pal))], COLOR_NAMES[int(rng.choice(color_pal))],
+              int(rng.choice(SIZES))) for _ in range(n_objects)]
+    chars = [CHARS[int(rng.integers(len(CHARS)))] for _ in range(n_boxes)]
+    while True:
+        pos = _place(rng, [a[2] for a in attrs] + [BOX_SIZE] * n_boxes)
+        if pos is not None:
+            break
+    objects = [SceneObject(s, c, z, x, y) for (s, c, z), (x, y) in zip(attrs, pos[:n_objects])]
+    boxes = [TextBox(ch, x, y) for ch, (x, y) in zip(chars, pos[n_objects:])]
+    return objects, boxes
+
+
+# ------------------------------------------------------------------------------------------ question logic
+
+
+def answer_question(question: str, objects: Sequence[SceneObject], boxes: Sequence[TextBox] = ()) -> str:
+    """Compute the answer of a templated question from scene metadata. Raises ValueError if the question
+    does not match a template or is ambiguous (referred object not unique, relation too close to call)."""
+    q = question.strip().lower()
+    if m := re.fullmatch(r"what color is the (\w+)\?", q):
+        hits = [o for o in objects if o.shape == m[1]]
+        if len(hits) != 1:
+            raise ValueError(f"ambiguous: {len(hits)} {m[1]}")
+        return hits[0].color
+    if m := re.fullmatch(r"what shape is the (\w+) object\?", q):
+        hits = [o for o in objects if o.color == m[1]]
+        if len(hits) != 1:
+            raise ValueError(f"ambiguous: {len(hits)} {m[1]} objects")
+        return hits[0].shape
+    if m := re.fullmatch(r"how many (\w+) are there\?", q):
+        shape = {v: k for k, v in PLURALS.items()}[m[1]]
+        return NUMBER_WORDS[sum(o.shape == shape for o in objects)]
+    if m := re.fullmatch(r"is there a (\w+) (\w+)\?", q):
+        return "yes" if any(o.color == m[1] and o.shape == m[2] for o in objects) else "no"
+    if m := re.fullmatch(r"is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?", q):
+        a = [o for o in objects if o.color == m[1] and o.shape == m[2]]
+        b = [o for o in objects if o.color == m[4] and o.shape == m[5]]
+        if len(a) != 1 or len(b) != 1 or a[0] is b[0]:
+            raise ValueError("ambiguous position reference")
+        dx, dy = b[0].x - a[0].x, b[0].y - a[0].y  # > 0: a is left of / above b
+        d = {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[m[3]]
+        if abs(d) < MIN_SEPARATION:
+            raise ValueError("relation too close to call")
+        return "yes" if d > 0 else "no"
+    if q == "what is written in the box?":
+        if len(boxes) != 1:
+            raise ValueError("needs exactly one box")
+        return boxes[0].char.lower()
+    raise ValueError(f"unknown question: {question!r}")
+
+
+def make_question(qtype: str, objects: Sequence[SceneObject], boxes: Sequence[TextBox],
+                  rng: np.random.Generator) -> tuple[str, str] | None:
+    """Sample an unambiguous question of ``qtype`` about the scene; None if the scene does not allow one.
+    Yes/no questions draw the answer first (50/50) so they are balanced."""
+    t = QUESTION_TEMPLATES[qtype]
+    shapes = [o.shape for o in objects]
+    colors = [o.color for o in objects]
+    if qtype == "color":
+        cands = [o for o in objects if shapes.count(o.shape) == 1]
+        if not cands:
+            return None
+        q = t.format(shape=cands[int(rng.integers(len(cands)))].shape)
+    elif qtype == "shape":
+        cands = [o for o in objects if colors.count(o.color) == 1]
+        if not cands:
+            return None
+        q = t.format(color=cands[int(rng.integers(len(cands)))].color)
+    elif qtype == "count":
+        present = [s for s in sorted(set(shapes), key=SHAPES.index) if shapes.count(s) <= MAX_COUNT]
+        absent = [s for s in SHAPES if s not in shapes]
+        if not present:
+            return None
+        pool = absent if (rng.random() < 0.2 and absent) else present
+        q = t.format(plural=PLURALS[pool[int(rng.integers(len(pool)))]])
+    elif qtype == "exist":
+        combos = {(o.color, o.shape) for o in objects}
+        if rng.random() < 0.5:
+            c, s = sorted(combos)[int(rng.integers(len(combos)))]
+        else:  # a distractor: colour and shape both in the scene but never together, when possible
+            neg = [(c, s) for c in sorted(set(colors)) for s in sorted(set(shapes)) if (c, s) not in combos]
+            if not neg:
+                neg = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in combos]
+            c, s = neg[int(rng.integers(len(neg)))]
+        q = t.format(color=c, shape=s)
+    elif qtype == "position":
+        combos = [(o.color, o.shape) for o in objects]
+        uniq = [o for o in objects if combos.count((o.color, o.shape)) == 1]
+        want = "yes" if rng.random() < 0.5 else "no"
+        pairs = []
+        for i, a in enumerate(uniq):
+            for b in uniq[i + 1:]:
+                for rel in RELATIONS:
+                    for p, r in ((a, b), (b, a)):
+                        qq = t.format(color=p.color, shape=p.shape, relation=rel, color2=r.color, shape2=r.shape)
+                        try:
+                            if answer_question(qq, objects, boxes) == want:
+                                pairs.append(qq)
+                        except ValueError:
+                            pass
+        if not pairs:
+            return None
+        q = pairs[int(rng.integers(len(pairs)))]
+    elif qtype == "read":
+        if len(boxes) != 1:
+            return None
+        q = t
+    else:
+        raise ValueError(qtype)
+    return q, answer_question(q, objects, boxes)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def item_seed(split: str, index: int, seed: int = 0) -> int:
+    """Deterministic 63-bit seed for item ``index`` of a split; splits draw from disjoint seed streams."""
+    ss = np.random.SeedSequence([SPLIT_TAGS[split], seed, index])
+    return int(ss.generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generate_item(split: str, index: int, seed: int = 0, qtypes: Sequence[str] | None = None,
+                  max_objects: int = MAX_OBJECTS, all_questions: bool = False) -> VQAItem:
+    """Generate one item. By default the question type cycles with ``index`` (balanced per qtype);
+    ``qtypes`` restricts it. With ``all_questions`` every qtype the scene allows is asked (in random order)
+    and stored in ``item.qas``."""
+    qtypes = tuple(qtypes or QTYPES)
+    s = item_seed(split, index, seed)
+    rng = np.random.default_rng(s)
+    max_objects = max(MIN_OBJECTS, min(MAX_OBJECTS, max_objects))
+    while True:
+        n = int(rng.integers(MIN_OBJECTS, max_objects + 1))
+        objects, boxes = random_layout(rng, n)
+        if all_questions:
+            order = [qtypes[int(i)] for i in rng.permutation(len(qtypes))]
+        else:
+            order = [qtypes[index % len(qtypes)]]
+        qas = []
+        for qt in order:
+            qa = make_question(qt, objects, boxes, rng)
+            if qa is not None:
+                qas.append((qa[0], qa[1], qt))
+        if qas and (all_questions or len(qas) == len(order)):
+            break
+    scene = render_scene(objects, boxes, seed=int(rng.integers(2**62)))
+    q, a, qt = qas[0]
+    return VQAItem(scene.image, q, a, qt, [vars(o).copy() for o in objects], [vars(b).copy() for b in boxes],
+                   scene.labels, index, split, qas)
+
+
+def load_split(split: str, n: int | None = None) -> list[VQAItem]:
+    """The fixed ``val`` (500) or ``test`` (1200) split, or its first ``n`` items. Deterministic."""
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"split must be one of {tuple(SPLIT_SIZES)}")
+    n = SPLIT_SIZES[split] if n is None else n
+    return [generate_item(split, i) for i in range(n)]
+
+
+def train_stream(seed: int = 0, start_index: int = 0, all_questions: bool = True,
+                 curriculum: Callable[[int], int] | None = None) -> Iterator[VQAItem]:
+    """Infinite training stream; item ``i`` depends only on (seed, i), so it resumes from ``start_index``.
+    ``curriculum(i)`` may cap the number of objects of item ``i``."""
+    i = start_index
+    while True:
+        cap = curriculum(i) if curriculum is not None else MAX_OBJECTS
+        yield generate_item("train", i, seed, max_objects=cap, all_questions=all_questions)
+        i += 1
+
+
+def vocabulary() -> list[str]:
+    """Every word the question templates and answers can produce (lowercase, punctuation split)."""
+    words: set[str] = set()
+    for t in QUESTION_TEMPLATES.values():
+        words.update(re.findall(r"[a-z]+|[^\sa-z{}]", re.sub(r"\{\w+\}", " ", t)))
+    for r in RELATIONS:
+        words.update(r.split())
+    words.update(SHAPES, PLURALS.values(), COLOR_NAMES, NUMBER_WORDS, ("yes", "no"))
+    words.update(c.lower() for c in CHARS)
+    return sorted(words)
+
+
+def to_jsonl(items: Sequence[VQAItem], out_dir: str, name: str = "data.jsonl") -> str:
+    """Write PNGs under ``out_dir/images`` and a LLaVA-style jsonl with relative image paths."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        for it in items:
+            rel = f"images/{it.split}_{it.index:06d}.png"
+            it.image.save(os.path.join(out_dir, rel))
+            f.write(json.dumps({"id": f"{it.split}-{it.index}", "image": rel, "question": it.question,
+                                "answer": it.answer, "qtype": it.qtype}) + "\n")
+    return path

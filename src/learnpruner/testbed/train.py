@@ -1,0 +1,379 @@
+"""Train the ShapesVQA tiny LLaVA from scratch on CPU (or GPU), resumably.
+
+Recipe (two stages):
+  (a) dense per-patch pretraining of the vision tower alone: small linear heads on the layer used by LLaVA
+      (``vision_feature_layer=-2``) predict object kind, colour, shape, character and object centre per patch;
+  (b) projector + LLM on the VQA stream (vision tower frozen unless ``--lr-vision-b`` > 0), loss on answer
+      tokens only. Each training image carries up to 6 questions as a multi-turn conversation (the visual
+      tokens, which dominate the cost, are shared); the first turn is exactly the evaluation prompt.
+      A curriculum raises the object cap from 3 to 8 during the first part of stage (b).
+
+Checkpoints (model, heads, optimizer, scheduler, stage, step, RNG states, data-stream position) are written
+atomically to ``OUT/checkpoint.pt``; ``--resume`` continues from there. The final model and processor are
+saved with ``save_pretrained`` into OUT, with ``metrics.json`` (test accuracy).
+
+    python -m learnpruner.testbed.train --out DIR [--steps-a N] [--steps N] [--batch-size B] [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .model import build_model, build_processor, encode_conversation, format_prompt, save
+from .shapes import CHARS, COLOR_NAMES, GRID, MAX_OBJECTS, MIN_OBJECTS, SHAPES, VQAItem, generate_item, load_split
+
+STAGE_A_SEED_OFFSET = 1_000_003  # stage (a) images come from a different training stream than stage (b)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of the staged recipe (see module docstring)."""
+
+    out: str
+    steps_a: int = 1200
+    steps_b: int = 2400
+    batch_size_a: int = 16
+    batch_size: int = 16
+    lr_a: float = 1e-3
+    lr: float = 1e-3
+    lr_vision_b: float = 0.0
+    weight_decay: float = 0.01
+    warmup: int = 100
+    max_questions: int = 6
+    curriculum_frac: float = 0.3
+    seed: int = 0
+    ckpt_every: int = 100
+    eval_every: int = 400
+    eval_n: int = 180
+    test_n: int | None = None
+    threads: int = 1
+    tiny: bool = False
+    save_dtype: str = "float32"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+class PatchHeads(nn.Module):
+    """Linear per-patch heads used for stage (a) only."""
+
+    SPEC = {"kind": 3, "color": len(COLOR_NAMES) + 1, "shape": len(SHAPES) + 1, "char": len(CHARS) + 1,
+            "center": 2, "row": GRID, "col": GRID}
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in self.SPEC.items()})
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm(feats)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+def patch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Sum of per-patch cross-entropies; colour/shape/char only on foreground patches; row/column of every
+    patch so that the features LLaVA uses encode position explicitly."""
+    loss = F.cross_entropy(logits["kind"].flatten(0, 1), labels["kind"].flatten())
+    w = torch.tensor([1.0, 8.0])
+    loss = loss + F.cross_entropy(logits["center"].flatten(0, 1), labels["center"].flatten(), weight=w)
+    pos = torch.arange(GRID * GRID)
+    n = logits["row"].shape[0]
+    loss = loss + 0.5 * F.cross_entropy(logits["row"].flatten(0, 1), (pos // GRID).repeat(n))
+    loss = loss + 0.5 * F.cross_entropy(logits["col"].flatten(0, 1), (pos % GRID).repeat(n))
+    stats = {}
+    for k in ("color", "shape", "char"):
+        y = labels[k].flatten().clone()
+        y[y == 0] = -100
+        if (y != -100).any():
+            loss = loss + F.cross_entropy(logits[k].flatten(0, 1), y, ignore_index=-100)
+            pred = logits[k].flatten(0, 1).argmax(-1)
+            stats[k] = ((pred == y) & (y != -100)).sum().item() / max(1, (y != -100).sum().item())
+    return loss, stats
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup then cosine decay to 10%."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def curriculum_cap(index: int, ramp_items: int) -> int:
+    """Max objects for stage-(b) item ``index``: 3 at the start, 8 after ``ramp_items`` items."""
+    if ramp_items <= 0:
+        return MAX_OBJECTS
+    return MIN_OBJECTS + int((MAX_OBJECTS - MIN_OBJECTS + 1) * min(1.0, index / ramp_items) - 1e-9)
+
+
+def collate_vqa(items: list[VQAItem], processor, max_questions: int) -> dict[str, torch.Tensor]:
+    """Right-padded multi-turn batch with labels on answer tokens only."""
+    tok = processor.tokenizer
+    seqs = [encode_conversation(tok, [(q, a) for q, a, _ in it.qas[:max_questions]]) for it in items]
+    n = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(items), n), tok.pad_token_id, dtype=torch.long)
+    lab = torch.full((len(items), n), -100, dtype=torch.long)
+    att = torch.zeros((len(items), n), dtype=torch.long)
+    for i, (s, y) in enumerate(seqs):
+        ids[i, : len(s)], lab[i, : len(s)], att[i, : len(s)] = torch.tensor(s), torch.tensor(y), 1
+    pix = processor.image_processor([it.image for it in items], return_tensors="pt")["pixel_values"]
+    return {"input_ids": ids, "attention_mask": att, "labels": lab, "pixel_values": pix}
+
+
+@torch.no_grad()
+def evaluate(model, processor, items: list[VQAItem], batch_size: int = 16, max_new_tokens: int = 3,
+             progress: bool = False) -> dict:
+    """Greedy generation; exact match (lowercased, stripped) overall and per question type."""
+    was_training = model.training
+    model.eval()
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    hits: dict[str, list[int]] = {}
+    preds = []
+    rng = range(0, len(items), batch_size)
+    for s in tqdm(rng, desc="eval", disable=not progress, mininterval=10):
+        batch = items[s: s + batch_size]
+        enc = processor(images=[it.image for it in batch], text=[format_prompt(it.question) for it in batch],
+                        return_tensors="pt", padding=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for it, t in zip(batch, texts):
+            p = t.strip().lower()
+            preds.append(p)
+            hits.setdefault(it.qtype, []).append(int(p == it.answer.strip().lower()))
+    model.train(was_training)
+    allh = [h for v in hits.values() for h in v]
+    return {"accuracy": float(np.mean(allh)) if allh else 0.0, "n": len(allh),
+            "per_qtype": {k: float(np.mean(v)) for k, v in sorted(hits.items())}, "predictions": preds}
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Holds model, heads, optimizer state and data positions; ``run()`` trains to completion."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.processor = build_processor()
+        self.model = build_model(tokenizer=self.processor.tokenizer, tiny=cfg.tiny, seed=cfg.seed)
+        self.vision = self.model.model.vision_tower
+        self.heads = PatchHeads(self.model.config.vision_config.hidden_size)
+        self.stage, self.step, self.pos = "a", 0, 0
+        self.history: list[dict] = []
+        self._setup_stage()
+        self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+
+    # stage setup -------------------------------------------------------------------------------------
+    def _setup_stage(self) -> None:
+        cfg = self.cfg
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if self.stage == "a":
+            params = list(self.vision.parameters()) + list(self.heads.parameters())
+            groups = [{"params": params, "lr": cfg.lr_a}]
+            total = cfg.steps_a
+        else:
+            mm = self.model.model
+            params = list(mm.multi_modal_projector.parameters()) + list(mm.language_model.parameters())
+            params += [p for p in self.model.lm_head.parameters() if all(p is not q for q in params)]
+            groups = [{"params": params, "lr": cfg.lr}]
+            if cfg.lr_vision_b > 0:
+                groups.append({"params": list(self.vision.parameters()), "lr": cfg.lr_vision_b})
+            total = cfg.steps_b
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        self.model.train(self.stage == "b")
+        self.vision.train()
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(min(cfg.warmup, max(1, total // 5)),
+                                                                           total))
+
+    def _next_stage(self) -> None:
+        self.stage = {"a": "b", "b": "done"}[self.stage]
+        self.step, self.pos = 0, 0
+        if self.stage != "done":
+            self._setup_stage()
+
+    # checkpointing -----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"stage": self.stage, "step": self.step, "pos": self.pos, "model": self.model.state_dict(),
+                "heads": self.heads.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "rng": _rng_state(), "history": self.history, "config": asdict(self.cfg)}
+
+    def save_checkpoint(self) -> None:
+        os.makedirs(self.cfg.out, exist_ok=True)
+        _atomic_save(self.state(), self.ckpt_path)
+
+    def load_checkpoint(self, path: str | None = None) -> None:
+        ck = torch.load(path or self.ckpt_path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        self.heads.load_state_dict(ck["heads"])
+        self.stage, self.history = ck["stage"], ck["history"]
+        if self.stage != "done":
+            self._setup_stage()
+            self.opt.load_state_dict(ck["opt"])
+            self.sched.load_state_dict(ck["sched"])
+        self.step, self.pos = ck["step"], ck["pos"]
+        _set_rng_state(ck["rng"])
+
+    # steps -------------------------------------------------------------------------------------------
+    def _items(self, n: int) -> list[VQAItem]:
+        cfg = self.cfg
+        if self.stage == "a":
+            its = [generate_item("train", self.pos + i, cfg.seed + STAGE_A_SEED_OFFSET) for i in range(n)]
+        else:
+            ramp = int(cfg.curriculum_frac * cfg.steps_b * cfg.batch_size)
+            its = [generate_item("train", self.pos + i, cfg.seed, all_questions=True,
+                                 max_objects=curriculum_cap(self.pos + i, ramp)) for i in range(n)]
+        self.pos += n
+        return its
+
+    def train_step(self) -> dict:
+        """One optimisation step of the current stage; returns loss and accuracy stats."""
+        if self.stage == "a":
+            items = self._items(self.cfg.batch_size_a)
+            pix = self.processor.image_processor([it.image for it in items], return_tensors="pt")["pixel_values"]
+            out = self.vision(pix, output_hidden_states=True)
+            feats = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]
+            labels = {k: torch.from_numpy(np.stack([it.labels[k].reshape(-1) for it in items]))
+                      for k in ("kind", "color", "shape", "char", "center")}
+            loss, stats = patch_loss(self.heads(feats), labels)
+            params = list(self.vision.parameters()) + list(self.heads.parameters())
+        else:
+            items = self._items(self.cfg.batch_size)
+            batch = collate_vqa(items, self.processor, self.cfg.max_questions)
+            out = self.model(**batch)
+            loss = out.loss
+            y = batch["labels"][:, 1:]
+            pred = out.logits[:, :-1].argmax(-1)
+            m = (y != -100) & (y != self.processor.tokenizer.eos_token_id)
+            stats = {"acc": ((pred == y) & m).sum().item() / max(1, m.sum().item())}
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return {"loss": loss.item(), **stats}
+
+    def eval_val(self) -> dict:
+        res = evaluate(self.model, self.processor, load_split("val", self.cfg.eval_n))
+        res.pop("predictions")
+        return res
+
+    def run(self, progress: bool = True) -> dict:
+        """Train all remaining steps of all stages, then save the final model and test metrics."""
+        cfg = self.cfg
+        while self.stage != "done":
+            total = cfg.steps_a if self.stage == "a" else cfg.steps_b
+            bar = tqdm(total=total, initial=self.step, desc=f"stage {self.stage}", disable=not progress,
+                       mininterval=15, dynamic_ncols=True)
+            ema: dict[str, float] = {}
+            t0 = time.time()
+            while self.step < total:
+                st = self.train_step()
+                ema = {k: v if k not in ema else 0.95 * ema[k] + 0.05 * v for k, v in st.items()}
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()}, refresh=False)
+                if self.step % 50 == 0:
+                    self.history.append({"stage": self.stage, "step": self.step, **ema,
+                                         "sec_per_step": (time.time() - t0) / 50})
+                    t0 = time.time()
+                if self.stage == "b" and (self.step % cfg.eval_every == 0 or self.step == total):
+                    res = self.eval_val()
+                    self.history.append({"stage": "b", "step": self.step, "val": res})
+                    tqdm.write(f"[val step {self.step}] acc={res['accuracy']:.3f} {res['per_qtype']}")
+                if self.step % cfg.ckpt_every == 0 or self.step == total:
+                    self.save_checkpoint()
+            bar.close()
+            tqdm.write(f"stage {self.stage} done: {ema}")
+            self._next_stage()
+            self.save_checkpoint()
+        return self.finish(progress)
+
+    def finish(self, progress: bool = True) -> dict:
+        cfg = self.cfg
+        dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.save_dtype]
+        save(self.model, self.processor, cfg.out, dtype=dtype)
+        test = evaluate(self.model, self.processor, load_split("test", cfg.test_n), progress=progress)
+        test.pop("predictions")
+        metrics = {"test": test, "history": self.history, "config": asdict(cfg)}
+        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        tqdm.write(f"[test] acc={test['accuracy']:.4f} {test['per_qtype']}")
+        return metrics
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) with ``cfg``; returns final metrics."""
+    tr = Trainer(cfg)
+    if resume and os.path.exists(tr.ckpt_path):
+        tr.load_checkpoint()
+        tqdm.write(f"resumed at stage {tr.stage} step {tr.step} (data position {tr.pos})")
+    return tr.run(progress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, dest="steps_b", help="stage (b) steps")
+    ap.add_argument("--resume", action="store_true")
+    names = {"steps_b", "out"}
+    for f in fields(TrainConfig):
+        if f.name in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, action="store_true")
+        else:
+            typ = {"int": int, "float": float, "str": str, "int | None": int}[str(f.type)]
+            ap.add_argument(flag, type=typ)
+    args = vars(ap.parse_args(argv))
+    resume = args.pop("resume")
+    cfg = TrainConfig(**{k: v for k, v in args.items() if v is not None and k != "tiny"}, tiny=args["tiny"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    train(cfg, resume=resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The `learnpruner` command, end to end on the built-in random model (no network)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from learnpruner.cli import main
+
+
+def test_generate_prints_answer_kept_tokens_and_time(capsys):
+    rc = main(["generate", "--model", "tiny-random-llava", "--image", "shapesvqa:1", "--method", "learnpruner",
+               "--tokens", "64", "--option", "lpm=random", "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r"^answer: \S", out, re.M)
+    assert "stage 1 (after the vision encoder): kept 111 of 576" in out
+    assert "LLM drop before layer 3: kept 37" in out
+    assert re.search(r"wall time: [\d.]+ ms for 2 new tokens", out)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tokens", "0"], "tokens must be a positive integer"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--image", "/nonexistent.png", "--prompt", "x"], "cannot read image '/nonexistent.png'"),
+    (["--image", "shapesvqa:x"], "shapesvqa:N takes a non-negative integer"),
+    (["--option", "lpm=/nonexistent"], "no LPM at '/nonexistent'"),
+])
+def test_generate_bad_input_fails_clearly(capsys, argv, message):
+    base = ["generate", "--model", "tiny-random-llava", "--image", "shapesvqa:0", "--method", "learnpruner"]
+    rc = main(base + argv)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_methods_lists_every_registered_method(capsys):
+    import learnpruner
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in learnpruner.METHODS:
+        assert re.search(rf"^{re.escape(name)}$", out, re.M)

@@ -1,0 +1,243 @@
+"""Tests of the ShapesVQA testbed: generator, processor/model round trip, resumable training."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from learnpruner.testbed import shapes as S
+from learnpruner.testbed.model import (
+    NUM_IMAGE_TOKENS,
+    build_model,
+    build_processor,
+    encode_conversation,
+    format_prompt,
+    save,
+)
+from learnpruner.testbed.train import TrainConfig, Trainer, curriculum_cap, evaluate
+
+torch.set_num_threads(1)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def hand_scene():
+    objects = [
+        S.SceneObject("circle", "red", 34, 60, 60),
+        S.SceneObject("star", "blue", 44, 200, 60),
+        S.SceneObject("square", "green", 34, 60, 200),
+        S.SceneObject("circle", "green", 24, 250, 250),
+        S.SceneObject("triangle", "yellow", 34, 300, 120),
+    ]
+    boxes = [S.TextBox("K", 150, 280)]
+    return S.render_scene(objects, boxes, seed=5)
+
+
+# ------------------------------------------------------------------------------------------- generator
+
+
+def test_generator_deterministic():
+    a, b = S.generate_item("test", 3), S.generate_item("test", 3)
+    assert _png(a.image) == _png(b.image)
+    assert (a.question, a.answer, a.qtype, a.objects) == (b.question, b.answer, b.qtype, b.objects)
+    c = S.generate_item("test", 4)
+    assert _png(a.image) != _png(c.image)
+    assert a.image.size == (336, 336) and a.image.mode == "RGB"
+    t1 = next(S.train_stream(seed=1, start_index=7))
+    t2 = S.generate_item("train", 7, seed=1, all_questions=True)
+    assert _png(t1.image) == _png(t2.image) and t1.qas == t2.qas
+
+
+def test_hand_verified_answers(hand_scene):
+    objs, boxes = hand_scene.objects, hand_scene.boxes
+    expected = {
+        "what color is the star?": "blue",
+        "what color is the square?": "green",
+        "what shape is the red object?": "circle",
+        "what shape is the yellow object?": "triangle",
+        "how many circles are there?": "two",
+        "how many triangles are there?": "one",
+        "how many hexagons are there?": "zero",
+        "is there a red circle?": "yes",
+        "is there a blue circle?": "no",
+        "is the red circle left of the blue star?": "yes",
+        "is the blue star left of the red circle?": "no",
+        "is the blue star above the green square?": "yes",
+        "is the green circle below the yellow triangle?": "yes",
+        "is the green square right of the green circle?": "no",
+        "what is written in the box?": "k",
+    }
+    for q, a in expected.items():
+        assert S.answer_question(q, objs, boxes) == a, q
+    for bad in ("what color is the circle?", "what shape is the green object?",
+                "is the red circle above the blue star?", "what is this?"):
+        with pytest.raises(ValueError):
+            S.answer_question(bad, objs, boxes)
+    px = np.asarray(hand_scene.image)
+    assert px[60, 200, 2] > 180 and px[60, 200, 0] < 110  # blue star centre
+    assert px[60, 60, 0] > 180 and px[60, 60, 2] < 110  # red circle centre
+
+
+def test_patch_labels_hand_scene(hand_scene):
+    lab = hand_scene.labels
+    assert set(lab) == {"kind", "color", "shape", "char", "center"}
+    assert all(v.shape == (24, 24) for v in lab.values())
+    r, c = 60 // 14, 200 // 14
+    assert lab["kind"][r, c] == 1 and S.COLOR_NAMES[lab["color"][r, c] - 1] == "blue"
+    assert S.SHAPES[lab["shape"][r, c] - 1] == "star" and lab["center"][r, c] == 1
+    assert lab["kind"][280 // 14, 150 // 14] == 2 and S.CHARS[lab["char"][280 // 14, 150 // 14] - 1] == "K"
+    assert lab["kind"][0, 23] == 0 and lab["kind"][12, 10] == 0  # empty regions
+    assert lab["center"].sum() == len(hand_scene.objects)
+
+
+def test_generated_items_consistent():
+    items = [S.generate_item("train", i, seed=3, all_questions=True) for i in range(40)]
+    for it in items:
+        objs = [S.SceneObject(**o) for o in it.objects]
+        boxes = [S.TextBox(**b) for b in it.boxes]
+        assert S.MIN_OBJECTS <= len(objs) <= S.MAX_OBJECTS
+        for q, a, qt in it.qas:
+            assert S.answer_question(q, objs, boxes) == a and qt in S.QTYPES
+            assert a == a.lower() and len(a.split()) == 1
+        for o in objs:  # label at each object's centre patch is that object
+            r, c = o.y // 14, o.x // 14
+            assert it.labels["kind"][r, c] == 1
+            assert S.COLOR_NAMES[it.labels["color"][r, c] - 1] == o.color
+            assert S.SHAPES[it.labels["shape"][r, c] - 1] == o.shape
+        fg = it.labels["kind"] > 0
+        assert 0.01 < fg.mean() < 0.35  # mostly uninformative background
+
+
+def test_yes_no_balanced():
+    answers = {"exist": [], "position": []}
+    for i in range(80):
+        for _, a, qt in S.generate_item("train", i, seed=11, all_questions=True).qas:
+            if qt in answers:
+                answers[qt].append(a == "yes")
+    for qt, v in answers.items():
+        assert len(v) > 50, qt
+        assert 0.35 < np.mean(v) < 0.65, (qt, np.mean(v))
+
+
+def test_splits():
+    assert S.SPLIT_SIZES["test"] >= 1000 and 400 <= S.SPLIT_SIZES["val"] <= 600
+    val, test = S.load_split("val", 12), S.load_split("test", 12)
+    assert len(val) == 12 and [it.qtype for it in test[:6]] == list(S.QTYPES)
+    assert _png(val[0].image) == _png(S.load_split("val", 1)[0].image)
+    seeds = {sp: {S.item_seed(sp, i) for i in range(n)} for sp, n in (("val", 500), ("test", 1200))}
+    train = {S.item_seed("train", i, 0) for i in range(20000)}
+    assert not (seeds["val"] & seeds["test"]) and not (train & (seeds["val"] | seeds["test"]))
+    assert {_png(it.image) for it in val}.isdisjoint({_png(it.image) for it in test})
+    with pytest.raises(ValueError):
+        S.load_split("train", 3)
+
+
+def test_to_jsonl(tmp_path):
+    path = S.to_jsonl(S.load_split("val", 3), str(tmp_path))
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 3 and set(rows[0]) == {"id", "image", "question", "answer", "qtype"}
+    assert os.path.exists(tmp_path / rows[0]["image"]) and not os.path.isabs(rows[0]["image"])
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def test_processor_and_tokenizer(processor):
+    it = S.generate_item("test", 0)
+    enc = processor(images=it.image, text=format_prompt(it.question), return_tensors="pt")
+    img_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((enc["input_ids"] == img_id).sum()) == NUM_IMAGE_TOKENS == 576
+    assert enc["pixel_values"].shape == (1, 3, 336, 336)
+    tok = processor.tokenizer
+    assert tok.decode(tok("Is there a RED star?", add_special_tokens=False)["input_ids"]) == "is there a red star ?"
+    assert tok.unk_token_id not in tok(it.question)["input_ids"]
+    ids, labels = encode_conversation(tok, [(it.question, it.answer), ("is there a red star?", "no")])
+    assert ids[: enc["input_ids"].shape[1]] == enc["input_ids"][0].tolist()
+    kept = [i for i, y in zip(ids, labels) if y != -100]
+    assert tok.decode(kept, skip_special_tokens=True) == f"{it.answer} no"
+    chat = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}],
+        add_generation_prompt=True)
+    assert chat == format_prompt(it.question)
+
+
+def test_generate_and_roundtrip(processor, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = build_model(tokenizer=processor.tokenizer, tiny=True, seed=0).eval()
+    items = S.load_split("val", 2)
+    enc = processor(images=[it.image for it in items], text=[format_prompt(it.question) for it in items],
+                    return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    words = processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    vocab = set(processor.tokenizer.get_vocab())
+    assert all(w in vocab for t in words for w in t.split())
+    save(model, processor, str(tmp_path))
+    assert os.path.getsize(tmp_path / "model.safetensors") < 25e6
+    m2 = LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    p2 = AutoProcessor.from_pretrained(str(tmp_path))
+    enc2 = p2(images=[it.image for it in items], text=[format_prompt(it.question) for it in items],
+              return_tensors="pt", padding=True)
+    assert torch.equal(enc["input_ids"], enc2["input_ids"]) and torch.equal(enc["pixel_values"], enc2["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, m2(**enc2).logits)
+    res = evaluate(m2, p2, items)
+    assert set(res) >= {"accuracy", "per_qtype"} and 0.0 <= res["accuracy"] <= 1.0
+
+
+def test_default_model_size():
+    model = build_model()
+    n = sum(p.numel() for p in model.parameters())
+    assert n * 4 <= 25e6 and model.config.text_config.num_hidden_layers >= 8
+    assert model.config.vision_feature_layer == -2 and model.config.vision_config.image_size == 336
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def _cfg(out: str) -> TrainConfig:
+    return TrainConfig(out=out, steps_a=2, steps_b=3, batch_size_a=2, batch_size=2, warmup=1, ckpt_every=1,
+                       eval_every=100, eval_n=2, test_n=2, tiny=True, seed=1)
+
+
+def test_curriculum():
+    assert curriculum_cap(0, 100) == 3 and curriculum_cap(100, 100) == 8 and curriculum_cap(5, 0) == 8
+
+
+def test_train_resume_matches_uninterrupted(tmp_path):
+    full = Trainer(_cfg(str(tmp_path / "full")))
+    metrics = full.run(progress=False)
+    assert os.path.exists(tmp_path / "full" / "model.safetensors") and "test" in metrics
+    assert json.load(open(tmp_path / "full" / "metrics.json"))["test"]["n"] == 2
+
+    part = Trainer(_cfg(str(tmp_path / "part")))
+    while part.stage == "a":  # interrupt in the middle of stage (b)
+        part.train_step()
+        if part.step == part.cfg.steps_a:
+            part._next_stage()
+    part.train_step()
+    part.save_checkpoint()
+    assert not os.path.exists(part.ckpt_path + ".tmp")
+    resumed = Trainer(_cfg(str(tmp_path / "part")))
+    resumed.load_checkpoint()
+    assert (resumed.stage, resumed.step, resumed.pos) == ("b", 1, 2)
+    resumed.run(progress=False)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    ck = torch.load(resumed.ckpt_path, weights_only=False)
+    assert ck["stage"] == "done"
