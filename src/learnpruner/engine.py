@@ -15,7 +15,7 @@ the kept tokens.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -76,7 +76,13 @@ class PruneState:
     generator: torch.Generator | None = None
     last: Stats | None = None
     forced: tuple | None = None
+    # optional profiler: ``timer(name)`` returns a context manager timing section ``name``
+    # ("vision", "stage1", "projector", "llm_select"); set by the benchmark, None otherwise
+    timer: object | None = None
     _schedules: dict = field(default_factory=dict)
+
+    def section(self, name: str):
+        return self.timer(name) if self.timer is not None else nullcontext()
 
     def schedule(self, n: int) -> Schedule:
         if n not in self._schedules:
@@ -390,7 +396,8 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
             raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
         rule1 = STAGE1_RULES.get(state.method.stage1) if state.method.stage1 else None
         needs_cls = bool(getattr(rule1, "needs_cls", False)) and forced1 is None
-        feats = ad.vision_features(pixel_values, cls_attention=needs_cls, **vision_kwargs)
+        with state.section("vision"):
+            feats = ad.vision_features(pixel_values, cls_attention=needs_cls, **vision_kwargs)
         feats, cls_attn = feats if needs_cls else (feats, None)
         n_img, n = feats.shape[:2]
         placeholders = input_ids == ad.image_token_id
@@ -406,8 +413,10 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
         ctx = VisionContext(feats, state, pixel_values, input_ids, vis, img)
         if cls_attn is not None:
             ctx.cache["cls"] = cls_attn
-        sel1, rows = _stage1(state, ctx, sched.r1, forced1)
-        proj = ad.project(rows).to(device, inputs_embeds.dtype)
+        with state.section("stage1"):
+            sel1, rows = _stage1(state, ctx, sched.r1, forced1)
+        with state.section("projector"):
+            proj = ad.project(rows).to(device, inputs_embeds.dtype)
         slot = placeholders
         if sel1 is not None:
             chosen = torch.zeros(n_img, n, dtype=torch.bool, device=device)
@@ -437,23 +446,24 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
     hidden = seq.hidden
     for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
         if i in drops:
-            seq.hidden = hidden
-            if forced_llm is not None:
-                selection = Selection(forced_llm[len(llm_kept)].to(device))
-            else:
-                table = sel.per_image_scores(scores, seq.vis, seq.img, n_img, sched.n) if rule.query else None
-                ctx = LLMContext(hidden, seq.vis, seq.img, seq.mask, table, n_img, sched.n, i, state)
-                selection = rule.fn(ctx, drops[i])
-            llm_kept.append(selection.kept)
-            if selection.replace is not None:
-                seq.hidden = _replace_hidden(seq, selection)
-            keep2 = _keep_from_table(seq, selection.kept, sched.n)
-            if not bool(keep2.all()):
-                seq = seq.take(_compact(keep2))
-                compacted = True
-            hidden = seq.hidden
-            segments.append((i, seq.mask))
-            masks.append(_mask(ad, hidden, seq.mask, cache, seq.pos, i))
+            with state.section("llm_select"):
+                seq.hidden = hidden
+                if forced_llm is not None:
+                    selection = Selection(forced_llm[len(llm_kept)].to(device))
+                else:
+                    table = sel.per_image_scores(scores, seq.vis, seq.img, n_img, sched.n) if rule.query else None
+                    ctx = LLMContext(hidden, seq.vis, seq.img, seq.mask, table, n_img, sched.n, i, state)
+                    selection = rule.fn(ctx, drops[i])
+                llm_kept.append(selection.kept)
+                if selection.replace is not None:
+                    seq.hidden = _replace_hidden(seq, selection)
+                keep2 = _keep_from_table(seq, selection.kept, sched.n)
+                if not bool(keep2.all()):
+                    seq = seq.take(_compact(keep2))
+                    compacted = True
+                hidden = seq.hidden
+                segments.append((i, seq.mask))
+                masks.append(_mask(ad, hidden, seq.mask, cache, seq.pos, i))
         if n_img:
             tokens_per_layer.append(int((seq.vis >= 0).sum()) // n_img)
         cap = _Capture(ad.attention(i)) if (i + 1) in drops and rule is not None and rule.query else None
@@ -464,7 +474,8 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
                 cap.close()
         if cap is not None:
             seq.hidden = hidden
-            scores = _attention_received(ad, i, cap.out, seq, rule.query)
+            with state.section("llm_select"):
+                scores = _attention_received(ad, i, cap.out, seq, rule.query)
 
     if pixel_values is not None:
         state.last = Stats(
