@@ -128,6 +128,51 @@ def describe_stats(st) -> str:
     return "\n".join(lines)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .lpm_train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--model", required=True, help="hub id, local folder or built-in name of the (frozen) VLM")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL file, or 'shapesvqa' for the testbed stream")
+    p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="target budget (average visual tokens per layer)")
+    p.add_argument("--out", required=True, help="output folder: lpm.safetensors, lpm.json, checkpoint.pt")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--ratio-weight", type=float, default=d.ratio_weight, help="weight of the keep-ratio loss")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help="weight of KL distillation toward the unpruned model (0: off)")
+    p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="LPM hidden width")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 model and autocast (GPU)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (7B-class LLMs)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: accelerate's choice)")
+
+
+@command("train", "train a Learnable Pruning Module for a frozen VLM (runs under `accelerate launch` too)",
+         _train_args)
+def _train(args: argparse.Namespace) -> int:
+    from .hub import load
+    from .lpm_train import LlavaRecords, ShapesRecords, TrainConfig, train_lpm
+
+    for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    data = ShapesRecords(args.seed) if args.data == "shapesvqa" else LlavaRecords(args.data, args.image_folder)
+    model, processor = load(args.model, device=args.device or "cpu", dtype="bfloat16" if args.bf16 else "float32")
+    cfg = TrainConfig(tokens=args.tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      ratio_weight=args.ratio_weight, distill_weight=args.distill_weight, hidden_dim=args.hidden_dim,
+                      ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16, grad_ckpt=args.grad_ckpt)
+    train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device)
+    if data.skipped:
+        print(f"skipped {sum(data.skipped.values())} bad record(s): {data.skipped}")
+    print(f"LPM written to {args.out}")
+    return 0
+
+
 def _methods_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="show one method")
 
@@ -144,6 +189,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import bench  # noqa: F401  (registers the `bench` subcommand)
     parser = argparse.ArgumentParser(prog="learnpruner", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help) in COMMANDS.items():

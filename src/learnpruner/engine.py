@@ -216,26 +216,32 @@ class _Capture:
             h.remove()
 
 
-def _attention_received(ad: Adapter, layer_idx: int, cap: dict, seq: _Seq, query) -> torch.Tensor:
-    """Attention each position receives from the ``query`` rows in ``layer_idx``: ``[b, s]``.
+def _layer_readout(ad: Adapter, layer_idx: int, cap: dict, seq: _Seq, query, want_keys: bool) -> dict:
+    """What an LLM rule reads of layer ``layer_idx``: attention from the ``query`` rows and/or the keys.
 
     Computed from the layer's own q/k projections with the model's RoPE; only the needed query
     rows are formed, so no attention implementation has to return weights (SDPA and FlashAttention
-    work) and the result equals eager attention's probabilities.
+    work) and the probabilities equal eager attention's. Returns ``scores`` ([b, s], mean over heads
+    and valid query rows), ``attention`` ([b, q, s], mean over heads), ``query_index``,
+    ``query_valid`` and ``keys`` ([b, kv_heads, s, head_dim] after RoPE) as requested.
     """
     attn = ad.attention(layer_idx)
     rope = ad.rotary_fn(layer_idx)
     hd = attn.head_dim
     b, s = seq.vis.shape
-    qidx, qvalid = _query_rows(seq.vis, seq.mask, query)
-    q = _take(cap["q"], qidx).view(b, qidx.shape[1], -1, hd).transpose(1, 2)
     k = cap["k"].view(b, s, -1, hd).transpose(1, 2)
     cos, sin = (t.expand(b, *t.shape[1:]) for t in seq.cos_sin)
-    q, _ = rope(q, q, _take(cos, qidx), _take(sin, qidx))
     _, k = rope(k, k, cos, sin)
-    key_valid = seq.mask.bool() if seq.mask is not None else torch.ones(b, s, dtype=torch.bool, device=k.device)
-    probs = sel.attention_probs(q, k, attn.scaling, qidx, key_valid)
-    return sel.aggregate_scores(probs, qvalid)
+    out = {"keys": k} if want_keys else {}
+    if query is not None:
+        qidx, qvalid = _query_rows(seq.vis, seq.mask, query)
+        q = _take(cap["q"], qidx).view(b, qidx.shape[1], -1, hd).transpose(1, 2)
+        q, _ = rope(q, q, _take(cos, qidx), _take(sin, qidx))
+        valid = seq.mask.bool() if seq.mask is not None else torch.ones(b, s, dtype=torch.bool, device=k.device)
+        probs = sel.attention_probs(q, k, attn.scaling, qidx, valid)
+        out.update(scores=sel.aggregate_scores(probs, qvalid), attention=probs.mean(dim=1), query_index=qidx,
+                   query_valid=qvalid)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +448,8 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
     rule = LLM_RULES[state.method.stage2] if drops and state.method.stage2 else None
     segments = [(0, seq.mask)]
     masks = [_mask(ad, seq.hidden, seq.mask, cache, seq.pos)]
-    tokens_per_layer, llm_kept, scores, table = [], [], None, None
+    tokens_per_layer, llm_kept, readout, table = [], [], {}, None
+    embeds0 = inputs_embeds  # the LLM input (after stage 1), for rules that read it
     hidden = seq.hidden
     for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
         if i in drops:
@@ -451,8 +458,14 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
                 if forced_llm is not None:
                     selection = Selection(forced_llm[len(llm_kept)].to(device))
                 else:
-                    table = sel.per_image_scores(scores, seq.vis, seq.img, n_img, sched.n) if rule.query else None
-                    ctx = LLMContext(hidden, seq.vis, seq.img, seq.mask, table, n_img, sched.n, i, state)
+                    table = (sel.per_image_scores(readout["scores"], seq.vis, seq.img, n_img, sched.n)
+                             if rule.query else None)
+                    ctx = LLMContext(
+                        hidden, seq.vis, seq.img, seq.mask, table, n_img, sched.n, i, state,
+                        input_embeds=_take(embeds0, seq.orig),
+                        attention=readout.get("attention"), query_index=readout.get("query_index"),
+                        query_valid=readout.get("query_valid"), keys=readout.get("keys"),
+                    )
                     selection = rule.fn(ctx, drops[i])
                 llm_kept.append(selection.kept)
                 if selection.replace is not None:
@@ -466,7 +479,8 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
                 masks.append(_mask(ad, hidden, seq.mask, cache, seq.pos, i))
         if n_img:
             tokens_per_layer.append(int((seq.vis >= 0).sum()) // n_img)
-        cap = _Capture(ad.attention(i)) if (i + 1) in drops and rule is not None and rule.query else None
+        wants = rule is not None and (rule.query is not None or rule.keys) and forced_llm is None
+        cap = _Capture(ad.attention(i)) if (i + 1) in drops and wants else None
         try:
             hidden = _call_layer(ad, layer, hidden, masks[-1], seq.cos_sin, seq.pos, cache, use_cache, kwargs)
         finally:
@@ -475,7 +489,7 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
         if cap is not None:
             seq.hidden = hidden
             with state.section("llm_select"):
-                scores = _attention_received(ad, i, cap.out, seq, rule.query)
+                readout = _layer_readout(ad, i, cap.out, seq, rule.query, rule.keys)
 
     if pixel_values is not None:
         state.last = Stats(

@@ -89,6 +89,15 @@ class LLMContext:
     n: int
     layer: int
     state: Any
+    # the LLM's input embeddings of these rows (after stage 1; merged rows as merged)
+    input_embeds: torch.Tensor | None = None
+    # when the rule has a query: each query row's attention probabilities [b, q, s] (mean over heads) in
+    # layer ``layer - 1``, with the rows' sequence index [b, q] and validity [b, q]
+    attention: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None
+    query_valid: torch.Tensor | None = None
+    # when the rule was registered with keys=True: layer ``layer - 1``'s keys after RoPE [b, kv_heads, s, head_dim]
+    keys: torch.Tensor | None = None
 
     @property
     def options(self) -> dict:
@@ -119,6 +128,7 @@ class LLMRule:
 
     fn: Callable[[LLMContext, int], Selection]
     query: str | Callable | None = None
+    keys: bool = False
 
 
 STAGE1_RULES: dict[str, Callable[[VisionContext, int], Selection]] = {}
@@ -138,13 +148,13 @@ def stage1_rule(name: str, needs_cls: bool = False):
     return deco
 
 
-def llm_rule(name: str, query: str | Callable | None = None):
-    """Register an LLM rule under ``name`` that reads the attention of ``query`` rows."""
+def llm_rule(name: str, query: str | Callable | None = None, keys: bool = False):
+    """Register an LLM rule under ``name`` that reads the attention of ``query`` rows (and/or the keys)."""
 
     def deco(fn):
         if name in LLM_RULES:
             raise ValueError(f"LLM rule {name!r} is already registered")
-        LLM_RULES[name] = LLMRule(fn, query)
+        LLM_RULES[name] = LLMRule(fn, query, keys)
         return fn
 
     return deco

@@ -1,0 +1,798 @@
+"""``learnpruner bench``: speed, memory and FLOPs of every pruning method, measured honestly.
+
+For each method x budget x batch size the benchmark measures, on one model:
+
+- ``vision_ms``, ``stage1_ms``, ``projector_ms``, ``llm_select_ms``: the engine's own timer sections
+  (:attr:`learnpruner.engine.PruneState.timer`), summed per forward, median over repeats;
+- ``prefill_ms``: time to first token, one whole forward (vision tower included) with the KV cache and
+  ``logits_to_keep=1``, as ``generate`` runs it;
+- ``e2e_ms``: ``generate`` of exactly ``new_tokens`` tokens (greedy, ``min_new_tokens`` forces the count);
+- ``decode_ms_per_token``: ``(e2e_ms - prefill_ms) / (new_tokens - 1)`` (generate minus prefill);
+- ``ideal_prefill_ms``: the measured ``vision_ms`` plus the same decoder layers fed hidden states of the
+  scheduled lengths per layer group with no selection work (pre-sliced vision features through the
+  projector, then slicing only); ``overhead = prefill_ms / ideal_prefill_ms``;
+- ``kv_cache_bytes``: bytes of the cache tensors after prefill (:func:`kv_cache_bytes`);
+- ``peak_mem_bytes``: ``torch.cuda.max_memory_allocated`` over prefill and generate (None on CPU);
+- ``flops``: analytic prefill FLOPs (:func:`analytic_flops`).
+
+Timing protocol: ``warmup`` untimed runs, then ``repeats`` timed runs whose median is reported; inputs
+rotate over ``variants`` different random images and prompts. CUDA times come from CUDA events, CPU
+times from ``time.perf_counter``. Methods that need a Learnable Pruning Module get ``lpm="random"``:
+an untrained LPM costs exactly what a trained one does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .cli import command
+
+__all__ = [
+    "ARCHS",
+    "arch_config",
+    "build_arch",
+    "flops_breakdown",
+    "analytic_flops",
+    "kv_cache_bytes",
+    "run_bench",
+    "markdown_table",
+    "write_results",
+    "plot_results",
+]
+
+FLOPS_CONVENTION = (
+    "FLOPs: analytic, prefill only, 2 FLOPs per multiply-add; vision tower (patch conv + every encoder "
+    "layer, as HF runs them) + projector (kept rows) + LLM (q/k/v/o, SwiGLU MLP with 3 matrices, attention "
+    "scores and weighted values counted full non-causal q x kv like FlopCounterMode counts SDPA) + lm_head "
+    "on the last position; per-layer visual tokens from Schedule.per_layer(); selection work not counted"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# architectures with random weights
+
+
+def _clip(hidden, layers, heads, inter, image_size=336, patch=14):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        image_size=image_size, patch_size=patch, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
+
+
+def _llama(hidden, layers, heads, inter, vocab=32064, kv_heads=None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads, intermediate_size=inter, vocab_size=vocab,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+ARCHS = {
+    "llava-1.5-7b": lambda: (_clip(1024, 24, 16, 4096), _llama(4096, 32, 32, 11008), 32000),
+    "llava-1.5-13b": lambda: (_clip(1024, 24, 16, 4096), _llama(5120, 40, 40, 13824), 32000),
+    # CPU-friendly, same 576 visual tokens per image (CLIP 336/14)
+    "llava-mid": lambda: (_clip(512, 12, 8, 2048), _llama(1024, 16, 16, 2816), 32000),
+    # for tests: 64 visual tokens (112/14), 8 small layers
+    "llava-tiny": lambda: (_clip(64, 2, 4, 128, image_size=112), _llama(128, 8, 4, 256, vocab=512, kv_heads=2), 511),
+}
+
+
+def arch_config(name: str):
+    """The ``LlavaConfig`` of a named architecture (see :data:`ARCHS`); ``ValueError`` for an unknown one."""
+    from transformers import LlavaConfig
+
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; accepted: {', '.join(ARCHS)}")
+    vision, text, image_token = ARCHS[name]()
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    return cfg
+
+
+def build_arch(name: str, dtype=torch.float32, device="cpu", seed: int = 0):
+    """A ``LlavaForConditionalGeneration`` of architecture ``name`` with random weights, built fast.
+
+    Weights are allocated directly on ``device`` in ``dtype`` with transformers' and torch's
+    initialisers switched off, then filled once: matrices uniform with std 0.02, 1-D weights
+    (norms, class embedding) 1, biases 0. No download, no meta device.
+    """
+    from transformers import LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    from .hub import parse_dtype
+
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+        dtype = torch.float32 if dtype == "auto" else dtype
+    cfg = arch_config(name)
+    device = torch.device(device)
+    with no_init_weights(), device:
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bound = 0.02 * math.sqrt(3.0)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.uniform_(-bound, bound, generator=gen)
+            elif pname.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+    model.generation_config.pad_token_id = cfg.text_config.pad_token_id
+    model._learnpruner_arch = name
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs and cache size
+
+
+def _text_dims(tc):
+    heads = tc.num_attention_heads
+    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    return tc.hidden_size, heads, kv, hd, tc.intermediate_size
+
+
+def flops_breakdown(config, schedule, batch: int, text_tokens: int, lm_head: str = "last") -> dict:
+    """Analytic prefill FLOPs by part: ``vision``, ``projector``, ``llm``, ``lm_head`` (see FLOPS_CONVENTION).
+
+    ``config``: a LLaVA config (vision_config + text_config); ``schedule``: the method's
+    :class:`~learnpruner.budget.Schedule` (one image per sample); ``text_tokens``: non-image tokens per
+    sample; ``lm_head``: ``"last"`` (one position per sample, as in generate) or ``"all"`` (every
+    position of the final layer, as a plain ``model(**inputs)``).
+    """
+    if lm_head not in ("last", "all"):
+        raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
+    vc, tc = config.vision_config, config.text_config
+    d, inter = vc.hidden_size, vc.intermediate_size
+    patches = (vc.image_size // vc.patch_size) ** 2
+    s = patches + 1  # + [CLS]
+    conv = 2 * patches * getattr(vc, "num_channels", 3) * vc.patch_size**2 * d
+    layer = 2 * s * (4 * d * d + 2 * d * inter) + 4 * s * s * d
+    vision = conv + vc.num_hidden_layers * layer
+
+    h, heads, kv, hd, ffn = _text_dims(tc)
+    feat_layer = config.vision_feature_layer
+    feat_dim = d if isinstance(feat_layer, int) else d * len(feat_layer)
+    rows = schedule.r1 if schedule.r1 is not None else schedule.n
+    projector = 2 * rows * (feat_dim * h + h * h)
+
+    llm = 0
+    for v in schedule.per_layer():
+        n_tok = text_tokens + v
+        llm += 2 * n_tok * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * ffn)
+        llm += 4 * n_tok * n_tok * heads * hd
+    positions = 1 if lm_head == "last" else text_tokens + schedule.per_layer()[-1]
+    head = 2 * positions * h * tc.vocab_size
+    return {k: batch * v for k, v in
+            {"vision": vision, "projector": projector, "llm": llm, "lm_head": head}.items()}
+
+
+def analytic_flops(config, schedule, batch: int, text_tokens: int, lm_head: str = "last") -> int:
+    """Total analytic prefill FLOPs (sum of :func:`flops_breakdown`)."""
+    return int(sum(flops_breakdown(config, schedule, batch, text_tokens, lm_head).values()))
+
+
+def _cache_tensors(cache):
+    if cache is None:
+        return
+    if isinstance(cache, torch.Tensor):
+        yield cache
+        return
+    if isinstance(cache, (tuple, list)):
+        for item in cache:
+            yield from _cache_tensors(item)
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    yield t
+        return
+    for name in ("key_cache", "value_cache"):
+        yield from _cache_tensors(getattr(cache, name, None))
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the key/value tensors of ``cache`` (a transformers Cache or nested tuples).
+
+    The sum of the tensors' ``nbytes`` (each tensor counted once), i.e. the size of the real tensors:
+    after a pruned prefill, layers before a drop hold more tokens than layers after it.
+    """
+    seen, total = set(), 0
+    for t in _cache_tensors(cache):
+        key = (t.data_ptr(), t.nbytes)
+        if t.numel() and key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+class _Clock:
+    """Wall-clock on CPU (perf_counter), CUDA events on GPU; also the engine's section timer."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending = []
+
+    def __call__(self, name: str):
+        return self.section(name)
+
+    @contextmanager
+    def section(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pending.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.pending.append((name, t0, time.perf_counter()))
+
+    def collect(self) -> dict:
+        """Milliseconds per section name (summed) since the last collect."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = defaultdict(float)
+        for name, a, b in self.pending:
+            out[name] += a.elapsed_time(b) if self.cuda else (b - a) * 1000.0
+        self.pending = []
+        return dict(out)
+
+    def run(self, fn):
+        """``(result, ms, sections)`` of ``fn()``: total ms and the ms of the sections timed inside it."""
+        self.collect()
+        with self.section("__total__"):
+            result = fn()
+        sections = self.collect()
+        return result, sections.pop("__total__"), sections
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return float(statistics.median(values)) if values else None
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs and the ideal forward
+
+
+def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dtype, seed: int = 0):
+    """``variants`` input dicts of ``batch`` prompts ``<s> t*4 <image>*n t*rest`` with random pixels."""
+    cfg = model.config
+    vc = cfg.vision_config
+    n = _num_visual(model)
+    pre = min(4, text_tokens - 1)
+    post = text_tokens - 1 - pre
+    start = 1 + pre  # index of the first image token
+    vocab = cfg.text_config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(variants):
+        text = torch.randint(2, vocab, (batch, text_tokens - 1), generator=g)
+        text[text == cfg.image_token_id] = 2
+        ids = torch.cat([
+            torch.ones(batch, 1, dtype=torch.long), text[:, :pre],
+            torch.full((batch, n), cfg.image_token_id, dtype=torch.long), text[:, pre:pre + post],
+        ], dim=1)
+        pixels = torch.randn(batch, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size, generator=g)
+        out.append({
+            "input_ids": ids.to(device),
+            "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device, dtype),
+        })
+    return out, start
+
+
+def _num_visual(model) -> int:
+    from .adapters import adapter_for
+
+    return adapter_for(model).num_visual_tokens()
+
+
+def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: int):
+    """The kept tokens only, no selection: projector on pre-sliced rows, layers on pre-sized sequences."""
+    from transformers.cache_utils import DynamicCache
+
+    from .engine import _call_layer, _mask
+
+    lm = ad.language_model
+    proj = ad.project(feats_kept)
+    emb = lm.embed_tokens(text_ids)
+    hidden = torch.cat([emb[:, :start], proj.to(emb.dtype), emb[:, start:]], dim=1)
+    s = hidden.shape[1]
+    pos = torch.arange(s, device=hidden.device)[None]
+    cos, sin = lm.rotary_emb(hidden, position_ids=pos)
+    cache = DynamicCache(config=ad.text_config)
+    lengths = [text_tokens + v for v in schedule.per_layer()]
+    current, mask = s, _mask(ad, hidden, None, cache, pos)
+    for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
+        if lengths[i] != current:
+            current = lengths[i]
+            hidden, pos = hidden[:, :current], pos[:, :current]
+            cos, sin = cos[:, :current], sin[:, :current]
+            mask = _mask(ad, hidden, None, cache, pos, i)
+        hidden = _call_layer(ad, layer, hidden, mask, (cos, sin), pos, cache, True, {})
+    hidden = lm.norm(hidden[:, -1:])
+    return ad.lm_head(hidden), cache
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _parse_list(value, what: str, cast=int) -> list:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, int):
+        items = [value]
+    else:
+        items = list(value)
+    if not items:
+        raise ValueError(f"{what}: give at least one value")
+    out = []
+    for item in items:
+        try:
+            out.append(cast(item))
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: {item!r} is not a valid value") from None
+    return out
+
+
+def _check_positive(values, what: str, accepted: str) -> list[int]:
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{what} must be {accepted}, got {v!r}")
+    return values
+
+
+def _resolve_dtype(dtype, device: torch.device):
+    from .hub import parse_dtype
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    dt = parse_dtype(dtype)
+    if dt == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dt
+
+
+def _plan(methods, tokens, n: int, num_layers: int):
+    """``[(method, tokens, schedule or None, reason)]``: ``none`` once (tokens = n); unreachable budgets noted."""
+    from .methods import get_method
+
+    plan = []
+    for name in methods:
+        m = get_method(name)
+        if name == "none":
+            plan.append((name, n, m.schedule(n, n, num_layers, {}), None))
+            continue
+        for t in tokens:
+            try:
+                plan.append((name, t, m.schedule(t, n, num_layers, {}), None))
+            except ValueError as e:
+                plan.append((name, t, None, str(e)))
+    return plan
+
+
+def _options(method_name: str) -> dict:
+    from .methods import get_method
+
+    return {"lpm": "random"} if "lpm" in get_method(method_name).options else {}
+
+
+def run_bench(
+    model=None,
+    arch: str | None = None,
+    methods="none,fastv,learnpruner",
+    tokens="576,192,64",
+    batch_sizes="1",
+    new_tokens: int = 8,
+    text_tokens: int = 64,
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str | None = None,
+    dtype="auto",
+    variants: int = 3,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[dict]:
+    """Measure every method x budget x batch size; returns one record per cell (see module doc).
+
+    ``model``: a loaded LLaVA model, or a hub id / local folder / built-in name; or ``arch``: a name
+    from :data:`ARCHS` (random weights). ``methods``/``tokens``/``batch_sizes``: lists or
+    comma-separated strings. ``none`` is measured once per batch size (its budget is every token).
+    Budgets a method cannot reach give a record with ``skipped`` (the reason) and no measurements.
+    """
+    import transformers
+
+    import learnpruner
+
+    from .adapters import adapter_for
+    from .budget import check_tokens
+    from .methods import get_method
+
+    methods = _parse_list(methods, "methods", str)
+    for name in methods:
+        get_method(name)
+    tokens = [check_tokens(t) for t in _parse_list(tokens, "tokens", _int_like)]
+    batch_sizes = _check_positive(_parse_list(batch_sizes, "batch sizes", _int_like), "batch sizes",
+                                  "positive integers")
+    for what, v, low in (("new_tokens", new_tokens, 1), ("text_tokens", text_tokens, 2), ("repeats", repeats, 1),
+                         ("warmup", warmup, 0), ("variants", variants, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{what} must be an integer >= {low}, got {v!r}")
+    if (model is None) == (arch is None):
+        raise ValueError("give exactly one of model (id, path or instance) and arch "
+                         f"(accepted: {', '.join(ARCHS)})")
+    if arch is not None:
+        arch_config(arch)  # fail early on a bad name
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = _resolve_dtype(dtype, dev)
+
+    if arch is not None:
+        model, label = build_arch(arch, dt, dev, seed=seed), arch
+    elif isinstance(model, str):
+        from .hub import load
+
+        label = model
+        model, _ = load(model, device=str(dev), dtype={torch.float32: "float32", torch.float16: "float16",
+                                                        torch.bfloat16: "bfloat16"}[dt])
+    else:
+        label = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        model = model.to(dev, dt)
+    if learnpruner.is_pruned(model):
+        raise ValueError("the model is already pruned; call learnpruner.remove(model) first")
+    model.eval()
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id or 0
+    ad = adapter_for(model)
+    n = ad.num_visual_tokens()
+    num_layers = ad.text_config.num_hidden_layers
+    plan = _plan(methods, tokens, n, num_layers)
+    clock = _Clock(dev)
+    cuda = dev.type == "cuda"
+    cpu_name = platform.processor() or platform.machine()
+    env = {
+        "model": label, "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({cpu_name})",
+        "device_type": dev.type, "dtype": str(dt).replace("torch.", ""), "torch": torch.__version__,
+        "transformers": transformers.__version__, "cpu_threads": None if cuda else torch.get_num_threads(),
+        "new_tokens": new_tokens, "text_tokens": text_tokens, "repeats": repeats, "warmup": warmup,
+        "variants": variants, "visual_tokens": n, "num_layers": num_layers,
+    }
+    dense = {b: None for b in batch_sizes}
+    records = []
+    grid = [(b, item) for b in batch_sizes for item in plan]
+    bar = _progress(len(grid), progress)
+    try:
+        for b in batch_sizes:
+            inputs, pre = _make_inputs(model, b, text_tokens, variants, dev, dt, seed)
+            with torch.inference_mode():
+                feats = [ad.vision_features(inp["pixel_values"]) for inp in inputs]
+            text_ids = [torch.cat([inp["input_ids"][:, :pre], inp["input_ids"][:, pre + n:]], dim=1)
+                        for inp in inputs]
+            for name, t, sched, reason in plan:
+                _bar_step(bar, f"{name} T={t} b={b}")
+                rec = {"method": name, "tokens": t, "batch_size": b, **env}
+                if sched is None:
+                    rec["skipped"] = reason
+                    records.append(rec)
+                    continue
+                rec.update(_measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, new_tokens,
+                                    text_tokens, repeats, warmup))
+                rec["lpm"] = "random (untrained; speed does not depend on its weights)" if _options(name) else None
+                if name == "none":
+                    dense[b] = rec
+                records.append(rec)
+    finally:
+        _bar_close(bar)
+        if learnpruner.is_pruned(model):
+            learnpruner.remove(model)
+    for rec in records:
+        base = dense.get(rec["batch_size"])
+        ok = base is not None and "skipped" not in rec
+        rec["prefill_speedup"] = base["prefill_ms"] / rec["prefill_ms"] if ok else None
+        rec["e2e_speedup"] = base["e2e_ms"] / rec["e2e_ms"] if ok else None
+        rec["ideal_speedup"] = base["ideal_prefill_ms"] / rec["ideal_prefill_ms"] if ok else None
+        rec["flops_ratio"] = rec["flops"] / base["flops"] if ok else None
+    return records
+
+
+def _int_like(v):
+    if isinstance(v, str):
+        v = v.strip()
+        return int(v) if v.lstrip("-").isdigit() else float(v)
+    return v
+
+
+def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, new_tokens, text_tokens,
+             repeats, warmup) -> dict:
+    import learnpruner
+
+    cuda = clock.cuda
+    learnpruner.apply(model, name, tokens=t, **_options(name))
+    state = model._learnpruner
+    v = len(inputs)
+
+    def prefill(i):
+        return model(**inputs[i % v], use_cache=True, logits_to_keep=1)
+
+    def generate(i):
+        return model.generate(**inputs[i % v], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False)
+
+    try:
+        with torch.inference_mode():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            for i in range(warmup):
+                prefill(i)
+                generate(i)
+            state.timer = clock
+            prefill_ms, sections, out = [], defaultdict(list), None
+            for i in range(repeats):
+                out, ms, secs = clock.run(lambda i=i: prefill(i))
+                prefill_ms.append(ms)
+                for key in ("vision", "stage1", "projector", "llm_select"):
+                    sections[key].append(secs.get(key, 0.0))
+            state.timer = None
+            st = learnpruner.stats(model)
+            cache = out.get("cache", None) or out.get("past_key_values", None)
+            kv = kv_cache_bytes(cache)
+            del out, cache
+            e2e_ms = []
+            for i in range(repeats):
+                seq, ms, _ = clock.run(lambda i=i: generate(i))
+                if seq.shape[1] - inputs[i % v]["input_ids"].shape[1] != new_tokens:
+                    raise RuntimeError(f"generate produced {seq.shape[1]} tokens, expected {new_tokens} new ones")
+                e2e_ms.append(ms)
+            peak = torch.cuda.max_memory_allocated() if cuda else None
+    finally:
+        state.timer = None
+        learnpruner.remove(model)
+
+    rows = sched.r1 if sched.r1 is not None else sched.n
+    kept_feats = [f[:, :rows].contiguous() for f in feats]
+    with torch.inference_mode():
+        for i in range(warmup):
+            _ideal_prefill(ad, kept_feats[i % v], text_ids[i % v], pre, sched, text_tokens)
+        ideal_ms = [clock.run(lambda i=i: _ideal_prefill(ad, kept_feats[i % v], text_ids[i % v], pre, sched,
+                                                         text_tokens))[1] for i in range(repeats)]
+    med = {k: _median(x) for k, x in sections.items()}
+    prefill_med, e2e_med = _median(prefill_ms), _median(e2e_ms)
+    ideal_llm = _median(ideal_ms)
+    ideal = med["vision"] + ideal_llm
+    breakdown = flops_breakdown(model.config, sched, b, text_tokens)
+    return {
+        "avg_visual_tokens": st.average_tokens if st is not None else None,
+        "tokens_per_layer": st.tokens_per_layer if st is not None else None,
+        "schedule": {"r1": sched.r1, "drops": [list(d) for d in sched.drops]},
+        "vision_ms": med["vision"], "stage1_ms": med["stage1"], "projector_ms": med["projector"],
+        "llm_select_ms": med["llm_select"],
+        "prefill_ms": prefill_med, "prefill_ms_all": prefill_ms,
+        "decode_ms_per_token": (e2e_med - prefill_med) / (new_tokens - 1) if new_tokens > 1 else None,
+        "e2e_ms": e2e_med, "e2e_ms_all": e2e_ms,
+        "throughput_tok_s": b * new_tokens / (e2e_med / 1000.0),
+        "ideal_llm_ms": ideal_llm, "ideal_prefill_ms": ideal, "overhead": prefill_med / ideal,
+        "peak_mem_bytes": peak, "kv_cache_bytes": kv,
+        "flops": int(sum(breakdown.values())), "flops_breakdown": breakdown,
+    }
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True)
+
+
+def _bar_step(bar, text: str):
+    if bar is not None:
+        bar.set_postfix_str(text)
+        bar.update(1)
+
+
+def _bar_close(bar):
+    if bar is not None:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+
+
+def _mib(x):
+    return None if x is None else x / 2**20
+
+
+def _fmt(v, digits=1):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(records: list[dict]) -> str:
+    """The results as a markdown table, with the measurement conventions underneath."""
+    head = ["method", "tokens", "batch", "avg vis tok", "vision ms", "stage1 ms", "llm sel ms", "prefill ms",
+            "ideal ms", "overhead", "prefill speedup", "ideal speedup", "decode ms/tok", "e2e ms", "e2e speedup",
+            "tok/s", "peak mem MiB", "KV MiB", "GFLOPs", "FLOPs ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for r in records:
+        if "skipped" in r:
+            notes.append(f"- {r['method']} tokens={r['tokens']} batch={r['batch_size']}: skipped ({r['skipped']})")
+            continue
+        cells = [r["method"], r["tokens"], r["batch_size"], _fmt(r["avg_visual_tokens"]), _fmt(r["vision_ms"]),
+                 _fmt(r["stage1_ms"], 2), _fmt(r["llm_select_ms"], 2), _fmt(r["prefill_ms"]),
+                 _fmt(r["ideal_prefill_ms"]), _fmt(r["overhead"], 2), _fmt(r["prefill_speedup"], 2),
+                 _fmt(r["ideal_speedup"], 2), _fmt(r["decode_ms_per_token"]), _fmt(r["e2e_ms"]),
+                 _fmt(r["e2e_speedup"], 2), _fmt(r["throughput_tok_s"], 2), _fmt(_mib(r["peak_mem_bytes"])),
+                 _fmt(_mib(r["kv_cache_bytes"]), 2), _fmt(r["flops"] / 1e9), _fmt(r["flops_ratio"], 3)]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if records:
+        r = records[0]
+        threads = f", {r['cpu_threads']} torch thread(s)" if r["cpu_threads"] else ""
+        lines += [
+            "",
+            f"model {r['model']} on {r['device']}{threads}; dtype {r['dtype']}; torch {r['torch']}, transformers "
+            f"{r['transformers']}; {r['text_tokens']} text tokens + {r['visual_tokens']} visual tokens per sample, "
+            f"{r['new_tokens']} new tokens; median of {r['repeats']} runs after {r['warmup']} warm-up(s), inputs "
+            f"rotating over {r['variants']} random images/prompts; "
+            + ("CUDA-event timing." if r["device_type"] == "cuda" else "time.perf_counter timing."),
+            "tokens: the budget (average visual tokens per LLM layer); `none` is measured once, at every token. "
+            "prefill = one forward with the KV cache and logits_to_keep=1 (time to first token, vision included). "
+            "decode ms/tok = (e2e - prefill) / (new tokens - 1), e2e = generate (greedy, exactly N new tokens). "
+            "ideal = measured vision ms + the plain decoder layers fed only the scheduled token counts (no "
+            "selection work); overhead = prefill / ideal. Speedups are against `none` at the same batch size.",
+            "peak mem: torch.cuda.max_memory_allocated (weights included) over prefill and generate"
+            + ("; not available on CPU (reported as null)." if r["device_type"] != "cuda" else "."),
+            "KV: bytes of the cache tensors after prefill. " + FLOPS_CONVENTION + ".",
+        ]
+        if any(x.get("lpm") for x in records):
+            lines.append("Methods with a Learnable Pruning Module use lpm='random': speed does not depend on "
+                         "trained weights.")
+    if notes:
+        lines += ["", "Skipped:"] + notes
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(records: list[dict], out_dir) -> Path:
+    """``out_dir/results.json`` (atomically); returns its path."""
+    path = Path(out_dir) / "results.json"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+            f.write("\n")
+
+    _atomic_write(path, write)
+    return path
+
+
+def plot_results(records: list[dict], out_dir) -> Path | None:
+    """``out_dir/bench.png``: prefill ms and prefill speedup vs tokens, one line per method and batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in records if "skipped" not in r]
+    if not done:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups = defaultdict(list)
+    for r in done:
+        groups[(r["method"], r["batch_size"])].append(r)
+    for (method, b), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["avg_visual_tokens"] or r["tokens"])
+        x = [r["avg_visual_tokens"] or r["tokens"] for r in rs]
+        marker = "s" if len(rs) == 1 else "o"
+        line = ax1.plot(x, [r["prefill_ms"] for r in rs], marker=marker, label=f"{method} b={b}")[0]
+        ax1.plot(x, [r["ideal_prefill_ms"] for r in rs], ls=":", color=line.get_color())
+        if rs[0]["prefill_speedup"] is not None:
+            ax2.plot(x, [r["prefill_speedup"] for r in rs], marker=marker, color=line.get_color(),
+                     label=f"{method} b={b}")
+            ax2.plot(x, [r["ideal_speedup"] for r in rs], ls=":", color=line.get_color())
+    r0 = done[0]
+    ax1.set(xlabel="average visual tokens per LLM layer", ylabel="prefill ms (dotted: ideal)",
+            title=f"{r0['model']} · {r0['device_type']} · {r0['dtype']}")
+    ax2.set(xlabel="average visual tokens per LLM layer", ylabel="prefill speedup vs none (dotted: ideal)")
+    ax2.axhline(1.0, color="grey", lw=0.5)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "bench.png"
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="hub id, local folder or built-in name (loads real weights)")
+    src.add_argument("--arch", help=f"architecture with random weights, no download: {', '.join(ARCHS)}")
+    p.add_argument("--methods", default="none,fastv,learnpruner", help="comma-separated method names")
+    p.add_argument("--tokens", default="576,192,64", help="comma-separated budgets (average visual tokens/layer)")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for end-to-end and decode time")
+    p.add_argument("--text-tokens", type=int, default=64, help="non-image prompt tokens per sample")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per cell")
+    p.add_argument("--variants", type=int, default=3, help="different random inputs cycled through the runs")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
+    p.add_argument("--out", default="learnpruner-bench", help="folder for results.json and bench.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("bench", "measure speed, memory and FLOPs of pruning methods", _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    records = run_bench(
+        model=args.model, arch=args.arch, methods=args.methods, tokens=args.tokens, batch_sizes=args.batch_sizes,
+        new_tokens=args.new_tokens, text_tokens=args.text_tokens, repeats=args.repeats, warmup=args.warmup,
+        device=args.device, dtype=args.dtype, variants=args.variants, progress=not args.no_progress,
+    )
+    print(markdown_table(records))
+    path = write_results(records, args.out)
+    png = plot_results(records, args.out)
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return 0

@@ -1,0 +1,235 @@
+"""DART, PyramidDrop and SparseVLM: selection rules on hand tensors, then the engine harness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import IMAGE_TOKEN, make_inputs, n_visual, tiny_llava
+
+import learnpruner
+from learnpruner.methods import get_method
+from learnpruner.peers.llm import dart_keep, dpc_knn_merge, recycle_counts, sparsevlm_select, text_raters
+
+torch.set_num_threads(1)
+
+PEERS = [
+    ("dart", {"tokens": 24}),
+    ("pyramiddrop", {"tokens": 30}),
+    ("sparsevlm", {"tokens": 20}),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# selection rules on hand-built tensors
+
+
+def test_dart_keeps_pivots_and_least_duplicated_tokens():
+    # 6 visual tokens in 2D; token 0 has the largest key norm (the image pivot)
+    vis = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7], [1.0, 0.05]])
+    norm = torch.tensor([5.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    avail = torch.ones(6, dtype=torch.bool)
+    # one image pivot, no text: the 2 tokens least similar to token 0 are 3 (cos -1) and 2 (cos 0)
+    assert dart_keep(vis, norm, avail, 3, pivot_image=1, pivot_text=0).tolist() == [0, 2, 3]
+    # a text pivot along +y: it takes the token least similar to it among those left (3 goes first to pivot 0)
+    text, tnorm = torch.tensor([[0.0, 1.0], [5.0, 5.0]]), torch.tensor([3.0, 1.0])
+    kept = dart_keep(vis, norm, avail, 3, text, tnorm, pivot_image=1, pivot_text=1)
+    assert kept.tolist() == [0, 3, 5]  # pivot 0 -> 3 (cos -1); text pivot (0, 1) -> 5 (cos 0.05) over 1 (0.11)
+    # absent tokens are never chosen, and k is capped by what is present
+    avail[3] = False
+    assert 3 not in dart_keep(vis, norm, avail, 4, pivot_image=1, pivot_text=0).tolist()
+    assert len(dart_keep(vis, norm, avail, 10, pivot_image=1, pivot_text=0)) == 5
+
+
+def test_pyramiddrop_stages_and_last_token_ranking():
+    m = get_method("pyramiddrop")
+    assert m.stage2 == "last"
+    official = m.schedule(270, 576, 32, {})
+    assert official.drops == ((8, 288), (16, 144), (24, 72))  # lambda = 0.5
+    assert m.schedule(1, 576, 32, {"lam": 0.5}).drops == official.drops
+    for t in (192, 200, 400):
+        s = m.schedule(t, 576, 32, {})
+        assert [layer for layer, _ in s.drops] == [8, 16, 24] and abs(s.average - t) <= 0.5
+    assert [layer for layer, _ in m.schedule(40, 64, 8, {}).drops] == [2, 4, 6]  # scaled with depth
+    with pytest.raises(ValueError, match="at least 145"):
+        m.schedule(128, 576, 32, {})
+    assert abs(m.schedule(64, 576, 32, {"layers": (2, 8, 16)}).average - 64) <= 0.5
+
+
+def test_text_raters_pick_instruction_tokens_related_to_the_image():
+    vis = torch.tensor([[4.0, 0.0], [3.0, 0.0], [5.0, 0.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.0], [0.0, -1.0]])
+    assert text_raters(vis, text).tolist() == [True, False, True, False]
+    assert text_raters(vis, torch.zeros(0, 2)).numel() == 0
+
+
+def test_sparsevlm_recycles_pruned_tokens_into_kept_slots():
+    assert recycle_counts(576, 300) == (291, 9)  # 276 pruned -> 83 recycled -> 9 merged, as official
+    assert recycle_counts(10, 10) == (10, 0)
+    torch.manual_seed(0)
+    n = 40
+    rows = torch.randn(n, 8)
+    scores = torch.arange(n, dtype=torch.float)  # later tokens score higher
+    scores[:3] = float("-inf")  # already pruned
+    kept, replace, mask = sparsevlm_select(scores, rows, 12)
+    k, c = recycle_counts(37, 12)
+    assert (k, c) == (11, 1) and kept.shape == (12,) and int(mask.sum()) == c
+    assert torch.all(kept.diff() > 0) and not bool(torch.isin(kept, torch.arange(3)).any())
+    top = set(range(n - k, n))
+    assert set(kept[~mask].tolist()) == top  # the top-k by score keep their own rows
+    assert torch.equal(replace[~mask], rows[kept[~mask]])
+    # the merged token is the mean of the recycled pool (top 30% of the pruned by score), at a pool member
+    pool = list(range(n - k - (int(0.3 * (37 - k)) + 1), n - k))
+    assert kept[mask].item() in pool
+    torch.testing.assert_close(replace[mask][0], rows[pool].mean(0))
+    # no recycling: plain top-k
+    kept2, rep2, _ = sparsevlm_select(scores, rows, 12, recycle=False)
+    assert rep2 is None and kept2.tolist() == list(range(n - 12, n))
+
+
+def test_dpc_knn_merge_separates_clusters():
+    x = torch.cat([torch.zeros(5, 3), torch.full((4, 3), 10.0)]) + torch.linspace(0, 0.1, 9)[:, None]
+    centers, merged = dpc_knn_merge(x, 2)
+    assert sorted(c < 5 for c in centers.tolist()) == [False, True]
+    torch.testing.assert_close(merged[centers < 5][0], x[:5].mean(0))
+    torch.testing.assert_close(merged[centers >= 5][0], x[5:].mean(0))
+
+
+def test_reached_averages_for_llava_shape():
+    for name, expected in (("dart", [192, 128, 64]), ("sparsevlm", [192, 128, 64]), ("pyramiddrop", [192])):
+        for t in expected:
+            assert abs(get_method(name).schedule(t, 576, 32, {}).average - t) <= 0.5
+    for name in ("dart", "sparsevlm"):
+        with pytest.raises(ValueError):
+            get_method(name).schedule(32, 576, 32, {})
+
+
+# --------------------------------------------------------------------------------------------------
+# the engine harness on tiny random LLaVA models
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(layers=8, kv_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _unpatch(model):
+    yield
+    if learnpruner.is_pruned(model):
+        learnpruner.remove(model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", [m for m, _ in PEERS])
+def test_full_budget_is_identical_to_unpatched(model, method):
+    inp = make_inputs(model)
+    ref = model(**inp).logits
+    ref_gen = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    learnpruner.apply(model, method, tokens=n_visual(model))
+    assert torch.equal(model(**inp).logits, ref)
+    assert torch.equal(model.generate(**inp, max_new_tokens=3, do_sample=False), ref_gen)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,opts", PEERS)
+def test_each_layer_processes_the_scheduled_tokens(model, method, opts):
+    inp = make_inputs(model)
+    n, seq_len = n_visual(model), inp["input_ids"].shape[1]
+    learnpruner.apply(model, method, **opts)
+    lengths, handles = [], []
+    for layer in model.model.language_model.layers:
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, args, kw: lengths.append((args[0] if args else kw["hidden_states"]).shape[1]), with_kwargs=True
+        ))
+    out = model(**inp, use_cache=True)
+    for h in handles:
+        h.remove()
+    st = learnpruner.stats(model)
+    scheduled = st.schedule.per_layer()
+    assert lengths == [seq_len - n + k for k in scheduled]
+    assert st.tokens_per_layer == scheduled and len(st.llm_kept) == len(st.schedule.drops)
+    assert abs(st.average_tokens - opts["tokens"]) <= 1.0
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert [cache.get_seq_length(i) for i in range(len(lengths))] == lengths
+    for prev, kept in zip(st.llm_kept, st.llm_kept[1:]):  # later drops pick among what earlier ones kept
+        for a, b in zip(prev, kept):
+            assert set(b.tolist()) <= set(a.tolist())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,opts", [PEERS[0], PEERS[1], ("sparsevlm", {"tokens": 20, "recycle": False})])
+def test_cached_generation_equals_stepwise_recomputation(model, method, opts):
+    inp = make_inputs(model)
+    learnpruner.apply(model, method, **opts)
+    steps = 4
+    gen = model.generate(**inp, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+    st = learnpruner.stats(model)
+    new = gen[:, inp["input_ids"].shape[1]:]
+    with learnpruner.fixed_selection(model, st.stage1_kept, st.llm_kept):
+        for t in range(steps):
+            ids = torch.cat([inp["input_ids"], new[:, :t]], dim=1)
+            mask = torch.cat([inp["attention_mask"], torch.ones_like(new[:, :t])], dim=1)
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=inp["pixel_values"],
+                           use_cache=False).logits[:, -1]
+            logits[:, IMAGE_TOKEN] = float("-inf")
+            assert torch.equal(logits.argmax(-1), new[:, t]), f"step {t}"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,opts", PEERS)
+def test_batched_equals_per_sample(model, method, opts):
+    inp = make_inputs(model, prompts_len=(4, 11), after=(6, 2))
+    learnpruner.apply(model, method, **opts)
+    batched = model(**inp)
+    st = learnpruner.stats(model)
+    gen = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    width = inp["input_ids"].shape[1]
+    for i in range(2):
+        real = inp["attention_mask"][i].bool()
+        single = {"input_ids": inp["input_ids"][i:i + 1, real], "attention_mask": inp["attention_mask"][i:i + 1, real],
+                  "pixel_values": inp["pixel_values"][i:i + 1]}
+        out = model(**single)
+        s1 = learnpruner.stats(model)
+        for a, b in zip(st.llm_kept, s1.llm_kept, strict=True):
+            assert torch.equal(a[i], b[0])
+        torch.testing.assert_close(batched.logits[i, -1], out.logits[0, -1], atol=1e-4, rtol=1e-4)
+        g = model.generate(**single, max_new_tokens=3, do_sample=False)
+        assert torch.equal(g[0, single["input_ids"].shape[1]:], gen[i, width:])
+
+
+@torch.no_grad()
+def test_sparsevlm_recycled_rows_enter_the_sequence(model):
+    """One unpadded prompt: the input of the first drop layer is the previous layer's output at the kept
+    positions, except exactly the recycled slots, which hold merged rows; the cache keeps them."""
+    inp = make_inputs(model, prompts_len=(6,), after=(5,))
+    learnpruner.apply(model, "sparsevlm", tokens=20)
+    layers = model.model.language_model.layers
+    first = get_method("sparsevlm").schedule(20, n_visual(model), len(layers), {}).drops[0][0]
+    seen = {}
+    h1 = layers[first - 1].register_forward_hook(
+        lambda m, a, o: seen.__setitem__("prev", o[0] if isinstance(o, tuple) else o)
+    )
+    h2 = layers[first].register_forward_pre_hook(
+        lambda m, args, kw: seen.__setitem__("next", args[0] if args else kw["hidden_states"]), with_kwargs=True
+    )
+    out = model(**inp, use_cache=True)
+    h1.remove()
+    h2.remove()
+    st = learnpruner.stats(model)
+    ids = inp["input_ids"][0]
+    is_img = ids == IMAGE_TOKEN
+    vis = torch.cumsum(is_img.long(), 0) - 1
+    keep = ~is_img.clone()
+    keep[is_img] = torch.isin(vis[is_img], st.llm_kept[0][0])
+    prev, nxt = seen["prev"][0, keep], seen["next"][0]
+    differs = (prev - nxt).abs().amax(-1) > 0
+    m = int(is_img.sum())
+    _, c = recycle_counts(m, st.schedule.drops[0][1])
+    assert c >= 1 and int(differs.sum()) == c and bool(is_img[keep][differs].all())
+    # decoding continues from the cache built with the recycled rows
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    nxt_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    step = model(input_ids=nxt_ids, attention_mask=torch.ones(1, ids.numel() + 1, dtype=torch.long),
+                 past_key_values=cache, use_cache=True)
+    assert torch.isfinite(step.logits).all()
