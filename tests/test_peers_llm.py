@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import IMAGE_TOKEN, make_inputs, n_visual, tiny_llava
 
 import learnpruner
 from learnpruner.methods import get_method
-from learnpruner.peers.llm import dart_keep, dpc_knn_merge, recycle_counts, sparsevlm_select, text_raters
+from learnpruner.peers.llm import (
+    dart_keep,
+    dpc_knn_merge,
+    recycle_counts,
+    sparsevlm_scores,
+    sparsevlm_select,
+    text_raters,
+)
+from learnpruner.rules import LLM_RULES, LLMContext, LLMRule
+from learnpruner.selection import topk_sorted
 
 torch.set_num_threads(1)
 
@@ -40,6 +51,40 @@ def test_dart_keeps_pivots_and_least_duplicated_tokens():
     assert len(dart_keep(vis, norm, avail, 10, pivot_image=1, pivot_text=0)) == 5
 
 
+def _dart_ctx(keys: torch.Tensor | None, **options) -> LLMContext:
+    """One sample: 4 visual tokens then one instruction token; hidden rows in 2D (the final norm is the identity)."""
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-0.6, -0.8], [0.7, 0.7], [0.0, 1.0]]])
+    vis = torch.tensor([[0, 1, 2, 3, -1]])
+    img = torch.tensor([[0, 0, 0, 0, -1]])
+    state = SimpleNamespace(options=options, adapter=SimpleNamespace(language_model=SimpleNamespace(
+        norm=torch.nn.Identity())))
+    return LLMContext(hidden, vis, img, None, None, 1, 4, 2, state, input_embeds=hidden, keys=keys)
+
+
+def test_dart_pivots_follow_the_l1_norm_of_the_previous_layers_keys():
+    assert LLM_RULES["dart"].keys and LLM_RULES["dart"].query is None  # the engine hands it layer K-1's keys
+    rule = LLM_RULES["dart"].fn
+    # keys [b=1, kv_heads=2, s=5, head_dim=3]: token 0 has one large entry in head 0 (L1 10, L2 10); token 1 is
+    # spread over both heads with negative entries (L1 12, L2 4.9): by the L1 norm over all heads token 1 is
+    # the pivot, by L2 or by head 0 alone it would be token 0
+    keys = torch.zeros(1, 2, 5, 3)
+    keys[0, 0, 0] = torch.tensor([10.0, 0.0, 0.0])
+    keys[0, :, 1] = -2.0
+    keys[0, :, 2:4] = 0.5
+    # one image pivot: token 1 (0, 1) is kept with the token least similar to it, 2 (cos -0.8)
+    assert rule(_dart_ctx(keys, pivot_image=1, pivot_text=0), 2).kept.tolist() == [[1, 2]]
+    keys[0, 1, 0] = 3.0  # token 0 now leads (L1 19): it pivots, and 2 (cos -0.6) is the least similar to it
+    assert rule(_dart_ctx(keys, pivot_image=1, pivot_text=0), 2).kept.tolist() == [[0, 2]]
+    keys[0, :, 3] = 5.0  # token 3 (0.7, 0.7) leads: 2 is the least similar (cos -0.99), then 0/1 are not needed
+    assert rule(_dart_ctx(keys, pivot_image=1, pivot_text=0), 2).kept.tolist() == [[2, 3]]
+    # the instruction token's key norm makes it a text pivot: with 2 pivots and k=3 the text pivot (0, 1)
+    # takes the least similar remaining token
+    keys[0, :, 4] = 1.0
+    assert rule(_dart_ctx(keys, pivot_image=1, pivot_text=1), 3).kept.tolist() == [[0, 2, 3]]
+    with pytest.raises(RuntimeError, match="keys=True"):
+        rule(_dart_ctx(None), 2)
+
+
 def test_pyramiddrop_stages_and_last_token_ranking():
     m = get_method("pyramiddrop")
     assert m.stage2 == "last"
@@ -60,6 +105,43 @@ def test_text_raters_pick_instruction_tokens_related_to_the_image():
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.0], [0.0, -1.0]])
     assert text_raters(vis, text).tolist() == [True, False, True, False]
     assert text_raters(vis, torch.zeros(0, 2)).numel() == 0
+
+
+def _sparsevlm_ctx(state, layer, present, text_embeds, attention) -> LLMContext:
+    """One sample: the present visual tokens (of 4, input embeddings along +x) then 2 instruction tokens."""
+    m = len(present)
+    vis = torch.tensor([present + [-1, -1]])
+    img = torch.tensor([[0] * m + [-1, -1]])
+    embeds = torch.cat([torch.tensor([[4.0, 0.0], [3.0, 0.0], [5.0, 0.0], [4.0, 0.0]])[present], text_embeds])[None]
+    attention = torch.tensor(attention)[None]  # [1, q=2, s]
+    scores = torch.full((1, 4), float("-inf"))
+    scores[0, present] = attention[0, :, :m].mean(0)  # the engine's mean over every query row
+    return LLMContext(torch.randn(1, m + 2, 2), vis, img, None, scores, 1, 4, layer, state, input_embeds=embeds,
+                      attention=attention, query_index=torch.tensor([[m, m + 1]]),
+                      query_valid=torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_sparsevlm_scores_with_the_text_raters_attention():
+    rule = LLM_RULES["sparsevlm"].fn
+    state = SimpleNamespace(options={"recycle": False})
+    toward, away = torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    # instruction row 0 looks at visual 1 and 2, row 1 at 0 and 3; averaged over both rows 0 and 3 lead
+    att = [[0.1, 0.3, 0.25, 0.05, 0.2, 0.0], [0.4, 0.0, 0.0, 0.5, 0.05, 0.05]]
+    ctx = _sparsevlm_ctx(state, 3, [0, 1, 2, 3], toward, att)
+    assert topk_sorted(ctx.scores, 2).tolist() == [[0, 3]]
+    # row 0's input embedding points at the image (+x): it is the only rater, and its attention decides
+    assert text_raters(ctx.input_embeds[0, :4], ctx.input_embeds[0, 4:]).tolist() == [True, False]
+    torch.testing.assert_close(sparsevlm_scores(ctx)[0], torch.tensor(att[0][:4]))
+    assert rule(ctx, 2).kept.tolist() == [[1, 2]]
+    # the same attention with the embeddings swapped: row 1 rates
+    assert rule(_sparsevlm_ctx(state, 3, [0, 1, 2, 3], away, att), 2).kept.tolist() == [[0, 3]]
+    # as official the raters are chosen once per forward, at the first drop, and reused at the later ones:
+    # at layer 7 (visual 1, 2, 3 left) the embeddings would make row 0 rate again, but row 1 still does
+    att2 = [[0.3, 0.05, 0.2, 0.4, 0.05], [0.0, 0.6, 0.0, 0.3, 0.1]]
+    assert rule(_sparsevlm_ctx(state, 7, [1, 2, 3], toward, att2), 2).kept.tolist() == [[1, 2]]  # by row 1
+    # a new forward (back at the first drop layer) chooses them afresh
+    assert rule(_sparsevlm_ctx(state, 3, [0, 1, 2, 3], toward, att), 2).kept.tolist() == [[1, 2]]
+    assert rule(_sparsevlm_ctx(state, 7, [1, 2, 3], toward, att2), 2).kept.tolist() == [[1, 3]]  # by row 0
 
 
 def test_sparsevlm_recycles_pruned_tokens_into_kept_slots():
@@ -181,7 +263,10 @@ def test_cached_generation_equals_stepwise_recomputation(model, method, opts):
 def test_batched_equals_per_sample(model, method, opts):
     inp = make_inputs(model, prompts_len=(4, 11), after=(6, 2))
     learnpruner.apply(model, method, **opts)
-    batched = model(**inp)
+    # DART ranks pivots by the L1 norm of keys after RoPE, which (unlike attention) depends on absolute
+    # positions: a left-padded batch must carry the positions each sample has on its own
+    pos = (inp["attention_mask"].cumsum(-1) - 1).clamp(min=0) if method == "dart" else None
+    batched = model(**inp, position_ids=pos)
     st = learnpruner.stats(model)
     gen = model.generate(**inp, max_new_tokens=3, do_sample=False)
     width = inp["input_ids"].shape[1]
@@ -233,3 +318,43 @@ def test_sparsevlm_recycled_rows_enter_the_sequence(model):
     step = model(input_ids=nxt_ids, attention_mask=torch.ones(1, ids.numel() + 1, dtype=torch.long),
                  past_key_values=cache, use_cache=True)
     assert torch.isfinite(step.logits).all()
+
+
+@torch.no_grad()
+def test_rules_read_the_previous_layers_keys_and_the_llm_input(model, monkeypatch):
+    """In the engine, DART's ctx.keys are layer K-1's keys after RoPE and SparseVLM's ctx.input_embeds are the
+    LLM's input embeddings (what their raters and pivots are computed from)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    inp = make_inputs(model, prompts_len=(6,), after=(5,))
+    lm = model.model.language_model
+    seen = {}
+    for name in ("dart", "sparsevlm"):
+        orig = LLM_RULES[name]
+
+        def spy(ctx, k, fn=orig.fn):
+            seen.setdefault("ctx", ctx)
+            return fn(ctx, k)
+
+        monkeypatch.setitem(LLM_RULES, name, LLMRule(spy, orig.query, orig.keys))
+        tokens = 24 if name == "dart" else 20
+        learnpruner.apply(model, name, tokens=tokens)
+        first = get_method(name).schedule(tokens, n_visual(model), len(lm.layers), {}).drops[0][0]
+        h0 = lm.layers[0].register_forward_pre_hook(
+            lambda m, args, kw: seen.__setitem__("in", args[0] if args else kw["hidden_states"]), with_kwargs=True)
+        hk = lm.layers[first - 1].self_attn.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))
+        seen.pop("ctx", None)
+        model(**inp)
+        h0.remove()
+        hk.remove()
+        learnpruner.remove(model)
+        ctx = seen["ctx"]
+        assert ctx.layer == first
+        assert torch.equal(ctx.input_embeds, seen["in"])
+        if name == "dart":
+            hd = lm.layers[0].self_attn.head_dim
+            k = seen["k"].view(1, seen["k"].shape[1], -1, hd).transpose(1, 2)
+            cos, sin = lm.rotary_emb(k, torch.arange(k.shape[2])[None])
+            torch.testing.assert_close(ctx.keys, apply_rotary_pos_emb(k, k, cos, sin)[1])
+        else:
+            assert ctx.attention.shape == (1, 5, ctx.hidden.shape[1]) and bool(ctx.query_valid.all())

@@ -215,6 +215,12 @@ def _cache_tensors(cache):
         yield from _cache_tensors(getattr(cache, name, None))
 
 
+def _output_cache(out):
+    """The cache of a model output: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    cache = out.get("cache", None)
+    return cache if cache is not None else out.get("past_key_values", None)
+
+
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the key/value tensors of ``cache`` (a transformers Cache or nested tuples).
 
@@ -479,7 +485,7 @@ def run_bench(
     plan = _plan(methods, tokens, n, num_layers)
     clock = _Clock(dev)
     cuda = dev.type == "cuda"
-    cpu_name = platform.processor() or platform.machine()
+    cpu_name = _cpu_name()
     env = {
         "model": label, "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({cpu_name})",
         "device_type": dev.type, "dtype": str(dt).replace("torch.", ""), "torch": torch.__version__,
@@ -499,11 +505,13 @@ def run_bench(
             text_ids = [torch.cat([inp["input_ids"][:, :pre], inp["input_ids"][:, pre + n:]], dim=1)
                         for inp in inputs]
             for name, t, sched, reason in plan:
-                _bar_step(bar, f"{name} T={t} b={b}")
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} T={t} b={b}")
                 rec = {"method": name, "tokens": t, "batch_size": b, **env}
                 if sched is None:
                     rec["skipped"] = reason
                     records.append(rec)
+                    _bar_step(bar)
                     continue
                 rec.update(_measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, new_tokens,
                                     text_tokens, repeats, warmup))
@@ -511,6 +519,7 @@ def run_bench(
                 if name == "none":
                     dense[b] = rec
                 records.append(rec)
+                _bar_step(bar)
     finally:
         _bar_close(bar)
         if learnpruner.is_pruned(model):
@@ -523,6 +532,17 @@ def run_bench(
         rec["ideal_speedup"] = base["ideal_prefill_ms"] / rec["ideal_prefill_ms"] if ok else None
         rec["flops_ratio"] = rec["flops"] / base["flops"] if ok else None
     return records
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def _int_like(v):
@@ -565,7 +585,7 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
                     sections[key].append(secs.get(key, 0.0))
             state.timer = None
             st = learnpruner.stats(model)
-            cache = out.get("cache", None) or out.get("past_key_values", None)
+            cache = _output_cache(out)
             kv = kv_cache_bytes(cache)
             del out, cache
             e2e_ms = []
@@ -617,9 +637,8 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="bench", file=sys.stderr, dynamic_ncols=True)
 
 
-def _bar_step(bar, text: str):
+def _bar_step(bar):
     if bar is not None:
-        bar.set_postfix_str(text)
         bar.update(1)
 
 
@@ -749,7 +768,10 @@ def plot_results(records: list[dict], out_dir) -> Path | None:
     ax2.axhline(1.0, color="grey", lw=0.5)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no `none` baseline measured", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     path = Path(out_dir) / "bench.png"
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -173,6 +173,75 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_list(text: str, cast, what: str) -> list:
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma-separated list, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{what} is empty")
+    return values
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id, local folder or built-in name")
+    p.add_argument("--data", default="shapesvqa", help="'shapesvqa' (its test split) or a JSONL of records")
+    p.add_argument("--methods", default="none,random,fastv,learnpruner", help="comma-separated method names")
+    p.add_argument("--tokens", default="576,192,128,64,32", help="comma-separated budgets")
+    p.add_argument("--limit", type=int, default=None, help="first N items only")
+    p.add_argument("--out", default="learnpruner-eval", help="folder for results.json, accuracy.png, preds/")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--lpm", default=None, help="LPM folder for learnpruner and lpm-only (default: the model's own)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+
+
+@command("eval", "accuracy of methods x budgets on ShapesVQA or your JSONL (resumable)", _eval_args)
+def _eval(args: argparse.Namespace) -> int:
+    import learnpruner
+
+    from .evaluate import evaluate, load_items, markdown_table
+    from .hub import load
+
+    methods = _parse_list(args.methods, str, "--methods")
+    for m in methods:
+        learnpruner.get_method(m)
+    budgets = _parse_list(args.tokens, int, "--tokens")
+    for t in budgets:
+        if t <= 0:
+            raise ValueError(f"--tokens values must be positive integers, got {t}")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    items = load_items(args.data, args.limit)
+    model, processor = load(args.model, device=args.device, dtype=args.dtype)
+    opts = {m: {"lpm": args.lpm} for m in ("learnpruner", "lpm-only") if args.lpm}
+    if args.model == "tiny-random-llava" and not args.lpm:
+        opts = {m: {"lpm": "random"} for m in ("learnpruner", "lpm-only")}
+    records = evaluate(model, processor, items, methods, budgets, args.out, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, device=args.device, method_options=opts)
+    print(f"\n{args.data}: {len(items)} items, model {args.model}; tokens = average visual tokens per LLM layer")
+    print(markdown_table(records))
+    print(f"\nresults: {args.out}/results.json, plot: {args.out}/accuracy.png")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="shapes-tiny", help="default: the shipped ShapesVQA model")
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--out", default="learnpruner-demo")
+    p.add_argument("--lpm", default=None)
+    p.add_argument("--device", default="cpu")
+
+
+@command("demo", "LearnPruner on a few ShapesVQA images, with pictures of the kept patches", _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.model, images=args.images, out_dir=args.out, device=args.device, lpm=args.lpm)
+    return 0
+
+
 def _methods_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="show one method")
 

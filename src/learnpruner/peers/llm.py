@@ -21,6 +21,7 @@ __all__ = [
     "dpc_knn_merge",
     "recycle_counts",
     "sparsevlm_select",
+    "sparsevlm_scores",
     "staged_schedule",
 ]
 
@@ -114,13 +115,13 @@ def dart_keep(
 
 
 def _dart_rule(ctx: LLMContext, k: int) -> Selection:
-    ad = ctx.state.adapter
+    if ctx.keys is None:
+        raise RuntimeError("the dart rule reads layer K-1's keys: it must be registered with keys=True")
     opts = ctx.options
-    layer = ad.layers[ctx.layer]
+    # pivot score: L1 norm of layer K-1's keys after RoPE, over all (kv) heads and dims (as official)
+    key_l1 = ctx.keys.float().abs().sum(dim=(1, 3))  # [b, s]
     with torch.no_grad():
-        keys = ad.attention(ctx.layer).k_proj(layer.input_layernorm(ctx.hidden))
-        key_l1 = keys.float().abs().sum(dim=-1)  # [b, s]
-        normed = ad.language_model.norm(ctx.hidden)
+        normed = ctx.state.adapter.language_model.norm(ctx.hidden)
     vis_rows = _per_image(ctx, normed, 0.0)
     vis_norm = _per_image(ctx, key_l1)
     present = ctx.present()
@@ -138,7 +139,7 @@ def _dart_rule(ctx: LLMContext, k: int) -> Selection:
     return Selection(torch.stack([x[:width] for x in kept]))
 
 
-llm_rule("dart")(_dart_rule)
+llm_rule("dart", keys=True)(_dart_rule)
 
 
 def _dart_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
@@ -164,19 +165,19 @@ register(Method(
     doc=(
         "DART (Wen et al., 'Stop Looking for Important Tokens in Multimodal Language Models: Duplication "
         "Matters More', EMNLP 2025, arXiv 2502.11494). Before LLM layer K (official K=2) pivot tokens are "
-        "chosen: the pivot_image=4 visual tokens and pivot_text=4 instruction tokens (after the image) with "
-        "the largest L1 norm of their keys (official defaults); the image pivots are kept and, pivot by pivot, "
-        "the visual tokens LEAST similar (cosine, on the hidden states after the final RMSNorm, as the "
-        "official code) to the pivot are added until r tokens remain for layers K..L-1. Budget: one drop, "
+        "chosen (official defaults): the pivot_image=4 visual tokens and pivot_text=4 instruction tokens "
+        "(every token after the image) with the largest L1 norm of their keys in layer K-1 after RoPE "
+        "(summed over all key heads and dims, as official; the rule is registered with keys=True so the "
+        "engine hands it these keys); the image pivots are kept and, pivot by pivot, the visual tokens LEAST "
+        "similar (cosine, on the hidden states entering layer K after the final RMSNorm, as the official "
+        "code) to the pivot are added until r tokens remain for layers K..L-1. Budget: one drop, "
         "r = round((T L - K n) / (L - K)) (budget.single_drop): 192/128/64 -> r=166/98/30, averages "
         "191.6/127.9/64.1 for n=576, L=32; budgets below ceil((K n + L - K) / L) (37 for 576/32) are "
         "unreachable and raise ValueError (pass layer=1 to prune earlier: 32 -> r=14, average 31.6, or r2= "
         "to set the count). Differences from the official code, and what is followed: (1) official keeps "
         "pivot_image + (pivot_image + pivot_text) * floor(R / 8) tokens (132 for its '128', counted after "
         "layer 2, not averaged); here exactly r, the remainder split over the first pivots. (2) Official "
-        "ranks pivots by the L1 norm of layer K-1's keys after RoPE; the engine does not expose them, so "
-        "here the keys of layer K itself (k_proj of its input RMSNorm, before RoPE) are used. (3) Official "
-        "visits pivots in Python-set order; here in sequence order. (4) Official runs batch size 1 with "
+        "visits pivots in Python-set order; here in sequence order. (3) Official runs batch size 1 with "
         "fixed image offsets; here per image, with padding. Positions keep their original ids (as official)."
     ),
 ))
@@ -384,10 +385,52 @@ def sparsevlm_select(
     return kept, replace, mask
 
 
+_RATERS_ATTR = "_sparsevlm_raters"  # on the PruneState: (layer, [raters per image]) of the last first drop
+
+
+def sparsevlm_scores(ctx: LLMContext) -> torch.Tensor:
+    """``[num_images, n]`` SparseVLM score of each visual token (``-inf`` where absent): its attention
+    from the text raters (mean over heads, then over the raters) in layer ``ctx.layer - 1``.
+
+    The raters (:func:`text_raters`) of each image are chosen among its sample's instruction rows
+    (the ``"text"`` query rows) from the LLM input embeddings: ``ctx.input_embeds`` of the image's
+    visual tokens against those of the instruction tokens. As official v1, they are chosen once per
+    forward, at the first drop (where every visual token is still present), and reused at the later
+    drops: the rule keeps them on ``ctx.state`` with the layer they were chosen at; a call at a layer
+    not after that one (a new forward) chooses them afresh.
+    """
+    sample = _image_sample(ctx)
+    present = ctx.present()
+    vis_embeds = _per_image(ctx, ctx.input_embeds, 0.0)
+    cached = getattr(ctx.state, _RATERS_ATTR, None)
+    reuse = cached is not None and cached[0] < ctx.layer and len(cached[1]) == ctx.num_images
+    table = torch.full((ctx.num_images, ctx.n), float("-inf"), device=ctx.attention.device)
+    chosen = []
+    for i in range(ctx.num_images):
+        b = int(sample[i])
+        valid = ctx.query_valid[b].bool()
+        rows = ctx.query_index[b, valid]
+        raters = cached[1][i] if reuse else None
+        if raters is None or raters.numel() != rows.numel():
+            raters = text_raters(vis_embeds[i, present[i]], ctx.input_embeds[b, rows])
+        chosen.append(raters)
+        raters = raters.to(ctx.attention.device)
+        if not bool(raters.any()):  # no instruction row at all: the engine's query rows score
+            table[i] = ctx.scores[i]
+            continue
+        received = ctx.attention[b, valid][raters].float().mean(dim=0)  # [s]
+        pos = (ctx.img[b] == i) & (ctx.vis[b] >= 0)
+        table[i, ctx.vis[b, pos]] = received[pos]
+    if not reuse:
+        setattr(ctx.state, _RATERS_ATTR, (ctx.layer, chosen))
+    return table
+
+
 def _sparsevlm_rule(ctx: LLMContext, r: int) -> Selection:
     rows = ctx.visual_rows()
     recycle = ctx.options.get("recycle", True)
-    out = [sparsevlm_select(ctx.scores[i], rows[i], r, recycle) for i in range(ctx.num_images)]
+    scores = sparsevlm_scores(ctx)
+    out = [sparsevlm_select(scores[i], rows[i], r, recycle) for i in range(ctx.num_images)]
     kept = torch.stack([o[0] for o in out])
     if all(o[1] is None for o in out):
         return Selection(kept)
@@ -422,8 +465,14 @@ register(Method(
     doc=(
         "SparseVLM (Zhang et al., 'SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "
         "Inference', ICML 2025), official v1 defaults. Visual tokens are pruned after LLM layers 2, 6 and 15 "
-        "(drops before layers 3/7/16 of 32; scaled round(l L / 32)), scored by the attention they receive "
-        "from the instruction tokens (mean over heads and rows); the pruned tokens are recycled: the top 30% "
+        "(drops before layers 3/7/16 of 32; scaled round(l L / 32)). Text raters (Sec. 3.2, as official v1): "
+        "among the instruction tokens (every token after the image), those whose relevance to the image, "
+        "softmax over the instruction tokens of <visual, instruction> on the LLM input embeddings averaged "
+        "over the image's visual tokens, exceeds the mean relevance (text_raters); chosen once per forward at "
+        "the first drop, with every visual token present, and reused at the later drops. Each visual token is "
+        "scored by the attention it receives in the layer before the drop (the last layer kept unpruned, as "
+        "official) from the raters' rows, mean over heads then over raters (sparsevlm_scores), and the top "
+        "ones are kept; the pruned tokens are recycled: the top 30% "
         "of them by score are clustered (density-peak kNN) into int(0.3 p + 1) / 10 + 1 merged tokens, each "
         "placed in the slot and position of its cluster's center (recycle=False turns this off). Budget: the "
         "official per-stage counts (192: 300/200/110, 128: 303/110/36, 96: 238/48/26, 64: 66/30/17 for "
@@ -432,12 +481,11 @@ register(Method(
         "64 -> 25/12/7 (averages 192.1/127.9/64.0 for n=576, L=32). Below ceil((3 n + 29) / 32) = 55 "
         "(e.g. 32) the budget is unreachable and raises ValueError (pass layers=(1, 4, 12) or similar). "
         "Differences from the official code: (1) official counts exclude the recycled tokens (its '192' "
-        "averages about 206 visual tokens); here the average is honoured. (2) Official weights the attention "
-        "by text raters (instruction tokens whose softmax relevance to the visual embeddings at the LLM input "
-        "exceeds the mean, see text_raters); the engine gives rules only the attention averaged over the "
-        "query rows, so here every instruction token rates (the rater choice needs per-row attention: an "
-        "engine change). (3) Official v1 renumbers positions after a drop; here original positions are "
-        "kept. (4) Official adds random noise to break density ties; here ties break by index. "
-        "(5) Official runs batch size 1; here batched with padding."
+        "averages about 206 visual tokens); here the average is honoured. (2) Official v1 renumbers "
+        "positions after a drop; here original positions are kept. (3) Official adds random noise to break "
+        "density ties; here ties break by index. (4) Official runs batch size 1 with one image; here batched "
+        "with padding, the raters chosen per image (its visual tokens against its sample's instruction "
+        "tokens); if no instruction token exceeds the mean relevance (all equal) every one rates, where "
+        "official would select none."
     ),
 ))

@@ -1,0 +1,251 @@
+"""Accuracy of pruning methods: every method x budget on one dataset, resumable.
+
+``learnpruner eval`` answers each question greedily with the pruned model and scores exact match
+(after lowercasing and stripping punctuation; any of ``answers`` counts). Predictions are appended
+to ``DIR/preds/<method>@<tokens>.jsonl`` one batch at a time, so an interrupted run resumes where
+it stopped without recomputing or losing results; ``DIR/results.json`` and ``DIR/accuracy.png``
+are rewritten atomically after every cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import learnpruner
+
+from .lpm import atomic_write
+
+__all__ = ["EvalItem", "load_items", "normalize", "is_correct", "evaluate", "summarize", "markdown_table"]
+
+
+@dataclass
+class EvalItem:
+    id: str
+    image: object  # PIL image, or a path opened lazily
+    question: str
+    answers: list[str]
+    qtype: str = "all"
+    extra: dict = field(default_factory=dict)
+
+    def pil(self):
+        from PIL import Image
+
+        if isinstance(self.image, (str, os.PathLike)):
+            with Image.open(self.image) as im:
+                return im.convert("RGB")
+        return self.image
+
+
+def normalize(text: str) -> str:
+    """Lowercase, drop punctuation, collapse spaces."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def is_correct(prediction: str, answers: Sequence[str]) -> bool:
+    """Exact match of the normalized prediction with any normalized answer."""
+    p = normalize(prediction)
+    return any(p == normalize(a) for a in answers)
+
+
+def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
+    """``shapesvqa`` (its fixed test split) or a JSONL of ``{image, question, answer|answers[, id, qtype]}``.
+
+    Image paths are relative to the JSONL file's folder.
+    """
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be a positive integer, got {limit}")
+    if data == "shapesvqa":
+        from .testbed.shapes import load_split
+
+        return [EvalItem(f"test-{it.index}", it.image, it.question, [it.answer], it.qtype)
+                for it in load_split("test", limit)]
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data at {data!r}: pass 'shapesvqa' or a JSONL file of LLaVA-style records")
+    items = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            answers = rec["answers"] if "answers" in rec else [rec["answer"]]
+            items.append(EvalItem(str(rec.get("id", lineno)), path.parent / rec["image"], rec["question"],
+                                  [str(a) for a in answers], str(rec.get("qtype", "all"))))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{data}:{lineno}: bad record ({e!r}); expected image, question and answer or answers"
+            ) from None
+        if limit is not None and len(items) >= limit:
+            break
+    return items
+
+
+def _cell_name(method: str, tokens: int) -> str:
+    return f"{method}@{tokens}"
+
+
+def _read_preds(path: Path) -> dict[str, dict]:
+    """Predictions already written; a torn last line (from an interrupted write) is ignored."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["id"]] = rec
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return done
+
+
+def _answer_batch(model, processor, items: list[EvalItem], max_new_tokens: int, device: str) -> list[str]:
+    from .hub import format_prompt
+
+    texts = [format_prompt(processor, it.question) for it in items]
+    inputs = processor(images=[it.pil() for it in items], text=texts, return_tensors="pt", padding=True).to(device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def evaluate(
+    model,
+    processor,
+    items: list[EvalItem],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    out_dir: str | os.PathLike,
+    batch_size: int = 16,
+    max_new_tokens: int = 4,
+    device: str = "cpu",
+    method_options: dict[str, dict] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate every ``method x budget`` cell; returns the result records (also in ``DIR/results.json``).
+
+    A cell whose budget the method cannot reach (``apply`` raises ``ValueError``) is recorded with
+    ``status="unreachable"`` and its reason. ``none`` is run once (its budget is irrelevant).
+    """
+    from tqdm.auto import tqdm
+
+    for m in methods:
+        learnpruner.get_method(m)
+    out = Path(out_dir)
+    (out / "preds").mkdir(parents=True, exist_ok=True)
+    processor.tokenizer.padding_side = "left"
+    cells = [(m, t) for m in methods for t in (budgets if m != "none" else [max(budgets)])]
+    by_id = {it.id: it for it in items}
+    records = []
+    total = len(cells) * len(items)
+    bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
+    for method, tokens in cells:
+        path = out / "preds" / f"{_cell_name(method, tokens)}.jsonl"
+        done = _read_preds(path)
+        bar.update(len([i for i in done if i in by_id]))
+        bar.set_postfix(cell=_cell_name(method, tokens))
+        status, reason = "ok", None
+        todo = [it for it in items if it.id not in done]
+        if todo:
+            try:
+                learnpruner.apply(model, method, tokens=tokens, **(method_options or {}).get(method, {}))
+            except ValueError as e:
+                status, reason = "unreachable", str(e)
+            if status == "ok":
+                try:
+                    with open(path, "a") as f:
+                        for start in range(0, len(todo), batch_size):
+                            chunk = todo[start:start + batch_size]
+                            t0 = time.perf_counter()
+                            preds = _answer_batch(model, processor, chunk, max_new_tokens, device)
+                            dt = (time.perf_counter() - t0) / len(chunk)
+                            st = learnpruner.stats(model)
+                            avg = st.average_tokens if st is not None else None
+                            lines = [json.dumps({"id": it.id, "pred": p, "correct": is_correct(p, it.answers),
+                                                 "qtype": it.qtype, "avg_tokens": avg, "seconds": dt})
+                                     for it, p in zip(chunk, preds)]
+                            f.write("\n".join(lines) + "\n")
+                            f.flush()
+                            os.fsync(f.fileno())
+                            bar.update(len(chunk))
+                finally:
+                    learnpruner.remove(model)
+            done = _read_preds(path)
+        if status != "ok":
+            bar.update(len(todo))
+        records.append(_cell_record(method, tokens, [done[i] for i in by_id if i in done], status, reason))
+        _write_results(out, records)
+    bar.close()
+    return summarize(records)
+
+
+def _cell_record(method, tokens, preds, status, reason) -> dict:
+    rec = {"method": method, "tokens": tokens, "status": status, "n": len(preds)}
+    if reason:
+        rec["reason"] = reason
+    if preds:
+        rec["accuracy"] = sum(p["correct"] for p in preds) / len(preds)
+        by_type: dict[str, list[bool]] = {}
+        for p in preds:
+            by_type.setdefault(p["qtype"], []).append(p["correct"])
+        rec["per_qtype"] = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+        avgs = [p["avg_tokens"] for p in preds if p.get("avg_tokens") is not None]
+        rec["avg_tokens"] = sum(avgs) / len(avgs) if avgs else None
+        rec["seconds_per_item"] = sum(p["seconds"] for p in preds) / len(preds)
+    return rec
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Add ``relative`` (% of the unpruned accuracy) to each record when a ``none`` cell exists."""
+    base = next((r.get("accuracy") for r in records if r["method"] == "none" and r.get("accuracy")), None)
+    for r in records:
+        if base and r.get("accuracy") is not None:
+            r["relative"] = 100.0 * r["accuracy"] / base
+    return records
+
+
+def _write_results(out: Path, records: list[dict]) -> None:
+    records = summarize(records)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(records, indent=2) + "\n"))
+    from .viz import plot_accuracy
+
+    plot_accuracy(records, out / "accuracy.png")
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Accuracy (and % of unpruned) per method x budget, then accuracy per question type."""
+    budgets = sorted({r["tokens"] for r in records if r["method"] != "none"}, reverse=True)
+    none = next((r for r in records if r["method"] == "none"), None)
+    lines = ["| method | " + " | ".join(f"{t} tokens" for t in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    if none is not None and none.get("accuracy") is not None:
+        lines.append(f"| none (all tokens) | {100 * none['accuracy']:.1f} (100%) |" + " |" * (len(budgets) - 1))
+    for method in dict.fromkeys(r["method"] for r in records if r["method"] != "none"):
+        cells = []
+        for t in budgets:
+            r = next((r for r in records if r["method"] == method and r["tokens"] == t), None)
+            if r is None:
+                cells.append("")
+            elif r["status"] != "ok":
+                cells.append("unreachable")
+            else:
+                rel = f" ({r['relative']:.1f}%)" if "relative" in r else ""
+                cells.append(f"{100 * r['accuracy']:.1f}{rel}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    qtypes = sorted({q for r in records for q in r.get("per_qtype", {})})
+    if len(qtypes) > 1:
+        lines += ["", "| method | tokens | " + " | ".join(qtypes) + " |", "|---|---|" + "---|" * len(qtypes)]
+        for r in records:
+            if r.get("per_qtype"):
+                vals = " | ".join(f"{100 * r['per_qtype'].get(q, float('nan')):.1f}" for q in qtypes)
+                tokens = "all" if r["method"] == "none" else r["tokens"]
+                lines.append(f"| {r['method']} | {tokens} | {vals} |")
+    return "\n".join(lines)
