@@ -172,7 +172,9 @@ def test_cls_attention_equals_eager_clip_attention(strategy):
 
     ad = adapter_for(model)
     pixel_values = make_inputs(model)["pixel_values"]
-    feats, cls = ad.vision_features(pixel_values, cls_attention=True)
+    feats, extras = ad.vision_features(pixel_values, cls_attention=True)
+    cls = extras["cls"]
+    assert extras["keys"].shape == (2, n_visual(model), 32 // 4)
     assert torch.equal(feats, ad.vision_features(pixel_values))
     tower = model.model.vision_tower
     tower.set_attn_implementation("eager")

@@ -404,7 +404,7 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
         needs_cls = bool(getattr(rule1, "needs_cls", False)) and forced1 is None
         with state.section("vision"):
             feats = ad.vision_features(pixel_values, cls_attention=needs_cls, **vision_kwargs)
-        feats, cls_attn = feats if needs_cls else (feats, None)
+        feats, extras = feats if needs_cls else (feats, {})
         n_img, n = feats.shape[:2]
         placeholders = input_ids == ad.image_token_id
         if int(placeholders.sum()) != n_img * n:
@@ -416,9 +416,8 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
         vis = torch.where(placeholders, g % n, vis)
         img = torch.where(placeholders, g // n, img)
         sched = state.schedule(n)
-        ctx = VisionContext(feats, state, pixel_values, input_ids, vis, img)
-        if cls_attn is not None:
-            ctx.cache["cls"] = cls_attn
+        ctx = VisionContext(feats, state, pixel_values, input_ids, vis, img, attention_mask=attention_mask)
+        ctx.cache.update(extras)
         with state.section("stage1"):
             sel1, rows = _stage1(state, ctx, sched.r1, forced1)
         with state.section("projector"):

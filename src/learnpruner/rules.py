@@ -55,6 +55,9 @@ class VisionContext:
     input_ids: torch.Tensor
     vis: torch.Tensor  # [b, s] visual-token index of each position, -1 for text
     img: torch.Tensor  # [b, s] image number of each position, -1 for text
+    attention_mask: torch.Tensor | None = None  # [b, s] padding mask as given by the user
+    # filled by the engine for rules registered with needs_cls=True: "cls" [num_images, n] and
+    # "keys" [num_images, n, head_dim] of the encoder layer that produced the feature layer
     cache: dict = field(default_factory=dict)
 
     @property

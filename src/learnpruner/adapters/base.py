@@ -82,8 +82,9 @@ class Adapter:
     def vision_features(self, pixel_values: torch.Tensor, cls_attention: bool = False, **kwargs):
         """``[num_images, n, d]`` features at the vision feature layer, before the projector.
 
-        With ``cls_attention=True`` returns ``(features, cls)`` where ``cls`` is ``[num_images, n]``,
-        the [CLS] token's attention to each visual token at the feature layer (mean over heads).
+        With ``cls_attention=True`` returns ``(features, extras)`` where ``extras["cls"]`` is ``[num_images, n]``,
+        the [CLS] token's attention to each visual token at the feature layer (mean over heads), and
+        ``extras["keys"]`` that layer's keys ``[num_images, n, head_dim]`` (mean over heads).
         """
         raise NotImplementedError
 

@@ -40,11 +40,12 @@ class LlavaAdapter(Adapter):
         return n + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
 
     def vision_features(self, pixel_values: torch.Tensor, cls_attention: bool = False, **kwargs):
-        """Features at the feature layer; with ``cls_attention=True`` also ``[num_images, n]`` [CLS] attention.
+        """Features at the feature layer; with ``cls_attention=True`` also ``{"cls", "keys"}``.
 
-        The [CLS] attention is that of the encoder layer that produced the (last) feature layer, mean
-        over heads, computed from that layer's own q/k projections during the same forward (so SDPA
-        works); under strategy "default" the [CLS] column itself is left out, under "full" it is kept.
+        ``cls`` (``[num_images, n]``) is the [CLS] attention of the encoder layer that produced the (last)
+        feature layer, mean over heads, computed from that layer's own q/k projections during the same
+        forward (so SDPA works); ``keys`` (``[num_images, n, head_dim]``) are that layer's keys, mean over
+        heads. Under strategy "default" the [CLS] row itself is left out, under "full" it is kept.
         """
         cfg = self.model.config
         layer = kwargs.get("vision_feature_layer") or cfg.vision_feature_layer
@@ -79,7 +80,9 @@ class LlavaAdapter(Adapter):
         q = captured["q"].view(b, 1, heads, hd).transpose(1, 2).float()
         k = captured["k"].view(b, s, heads, hd).transpose(1, 2).float()
         probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1).mean(dim=1)[:, 0]  # [b, s]
-        return feats, (probs[:, 1:] if strategy == "default" else probs)
+        keys = k.mean(dim=1)  # [b, s, hd]: the layer's keys, mean over heads (VisionZip's merge metric)
+        drop = 1 if strategy == "default" else 0
+        return feats, {"cls": probs[:, drop:], "keys": keys[:, drop:]}
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)

@@ -119,7 +119,7 @@ def _dart_rule(ctx: LLMContext, k: int) -> Selection:
         raise RuntimeError("the dart rule reads layer K-1's keys: it must be registered with keys=True")
     opts = ctx.options
     # pivot score: L1 norm of layer K-1's keys after RoPE, over all (kv) heads and dims (as official)
-    key_l1 = ctx.keys.float().abs().sum(dim=(1, 3))  # [b, s]
+    key_l1 = ctx.keys.float().norm(dim=-1).sum(1)  # [b, s]
     with torch.no_grad():
         normed = ctx.state.adapter.language_model.norm(ctx.hidden)
     vis_rows = _per_image(ctx, normed, 0.0)

@@ -46,15 +46,18 @@ def _pad_ids(ctx: VisionContext) -> set[int]:
 def _instruction_mask(ctx: VisionContext) -> torch.Tensor:
     """``[b, s]`` bool: the instruction tokens of each sample.
 
-    Text tokens after the sample's last visual token, padding excluded (VisionContext carries no
-    attention mask, so padding is recognised by the model's pad token id); a sample whose prompt ends
-    with the image falls back to all its text tokens.
+    Text tokens after the sample's last visual token, padding excluded (by the attention mask; without
+    one, by the model's pad token id); a sample whose prompt ends with the image falls back to all its
+    text tokens.
     """
     ids, vis = ctx.input_ids, ctx.vis
     b, s = ids.shape
     text = vis < 0
-    for p in _pad_ids(ctx):
-        text &= ids != p
+    if ctx.attention_mask is not None:
+        text &= ctx.attention_mask.to(text.device).bool()
+    else:
+        for p in _pad_ids(ctx):
+            text &= ids != p
     ar = torch.arange(s, device=ids.device).expand(b, s)
     last_vis = torch.where(vis >= 0, ar, -1).amax(dim=1)
     after = text & (ar > last_vis[:, None])
@@ -150,9 +153,8 @@ register(Method(
         "followed by default, merge='mean' gives the average of the target and its assigned tokens; "
         "(2) the official 'dominant=54' is 53 patches plus the [CLS] token's own feature; HF LLaVA's default "
         "strategy drops [CLS] from the features, so here all 54 dominant tokens are patches (under strategy "
-        "'full' [CLS] is always kept, as officially); (3) the official similarity metric is the head-mean "
-        "attention keys of that encoder layer; the engine does not expose them yet, so the feature-layer "
-        "hidden states are used (keys are used when the engine puts them in VisionContext.cache['keys']); "
+        "'full' [CLS] is always kept, as officially); (3) the similarity metric is, as officially, the head-mean "
+        "attention keys of the encoder layer that produced the feature layer (captured in the same vision pass); "
         "(4) the official code appends the contextual tokens after the dominant ones; here each merged token "
         "takes the slot and position id of its target token, so image order is preserved."
     ),
