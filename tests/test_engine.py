@@ -258,3 +258,10 @@ def test_labels_give_a_loss_on_the_pruned_sequence():
     learnpruner.remove(model)
     learnpruner.apply(model, "learnpruner", tokens=n_visual(model), lpm="random")
     torch.testing.assert_close(model(**inp, labels=labels).loss, ref)
+
+
+def test_static_cache_is_refused_clearly():
+    model = tiny_llava(layers=4, seed=8)
+    learnpruner.apply(model, "learnpruner", tokens=16, lpm="random")
+    with pytest.raises(ValueError, match="needs a DynamicCache.*StaticCache"):
+        model.generate(**make_inputs(model), max_new_tokens=2, cache_implementation="static")

@@ -146,3 +146,14 @@ def test_bad_records_are_skipped_and_counted(processor, tmp_path):
     assert data.skipped == {"missing or unreadable image": 2, "no <image> tag": 1, "no image": 1,
                             "too long": 1, "malformed record": 1}
     assert (tmp_path / "out" / "lpm.safetensors").is_file()
+
+
+def test_accelerate_runtime_matches_the_plain_loop(processor, tmp_path):
+    pytest.importorskip("accelerate")
+    cfg = _cfg(steps=3)
+    plain = train_lpm(_model(processor), processor, ShapesRecords(), tmp_path / "plain", cfg, progress=False)
+    # device=None hands placement to accelerate (what `accelerate launch` uses); on this CPU: one process
+    acc = train_lpm(_model(processor), processor, ShapesRecords(), tmp_path / "acc", cfg, progress=False,
+                    device=None)
+    for (k, a), (_, b) in zip(plain.state_dict().items(), acc.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)

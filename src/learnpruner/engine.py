@@ -416,6 +416,11 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
         vis = torch.where(placeholders, g % n, vis)
         img = torch.where(placeholders, g // n, img)
         sched = state.schedule(n)
+        if cache is not None and not isinstance(cache, DynamicCache) and not sched.is_noop:
+            raise ValueError(
+                f"learnpruner needs a DynamicCache (its layers hold different lengths after pruning), got "
+                f"{type(cache).__name__}; drop cache_implementation='static' or pass no cache"
+            )
         ctx = VisionContext(feats, state, pixel_values, input_ids, vis, img, attention_mask=attention_mask)
         ctx.cache.update(extras)
         with state.section("stage1"):

@@ -2,8 +2,9 @@
 
 Each method is an LLM rule (registered with :func:`learnpruner.rules.llm_rule`) plus a budget mapping
 to a :class:`~learnpruner.budget.Schedule`. The selection logic lives in small tensor functions
-(:func:`dart_keep`, :func:`text_raters`, :func:`dpc_knn_merge`, :func:`recycle_counts`) so that it can
-be tested on hand-built tensors; the rules only adapt them to the engine's :class:`LLMContext`.
+(:func:`dart_keep`, :func:`text_raters`, :func:`sparsevlm_scores`, :func:`dpc_knn_merge`,
+:func:`recycle_counts`) so that it can be tested on hand-built tensors; the rules only adapt them to
+the engine's :class:`LLMContext`.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _dart_rule(ctx: LLMContext, k: int) -> Selection:
         raise RuntimeError("the dart rule reads layer K-1's keys: it must be registered with keys=True")
     opts = ctx.options
     # pivot score: L1 norm of layer K-1's keys after RoPE, over all (kv) heads and dims (as official)
-    key_l1 = ctx.keys.float().norm(dim=-1).sum(1)  # [b, s]
+    key_l1 = ctx.keys.float().abs().sum(dim=(1, 3))  # [b, s]
     with torch.no_grad():
         normed = ctx.state.adapter.language_model.norm(ctx.hidden)
     vis_rows = _per_image(ctx, normed, 0.0)
@@ -470,8 +471,8 @@ register(Method(
         "softmax over the instruction tokens of <visual, instruction> on the LLM input embeddings averaged "
         "over the image's visual tokens, exceeds the mean relevance (text_raters); chosen once per forward at "
         "the first drop, with every visual token present, and reused at the later drops. Each visual token is "
-        "scored by the attention it receives in the layer before the drop (the last layer kept unpruned, as "
-        "official) from the raters' rows, mean over heads then over raters (sparsevlm_scores), and the top "
+        "scored by the attention it receives in the layer before the drop (layers 2/6/15, as official) "
+        "from the raters' rows, mean over heads then over raters (sparsevlm_scores), and the top "
         "ones are kept; the pruned tokens are recycled: the top 30% "
         "of them by score are clustered (density-peak kNN) into int(0.3 p + 1) / 10 + 1 merged tokens, each "
         "placed in the slot and position of its cluster's center (recycle=False turns this off). Budget: the "
