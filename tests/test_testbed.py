@@ -212,7 +212,7 @@ def test_default_model_size():
 
 def _cfg(out: str) -> TrainConfig:
     return TrainConfig(out=out, steps_a=2, steps_b=3, batch_size_a=2, batch_size=2, warmup=1, ckpt_every=1,
-                       eval_every=100, eval_n=2, test_n=2, tiny=True, seed=1)
+                       eval_every=100, eval_n=2, test_n=2, tiny=True, seed=1, lr_vision_b=1e-4)
 
 
 def test_curriculum():

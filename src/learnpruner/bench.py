@@ -30,7 +30,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .cli import command
+from .lpm import atomic_write
 
 __all__ = [
     "ARCHS",
@@ -557,8 +557,13 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
     import learnpruner
 
     cuda = clock.cuda
-    learnpruner.apply(model, name, tokens=t, **_options(name))
-    state = model._learnpruner
+    # the baseline is the model as users run it today: plain transformers, not patched at all
+    plain = name == "none"
+    if plain:
+        state = _PlainState(model.model.vision_tower)
+    else:
+        learnpruner.apply(model, name, tokens=t, **_options(name))
+        state = model._learnpruner
     v = len(inputs)
 
     def prefill(i):
@@ -584,7 +589,7 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
                 for key in ("vision", "stage1", "projector", "llm_select"):
                     sections[key].append(secs.get(key, 0.0))
             state.timer = None
-            st = learnpruner.stats(model)
+            st = None if plain else learnpruner.stats(model)
             cache = _output_cache(out)
             kv = kv_cache_bytes(cache)
             del out, cache
@@ -597,7 +602,10 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
             peak = torch.cuda.max_memory_allocated() if cuda else None
     finally:
         state.timer = None
-        learnpruner.remove(model)
+        if plain:
+            state.close()
+        else:
+            learnpruner.remove(model)
 
     rows = sched.r1 if sched.r1 is not None else sched.n
     kept_feats = [f[:, :rows].contiguous() for f in feats]
@@ -612,8 +620,9 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
     ideal = med["vision"] + ideal_llm
     breakdown = flops_breakdown(model.config, sched, b, text_tokens)
     return {
-        "avg_visual_tokens": st.average_tokens if st is not None else None,
-        "tokens_per_layer": st.tokens_per_layer if st is not None else None,
+        "path": "plain transformers (unpatched)" if plain else "learnpruner engine",
+        "avg_visual_tokens": st.average_tokens if st is not None else sched.average,
+        "tokens_per_layer": st.tokens_per_layer if st is not None else sched.per_layer(),
         "schedule": {"r1": sched.r1, "drops": [list(d) for d in sched.drops]},
         "vision_ms": med["vision"], "stage1_ms": med["stage1"], "projector_ms": med["projector"],
         "llm_select_ms": med["llm_select"],
@@ -625,6 +634,32 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
         "peak_mem_bytes": peak, "kv_cache_bytes": kv,
         "flops": int(sum(breakdown.values())), "flops_breakdown": breakdown,
     }
+
+
+class _PlainState:
+    """Times the vision tower of an unpatched model with forward hooks (the engine's sections otherwise)."""
+
+    def __init__(self, vision_tower):
+        self.timer = None
+        self._open = []
+        self._handles = [
+            vision_tower.register_forward_pre_hook(self._enter),
+            vision_tower.register_forward_hook(self._exit),
+        ]
+
+    def _enter(self, module, args):
+        if self.timer is not None:
+            cm = self.timer("vision")
+            cm.__enter__()
+            self._open.append(cm)
+
+    def _exit(self, module, args, out):
+        if self._open:
+            self._open.pop().__exit__(None, None, None)
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
 
 
 def _progress(total: int, enabled: bool):
@@ -691,7 +726,7 @@ def markdown_table(records: list[dict]) -> str:
             f"{r['new_tokens']} new tokens; median of {r['repeats']} runs after {r['warmup']} warm-up(s), inputs "
             f"rotating over {r['variants']} random images/prompts; "
             + ("CUDA-event timing." if r["device_type"] == "cuda" else "time.perf_counter timing."),
-            "tokens: the budget (average visual tokens per LLM layer); `none` is measured once, at every token. "
+            "tokens: the budget (average visual tokens per LLM layer); `none` is measured once, at every token, on the unpatched model (plain transformers). "
             "prefill = one forward with the KV cache and logits_to_keep=1 (time to first token, vision included). "
             "decode ms/tok = (e2e - prefill) / (new tokens - 1), e2e = generate (greedy, exactly N new tokens). "
             "ideal = measured vision ms + the plain decoder layers fed only the scheduled token counts (no "
@@ -708,22 +743,6 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(records: list[dict], out_dir) -> Path:
     """``out_dir/results.json`` (atomically); returns its path."""
     path = Path(out_dir) / "results.json"
@@ -733,7 +752,7 @@ def write_results(records: list[dict], out_dir) -> Path:
             json.dump(records, f, indent=1)
             f.write("\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -774,7 +793,7 @@ def plot_results(records: list[dict], out_dir) -> Path | None:
             ax.text(0.5, 0.5, "no `none` baseline measured", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     path = Path(out_dir) / "bench.png"
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 

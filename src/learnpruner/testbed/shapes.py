@@ -3,6 +3,8 @@
 Every item is generated from an integer seed (no files needed). Images are 336x336 RGB; the answer to each
 templated question depends on one or two small objects, so most of the 24x24 patch grid is uninformative
 background. Per-patch ground truth (object kind, colour, shape, character, object centre) comes with each scene.
+Object centres sit on patch centres and text boxes on patch corners (the 14 px lattice), which makes the tiny
+vision tower learnable from scratch on CPU; ``render_scene`` itself accepts any coordinates.
 """
 
 from __future__ import annotations
@@ -266,14 +268,17 @@ def render_scene(objects: Sequence[SceneObject], boxes: Sequence[TextBox] = (), 
 # -------------------------------------------------------------------------------------------- scene layout
 
 
-def _place(rng: np.random.Generator, sizes: Sequence[int], margin: int = 4, tries: int = 200):
-    """Random non-overlapping centres (bounding boxes separated by ``margin``) for items of given sizes."""
+def _place(rng: np.random.Generator, sizes: Sequence[int], offsets: Sequence[int], margin: int = 4,
+           tries: int = 200):
+    """Random non-overlapping centres (bounding boxes separated by ``margin``) for items of given sizes.
+    Centres lie on the patch lattice: ``x = 14 * k + offset`` (objects use the patch centre, offset 7;
+    text boxes a patch corner, offset 0), so a given shape always meets the patch grid the same way."""
     placed: list[tuple[int, int, int]] = []
-    for s in sizes:
+    for s, off in zip(sizes, offsets):
+        h = s / 2 + 2
+        lo, hi = int(np.ceil((h - off) / PATCH)), int(np.floor((IMAGE_SIZE - h - off) / PATCH))
         for _ in range(tries):
-            h = s / 2 + 2
-            x = int(rng.integers(int(np.ceil(h)), int(IMAGE_SIZE - h)))
-            y = int(rng.integers(int(np.ceil(h)), int(IMAGE_SIZE - h)))
+            x, y = (PATCH * int(k) + off for k in rng.integers(lo, hi + 1, 2))
             if all(abs(x - px) * 2 >= s + ps + 2 * margin or abs(y - py) * 2 >= s + ps + 2 * margin
                    for px, py, ps in placed):
                 placed.append((x, y, s))
@@ -292,7 +297,7 @@ def random_layout(rng: np.random.Generator, n_objects: int, n_boxes: int = 1):
               int(rng.choice(SIZES))) for _ in range(n_objects)]
     chars = [CHARS[int(rng.integers(len(CHARS)))] for _ in range(n_boxes)]
     while True:
-        pos = _place(rng, [a[2] for a in attrs] + [BOX_SIZE] * n_boxes)
+        pos = _place(rng, [a[2] for a in attrs] + [BOX_SIZE] * n_boxes, [PATCH // 2] * n_objects + [0] * n_boxes)
         if pos is not None:
             break
     objects = [SceneObject(s, c, z, x, y) for (s, c, z), (x, y) in zip(attrs, pos[:n_objects])]
