@@ -726,7 +726,8 @@ def markdown_table(records: list[dict]) -> str:
             f"{r['new_tokens']} new tokens; median of {r['repeats']} runs after {r['warmup']} warm-up(s), inputs "
             f"rotating over {r['variants']} random images/prompts; "
             + ("CUDA-event timing." if r["device_type"] == "cuda" else "time.perf_counter timing."),
-            "tokens: the budget (average visual tokens per LLM layer); `none` is measured once, at every token, on the unpatched model (plain transformers). "
+            "tokens: the budget (average visual tokens per LLM layer); `none` is measured once, at every token, "
+            "on the unpatched model (plain transformers). "
             "prefill = one forward with the KV cache and logits_to_keep=1 (time to first token, vision included). "
             "decode ms/tok = (e2e - prefill) / (new tokens - 1), e2e = generate (greedy, exactly N new tokens). "
             "ideal = measured vision ms + the plain decoder layers fed only the scheduled token counts (no "
