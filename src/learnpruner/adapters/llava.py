@@ -48,7 +48,8 @@ class LlavaAdapter(Adapter):
         heads. Under strategy "default" the [CLS] row itself is left out, under "full" it is kept.
         """
         cfg = self.model.config
-        layer = kwargs.get("vision_feature_layer") or cfg.vision_feature_layer
+        layer = kwargs.get("vision_feature_layer")
+        layer = cfg.vision_feature_layer if layer is None else layer
         strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
         tower = self.model.model.vision_tower
         layers = [layer] if isinstance(layer, int) else list(layer)
