@@ -124,3 +124,16 @@ def test_demo_writes_one_overlay_per_image(tmp_path):
     assert all(_png_size(p) == (990, 390) for p in paths)
     text = "\n".join(lines)
     assert "stage 1 kept 111, stage 2 kept 37" in text and "stage 1 kept 55, stage 2 kept 18" in text
+
+
+def test_noop_budgets_reuse_the_reference_predictions(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    items = ev.load_items("shapesvqa", limit=2)
+    calls = []
+    real = ev._answer_batch
+    monkeypatch.setattr(ev, "_answer_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    recs = ev.evaluate(model, processor, items, ["random", "none"], [576, 64], tmp_path, progress=False)
+    assert calls == [2, 2]  # none@576 and random@64; random@576 keeps every token and reuses none's answers
+    cell = next(r for r in recs if r["method"] == "random" and r["tokens"] == 576)
+    assert cell["n"] == 2 and "reused" in cell["reason"]
+    assert cell["accuracy"] == next(r for r in recs if r["method"] == "none")["accuracy"]
