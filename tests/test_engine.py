@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import check_batched_equals_single, check_cached_equals_stepwise, check_schedule_followed
 from helpers import IMAGE_TOKEN, make_inputs, n_visual, tiny_llava
 
 import learnpruner
@@ -64,94 +65,22 @@ def test_remove_restores_identical_outputs(model, method, opts):
     assert torch.equal(model(**inp).logits, ref)
 
 
-def _layer_lengths(model):
-    lengths, handles = [], []
-    for layer in model.model.language_model.layers:
-        handles.append(layer.register_forward_pre_hook(
-            lambda m, args, kw: lengths.append((args[0] if args else kw["hidden_states"]).shape[1]),
-            with_kwargs=True,
-        ))
-    return lengths, handles
-
-
-@torch.no_grad()
 @pytest.mark.parametrize("method,opts", PRUNING)
 def test_each_layer_processes_the_scheduled_tokens(model, method, opts):
-    inp = make_inputs(model)
-    n = n_visual(model)
-    seq_len = inp["input_ids"].shape[1]
     learnpruner.apply(model, method, **opts)
-    lengths, handles = _layer_lengths(model)
-    out = model(**inp, use_cache=True)
-    for h in handles:
-        h.remove()
-    st = learnpruner.stats(model)
-    scheduled = st.schedule.per_layer()
-    # measured on the hidden states each decoder layer received: one image per prompt
-    assert lengths == [seq_len - n + k for k in scheduled]
-    assert st.tokens_per_layer == scheduled
-    assert abs(st.average_tokens - opts["tokens"]) <= 1.0
-    # the KV cache holds exactly the tokens each layer saw
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    assert [cache.get_seq_length(i) for i in range(len(lengths))] == lengths
-    if st.stage1_kept is not None:
-        assert st.stage1_kept.shape == (2, scheduled[0])
-        assert torch.all(st.stage1_kept.diff(dim=1) > 0)
-    if st.stage2_kept is not None:
-        assert st.stage2_kept.shape == (2, scheduled[-1])
-        if st.stage1_kept is not None:  # stage 2 picks among what stage 1 kept
-            for a, b in zip(st.stage1_kept, st.stage2_kept):
-                assert set(b.tolist()) <= set(a.tolist())
+    check_schedule_followed(model, make_inputs(model), opts["tokens"])
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("method,opts", PRUNING[:2])
 def test_batched_equals_per_sample(model, method, opts):
-    inp = make_inputs(model, prompts_len=(4, 11), after=(6, 2))
     learnpruner.apply(model, method, **opts)
-    batched = model(**inp)
-    st = learnpruner.stats(model)
-    gen = model.generate(**inp, max_new_tokens=4, do_sample=False)
-    width = inp["input_ids"].shape[1]
-    for i in range(2):
-        real = inp["attention_mask"][i].bool()
-        single = {
-            "input_ids": inp["input_ids"][i:i + 1, real],
-            "attention_mask": inp["attention_mask"][i:i + 1, real],
-            "pixel_values": inp["pixel_values"][i:i + 1],
-        }
-        out = model(**single)
-        s1 = learnpruner.stats(model)
-        for a, b in ((st.stage1_kept, s1.stage1_kept), (st.stage2_kept, s1.stage2_kept)):
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert torch.equal(a[i], b[0])
-        torch.testing.assert_close(batched.logits[i, -1], out.logits[0, -1], atol=1e-4, rtol=1e-4)
-        g = model.generate(**single, max_new_tokens=4, do_sample=False)
-        assert torch.equal(g[0, single["input_ids"].shape[1]:], gen[i, width:])
+    check_batched_equals_single(model, make_inputs(model, prompts_len=(4, 11), after=(6, 2)), new_tokens=4)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("method,opts", PRUNING)
 def test_cached_generation_equals_stepwise_recomputation(model, method, opts):
-    inp = make_inputs(model)
     learnpruner.apply(model, method, **opts)
-    steps = 5
-    # a random model may emit the image placeholder id; keep it out of the text
-    gen = model.generate(**inp, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
-    st = learnpruner.stats(model)
-    new = gen[:, inp["input_ids"].shape[1]:]
-    with learnpruner.fixed_selection(model, st.stage1_kept, st.stage2_kept):
-        for t in range(steps):
-            ids = torch.cat([inp["input_ids"], new[:, :t]], dim=1)
-            mask = torch.cat([inp["attention_mask"], torch.ones_like(new[:, :t])], dim=1)
-            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=inp["pixel_values"],
-                use_cache=False,
-            ).logits[:, -1]
-            logits[:, IMAGE_TOKEN] = float("-inf")
-            assert torch.equal(logits.argmax(-1), new[:, t]), f"step {t}"
+    check_cached_equals_stepwise(model, make_inputs(model), steps=5)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from harness import check_batched_equals_single, check_cached_equals_stepwise, check_schedule_followed
 from helpers import IMAGE_TOKEN, make_inputs, n_visual, tiny_llava
 
 import learnpruner
@@ -212,53 +213,19 @@ def test_full_budget_is_identical_to_unpatched(model, method):
     assert torch.equal(model.generate(**inp, max_new_tokens=3, do_sample=False), ref_gen)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("method,opts", PEERS)
 def test_each_layer_processes_the_scheduled_tokens(model, method, opts):
-    inp = make_inputs(model)
-    n, seq_len = n_visual(model), inp["input_ids"].shape[1]
     learnpruner.apply(model, method, **opts)
-    lengths, handles = [], []
-    for layer in model.model.language_model.layers:
-        handles.append(layer.register_forward_pre_hook(
-            lambda m, args, kw: lengths.append((args[0] if args else kw["hidden_states"]).shape[1]), with_kwargs=True
-        ))
-    out = model(**inp, use_cache=True)
-    for h in handles:
-        h.remove()
-    st = learnpruner.stats(model)
-    scheduled = st.schedule.per_layer()
-    assert lengths == [seq_len - n + k for k in scheduled]
-    assert st.tokens_per_layer == scheduled and len(st.llm_kept) == len(st.schedule.drops)
-    assert abs(st.average_tokens - opts["tokens"]) <= 1.0
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    assert [cache.get_seq_length(i) for i in range(len(lengths))] == lengths
-    for prev, kept in zip(st.llm_kept, st.llm_kept[1:]):  # later drops pick among what earlier ones kept
-        for a, b in zip(prev, kept):
-            assert set(b.tolist()) <= set(a.tolist())
+    st = check_schedule_followed(model, make_inputs(model), opts["tokens"])
+    assert len(st.llm_kept) == len(st.schedule.drops)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("method,opts", [PEERS[0], PEERS[1], ("sparsevlm", {"tokens": 20, "recycle": False})])
 def test_cached_generation_equals_stepwise_recomputation(model, method, opts):
-    inp = make_inputs(model)
     learnpruner.apply(model, method, **opts)
-    steps = 4
-    gen = model.generate(**inp, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
-    st = learnpruner.stats(model)
-    new = gen[:, inp["input_ids"].shape[1]:]
-    with learnpruner.fixed_selection(model, st.stage1_kept, st.llm_kept):
-        for t in range(steps):
-            ids = torch.cat([inp["input_ids"], new[:, :t]], dim=1)
-            mask = torch.cat([inp["attention_mask"], torch.ones_like(new[:, :t])], dim=1)
-            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=inp["pixel_values"],
-                           use_cache=False).logits[:, -1]
-            logits[:, IMAGE_TOKEN] = float("-inf")
-            assert torch.equal(logits.argmax(-1), new[:, t]), f"step {t}"
+    check_cached_equals_stepwise(model, make_inputs(model))
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("method,opts", PEERS)
 def test_batched_equals_per_sample(model, method, opts):
     inp = make_inputs(model, prompts_len=(4, 11), after=(6, 2))
@@ -266,21 +233,7 @@ def test_batched_equals_per_sample(model, method, opts):
     # DART ranks pivots by the L1 norm of keys after RoPE, which (unlike attention) depends on absolute
     # positions: a left-padded batch must carry the positions each sample has on its own
     pos = (inp["attention_mask"].cumsum(-1) - 1).clamp(min=0) if method == "dart" else None
-    batched = model(**inp, position_ids=pos)
-    st = learnpruner.stats(model)
-    gen = model.generate(**inp, max_new_tokens=3, do_sample=False)
-    width = inp["input_ids"].shape[1]
-    for i in range(2):
-        real = inp["attention_mask"][i].bool()
-        single = {"input_ids": inp["input_ids"][i:i + 1, real], "attention_mask": inp["attention_mask"][i:i + 1, real],
-                  "pixel_values": inp["pixel_values"][i:i + 1]}
-        out = model(**single)
-        s1 = learnpruner.stats(model)
-        for a, b in zip(st.llm_kept, s1.llm_kept, strict=True):
-            assert torch.equal(a[i], b[0])
-        torch.testing.assert_close(batched.logits[i, -1], out.logits[0, -1], atol=1e-4, rtol=1e-4)
-        g = model.generate(**single, max_new_tokens=3, do_sample=False)
-        assert torch.equal(g[0, single["input_ids"].shape[1]:], gen[i, width:])
+    check_batched_equals_single(model, inp, position_ids=pos)
 
 
 @torch.no_grad()
