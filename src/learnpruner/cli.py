@@ -1,4 +1,4 @@
-"""The ``learnpruner`` command.
+"""learnpruner: LearnPruner and peer visual-token pruning for Hugging Face VLMs.
 
 Subcommands: ``generate`` (answer one question about one image, pruned), ``methods`` (list the
 registered methods with their papers and defaults). Others register themselves in ``COMMANDS``.

@@ -39,8 +39,8 @@ def resolve(name: str) -> str:
         path = BUILTIN_MODELS[name]
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"built-in model {name!r} is not installed at {path} (this build ships without it); "
-                "pass a hub id or a local path"
+                f"built-in model {name!r} is not installed at {path} (this build ships without it: train it with "
+                "`python -m learnpruner.testbed.train`); pass a hub id, a local path, or tiny-random-llava"
             )
         return str(path)
     return name
