@@ -177,3 +177,16 @@ def test_cli_bad_input_exits_2_naming_the_value(tmp_path, capsys):
     assert main(["bench", "--arch", "llava-tiny", "--batch-sizes", "0", "--out", str(tmp_path)]) == 2
     assert "batch sizes must be positive integers, got 0" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_fast_flag_measures_the_fast_path_and_both_baselines(tmp_path):
+    from learnpruner.bench import run_bench
+
+    recs = run_bench(arch="llava-tiny", methods="none,learnpruner", tokens="24", batch_sizes="1", new_tokens=3,
+                     repeats=1, warmup=0, variants=1, progress=False, device="cpu", fast=True)
+    rows = [(r["method"], r["fast"], r["path"]) for r in recs]
+    assert rows == [("none", False, "plain transformers (unpatched)"),
+                    ("none", True, "learnpruner engine, fast decode path"),
+                    ("learnpruner", True, "learnpruner engine, fast decode path")]
+    assert recs[2]["like_for_like_e2e_speedup"] == pytest.approx(recs[1]["e2e_ms"] / recs[2]["e2e_ms"])
+    assert recs[2]["e2e_speedup"] == pytest.approx(recs[0]["e2e_ms"] / recs[2]["e2e_ms"])

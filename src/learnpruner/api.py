@@ -69,7 +69,8 @@ def _resolve_lpm(lpm, adapter, model, seed: int) -> LearnablePruningModule:
     return module.to(param.device).eval()
 
 
-def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, **options) -> nn.Module:
+def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, *, fast: bool = False,
+          **options) -> nn.Module:
     """Prune the visual tokens of ``model`` (patched in place; returns it).
 
     Args:
@@ -77,6 +78,9 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, **opt
         method: a name from :data:`learnpruner.METHODS` (``none``, ``random``, ``fastv``, ``learnpruner``...).
         tokens: the budget, as the AVERAGE number of visual tokens per LLM layer (per image). A budget of
             at least the image's token count is a no-op.
+        fast: decode on static KV buffers with a step that has static shapes and no host syncs, captured
+            once as a CUDA graph and replayed on GPUs (see :mod:`learnpruner.fast`); outputs equal the
+            plain path. Default False.
         **options: method options, e.g. ``lpm=PATH``, ``r1``, ``r2``, ``layer``, ``diversity``, ``seed``.
 
     Only this instance changes: it gets a private subclass whose ``forward`` runs the pruning engine,
@@ -94,8 +98,14 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, **opt
     seed = opts.get("seed", 0)
     lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if m.stage1 == "lpm" else None
     generator = torch.Generator().manual_seed(seed) if m.stage1 == "random" else None
+    if fast and adapter.text_config._attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"fast=True supports attn_implementation 'sdpa' and 'eager', not "
+            f"{adapter.text_config._attn_implementation!r}"
+        )
     state = PruneState(
-        method=m, tokens=tokens, options=opts, adapter=adapter, base_class=type(model), lpm=lpm, generator=generator
+        method=m, tokens=tokens, options=opts, adapter=adapter, base_class=type(model), lpm=lpm, generator=generator,
+        fast=bool(fast),
     )
     model.__class__ = _pruned_class(type(model))
     model._learnpruner = state

@@ -430,6 +430,7 @@ def run_bench(
     variants: int = 3,
     progress: bool = True,
     seed: int = 0,
+    fast: bool = False,
 ) -> list[dict]:
     """Measure every method x budget x batch size; returns one record per cell (see module doc).
 
@@ -437,6 +438,9 @@ def run_bench(
     from :data:`ARCHS` (random weights). ``methods``/``tokens``/``batch_sizes``: lists or
     comma-separated strings. ``none`` is measured once per batch size (its budget is every token).
     Budgets a method cannot reach give a record with ``skipped`` (the reason) and no measurements.
+    With ``fast=True`` every method runs on the fast decode path (``apply(..., fast=True)``) and ``none``
+    is measured twice: as users run it today (plain transformers, the baseline of ``prefill_speedup`` and
+    ``e2e_speedup``) and on the fast path (the baseline of ``like_for_like_e2e_speedup``).
     """
     import transformers
 
@@ -494,7 +498,14 @@ def run_bench(
         "variants": variants, "visual_tokens": n, "num_layers": num_layers,
     }
     dense = {b: None for b in batch_sizes}
+    dense_fast = {b: None for b in batch_sizes}
     records = []
+    runs = []
+    for name, t, sched, reason in plan:
+        if fast and name == "none":
+            runs.append((name, t, sched, reason, False))
+        runs.append((name, t, sched, reason, fast))
+    plan = runs
     grid = [(b, item) for b in batch_sizes for item in plan]
     bar = _progress(len(grid), progress)
     try:
@@ -504,20 +515,20 @@ def run_bench(
                 feats = [ad.vision_features(inp["pixel_values"]) for inp in inputs]
             text_ids = [torch.cat([inp["input_ids"][:, :pre], inp["input_ids"][:, pre + n:]], dim=1)
                         for inp in inputs]
-            for name, t, sched, reason in plan:
+            for name, t, sched, reason, on_fast in plan:
                 if bar is not None:
-                    bar.set_postfix_str(f"{name} T={t} b={b}")
-                rec = {"method": name, "tokens": t, "batch_size": b, **env}
+                    bar.set_postfix_str(f"{name}{' fast' if on_fast else ''} T={t} b={b}")
+                rec = {"method": name, "tokens": t, "batch_size": b, "fast": on_fast, **env}
                 if sched is None:
                     rec["skipped"] = reason
                     records.append(rec)
                     _bar_step(bar)
                     continue
                 rec.update(_measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, new_tokens,
-                                    text_tokens, repeats, warmup))
+                                    text_tokens, repeats, warmup, on_fast))
                 rec["lpm"] = "random (untrained; speed does not depend on its weights)" if _options(name) else None
                 if name == "none":
-                    dense[b] = rec
+                    (dense_fast if on_fast else dense)[b] = rec
                 records.append(rec)
                 _bar_step(bar)
     finally:
@@ -531,6 +542,10 @@ def run_bench(
         rec["e2e_speedup"] = base["e2e_ms"] / rec["e2e_ms"] if ok else None
         rec["ideal_speedup"] = base["ideal_prefill_ms"] / rec["ideal_prefill_ms"] if ok else None
         rec["flops_ratio"] = rec["flops"] / base["flops"] if ok else None
+        same = (dense_fast if rec.get("fast") else dense).get(rec["batch_size"])
+        ok_same = same is not None and "skipped" not in rec
+        rec["like_for_like_e2e_speedup"] = same["e2e_ms"] / rec["e2e_ms"] if ok_same else None
+        rec["like_for_like_prefill_speedup"] = same["prefill_ms"] / rec["prefill_ms"] if ok_same else None
     return records
 
 
@@ -553,16 +568,16 @@ def _int_like(v):
 
 
 def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, new_tokens, text_tokens,
-             repeats, warmup) -> dict:
+             repeats, warmup, fast: bool = False) -> dict:
     import learnpruner
 
     cuda = clock.cuda
     # the baseline is the model as users run it today: plain transformers, not patched at all
-    plain = name == "none"
+    plain = name == "none" and not fast
     if plain:
         state = _PlainState(model.model.vision_tower)
     else:
-        learnpruner.apply(model, name, tokens=t, **_options(name))
+        learnpruner.apply(model, name, tokens=t, fast=fast, **_options(name))
         state = model._learnpruner
     v = len(inputs)
 
@@ -620,7 +635,8 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
     ideal = med["vision"] + ideal_llm
     breakdown = flops_breakdown(model.config, sched, b, text_tokens)
     return {
-        "path": "plain transformers (unpatched)" if plain else "learnpruner engine",
+        "path": "plain transformers (unpatched)" if plain else
+                "learnpruner engine, fast decode path" if fast else "learnpruner engine",
         "avg_visual_tokens": st.average_tokens if st is not None else sched.average,
         "tokens_per_layer": st.tokens_per_layer if st is not None else sched.per_layer(),
         "schedule": {"r1": sched.r1, "drops": [list(d) for d in sched.drops]},
@@ -709,7 +725,8 @@ def markdown_table(records: list[dict]) -> str:
         if "skipped" in r:
             notes.append(f"- {r['method']} tokens={r['tokens']} batch={r['batch_size']}: skipped ({r['skipped']})")
             continue
-        cells = [r["method"], r["tokens"], r["batch_size"], _fmt(r["avg_visual_tokens"]), _fmt(r["vision_ms"]),
+        label = r["method"] + (" (fast)" if r.get("fast") else " (plain HF)" if r["method"] == "none" else "")
+        cells = [label, r["tokens"], r["batch_size"], _fmt(r["avg_visual_tokens"]), _fmt(r["vision_ms"]),
                  _fmt(r["stage1_ms"], 2), _fmt(r["llm_select_ms"], 2), _fmt(r["prefill_ms"]),
                  _fmt(r["ideal_prefill_ms"]), _fmt(r["overhead"], 2), _fmt(r["prefill_speedup"], 2),
                  _fmt(r["ideal_speedup"], 2), _fmt(r["decode_ms_per_token"]), _fmt(r["e2e_ms"]),
@@ -731,7 +748,9 @@ def markdown_table(records: list[dict]) -> str:
             "prefill = one forward with the KV cache and logits_to_keep=1 (time to first token, vision included). "
             "decode ms/tok = (e2e - prefill) / (new tokens - 1), e2e = generate (greedy, exactly N new tokens). "
             "ideal = measured vision ms + the plain decoder layers fed only the scheduled token counts (no "
-            "selection work); overhead = prefill / ideal. Speedups are against `none` at the same batch size.",
+            "selection work); overhead = prefill / ideal. Speedups are against `none` on plain transformers at the "
+            "same batch size; (fast) rows ran on the fast decode path (results.json also has like-for-like "
+            "speedups against `none` on the fast path).",
             "peak mem: torch.cuda.max_memory_allocated (weights included) over prefill and generate"
             + ("; not available on CPU (reported as null)." if r["device_type"] != "cuda" else "."),
             "KV: bytes of the cache tensors after prefill. " + FLOPS_CONVENTION + ".",
@@ -820,6 +839,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
     p.add_argument("--out", default="learnpruner-bench", help="folder for results.json and bench.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fast", action="store_true",
+                   help="run every method on the fast decode path (static KV buffers; CUDA graphs on GPU)")
 
 
 @command("bench", "measure speed, memory and FLOPs of pruning methods", _bench_args)
@@ -832,6 +853,7 @@ def _bench(args: argparse.Namespace) -> int:
         model=args.model, arch=args.arch, methods=args.methods, tokens=args.tokens, batch_sizes=args.batch_sizes,
         new_tokens=args.new_tokens, text_tokens=args.text_tokens, repeats=args.repeats, warmup=args.warmup,
         device=args.device, dtype=args.dtype, variants=args.variants, progress=not args.no_progress,
+        fast=args.fast,
     )
     print(markdown_table(records))
     path = write_results(records, args.out)

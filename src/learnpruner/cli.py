@@ -55,6 +55,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lpm", default=None, help="LPM folder for learnpruner (default: the model's own, if shipped)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="extra method option, repeatable")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--fast", action="store_true", help="fast decode path (static KV buffers; CUDA graphs on GPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
 
@@ -72,7 +73,7 @@ def _generate(args: argparse.Namespace) -> int:
     options = _method_options(args.option)
     if args.lpm is not None:
         options["lpm"] = args.lpm
-    learnpruner.apply(model, args.method, tokens=args.tokens, **options)
+    learnpruner.apply(model, args.method, tokens=args.tokens, fast=args.fast, **options)
     text = format_prompt(processor, prompt)
     inputs = processor(images=image, text=text, return_tensors="pt").to(args.device)
     if "pixel_values" in inputs:

@@ -79,6 +79,8 @@ class PruneState:
     # optional profiler: ``timer(name)`` returns a context manager timing section ``name``
     # ("vision", "stage1", "projector", "llm_select"); set by the benchmark, None otherwise
     timer: object | None = None
+    # decode on static KV buffers with a capturable step (CUDA graphs on GPU); see learnpruner.fast
+    fast: bool = False
     _schedules: dict = field(default_factory=dict)
 
     def section(self, name: str):
@@ -326,11 +328,16 @@ def pruned_forward(
         if input_ids is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         inputs_embeds = ad.language_model.embed_tokens(input_ids)
-    past = cache.get_seq_length() if cache is not None else 0
+    static = getattr(cache, "_learnpruner_static", None)
+    past = static.get_seq_length() if static is not None else cache.get_seq_length() if cache is not None else 0
     if pixel_values is not None and past > 0:
         raise ValueError("learnpruner prunes at prefill: pixel_values with a non-empty cache is not supported")
     layout = getattr(cache, LAYOUT_ATTR, None) if past > 0 else None
-    if layout is not None:
+    if layout is not None and state.fast:
+        from .fast import fast_decode
+
+        hidden, final_orig = fast_decode(ad, cache, layout, inputs_embeds, position_ids, kwargs), None
+    elif layout is not None:
         hidden, final_orig = _decode(ad, layout, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
     else:
         hidden, final_orig = _prefill(
@@ -507,8 +514,8 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
             stage2_scores=table,
             num_images=n_img,
         )
-    if cache is not None and compacted:
-        # the cache now holds fewer tokens than the prompt: decode steps need the compacted masks
+    if cache is not None and (compacted or state.fast):
+        # the cache holds fewer tokens than the prompt (or the fast path takes over): decode steps need the masks
         segs = [(start, m if m is not None else torch.ones(b, s, dtype=torch.long, device=device))
                 for start, m in segments]
         setattr(cache, LAYOUT_ATTR, {"orig_len": s, "segments": segs})
