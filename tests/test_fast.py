@@ -26,24 +26,28 @@ def _generate(model, inp, **kw):
                               return_dict_in_generate=True, **kw)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("method,opts", CASES, ids=[c[0] for c in CASES])
-def test_fast_decode_equals_the_plain_path(impl, method, opts):
-    model = tiny_llava(attn=impl, seed=2)
-    inp = make_inputs(model)  # a padded batch of two prompts
+def _plain_and_fast(model, inp, method, opts):
+    """Greedy generations of the same pruned model on the plain and on the fast path, and the fast cache."""
     learnpruner.apply(model, method, **opts)
     plain = _generate(model, inp)
     learnpruner.remove(model)
     learnpruner.apply(model, method, fast=True, **opts)
     quick = _generate(model, inp)
     assert torch.equal(plain.sequences, quick.sequences)
+    cache = quick.past_key_values if hasattr(quick, "past_key_values") else quick.cache
+    return plain, quick, cache._learnpruner_static
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("method,opts", CASES, ids=[c[0] for c in CASES])
+def test_fast_decode_equals_the_plain_path(impl, method, opts):
+    model = tiny_llava(attn=impl, seed=2)
+    plain, quick, static = _plain_and_fast(model, make_inputs(model), method, opts)  # a padded batch of two
     for a, b in zip(plain.scores, quick.scores):
         finite = torch.isfinite(a)
         assert torch.equal(finite, torch.isfinite(b))
         torch.testing.assert_close(a[finite], b[finite], atol=1e-5, rtol=1e-5)
     # the static buffers really are in use, one kept length per layer group
-    cache = quick.past_key_values if hasattr(quick, "past_key_values") else quick.cache
-    static = cache._learnpruner_static
     assert static.generated == 5 and int(static.step) == 5
     assert len(set(static.base)) == len(static.prefix)
 
@@ -51,15 +55,8 @@ def test_fast_decode_equals_the_plain_path(impl, method, opts):
 def test_buffers_grow_when_full(monkeypatch):
     monkeypatch.setattr(fast, "CAPACITY_STEP", 2)
     model = tiny_llava(seed=3)
-    inp = make_inputs(model)
-    learnpruner.apply(model, "learnpruner", tokens=16, lpm="random")
-    plain = _generate(model, inp)
-    learnpruner.remove(model)
-    learnpruner.apply(model, "learnpruner", tokens=16, lpm="random", fast=True)
-    quick = _generate(model, inp)
-    assert torch.equal(plain.sequences, quick.sequences)
-    cache = quick.past_key_values if hasattr(quick, "past_key_values") else quick.cache
-    assert cache._learnpruner_static.capacity >= 6
+    _, _, static = _plain_and_fast(model, make_inputs(model), "learnpruner", {"tokens": 16, "lpm": "random"})
+    assert static.capacity >= 6
 
 
 def test_fast_needs_sdpa_or_eager():
@@ -74,11 +71,5 @@ def test_fast_needs_sdpa_or_eager():
 def test_cuda_graph_decode_equals_the_plain_path():
     model = tiny_llava(seed=5).cuda()
     inp = {k: v.cuda() for k, v in make_inputs(model).items()}
-    learnpruner.apply(model, "learnpruner", tokens=16, lpm="random")
-    plain = _generate(model, inp)
-    learnpruner.remove(model)
-    learnpruner.apply(model, "learnpruner", tokens=16, lpm="random", fast=True)
-    quick = _generate(model, inp)
-    assert torch.equal(plain.sequences, quick.sequences)
-    cache = quick.past_key_values if hasattr(quick, "past_key_values") else quick.cache
-    assert cache._learnpruner_static.graph is not None
+    _, _, static = _plain_and_fast(model, inp, "learnpruner", {"tokens": 16, "lpm": "random"})
+    assert static.graph is not None

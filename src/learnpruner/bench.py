@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .cli import command
-from .lpm import atomic_write
+from .utils import atomic_write
 
 __all__ = [
     "ARCHS",

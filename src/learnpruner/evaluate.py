@@ -21,7 +21,7 @@ import torch
 
 import learnpruner
 
-from .lpm import atomic_write
+from .utils import atomic_write
 
 __all__ = ["EvalItem", "load_items", "normalize", "is_correct", "evaluate", "summarize", "markdown_table"]
 

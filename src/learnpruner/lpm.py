@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["LPMConfig", "LearnablePruningModule", "atomic_write"]
+from .utils import atomic_write
+
+__all__ = ["LPMConfig", "LearnablePruningModule"]
 
 FORMAT = "learnpruner-lpm"
 WEIGHTS = "lpm.safetensors"
@@ -105,18 +106,3 @@ class LearnablePruningModule(nn.Module):
             raise ValueError(
                 f"this LPM was trained on vision feature layer {c.feature_layer}, but the model uses {feature_layer}"
             )
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then move the file onto ``path``, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

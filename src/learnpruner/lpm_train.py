@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +38,9 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .lpm import LearnablePruningModule, LPMConfig, atomic_write
+from .lpm import LearnablePruningModule, LPMConfig
 from .methods import get_method
+from .utils import atomic_torch_save, rng_state, set_rng_state
 
 __all__ = ["TrainConfig", "train_lpm", "LlavaRecords", "ShapesRecords", "GATED_ATTENTION"]
 
@@ -276,16 +276,6 @@ class _Runtime:
             self.acc.wait_for_everyone()
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
 # --------------------------------------------------------------------------------------------------
 # the loop
 
@@ -351,7 +341,7 @@ def train_lpm(
         step, pos, history = state["step"], state["pos"], state["history"]
         data.skipped = dict(state.get("skipped", {}))
         data._bad = set(state.get("bad", []))
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     elif resume:
         logger.warning("no checkpoint at %s: starting from scratch", ckpt_path)
     lpm_t, opt_t = rt.prepare(lpm, opt)
@@ -476,8 +466,8 @@ def _collate(examples, image_processor, pad_id: int) -> dict[str, torch.Tensor]:
 def _save_checkpoint(path: Path, lpm: nn.Module, opt, scheduler, step, pos, history, data, cfg) -> None:
     state = {"lpm": lpm.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict(), "step": step,
              "pos": pos, "history": history, "skipped": dict(data.skipped), "bad": sorted(data._bad),
-             "rng": _rng_state(), "config": asdict(cfg)}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+             "rng": rng_state(), "config": asdict(cfg)}
+    atomic_torch_save(state, path)
 
 
 def iter_history(out_dir: str | os.PathLike) -> Iterator[dict]:

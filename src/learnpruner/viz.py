@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .lpm import atomic_write
+from .utils import atomic_write
 
 __all__ = ["plot_accuracy", "overlay_kept"]
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..utils import atomic_torch_save, rng_state, set_rng_state
 from .model import build_model, build_processor, encode_conversation, format_prompt, save
 from .shapes import CHARS, COLOR_NAMES, GRID, MAX_OBJECTS, MIN_OBJECTS, SHAPES, VQAItem, generate_item, load_split
 
@@ -164,22 +165,6 @@ def evaluate(model, processor, items: list[VQAItem], batch_size: int = 16, max_n
             "per_qtype": {k: float(np.mean(v)) for k, v in sorted(hits.items())}, "predictions": preds}
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------ trainer
 
 
@@ -237,11 +222,11 @@ class Trainer:
     def state(self) -> dict:
         return {"stage": self.stage, "step": self.step, "pos": self.pos, "model": self.model.state_dict(),
                 "heads": self.heads.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "rng": _rng_state(), "history": self.history, "config": asdict(self.cfg)}
+                "rng": rng_state(), "history": self.history, "config": asdict(self.cfg)}
 
     def save_checkpoint(self) -> None:
         os.makedirs(self.cfg.out, exist_ok=True)
-        _atomic_save(self.state(), self.ckpt_path)
+        atomic_torch_save(self.state(), self.ckpt_path)
 
     def load_checkpoint(self, path: str | None = None) -> None:
         ck = torch.load(path or self.ckpt_path, map_location="cpu", weights_only=False)
@@ -253,7 +238,7 @@ class Trainer:
             self.opt.load_state_dict(ck["opt"])
             self.sched.load_state_dict(ck["sched"])
         self.step, self.pos = ck["step"], ck["pos"]
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
 
     # steps -------------------------------------------------------------------------------------------
     def _items(self, n: int) -> list[VQAItem]:
