@@ -190,3 +190,11 @@ def test_fast_flag_measures_the_fast_path_and_both_baselines(tmp_path):
                     ("learnpruner", True, "learnpruner engine, fast decode path")]
     assert recs[2]["like_for_like_e2e_speedup"] == pytest.approx(recs[1]["e2e_ms"] / recs[2]["e2e_ms"])
     assert recs[2]["e2e_speedup"] == pytest.approx(recs[0]["e2e_ms"] / recs[2]["e2e_ms"])
+
+
+def test_an_arch_too_large_for_the_device_fails_before_allocating(monkeypatch):
+    from learnpruner import bench
+
+    monkeypatch.setattr(bench, "_available_bytes", lambda device: 2**30)
+    with pytest.raises(ValueError, match=r"--arch llava-1.5-7b needs 2\d\.\d GiB .* has 1.0 GiB free"):
+        bench.build_arch("llava-1.5-7b", torch.float32, "cpu")

@@ -125,6 +125,7 @@ def build_arch(name: str, dtype=torch.float32, device="cpu", seed: int = 0):
         dtype = torch.float32 if dtype == "auto" else dtype
     cfg = arch_config(name)
     device = torch.device(device)
+    _check_fits(name, cfg, dtype, device)
     with no_init_weights(), device:
         model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -140,6 +141,35 @@ def build_arch(name: str, dtype=torch.float32, device="cpu", seed: int = 0):
     model.generation_config.pad_token_id = cfg.text_config.pad_token_id
     model._learnpruner_arch = name
     return model.eval()
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits(name: str, cfg, dtype: torch.dtype, device: torch.device) -> None:
+    """``ValueError`` before allocating when the weights alone would not fit in the device's free memory."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        meta = LlavaForConditionalGeneration._from_config(cfg)
+    need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=dtype).element_size()
+    free = _available_bytes(device)
+    if free is not None and need > 0.9 * free:
+        raise ValueError(
+            f"--arch {name} needs {need / 2**30:.1f} GiB for its weights in {str(dtype).replace('torch.', '')}, "
+            f"but {device} has {free / 2**30:.1f} GiB free; use a GPU, --dtype bfloat16, or a smaller arch "
+            f"(llava-mid)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
