@@ -108,7 +108,7 @@ def test_text_raters_pick_instruction_tokens_related_to_the_image():
     assert text_raters(vis, torch.zeros(0, 2)).numel() == 0
 
 
-def _sparsevlm_ctx(state, layer, present, text_embeds, attention) -> LLMContext:
+def _sparsevlm_ctx(state, layer, present, text_embeds, attention, scratch=None) -> LLMContext:
     """One sample: the present visual tokens (of 4, input embeddings along +x) then 2 instruction tokens."""
     m = len(present)
     vis = torch.tensor([present + [-1, -1]])
@@ -119,7 +119,7 @@ def _sparsevlm_ctx(state, layer, present, text_embeds, attention) -> LLMContext:
     scores[0, present] = attention[0, :, :m].mean(0)  # the engine's mean over every query row
     return LLMContext(torch.randn(1, m + 2, 2), vis, img, None, scores, 1, 4, layer, state, input_embeds=embeds,
                       attention=attention, query_index=torch.tensor([[m, m + 1]]),
-                      query_valid=torch.ones(1, 2, dtype=torch.bool))
+                      query_valid=torch.ones(1, 2, dtype=torch.bool), scratch={} if scratch is None else scratch)
 
 
 def test_sparsevlm_scores_with_the_text_raters_attention():
@@ -135,14 +135,16 @@ def test_sparsevlm_scores_with_the_text_raters_attention():
     torch.testing.assert_close(sparsevlm_scores(ctx)[0], torch.tensor(att[0][:4]))
     assert rule(ctx, 2).kept.tolist() == [[1, 2]]
     # the same attention with the embeddings swapped: row 1 rates
-    assert rule(_sparsevlm_ctx(state, 3, [0, 1, 2, 3], away, att), 2).kept.tolist() == [[0, 3]]
+    forward = {}  # what the drops of one forward share
+    assert rule(_sparsevlm_ctx(state, 3, [0, 1, 2, 3], away, att, forward), 2).kept.tolist() == [[0, 3]]
     # as official the raters are chosen once per forward, at the first drop, and reused at the later ones:
     # at layer 7 (visual 1, 2, 3 left) the embeddings would make row 0 rate again, but row 1 still does
     att2 = [[0.3, 0.05, 0.2, 0.4, 0.05], [0.0, 0.6, 0.0, 0.3, 0.1]]
-    assert rule(_sparsevlm_ctx(state, 7, [1, 2, 3], toward, att2), 2).kept.tolist() == [[1, 2]]  # by row 1
-    # a new forward (back at the first drop layer) chooses them afresh
-    assert rule(_sparsevlm_ctx(state, 3, [0, 1, 2, 3], toward, att), 2).kept.tolist() == [[1, 2]]
-    assert rule(_sparsevlm_ctx(state, 7, [1, 2, 3], toward, att2), 2).kept.tolist() == [[1, 3]]  # by row 0
+    assert rule(_sparsevlm_ctx(state, 7, [1, 2, 3], toward, att2, forward), 2).kept.tolist() == [[1, 2]]  # row 1
+    # a new forward chooses them afresh
+    forward = {}
+    assert rule(_sparsevlm_ctx(state, 3, [0, 1, 2, 3], toward, att, forward), 2).kept.tolist() == [[1, 2]]
+    assert rule(_sparsevlm_ctx(state, 7, [1, 2, 3], toward, att2, forward), 2).kept.tolist() == [[1, 3]]  # row 0
 
 
 def test_sparsevlm_recycles_pruned_tokens_into_kept_slots():

@@ -461,6 +461,7 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
     masks = [_mask(ad, seq.hidden, seq.mask, cache, seq.pos)]
     tokens_per_layer, llm_kept, readout, table = [], [], {}, None
     embeds0 = inputs_embeds  # the LLM input (after stage 1), for rules that read it
+    scratch: dict = {}  # shared by the LLM drops of this forward
     hidden = seq.hidden
     for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
         if i in drops:
@@ -475,7 +476,7 @@ def _prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, posi
                         hidden, seq.vis, seq.img, seq.mask, table, n_img, sched.n, i, state,
                         input_embeds=_take(embeds0, seq.orig),
                         attention=readout.get("attention"), query_index=readout.get("query_index"),
-                        query_valid=readout.get("query_valid"), keys=readout.get("keys"),
+                        query_valid=readout.get("query_valid"), keys=readout.get("keys"), scratch=scratch,
                     )
                     selection = rule.fn(ctx, drops[i])
                 llm_kept.append(selection.kept)

@@ -101,6 +101,8 @@ class LLMContext:
     query_valid: torch.Tensor | None = None
     # when the rule was registered with keys=True: layer ``layer - 1``'s keys after RoPE [b, kv_heads, s, head_dim]
     keys: torch.Tensor | None = None
+    # one dict shared by every drop of the same forward (what a rule decides at its first drop and reuses)
+    scratch: dict = field(default_factory=dict)
 
     @property
     def options(self) -> dict:

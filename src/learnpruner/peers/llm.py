@@ -386,7 +386,6 @@ def sparsevlm_select(
     return kept, replace, mask
 
 
-_RATERS_ATTR = "_sparsevlm_raters"  # on the PruneState: (layer, [raters per image]) of the last first drop
 
 
 def sparsevlm_scores(ctx: LLMContext) -> torch.Tensor:
@@ -397,21 +396,20 @@ def sparsevlm_scores(ctx: LLMContext) -> torch.Tensor:
     (the ``"text"`` query rows) from the LLM input embeddings: ``ctx.input_embeds`` of the image's
     visual tokens against those of the instruction tokens. As official v1, they are chosen once per
     forward, at the first drop (where every visual token is still present), and reused at the later
-    drops: the rule keeps them on ``ctx.state`` with the layer they were chosen at; a call at a layer
-    not after that one (a new forward) chooses them afresh.
+    drops through ``ctx.scratch`` (shared by the drops of one forward).
     """
     sample = _image_sample(ctx)
     present = ctx.present()
     vis_embeds = _per_image(ctx, ctx.input_embeds, 0.0)
-    cached = getattr(ctx.state, _RATERS_ATTR, None)
-    reuse = cached is not None and cached[0] < ctx.layer and len(cached[1]) == ctx.num_images
+    cached = ctx.scratch.get("sparsevlm_raters")
+    reuse = cached is not None and len(cached) == ctx.num_images
     table = torch.full((ctx.num_images, ctx.n), float("-inf"), device=ctx.attention.device)
     chosen = []
     for i in range(ctx.num_images):
         b = int(sample[i])
         valid = ctx.query_valid[b].bool()
         rows = ctx.query_index[b, valid]
-        raters = cached[1][i] if reuse else None
+        raters = cached[i] if reuse else None
         if raters is None or raters.numel() != rows.numel():
             raters = text_raters(vis_embeds[i, present[i]], ctx.input_embeds[b, rows])
         chosen.append(raters)
@@ -423,7 +421,7 @@ def sparsevlm_scores(ctx: LLMContext) -> torch.Tensor:
         pos = (ctx.img[b] == i) & (ctx.vis[b] >= 0)
         table[i, ctx.vis[b, pos]] = received[pos]
     if not reuse:
-        setattr(ctx.state, _RATERS_ATTR, (ctx.layer, chosen))
+        ctx.scratch["sparsevlm_raters"] = chosen
     return table
 
 
