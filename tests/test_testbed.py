@@ -241,3 +241,22 @@ def test_train_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(a, b), k
     ck = torch.load(resumed.ckpt_path, weights_only=False)
     assert ck["stage"] == "done"
+
+
+def test_patch_loss_position_weight_scales_only_the_row_column_terms():
+    import torch.nn.functional as F
+
+    from learnpruner.testbed.train import PatchHeads, patch_loss
+
+    torch.manual_seed(0)
+    n, grid = 2, 24
+    logits = {k: torch.randn(n, grid * grid, c) for k, c in PatchHeads.SPEC.items()}
+    labels = {"kind": torch.randint(0, 3, (n, grid * grid)), "center": torch.randint(0, 2, (n, grid * grid)),
+              "color": torch.randint(0, 3, (n, grid * grid)), "shape": torch.randint(0, 3, (n, grid * grid)),
+              "char": torch.randint(0, 3, (n, grid * grid))}
+    pos = torch.arange(grid * grid)
+    position = (F.cross_entropy(logits["row"].flatten(0, 1), (pos // grid).repeat(n))
+                + F.cross_entropy(logits["col"].flatten(0, 1), (pos % grid).repeat(n)))
+    without, _ = patch_loss(logits, labels, position_weight=0.0)
+    with_half, _ = patch_loss(logits, labels)
+    torch.testing.assert_close(with_half - without, 0.5 * position)

@@ -50,6 +50,7 @@ class TrainConfig:
     lr_a: float = 1e-3
     lr: float = 1e-3
     lr_vision_b: float = 0.0
+    position_weight: float = 0.5  # stage (a): weight of the per-patch row/column targets
     weight_decay: float = 0.01
     warmup: int = 100
     max_questions: int = 6
@@ -83,16 +84,17 @@ class PatchHeads(nn.Module):
         return {k: head(h) for k, head in self.heads.items()}
 
 
-def patch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+def patch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+               position_weight: float = 0.5) -> tuple[torch.Tensor, dict]:
     """Sum of per-patch cross-entropies; colour/shape/char only on foreground patches; row/column of every
-    patch so that the features LLaVA uses encode position explicitly."""
+    patch (weighted by ``position_weight``) so that the features LLaVA uses encode position explicitly."""
     loss = F.cross_entropy(logits["kind"].flatten(0, 1), labels["kind"].flatten())
     w = torch.tensor([1.0, 8.0])
     loss = loss + F.cross_entropy(logits["center"].flatten(0, 1), labels["center"].flatten(), weight=w)
     pos = torch.arange(GRID * GRID)
     n = logits["row"].shape[0]
-    loss = loss + 0.5 * F.cross_entropy(logits["row"].flatten(0, 1), (pos // GRID).repeat(n))
-    loss = loss + 0.5 * F.cross_entropy(logits["col"].flatten(0, 1), (pos % GRID).repeat(n))
+    loss = loss + position_weight * F.cross_entropy(logits["row"].flatten(0, 1), (pos // GRID).repeat(n))
+    loss = loss + position_weight * F.cross_entropy(logits["col"].flatten(0, 1), (pos % GRID).repeat(n))
     stats = {}
     for k in ("color", "shape", "char"):
         y = labels[k].flatten().clone()
@@ -261,7 +263,7 @@ class Trainer:
             feats = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]
             labels = {k: torch.from_numpy(np.stack([it.labels[k].reshape(-1) for it in items]))
                       for k in ("kind", "color", "shape", "char", "center")}
-            loss, stats = patch_loss(self.heads(feats), labels)
+            loss, stats = patch_loss(self.heads(feats), labels, self.cfg.position_weight)
             params = list(self.vision.parameters()) + list(self.heads.parameters())
         else:
             items = self._items(self.cfg.batch_size)
