@@ -95,7 +95,7 @@ def test_hand_verified_answers(hand_scene):
 
 def test_patch_labels_hand_scene(hand_scene):
     lab = hand_scene.labels
-    assert set(lab) == {"kind", "color", "shape", "char", "center"}
+    assert set(lab) == {"kind", "color", "shape", "char", "center", "id"}
     assert all(v.shape == (24, 24) for v in lab.values())
     r, c = 60 // 14, 200 // 14
     assert lab["kind"][r, c] == 1 and S.COLOR_NAMES[lab["color"][r, c] - 1] == "blue"
@@ -210,9 +210,10 @@ def test_default_model_size():
 # ------------------------------------------------------------------------------------------------ train
 
 
-def _cfg(out: str) -> TrainConfig:
+def _cfg(out: str, **kw) -> TrainConfig:
+    kw = {"lr_vision_b": 1e-4, **kw}
     return TrainConfig(out=out, steps_a=2, steps_b=3, batch_size_a=2, batch_size=2, warmup=1, ckpt_every=1,
-                       eval_every=100, eval_n=2, test_n=2, tiny=True, seed=1, lr_vision_b=1e-4)
+                       eval_every=100, eval_n=2, test_n=2, tiny=True, seed=1, **kw)
 
 
 def test_curriculum():
@@ -260,3 +261,148 @@ def test_patch_loss_position_weight_scales_only_the_row_column_terms():
     without, _ = patch_loss(logits, labels, position_weight=0.0)
     with_half, _ = patch_loss(logits, labels)
     torch.testing.assert_close(with_half - without, 0.5 * position)
+
+
+def test_relevant_objects_hand_scene(hand_scene):
+    objs, boxes = hand_scene.objects, hand_scene.boxes
+    expected = {
+        "what color is the star?": [1],
+        "what shape is the red object?": [0],
+        "how many circles are there?": [0, 3],
+        "how many hexagons are there?": [],
+        "is there a red circle?": [0],
+        "is there a blue circle?": [],
+        "is the red circle left of the blue star?": [0, 1],
+        "what is written in the box?": [5],
+    }
+    for q, want in expected.items():
+        assert S.relevant_objects(q, objs, boxes) == want, q
+    ids = hand_scene.labels["id"]
+    assert ids[60 // 14, 200 // 14] == 2 and ids[280 // 14, 150 // 14] == 6 and ids[0, 23] == 0
+    assert set(np.unique(ids)) == set(range(len(objs) + len(boxes) + 1))
+    with pytest.raises(ValueError, match="unknown question"):
+        S.relevant_objects("what is this?", objs, boxes)
+
+
+def test_referents_hand_scene(hand_scene):
+    objs, boxes = hand_scene.objects, hand_scene.boxes
+    expected = {
+        "what color is the star?": [("star", [1])],
+        "what shape is the red object?": [("red", [0])],
+        "how many circles are there?": [("circles", [0, 3])],
+        "how many hexagons are there?": [],
+        "is there a red circle?": [("circle", [0])],
+        "is there a blue circle?": [],
+        "is the green circle below the green square?": [("circle", [3]), ("square", [2])],
+        "what is written in the box?": [("box", [5])],
+    }
+    for q, want in expected.items():
+        assert S.referents(q, objs, boxes) == want, q
+        assert sorted({i for _, idx in want for i in idx}) == sorted(S.relevant_objects(q, objs, boxes)), q
+
+
+def test_grounding_targets_and_loss(processor):
+    from learnpruner.testbed.train import collate_vqa, grounding_loss, grounding_targets
+
+    items = [S.generate_item("train", i, seed=2, all_questions=True) for i in range(3)]
+    batch = collate_vqa(items, processor, max_questions=6)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    t = grounding_targets(items, batch["input_ids"], batch["labels"], tok, image_id, 6)
+    want = []
+    for it in items:
+        objs = [S.SceneObject(**o) for o in it.objects]
+        boxes = [S.TextBox(**x) for x in it.boxes]
+        want += [w for q, _, _ in it.qas[:6] for w, _ in S.referents(q, objs, boxes)]
+    ids = batch["input_ids"]
+    assert len(want) > 3 and tok.convert_ids_to_tokens(ids[t["rows"], t["queries"]].tolist()) == want
+    for r, m in zip(t["rows"], t["masks"]):
+        assert (ids[r][m] == image_id).all() and 0 < m.sum() < 576
+    # all attention on the referred tokens -> zero loss; uniform -> log(seq / referred) on average
+    bsz, seq = ids.shape
+    attn = torch.zeros(bsz, 2, seq, seq)
+    for r, q, m in zip(t["rows"], t["queries"], t["masks"]):
+        attn[r, :, q] = m.float() / m.sum()
+    assert grounding_loss(attn, t, heads=2).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((bsz, 2, seq, seq), 1.0 / seq)
+    expect = float(np.mean([-np.log(m.sum().item() / seq) for m in t["masks"]]))
+    assert grounding_loss(uniform, t, heads=1).item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_grounding_attention_matches_sdpa_and_returns_weights():
+    """The training-only attention dispatch gives the same logits as SDPA and exposes one layer's weights."""
+    cfg = _cfg("/nonexistent")
+    tr = Trainer(cfg)
+    tr._next_stage()  # stage (b) with the grounding dispatch installed on layer 1 -> use layer 0 here
+    model = tr.model
+    layers = model.model.language_model.layers
+    layers[cfg.grounding_layer].self_attn.__dict__.pop("_learnpruner_ground")
+    layers[0].self_attn._learnpruner_ground = True
+    items = [S.generate_item("train", i, seed=1, all_questions=True) for i in range(2)]
+    batch = collate_vqa_for_test(items, tr.processor)
+    seen = []
+    h = layers[0].self_attn.register_forward_hook(lambda _m, _a, o: seen.append(o[1]))
+    with torch.no_grad():
+        a = model(**batch).logits
+    h.remove()
+    assert seen[0] is not None and torch.allclose(seen[0].sum(-1), torch.ones(()), atol=1e-5)
+    model.set_attn_implementation({"text_config": "sdpa"})
+    with torch.no_grad():
+        b = model(**batch).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def collate_vqa_for_test(items, processor):
+    from learnpruner.testbed.train import collate_vqa
+
+    return collate_vqa(items, processor, max_questions=2)
+
+
+def test_vision_from_starts_stage_b_with_that_tower(tmp_path):
+    src = Trainer(_cfg(str(tmp_path / "src"), lr_vision_b=0.0))
+    src.train_step()
+    src._next_stage()
+    src.save_checkpoint()
+    dst = Trainer(_cfg(str(tmp_path / "dst"), lr_vision_b=0.0, vision_from=str(tmp_path / "src"),
+                       whiten_projector=False))
+    assert (dst.stage, dst.step) == ("b", 0)
+    for (k, a), (_, b) in zip(src.vision.state_dict().items(), dst.vision.state_dict().items()):
+        assert torch.equal(a, b), k
+    fresh = Trainer(_cfg(str(tmp_path / "fresh"), lr_vision_b=0.0, whiten_projector=False))
+    torch.testing.assert_close(fresh.model.model.multi_modal_projector.state_dict(),
+                               dst.model.model.multi_modal_projector.state_dict())
+    src.cfg.lr_vision_b = 1e-4
+    src.save_checkpoint()
+    with pytest.raises(ValueError, match="lr_vision_b"):
+        Trainer(_cfg(str(tmp_path / "dst2"), vision_from=str(tmp_path / "src")))
+
+
+def test_whiten_projector_folds_standardisation_into_linear_1():
+    import copy
+
+    from learnpruner.testbed.train import STAGE_A_SEED_OFFSET
+
+    tr = Trainer(_cfg("/nonexistent"))
+    lin = tr.model.model.multi_modal_projector.linear_1
+    before = copy.deepcopy(lin)
+    tr._whiten_projector(n_images=4)
+    items = [S.generate_item("train", i, tr.cfg.seed + STAGE_A_SEED_OFFSET) for i in range(4)]
+    pix = tr.processor.image_processor([it.image for it in items], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        f = tr.vision(pix, output_hidden_states=True).hidden_states[-2][:, 1:].flatten(0, 1)
+        mu, sigma = f.mean(0), f.std(0).clamp_min(1e-3)
+        torch.testing.assert_close(lin(f), before((f - mu) / sigma), atol=1e-4, rtol=1e-4)
+
+
+def test_question_targets_cover_each_turns_question(processor):
+    from learnpruner.testbed.train import collate_vqa, question_targets
+
+    items = [S.generate_item("train", i, seed=4, all_questions=True) for i in range(2)]
+    batch = collate_vqa(items, processor, max_questions=6)
+    tok = processor.tokenizer
+    t = question_targets(items, batch["input_ids"], batch["labels"], tok, 6)
+    qs = [q for it in items for q, _, _ in it.qas[:6]]
+    assert len(t["rows"]) == len(qs)
+    for r, q, m, text in zip(t["rows"], t["queries"], t["masks"], qs):
+        assert tok.decode(batch["input_ids"][r][m]) == tok.decode(tok(text, add_special_tokens=False)["input_ids"])
+        assert batch["labels"][r, q] == -100 and batch["labels"][r, q + 1] != -100

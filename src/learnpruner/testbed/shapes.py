@@ -230,13 +230,14 @@ def _patch_labels(objects: Sequence[SceneObject], boxes: Sequence[TextBox]) -> d
     arr = np.asarray(ids).reshape(GRID, PATCH, GRID, PATCH)
     n_ids = len(objects) + len(boxes)
     counts = np.stack([(arr == k).sum(axis=(1, 3)) for k in range(1, n_ids + 1)]) if n_ids else None
-    labels = {k: np.zeros((GRID, GRID), np.int64) for k in ("kind", "color", "shape", "char", "center")}
+    labels = {k: np.zeros((GRID, GRID), np.int64) for k in ("kind", "color", "shape", "char", "center", "id")}
     if counts is None:
         return labels
     best = counts.argmax(0)
     present = counts.max(0) >= 20  # at least ~10% of the patch's 196 pixels
     for k in range(n_ids):
         m = present & (best == k)
+        labels["id"][m] = k + 1
         if k < len(objects):
             o = objects[k]
             labels["kind"][m] = 1
@@ -403,6 +404,55 @@ def make_question(qtype: str, objects: Sequence[SceneObject], boxes: Sequence[Te
     else:
         raise ValueError(qtype)
     return q, answer_question(q, objects, boxes)
+
+
+def relevant_objects(question: str, objects: Sequence[SceneObject], boxes: Sequence[TextBox] = ()) -> list[int]:
+    """Indices (objects first, then boxes, as in ``labels["id"] - 1``) of the items a templated question's
+    answer depends on: the referred object(s), every instance counted, both sides of a relation, the box.
+    Empty when nothing in the scene matches (a "no" existence question, a count of zero)."""
+    q = question.strip().lower()
+    if m := re.fullmatch(r"what color is the (\w+)\?", q):
+        return [i for i, o in enumerate(objects) if o.shape == m[1]]
+    if m := re.fullmatch(r"what shape is the (\w+) object\?", q):
+        return [i for i, o in enumerate(objects) if o.color == m[1]]
+    if m := re.fullmatch(r"how many (\w+) are there\?", q):
+        shape = {v: k for k, v in PLURALS.items()}[m[1]]
+        return [i for i, o in enumerate(objects) if o.shape == shape]
+    if m := re.fullmatch(r"is there a (\w+) (\w+)\?", q):
+        return [i for i, o in enumerate(objects) if o.color == m[1] and o.shape == m[2]]
+    if m := re.fullmatch(r"is the (\w+) (\w+) (?:left of|right of|above|below) the (\w+) (\w+)\?", q):
+        return [i for i, o in enumerate(objects) if (o.color, o.shape) in ((m[1], m[2]), (m[3], m[4]))]
+    if q == "what is written in the box?":
+        return [len(objects) + j for j in range(len(boxes))]
+    raise ValueError(f"unknown question: {question!r}")
+
+
+def referents(question: str, objects: Sequence[SceneObject],
+              boxes: Sequence[TextBox] = ()) -> list[tuple[str, list[int]]]:
+    """The referring words of a templated question, in order, each with the indices (as in
+    ``relevant_objects``) of what it refers to in the scene: the shape word of "what color is the circle?",
+    the colour word of "what shape is the red object?", the plural of a count, the shape word of an existence
+    question (its colour-and-shape matches), both shape words of a relation, "box" for reading.
+    A word that matches nothing (a "no" existence question, a count of zero) is left out."""
+    q = question.strip().lower()
+    out: list[tuple[str, list[int]]] = []
+    if m := re.fullmatch(r"what color is the (\w+)\?", q):
+        out = [(m[1], [i for i, o in enumerate(objects) if o.shape == m[1]])]
+    elif m := re.fullmatch(r"what shape is the (\w+) object\?", q):
+        out = [(m[1], [i for i, o in enumerate(objects) if o.color == m[1]])]
+    elif m := re.fullmatch(r"how many (\w+) are there\?", q):
+        shape = {v: k for k, v in PLURALS.items()}[m[1]]
+        out = [(m[1], [i for i, o in enumerate(objects) if o.shape == shape])]
+    elif m := re.fullmatch(r"is there a (\w+) (\w+)\?", q):
+        out = [(m[2], [i for i, o in enumerate(objects) if o.color == m[1] and o.shape == m[2]])]
+    elif m := re.fullmatch(r"is the (\w+) (\w+) (?:left of|right of|above|below) the (\w+) (\w+)\?", q):
+        out = [(m[2], [i for i, o in enumerate(objects) if (o.color, o.shape) == (m[1], m[2])]),
+               (m[4], [i for i, o in enumerate(objects) if (o.color, o.shape) == (m[3], m[4])])]
+    elif q == "what is written in the box?":
+        out = [("box", [len(objects) + j for j in range(len(boxes))])]
+    else:
+        raise ValueError(f"unknown question: {question!r}")
+    return [(w, idx) for w, idx in out if idx]
 
 
 # ---------------------------------------------------------------------------------------------- datasets
