@@ -406,3 +406,40 @@ def test_question_targets_cover_each_turns_question(processor):
     for r, q, m, text in zip(t["rows"], t["queries"], t["masks"], qs):
         assert tok.decode(batch["input_ids"][r][m]) == tok.decode(tok(text, add_special_tokens=False)["input_ids"])
         assert batch["labels"][r, q] == -100 and batch["labels"][r, q + 1] != -100
+
+
+def test_answer_targets_point_at_everything_the_answer_depends_on(processor):
+    from learnpruner.testbed.train import answer_targets, collate_vqa
+
+    items = [S.generate_item("train", i, seed=6, all_questions=True) for i in range(3)]
+    batch = collate_vqa(items, processor, max_questions=6)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    t = answer_targets(items, batch["input_ids"], batch["labels"], image_id, 6)
+    want = 0
+    for it in items:
+        objs = [S.SceneObject(**o) for o in it.objects]
+        boxes = [S.TextBox(**x) for x in it.boxes]
+        want += sum(bool(S.relevant_objects(q, objs, boxes)) for q, _, _ in it.qas[:6])
+    assert len(t["rows"]) == want > 0
+    ids, lab = batch["input_ids"], batch["labels"]
+    for r, q, m in zip(t["rows"], t["queries"], t["masks"]):
+        assert lab[r, q] == -100 and lab[r, q + 1] != -100  # q predicts the first answer token
+        assert (ids[r][m] == image_id).all() and 0 < m.sum() < 576
+
+
+def test_worker_processes_give_the_same_stream(tmp_path):
+    a = Trainer(_cfg(str(tmp_path / "a"), workers=2))
+    b = Trainer(_cfg(str(tmp_path / "b")))
+    try:
+        for tr in (a, b):
+            tr._next_stage()
+        first = [a._items(2), a._items(3)]
+        a.pos = 1  # a resume elsewhere in the stream restarts the workers there
+        again = a._items(2)
+        want = b._items(5)
+        got = first[0] + first[1]
+        assert [(x.index, x.qas) for x in got] == [(x.index, x.qas) for x in want]
+        assert all(_png(x.image) == _png(y.image) for x, y in zip(got, want))
+        assert [x.index for x in again] == [1, 2]
+    finally:
+        a.close()

@@ -7,17 +7,16 @@ Recipe (two stages):
       tokens only. Each training image carries up to 6 questions as a multi-turn conversation (the visual
       tokens, which dominate the cost, are shared); the first turn is exactly the evaluation prompt.
       A curriculum raises the object cap from 3 to 8 during the first part of stage (b).
-      Two aids make stage (b) converge in CPU-hours (without them it sat at chance for 1700 steps):
-      the projector's first layer is initialised with the feature standardisation folded in
-      (on by default; ``--no-whiten-projector``), and a grounding loss (``--grounding-weight``) asks the first
-      ``--grounding-heads`` query heads of decoder layer ``--grounding-layer`` to attend, from each referring
-      word of the question ("circle" in "what color is the circle?"), to the visual tokens of what it refers to;
-      a second one (``--question-weight``) asks the same heads of ``--question-layer``, from the position that
-      predicts the answer, to attend to its own question. Both weights are small (0.2) so that, under Adam's
-      per-parameter normalisation, they do not drown the answer loss on the parameters they share. This is
-      training-time supervision only; at test time the model is a stock LLaVA. Methods that read that
-      layer's attention from those words see better-grounded attention than a large VLM would give them;
-      the README states this next to the results.
+      Optional training aids (attention supervision, training time only; at test time the model is a stock
+      LLaVA), each weighted 0.2 by default so that, under Adam's per-parameter normalisation, they do not
+      drown the answer loss on the parameters they share; the first ``--grounding-heads`` query heads of:
+        - layer ``--grounding-layer``, from each referring word ("circle" in "what color is the circle?"),
+          attend to the visual tokens of what it refers to (``--grounding-weight``);
+        - the same layer, from the position that predicts the answer, attend to the visual tokens of
+          everything the answer depends on (``--answer-weight``);
+        - layer ``--question-layer``, from that position, attend to its own question (``--question-weight``).
+      ``--whiten-projector`` folds the vision features' standardisation into the projector's first layer.
+      Methods that read those heads' attention see better-grounded attention than a large VLM would give them.
 
 Checkpoints (model, heads, optimizer, scheduler, stage, step, RNG states, data-stream position) are written
 atomically to ``OUT/checkpoint.pt``; ``--resume`` continues from there. The final model and processor are
@@ -30,6 +29,7 @@ saved with ``save_pretrained`` into OUT, with ``metrics.json`` (test accuracy).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -58,6 +58,7 @@ from .shapes import (
     generate_item,
     load_split,
     referents,
+    relevant_objects,
 )
 
 GROUNDING_ATTENTION = "learnpruner_grounding"
@@ -80,10 +81,13 @@ class TrainConfig:
     grounding_weight: float = 0.2  # stage (b): weight of the grounding loss (0 disables it)
     grounding_layer: int = 1  # stage (b): decoder layer whose attention the grounding loss supervises
     grounding_heads: int = 3  # stage (b): how many of that layer's query heads (the first ones) it supervises
+    answer_weight: float = 0.2  # stage (b): weight of the answer-grounding loss (at --grounding-layer; 0 disables)
     question_weight: float = 0.2  # stage (b): weight of the question-attention loss (0 disables it)
     question_layer: int = 0  # stage (b): decoder layer whose attention the question-attention loss supervises
-    whiten_projector: bool = True  # stage (b) start: fold feature standardisation into the projector's first layer
+    whiten_projector: bool = False  # stage (b) start: fold feature standardisation into the projector's first layer
     vision_from: str | None = None  # skip stage (a): take the vision tower from this run's checkpoint.pt
+    device: str = "cpu"  # "cuda" on a GPU (TF32 matmuls allowed)
+    workers: int = 0  # processes generating training images ahead of the trainer (0: in the main process)
     weight_decay: float = 0.01
     warmup: int = 100
     max_questions: int = 6
@@ -122,9 +126,10 @@ def patch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
     """Sum of per-patch cross-entropies; colour/shape/char only on foreground patches; row/column of every
     patch (weighted by ``position_weight``) so that the features LLaVA uses encode position explicitly."""
     loss = F.cross_entropy(logits["kind"].flatten(0, 1), labels["kind"].flatten())
-    w = torch.tensor([1.0, 8.0])
+    dev = logits["kind"].device
+    w = torch.tensor([1.0, 8.0], device=dev)
     loss = loss + F.cross_entropy(logits["center"].flatten(0, 1), labels["center"].flatten(), weight=w)
-    pos = torch.arange(GRID * GRID)
+    pos = torch.arange(GRID * GRID, device=dev)
     n = logits["row"].shape[0]
     loss = loss + position_weight * F.cross_entropy(logits["row"].flatten(0, 1), (pos // GRID).repeat(n))
     loss = loss + position_weight * F.cross_entropy(logits["col"].flatten(0, 1), (pos % GRID).repeat(n))
@@ -137,6 +142,11 @@ def patch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
             pred = logits[k].flatten(0, 1).argmax(-1)
             stats[k] = ((pred == y) & (y != -100)).sum().item() / max(1, (y != -100).sum().item())
     return loss, stats
+
+
+def _generate(args: tuple) -> VQAItem:
+    split, index, seed, all_questions, max_objects = args
+    return generate_item(split, index, seed, all_questions=all_questions, max_objects=max_objects)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -210,6 +220,32 @@ def grounding_targets(items: list[VQAItem], ids: torch.Tensor, labels: torch.Ten
     return {"rows": torch.tensor(rows), "queries": torch.tensor(queries), "masks": torch.stack(masks)}
 
 
+def answer_targets(items: list[VQAItem], ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
+                   max_questions: int) -> dict[str, torch.Tensor]:
+    """One target per turn whose answer depends on something in the image (``shapes.relevant_objects``): the
+    batch row, the position that predicts the answer, and a (turns, seq) mask of those objects' visual
+    tokens. Turns with nothing relevant (a "no" existence question, a count of zero) are left out."""
+    rows, queries, masks = [], [], []
+    for b, it in enumerate(items):
+        objects = [SceneObject(**o) for o in it.objects]
+        boxes = [TextBox(**x) for x in it.boxes]
+        ends = ((labels[b][1:] != -100) & (labels[b][:-1] == -100)).nonzero().flatten().tolist()
+        img_pos = (ids[b] == image_token_id).nonzero().flatten()
+        patch_ids = torch.from_numpy(it.labels["id"].reshape(-1))
+        for (q, _a, _t), end in zip(it.qas[:max_questions], ends):
+            rel = relevant_objects(q, objects, boxes)
+            m = torch.zeros(ids.shape[1], dtype=torch.bool)
+            if rel:
+                m[img_pos[torch.isin(patch_ids, torch.tensor(rel) + 1)]] = True
+            if m.any():
+                rows.append(b)
+                queries.append(end)
+                masks.append(m)
+    if not rows:
+        return {}
+    return {"rows": torch.tensor(rows), "queries": torch.tensor(queries), "masks": torch.stack(masks)}
+
+
 def question_targets(items: list[VQAItem], ids: torch.Tensor, labels: torch.Tensor, tokenizer,
                      max_questions: int) -> dict[str, torch.Tensor]:
     """One target per turn: the batch row, the position that predicts the answer, and a (turns, seq) mask of
@@ -253,7 +289,7 @@ def collate_vqa(items: list[VQAItem], processor, max_questions: int) -> dict[str
 
 @torch.no_grad()
 def evaluate(model, processor, items: list[VQAItem], batch_size: int = 16, max_new_tokens: int = 3,
-             progress: bool = False) -> dict:
+             progress: bool = False, device: str | torch.device | None = None) -> dict:
     """Greedy generation; exact match (lowercased, stripped) overall and per question type."""
     was_training = model.training
     model.eval()
@@ -265,7 +301,7 @@ def evaluate(model, processor, items: list[VQAItem], batch_size: int = 16, max_n
     for s in tqdm(rng, desc="eval", disable=not progress, mininterval=10):
         batch = items[s: s + batch_size]
         enc = processor(images=[it.image for it in batch], text=[format_prompt(it.question) for it in batch],
-                        return_tensors="pt", padding=True)
+                        return_tensors="pt", padding=True).to(device or model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -295,6 +331,14 @@ class Trainer:
         self.model = build_model(tokenizer=self.processor.tokenizer, tiny=cfg.tiny, seed=cfg.seed)
         self.vision = self.model.model.vision_tower
         self.heads = PatchHeads(self.model.config.vision_config.hidden_size)
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model.to(self.device)
+        self.heads.to(self.device)
+        self._pool = None
+        self._stream: tuple | None = None  # worker pool: (stage, next position, pending results, next index)
         self.stage, self.step, self.pos = "a", 0, 0
         self.history: list[dict] = []
         self._setup_stage()
@@ -346,7 +390,8 @@ class Trainer:
         if self.stage == "b":
             impl = "sdpa"
             layers = self.model.model.language_model.layers
-            for w, k in ((cfg.grounding_weight, cfg.grounding_layer), (cfg.question_weight, cfg.question_layer)):
+            for w, k in ((cfg.grounding_weight, cfg.grounding_layer), (cfg.answer_weight, cfg.grounding_layer),
+                         (cfg.question_weight, cfg.question_layer)):
                 if w > 0:
                     _register_grounding_attention()
                     impl = GROUNDING_ATTENTION
@@ -377,14 +422,14 @@ class Trainer:
         for s in range(0, n_images, 16):
             pix = self.processor.image_processor([it.image for it in items[s:s + 16]],
                                                  return_tensors="pt")["pixel_values"]
-            out = self.vision(pix, output_hidden_states=True)
+            out = self.vision(pix.to(self.device), output_hidden_states=True)
             feats.append(out.hidden_states[self.model.config.vision_feature_layer][:, 1:].flatten(0, 1))
-        f = torch.cat(feats).double()
+        f = torch.cat(feats).double().cpu()
         mu, sigma = f.mean(0), f.std(0).clamp_min(1e-3)
         lin = self.model.model.multi_modal_projector.linear_1
-        w = lin.weight.double() / sigma[None, :]
-        lin.bias.copy_((lin.bias.double() - w @ mu).to(lin.bias.dtype))
-        lin.weight.copy_(w.to(lin.weight.dtype))
+        w = lin.weight.double().cpu() / sigma[None, :]
+        lin.bias.copy_((lin.bias.double().cpu() - w @ mu).to(lin.bias))
+        lin.weight.copy_(w.to(lin.weight))
 
     # checkpointing -----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -409,25 +454,49 @@ class Trainer:
         set_rng_state(ck["rng"])
 
     # steps -------------------------------------------------------------------------------------------
-    def _items(self, n: int) -> list[VQAItem]:
+    def _item_args(self, index: int) -> tuple:
         cfg = self.cfg
         if self.stage == "a":
-            its = [generate_item("train", self.pos + i, cfg.seed + STAGE_A_SEED_OFFSET) for i in range(n)]
+            return ("train", index, cfg.seed + STAGE_A_SEED_OFFSET, False, MAX_OBJECTS)
+        ramp = int(cfg.curriculum_frac * cfg.steps_b * cfg.batch_size)
+        return ("train", index, cfg.seed, True, curriculum_cap(index, ramp))
+
+    def _items(self, n: int) -> list[VQAItem]:
+        """The next ``n`` items of the current stage's stream; item ``i`` depends only on its index, so
+        worker processes (``workers`` > 0, generating ahead, in order) give exactly the same batches."""
+        if self.cfg.workers <= 0:
+            its = [_generate(self._item_args(self.pos + i)) for i in range(n)]
         else:
-            ramp = int(cfg.curriculum_frac * cfg.steps_b * cfg.batch_size)
-            its = [generate_item("train", self.pos + i, cfg.seed, all_questions=True,
-                                 max_objects=curriculum_cap(self.pos + i, ramp)) for i in range(n)]
+            if self._pool is None:
+                import multiprocessing as mp
+
+                self._pool = mp.get_context("spawn").Pool(self.cfg.workers)
+            if self._stream is None or self._stream[:2] != (self.stage, self.pos):
+                self._stream = (self.stage, self.pos, collections.deque(), self.pos)
+            stage, _, pending, nxt = self._stream
+            ahead = max(4 * n, 2 * self.cfg.workers)
+            while len(pending) < ahead:  # keep a bounded number of items in flight, in stream order
+                pending.append(self._pool.apply_async(_generate, (self._item_args(nxt),)))
+                nxt += 1
+            its = [pending.popleft().get() for _ in range(n)]
+            self._stream = (stage, self.pos + n, pending, nxt)
         self.pos += n
         return its
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool, self._stream = None, None
 
     def train_step(self) -> dict:
         """One optimisation step of the current stage; returns loss and accuracy stats."""
         if self.stage == "a":
             items = self._items(self.cfg.batch_size_a)
             pix = self.processor.image_processor([it.image for it in items], return_tensors="pt")["pixel_values"]
-            out = self.vision(pix, output_hidden_states=True)
+            out = self.vision(pix.to(self.device), output_hidden_states=True)
             feats = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]
-            labels = {k: torch.from_numpy(np.stack([it.labels[k].reshape(-1) for it in items]))
+            labels = {k: torch.from_numpy(np.stack([it.labels[k].reshape(-1) for it in items])).to(self.device)
                       for k in ("kind", "color", "shape", "char", "center")}
             loss, stats = patch_loss(self.heads(feats), labels, self.cfg.position_weight)
             params = list(self.vision.parameters()) + list(self.heads.parameters())
@@ -442,10 +511,16 @@ class Trainer:
                 aux.append(("ground", cfg.grounding_weight, grounding_targets(
                     items, batch["input_ids"], batch["labels"], tok, image_id, cfg.max_questions),
                     cfg.grounding_layer, cfg.grounding_heads))
+            if cfg.answer_weight > 0:
+                aux.append(("answer", cfg.answer_weight, answer_targets(
+                    items, batch["input_ids"], batch["labels"], image_id, cfg.max_questions),
+                    cfg.grounding_layer, cfg.grounding_heads))
             if cfg.question_weight > 0:
                 aux.append(("question", cfg.question_weight, question_targets(
                     items, batch["input_ids"], batch["labels"], tok, cfg.max_questions),
                     cfg.question_layer, cfg.grounding_heads))
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            aux = [(a, w, {k: v.to(self.device) for k, v in t.items()}, k, h) for a, w, t, k, h in aux]
             captured: dict[int, torch.Tensor] = {}
             hooks = [layers[k].self_attn.register_forward_hook(
                 lambda _m, _a, o, k=k: captured.__setitem__(k, o[1])) for k in {a[3] for a in aux}]
@@ -530,7 +605,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if resume and os.path.exists(tr.ckpt_path):
         tr.load_checkpoint()
         tqdm.write(f"resumed at stage {tr.stage} step {tr.step} (data position {tr.pos})")
-    return tr.run(progress)
+    try:
+        return tr.run(progress)
+    finally:
+        tr.close()
 
 
 def main(argv: list[str] | None = None) -> None:
