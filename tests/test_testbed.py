@@ -443,3 +443,17 @@ def test_worker_processes_give_the_same_stream(tmp_path):
         assert [x.index for x in again] == [1, 2]
     finally:
         a.close()
+
+
+def test_attention_losses_are_trained_and_bad_layers_refused(tmp_path):
+    tr = Trainer(_cfg(str(tmp_path / "a"), grounding_layer=1, question_layer=0))
+    tr._next_stage()
+    layers = tr.model.model.language_model.layers
+    assert layers[0].self_attn._learnpruner_ground and layers[1].self_attn._learnpruner_ground
+    st = tr.train_step()
+    assert {"ground", "answer", "question"} <= set(st) and all(np.isfinite(st[k]) for k in st)
+    off = Trainer(_cfg(str(tmp_path / "b"), grounding_weight=0.0, answer_weight=0.0, question_weight=0.0))
+    off._next_stage()
+    assert not {"ground", "answer", "question"} & set(off.train_step())
+    with pytest.raises(ValueError, match="--grounding-layer 5 is not a decoder layer"):
+        Trainer(_cfg(str(tmp_path / "c"), grounding_layer=5))._next_stage()

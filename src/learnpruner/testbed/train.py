@@ -187,37 +187,53 @@ def _register_grounding_attention() -> None:
     AttentionMaskInterface.register(GROUNDING_ATTENTION, eager_mask)
 
 
+def _turns(items: list[VQAItem], labels: torch.Tensor, max_questions: int):
+    """Yield (row, item, question, end) per turn; ``end`` is the prompt's last token, which predicts the answer."""
+    for b, it in enumerate(items):
+        lab = labels[b]
+        ends = ((lab[1:] != -100) & (lab[:-1] == -100)).nonzero().flatten().tolist()
+        for (q, _a, _t), end in zip(it.qas[:max_questions], ends):
+            yield b, it, q, end
+
+
+def _scene(it: VQAItem) -> tuple[list[SceneObject], list[TextBox]]:
+    return [SceneObject(**o) for o in it.objects], [TextBox(**x) for x in it.boxes]
+
+
+def _object_mask(it: VQAItem, ids_row: torch.Tensor, image_token_id: int, objects: list[int]) -> torch.Tensor:
+    """(seq,) mask of the visual tokens whose patch belongs to one of ``objects`` (indices as in labels["id"]-1)."""
+    m = torch.zeros(ids_row.shape[0], dtype=torch.bool)
+    if objects:
+        img_pos = (ids_row == image_token_id).nonzero().flatten()
+        patch_ids = torch.from_numpy(it.labels["id"].reshape(-1))
+        m[img_pos[torch.isin(patch_ids, torch.tensor(objects) + 1)]] = True
+    return m
+
+
+def _pack(targets: list[tuple[int, int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    targets = [t for t in targets if t[2].any()]
+    if not targets:
+        return {}
+    rows, queries, masks = zip(*targets)
+    return {"rows": torch.tensor(rows), "queries": torch.tensor(queries), "masks": torch.stack(masks)}
+
+
 def grounding_targets(items: list[VQAItem], ids: torch.Tensor, labels: torch.Tensor, tokenizer,
                       image_token_id: int, max_questions: int) -> dict[str, torch.Tensor]:
     """One target per referring word of every turn (``shapes.referents``): the batch row, the word's sequence
     position, and a (targets, seq) mask of the visual tokens of what it refers to."""
-    rows, queries, masks = [], [], []
-    for b, it in enumerate(items):
-        objects = [SceneObject(**o) for o in it.objects]
-        boxes = [TextBox(**x) for x in it.boxes]
-        lab = labels[b]
-        ends = ((lab[1:] != -100) & (lab[:-1] == -100)).nonzero().flatten().tolist()  # the prompts' last tokens
-        img_pos = (ids[b] == image_token_id).nonzero().flatten()
-        patch_ids = torch.from_numpy(it.labels["id"].reshape(-1))
-        for (q, _a, _t), end in zip(it.qas[:max_questions], ends):
-            qtok = tokenizer(q, add_special_tokens=False)["input_ids"]
-            start = end - 1 - len(qtok)  # "... {question} assistant :"
-            if ids[b, start:start + len(qtok)].tolist() != qtok:
-                raise RuntimeError(f"question {q!r} not found before position {end}")
-            cursor = 0
-            for word, rel in referents(q, objects, boxes):
-                wid = tokenizer.convert_tokens_to_ids(word)
-                cursor = qtok.index(wid, cursor)
-                m = torch.zeros(ids.shape[1], dtype=torch.bool)
-                m[img_pos[torch.isin(patch_ids, torch.tensor(rel) + 1)]] = True
-                if m.any():
-                    rows.append(b)
-                    queries.append(start + cursor)
-                    masks.append(m)
-                cursor += 1
-    if not rows:
-        return {}
-    return {"rows": torch.tensor(rows), "queries": torch.tensor(queries), "masks": torch.stack(masks)}
+    out = []
+    for b, it, q, end in _turns(items, labels, max_questions):
+        qtok = tokenizer(q, add_special_tokens=False)["input_ids"]
+        start = end - 1 - len(qtok)  # "... {question} assistant :"
+        if ids[b, start:start + len(qtok)].tolist() != qtok:
+            raise RuntimeError(f"question {q!r} not found before position {end}")
+        cursor = 0
+        for word, rel in referents(q, *_scene(it)):
+            cursor = qtok.index(tokenizer.convert_tokens_to_ids(word), cursor)
+            out.append((b, start + cursor, _object_mask(it, ids[b], image_token_id, rel)))
+            cursor += 1
+    return _pack(out)
 
 
 def answer_targets(items: list[VQAItem], ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
@@ -225,49 +241,26 @@ def answer_targets(items: list[VQAItem], ids: torch.Tensor, labels: torch.Tensor
     """One target per turn whose answer depends on something in the image (``shapes.relevant_objects``): the
     batch row, the position that predicts the answer, and a (turns, seq) mask of those objects' visual
     tokens. Turns with nothing relevant (a "no" existence question, a count of zero) are left out."""
-    rows, queries, masks = [], [], []
-    for b, it in enumerate(items):
-        objects = [SceneObject(**o) for o in it.objects]
-        boxes = [TextBox(**x) for x in it.boxes]
-        ends = ((labels[b][1:] != -100) & (labels[b][:-1] == -100)).nonzero().flatten().tolist()
-        img_pos = (ids[b] == image_token_id).nonzero().flatten()
-        patch_ids = torch.from_numpy(it.labels["id"].reshape(-1))
-        for (q, _a, _t), end in zip(it.qas[:max_questions], ends):
-            rel = relevant_objects(q, objects, boxes)
-            m = torch.zeros(ids.shape[1], dtype=torch.bool)
-            if rel:
-                m[img_pos[torch.isin(patch_ids, torch.tensor(rel) + 1)]] = True
-            if m.any():
-                rows.append(b)
-                queries.append(end)
-                masks.append(m)
-    if not rows:
-        return {}
-    return {"rows": torch.tensor(rows), "queries": torch.tensor(queries), "masks": torch.stack(masks)}
+    return _pack([(b, end, _object_mask(it, ids[b], image_token_id, relevant_objects(q, *_scene(it))))
+                  for b, it, q, end in _turns(items, labels, max_questions)])
 
 
 def question_targets(items: list[VQAItem], ids: torch.Tensor, labels: torch.Tensor, tokenizer,
                      max_questions: int) -> dict[str, torch.Tensor]:
     """One target per turn: the batch row, the position that predicts the answer, and a (turns, seq) mask of
     that turn's question tokens."""
-    rows, queries, masks = [], [], []
-    for b, it in enumerate(items):
-        ends = ((labels[b][1:] != -100) & (labels[b][:-1] == -100)).nonzero().flatten().tolist()
-        for (q, _a, _t), end in zip(it.qas[:max_questions], ends):
-            n = len(tokenizer(q, add_special_tokens=False)["input_ids"])
-            m = torch.zeros(ids.shape[1], dtype=torch.bool)
-            m[end - 1 - n:end - 1] = True
-            rows.append(b)
-            queries.append(end)
-            masks.append(m)
-    if not rows:
-        return {}
-    return {"rows": torch.tensor(rows), "queries": torch.tensor(queries), "masks": torch.stack(masks)}
+    out = []
+    for b, _it, q, end in _turns(items, labels, max_questions):
+        n = len(tokenizer(q, add_special_tokens=False)["input_ids"])
+        m = torch.zeros(ids.shape[1], dtype=torch.bool)
+        m[end - 1 - n:end - 1] = True
+        out.append((b, end, m))
+    return _pack(out)
 
 
 def grounding_loss(attn: torch.Tensor, targets: dict[str, torch.Tensor], heads: int) -> torch.Tensor:
-    """Mean over targets and the first ``heads`` heads of -log(attention mass on the referred visual tokens),
-    from each referring word. ``attn`` is (batch, heads, seq, seq) attention probabilities."""
+    """Mean over targets and the first ``heads`` heads of -log(attention mass on the target's mask), from the
+    target's query position. ``attn`` is (batch, heads, seq, seq) attention probabilities."""
     a = attn[targets["rows"], :heads, targets["queries"], :]  # (turns, heads, seq)
     mass = (a * targets["masks"][:, None, :].to(a.dtype)).sum(-1)
     return -torch.log(mass.clamp_min(1e-6)).mean()
@@ -390,6 +383,10 @@ class Trainer:
         if self.stage == "b":
             impl = "sdpa"
             layers = self.model.model.language_model.layers
+            for name in ("grounding_layer", "question_layer"):
+                if not 0 <= getattr(cfg, name) < len(layers):
+                    raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not a decoder layer of "
+                                     f"this model (0..{len(layers) - 1})")
             for w, k in ((cfg.grounding_weight, cfg.grounding_layer), (cfg.answer_weight, cfg.grounding_layer),
                          (cfg.question_weight, cfg.question_layer)):
                 if w > 0:
