@@ -41,3 +41,16 @@ def test_methods_lists_every_registered_method(capsys):
     out = capsys.readouterr().out
     for name in learnpruner.METHODS:
         assert re.search(rf"^{re.escape(name)}$", out, re.M)
+
+
+def test_eval_all_methods(capsys, tmp_path):
+    import json
+
+    import learnpruner
+
+    rc = main(["eval", "--model", "tiny-random-llava", "--methods", "all", "--tokens", "32", "--limit", "1",
+               "--max-new-tokens", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    recs = json.load(open(tmp_path / "results.json"))
+    assert sorted({r["method"] for r in recs}) == sorted(learnpruner.METHODS)
+    assert re.search(r"^\| none \(all tokens\) \| [\d.]+ \(100%\)", capsys.readouterr().out, re.M)

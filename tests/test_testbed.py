@@ -457,3 +457,46 @@ def test_attention_losses_are_trained_and_bad_layers_refused(tmp_path):
     assert not {"ground", "answer", "question"} & set(off.train_step())
     with pytest.raises(ValueError, match="--grounding-layer 5 is not a decoder layer"):
         Trainer(_cfg(str(tmp_path / "c"), grounding_layer=5))._next_stage()
+
+
+def test_training_time_token_dropping(tmp_path, processor):
+    from learnpruner.testbed.train import _subset_targets, collate_vqa, keep_visual, question_targets
+
+    tr = Trainer(_cfg(str(tmp_path / "k"), visual_keep=40))
+    tr._next_stage()
+    items = tr._items(2)
+    batch = collate_vqa(items, tr.processor, tr.cfg.max_questions)
+    ids, image_id = batch["input_ids"], tr.model.config.image_token_id
+    index = keep_visual(items, ids, image_id, 40, torch.Generator().manual_seed(0))
+    assert index.shape == (2, ids.shape[1] - NUM_IMAGE_TOKENS + 40)
+    for b, it in enumerate(items):
+        row = index[b]
+        assert torch.all(row[1:] > row[:-1])  # original order
+        kept = ids[b, row]
+        assert (kept == image_id).sum() == 40
+        assert torch.equal(kept[kept != image_id], ids[b][ids[b] != image_id])  # every text token stays
+        img_pos = (ids[b] == image_id).nonzero().flatten()
+        fg = img_pos[torch.from_numpy(it.labels["id"].reshape(-1) > 0)]
+        assert 0 < len(fg) and (torch.isin(fg, row).all() if len(fg) <= 40 else torch.isin(row, fg).sum() == 40)
+
+    # keeping everything through the embedding path reproduces the stock forward exactly
+    tr.model.eval()
+    full = torch.arange(ids.shape[1]).expand(2, -1)
+    with torch.no_grad():
+        want = tr.model(**batch).loss
+        got = tr.model(**tr._embed_kept(batch, full)).loss
+    torch.testing.assert_close(got, want)
+
+    # attention targets follow their tokens
+    q = question_targets(items, ids, batch["labels"], tr.processor.tokenizer, tr.cfg.max_questions)
+    sub = _subset_targets(q, index)
+    assert torch.equal(ids[q["rows"], q["queries"]], ids[sub["rows"], index[sub["rows"], sub["queries"]]])
+    assert torch.equal(q["masks"].sum(1), sub["masks"].sum(1))
+
+    # the dropping stream is seeded and checkpointed
+    a, b = (Trainer(_cfg(str(tmp_path / n), visual_keep=40)) for n in ("x", "y"))
+    for t in (a, b):
+        t._next_stage()
+    assert a.train_step()["loss"] == b.train_step()["loss"]
+    a.save_checkpoint()
+    assert torch.equal(torch.load(a.ckpt_path, weights_only=False)["keep_gen"], a._keep_gen.get_state())

@@ -187,7 +187,8 @@ def _parse_list(text: str, cast, what: str) -> list:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id, local folder or built-in name")
     p.add_argument("--data", default="shapesvqa", help="'shapesvqa' (its test split) or a JSONL of records")
-    p.add_argument("--methods", default="none,random,fastv,learnpruner", help="comma-separated method names")
+    p.add_argument("--methods", default="none,random,fastv,learnpruner",
+                   help="comma-separated method names, or 'all' (every registered method)")
     p.add_argument("--tokens", default="576,192,128,64,32", help="comma-separated budgets")
     p.add_argument("--limit", type=int, default=None, help="first N items only")
     p.add_argument("--out", default="learnpruner-eval", help="folder for results.json, accuracy.png, preds/")
@@ -205,7 +206,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, load_items, markdown_table
     from .hub import load
 
-    methods = _parse_list(args.methods, str, "--methods")
+    methods = list(learnpruner.METHODS) if args.methods == "all" else _parse_list(args.methods, str, "--methods")
     for m in methods:
         learnpruner.get_method(m)
     budgets = _parse_list(args.tokens, int, "--tokens")
