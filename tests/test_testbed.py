@@ -500,3 +500,28 @@ def test_training_time_token_dropping(tmp_path, processor):
     assert a.train_step()["loss"] == b.train_step()["loss"]
     a.save_checkpoint()
     assert torch.equal(torch.load(a.ckpt_path, weights_only=False)["keep_gen"], a._keep_gen.get_state())
+
+
+def test_word_alignment_targets_and_loss(tmp_path, processor, hand_scene):
+    from learnpruner.testbed.train import align_loss, word_targets
+
+    item = S.VQAItem(split="test", index=0, image=hand_scene.image, question="what is written in the box?",
+                     answer="k", qtype="read", qas=[], labels=hand_scene.labels,
+                     objects=[], boxes=[])
+    w = word_targets([item], processor.tokenizer)
+    names = processor.tokenizer.convert_ids_to_tokens
+    red_circle = S.GRID * (60 // S.PATCH) + 60 // S.PATCH  # the patch under the red circle's centre
+    box = S.GRID * (280 // S.PATCH) + 150 // S.PATCH
+    assert names(w[red_circle].tolist()) == ["red", "circle"]
+    assert names(w[box].tolist()) == ["k", "k"]
+    assert (w[torch.from_numpy(hand_scene.labels["kind"].reshape(-1) == 0)] == -100).all()
+
+    tr = Trainer(_cfg(str(tmp_path / "al"), align_weight=0.5, visual_keep=40))
+    tr._next_stage()
+    st = tr.train_step()
+    assert np.isfinite(st["align"]) and st["align"] > 0
+    feats = tr._projected(processor.image_processor([hand_scene.image], return_tensors="pt")["pixel_values"])
+    loss = align_loss(tr.model, feats, w)
+    loss.backward()
+    assert tr.model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
+    assert align_loss(tr.model, feats, torch.full_like(w, -100)).item() == 0.0

@@ -19,6 +19,8 @@ Recipe (two stages):
         - the same layer, from the position that predicts the answer, attend to the visual tokens of
           everything the answer depends on (``--answer-weight``);
         - layer ``--question-layer``, from that position, attend to its own question (``--question-weight``).
+      ``--align-weight`` adds a word-alignment loss on the projected visual tokens (read through the final
+      norm and the tied LM head, an object patch names its colour and shape, a text patch its character).
       ``--whiten-projector`` folds the vision features' standardisation into the projector's first layer.
       Methods that read those heads' attention see better-grounded attention than a large VLM would give them.
 
@@ -90,6 +92,7 @@ class TrainConfig:
     question_layer: int = 0  # stage (b): decoder layer whose attention the question-attention loss supervises
     visual_keep: int = 0  # stage (b): visual tokens per image seen in training (objects first; 0: all 576)
     full_frac: float = 0.0  # stage (b): final fraction of steps that see all 576 visual tokens again
+    align_weight: float = 0.0  # stage (b): weight of the word-alignment loss on projected object/text patches
     whiten_projector: bool = False  # stage (b) start: fold feature standardisation into the projector's first layer
     vision_from: str | None = None  # skip stage (a): take the vision tower from this run's checkpoint.pt
     device: str = "cpu"  # "cuda" on a GPU (TF32 matmuls allowed)
@@ -299,6 +302,36 @@ def _subset_targets(targets: dict[str, torch.Tensor], index: torch.Tensor) -> di
     return {"rows": rows, "queries": queries, "masks": torch.gather(targets["masks"], 1, index[rows])}
 
 
+def word_targets(items: list[VQAItem], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch (batch * 576), the vocabulary ids of the words naming it: (colour word, shape word) for object
+    patches, (character, character) for text-box patches, (-100, -100) elsewhere."""
+    color_ids = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in COLOR_NAMES])
+    shape_ids = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in SHAPES])
+    char_ids = torch.tensor([tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in CHARS])
+    out = torch.full((len(items) * GRID * GRID, 2), -100, dtype=torch.long)
+    lab = {k: torch.from_numpy(np.concatenate([it.labels[k].reshape(-1) for it in items]))
+           for k in ("color", "shape", "char")}
+    obj, txt = lab["color"] > 0, lab["char"] > 0
+    out[obj, 0], out[obj, 1] = color_ids[lab["color"][obj] - 1], shape_ids[lab["shape"][obj] - 1]
+    out[txt, 0] = out[txt, 1] = char_ids[lab["char"][txt] - 1]
+    return out
+
+
+def align_loss(model, feats: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Word alignment of projected visual tokens (training time only): read through the model's own final norm
+    and tied LM head, an object patch should put half its probability on its colour word and half on its shape
+    word, a text patch all on its character. This keeps every attribute a prominent direction of the visual
+    tokens (without it the projector learnt to keep shape and squash colour) and in word-embedding space, as
+    LLaVA's feature-alignment stage does with captions."""
+    m = words[:, 0] >= 0
+    if not m.any():
+        return feats.sum() * 0
+    h = model.model.language_model.norm(feats.flatten(0, 1)[m])
+    logp = torch.log_softmax(model.lm_head(h).float(), -1)
+    w = words[m].to(logp.device)
+    return -0.5 * (logp.gather(1, w[:, :1]) + logp.gather(1, w[:, 1:])).mean()
+
+
 def grounding_loss(attn: torch.Tensor, targets: dict[str, torch.Tensor], heads: int) -> torch.Tensor:
     """Mean over targets and the first ``heads`` heads of -log(attention mass on the target's mask), from the
     target's query position. ``attn`` is (batch, heads, seq, seq) attention probabilities."""
@@ -371,6 +404,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.model.to(self.device)
         self.heads.to(self.device)
+        self._feats: torch.Tensor | None = None  # projected visual tokens of the current step (token dropping)
         self._keep_gen = torch.Generator().manual_seed(cfg.seed + 17)  # training-time visual token dropping
         self._pool = None
         self._stream: tuple | None = None  # worker pool: (stage, next position, pending results, next index)
@@ -561,6 +595,7 @@ class Trainer:
                 aux.append(("question", cfg.question_weight, question_targets(
                     items, batch["input_ids"], batch["labels"], tok, cfg.max_questions),
                     cfg.question_layer, cfg.grounding_heads))
+            self._feats = None
             keep = cfg.visual_keep if self.step < int((1 - cfg.full_frac) * cfg.steps_b) else 0
             if 0 < keep < batch["input_ids"].shape[1]:
                 index = keep_visual(items, batch["input_ids"], image_id, keep, self._keep_gen)
@@ -586,6 +621,11 @@ class Trainer:
                     g = grounding_loss(captured[k], targets, heads)
                     stats[name] = g.item()
                     loss = loss + w * g
+            if cfg.align_weight > 0:
+                feats = self._feats if self._feats is not None else self._projected(batch["pixel_values"])
+                a = align_loss(self.model, feats, word_targets(items, tok))
+                stats["align"] = a.item()
+                loss = loss + cfg.align_weight * a
             params = [p for g in self.opt.param_groups for p in g["params"]]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -612,8 +652,15 @@ class Trainer:
         rows = torch.arange(ids.shape[0])[:, None].expand_as(index)
         sel = feats[rows[kept_img].to(self.device), patch_idx[kept_img].to(self.device)]
         emb = emb.masked_scatter(kept_img.to(self.device)[..., None], sel.to(emb.dtype))
+        self._feats = feats
         return {"inputs_embeds": emb, "attention_mask": torch.gather(batch["attention_mask"], 1, index),
                 "position_ids": index, "labels": torch.gather(batch["labels"], 1, index)}
+
+    def _projected(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens (batch, 576, hidden) of ``pixel_values``, with grad through the projector."""
+        with torch.set_grad_enabled(self.cfg.lr_vision_b > 0):
+            hs = self.vision(pixel_values.to(self.device), output_hidden_states=True).hidden_states
+        return self.model.model.multi_modal_projector(hs[self.model.config.vision_feature_layer][:, 1:])
 
     def eval_val(self) -> dict:
         res = evaluate(self.model, self.processor, load_split("val", self.cfg.eval_n))
