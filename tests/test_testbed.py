@@ -211,8 +211,8 @@ def test_default_model_size():
 
 
 def _cfg(out: str, **kw) -> TrainConfig:
-    kw = {"lr_vision_b": 1e-4, **kw}
-    return TrainConfig(out=out, steps_a=2, steps_b=3, batch_size_a=2, batch_size=2, warmup=1, ckpt_every=1,
+    kw = {"lr_vision_b": 1e-4, "steps_b": 3, "warmup": 1, **kw}
+    return TrainConfig(out=out, steps_a=2, batch_size_a=2, batch_size=2, ckpt_every=1,
                        eval_every=100, eval_n=2, test_n=2, tiny=True, seed=1, **kw)
 
 
@@ -525,3 +525,22 @@ def test_word_alignment_targets_and_loss(tmp_path, processor, hand_scene):
     loss.backward()
     assert tr.model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
     assert align_loss(tr.model, feats, torch.full_like(w, -100)).item() == 0.0
+
+
+def test_resume_with_the_vision_tower_newly_trainable(tmp_path):
+    a = Trainer(_cfg(str(tmp_path / "r"), lr_vision_b=0.0, steps_b=10, warmup=2))
+    a._next_stage()
+    a.train_step()
+    a.train_step()
+    a.save_checkpoint()
+    b = Trainer(_cfg(str(tmp_path / "r"), lr_vision_b=1e-4, steps_b=10, warmup=2))
+    b.load_checkpoint()
+    factor = b.sched.lr_lambdas[0](2)
+    assert [g["lr"] for g in b.opt.param_groups] == pytest.approx([1e-3 * factor, 1e-4 * factor])
+    before = next(b.vision.parameters()).detach().clone()
+    b.train_step()
+    assert not torch.equal(before, next(b.vision.parameters()))
+    assert b.sched.get_last_lr()[1] == pytest.approx(1e-4 * b.sched.lr_lambdas[0](3))
+    b.save_checkpoint()
+    with pytest.raises(ValueError, match="--lr-vision-b set back to 0"):
+        Trainer(_cfg(str(tmp_path / "r"), lr_vision_b=0.0, steps_b=10, warmup=2)).load_checkpoint()

@@ -522,12 +522,33 @@ class Trainer:
         self.stage, self.history = ck["stage"], ck["history"]
         if self.stage != "done":
             self._setup_stage()
-            self.opt.load_state_dict(ck["opt"])
-            self.sched.load_state_dict(ck["sched"])
+            self._load_optimizer(ck["opt"], ck["sched"])
         self.step, self.pos = ck["step"], ck["pos"]
         set_rng_state(ck["rng"])
         if "keep_gen" in ck:
             self._keep_gen.set_state(ck["keep_gen"])
+
+    def _load_optimizer(self, opt: dict, sched: dict) -> None:
+        """Restore optimizer and scheduler. A run resumed with ``--lr-vision-b`` newly above 0 has one more
+        parameter group (the vision tower) than its checkpoint: the saved groups are restored and the new
+        one starts fresh (no Adam moments) on the same schedule."""
+        cur = self.opt.state_dict()
+        n_saved, n_cur = len(opt["param_groups"]), len(cur["param_groups"])
+        if n_saved > n_cur:
+            raise ValueError(f"the checkpoint has {n_saved} optimizer groups but this configuration has {n_cur}: "
+                             "a run cannot be resumed with --lr-vision-b set back to 0")
+        if n_saved < n_cur:
+            opt = {"state": opt["state"], "param_groups": opt["param_groups"] + cur["param_groups"][n_saved:]}
+            for g in opt["param_groups"][n_saved:]:
+                g["initial_lr"] = g.get("initial_lr", g["lr"])
+        self.opt.load_state_dict(opt)
+        self.sched.load_state_dict(sched)
+        if len(self.sched.base_lrs) < n_cur:
+            self.sched.base_lrs = [g["initial_lr"] for g in self.opt.param_groups]
+            factor = self.sched.lr_lambdas[0](self.sched.last_epoch)
+            for g in self.opt.param_groups[n_saved:]:
+                g["lr"] = g["initial_lr"] * factor
+            self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
 
     # steps -------------------------------------------------------------------------------------------
     def _item_args(self, index: int) -> tuple:
