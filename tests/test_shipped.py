@@ -1,0 +1,41 @@
+"""The ShapesVQA model and LPM shipped inside the package (skipped in a build that ships without them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import learnpruner
+from learnpruner.hub import BUILTIN_MODELS
+
+SHIPPED = BUILTIN_MODELS["shapes-tiny"]
+pytestmark = pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="shapes-tiny is not shipped")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from learnpruner.hub import load
+
+    torch.set_num_threads(1)
+    return load("shapes-tiny")
+
+
+def test_shipped_model_answers_and_pruning_matters(shipped, tmp_path):
+    from learnpruner.evaluate import evaluate, load_items
+
+    model, processor = shipped
+    items = load_items("shapesvqa", 48)
+    recs = evaluate(model, processor, items, ["none", "random"], [32], tmp_path, batch_size=16, progress=False)
+    acc = {r["method"]: r["accuracy"] for r in recs}
+    assert acc["none"] >= 0.7, acc  # the full test split is >= 0.80 (README); 48 items leave room for noise
+    assert acc["none"] - acc["random"] >= 0.1, acc
+
+
+def test_shipped_lpm_is_the_default_and_fits(shipped):
+    model, processor = shipped
+    assert (SHIPPED / "learnpruner-lpm" / "lpm.json").is_file()
+    learnpruner.apply(model, "learnpruner", tokens=32)  # no lpm= : the model folder's own
+    try:
+        assert learnpruner.is_pruned(model)
+    finally:
+        learnpruner.remove(model)
