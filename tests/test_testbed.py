@@ -484,8 +484,19 @@ def test_training_time_token_dropping(tmp_path, processor):
     full = torch.arange(ids.shape[1]).expand(2, -1)
     with torch.no_grad():
         want = tr.model(**batch).loss
-        got = tr.model(**tr._embed_kept(batch, full)).loss
+        got = tr.model(**tr._embed_kept(batch, full, tr._projected(batch["pixel_values"]))).loss
     torch.testing.assert_close(got, want)
+
+    assert torch.equal(keep_visual(items, ids, image_id, 0, torch.Generator()), full)  # 0 keeps everything
+
+    # the last --full-frac of the steps see every token again
+    late = Trainer(_cfg(str(tmp_path / "f"), visual_keep=40, steps_b=10, full_frac=0.3))
+    assert [late.visual_keep_at(s) for s in (0, 6, 7, 9)] == [40, 40, 0, 0]
+    for bad, msg in ((dict(visual_keep=-1), "--visual-keep -1 is invalid"),
+                     (dict(full_frac=1.5), "--full-frac 1.5 is invalid"),
+                     (dict(align_weight=-0.1), "--align-weight -0.1 is invalid")):
+        with pytest.raises(ValueError, match=msg):
+            Trainer(_cfg(str(tmp_path / "bad"), **bad))
 
     # attention targets follow their tokens
     q = question_targets(items, ids, batch["labels"], tr.processor.tokenizer, tr.cfg.max_questions)

@@ -271,12 +271,12 @@ def keep_visual(items: list[VQAItem], ids: torch.Tensor, image_token_id: int, ke
                 generator: torch.Generator) -> torch.Tensor:
     """(batch, seq - 576 + keep) indices into the sequence that keep every text token and ``keep`` visual
     tokens per image: the patches of objects and text boxes first (a random subset if there are more), then
-    random background patches; kept tokens stay in their original order. Training-time token dropping:
+    random background patches (``keep`` <= 0: all); kept tokens stay in their original order. Token dropping:
     the sequence and the attention over it shrink ~4x while every answer stays answerable."""
     rows = []
     for b, it in enumerate(items):
         img_pos = (ids[b] == image_token_id).nonzero().flatten()
-        if keep >= len(img_pos):
+        if keep <= 0 or keep >= len(img_pos):
             rows.append(torch.arange(ids.shape[1]))
             continue
         fg = torch.from_numpy(it.labels["id"].reshape(-1) > 0)
@@ -302,7 +302,7 @@ def _subset_targets(targets: dict[str, torch.Tensor], index: torch.Tensor) -> di
     return {"rows": rows, "queries": queries, "masks": torch.gather(targets["masks"], 1, index[rows])}
 
 
-def word_targets(items: list[VQAItem], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def word_targets(items: list[VQAItem], tokenizer) -> torch.Tensor:
     """Per patch (batch * 576), the vocabulary ids of the words naming it: (colour word, shape word) for object
     patches, (character, character) for text-box patches, (-100, -100) elsewhere."""
     color_ids = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in COLOR_NAMES])
@@ -389,6 +389,11 @@ class Trainer:
     """Holds model, heads, optimizer state and data positions; ``run()`` trains to completion."""
 
     def __init__(self, cfg: TrainConfig):
+        for name, ok, accepted in (("visual_keep", cfg.visual_keep >= 0, "0 (all tokens) or a positive count"),
+                                   ("full_frac", 0.0 <= cfg.full_frac <= 1.0, "a fraction in [0, 1]"),
+                                   ("align_weight", cfg.align_weight >= 0, "a weight >= 0")):
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: expected {accepted}")
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         random.seed(cfg.seed)
@@ -404,7 +409,6 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.model.to(self.device)
         self.heads.to(self.device)
-        self._feats: torch.Tensor | None = None  # projected visual tokens of the current step (token dropping)
         self._keep_gen = torch.Generator().manual_seed(cfg.seed + 17)  # training-time visual token dropping
         self._pool = None
         self._stream: tuple | None = None  # worker pool: (stage, next position, pending results, next index)
@@ -616,12 +620,12 @@ class Trainer:
                 aux.append(("question", cfg.question_weight, question_targets(
                     items, batch["input_ids"], batch["labels"], tok, cfg.max_questions),
                     cfg.question_layer, cfg.grounding_heads))
-            self._feats = None
-            keep = cfg.visual_keep if self.step < int((1 - cfg.full_frac) * cfg.steps_b) else 0
-            if 0 < keep < batch["input_ids"].shape[1]:
+            keep, feats = self.visual_keep_at(self.step), None
+            if keep > 0 or cfg.align_weight > 0:  # the projected tokens are computed once, here
+                feats = self._projected(batch["pixel_values"])
                 index = keep_visual(items, batch["input_ids"], image_id, keep, self._keep_gen)
                 aux = [(a, w, _subset_targets(t, index), k, h) for a, w, t, k, h in aux]
-                batch = self._embed_kept(batch, index)
+                batch = self._embed_kept(batch, index, feats)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             aux = [(a, w, {k: v.to(self.device) for k, v in t.items()}, k, h) for a, w, t, k, h in aux]
             captured: dict[int, torch.Tensor] = {}
@@ -643,7 +647,6 @@ class Trainer:
                     stats[name] = g.item()
                     loss = loss + w * g
             if cfg.align_weight > 0:
-                feats = self._feats if self._feats is not None else self._projected(batch["pixel_values"])
                 a = align_loss(self.model, feats, word_targets(items, tok))
                 stats["align"] = a.item()
                 loss = loss + cfg.align_weight * a
@@ -656,15 +659,17 @@ class Trainer:
         self.step += 1
         return {"loss": loss.item(), **stats}
 
-    def _embed_kept(self, batch: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model inputs for the kept positions ``index``: embeddings (projected visual features of the kept
-        patches, token embeddings elsewhere), mask, labels, and the original position ids, so every text
-        token sits where it sits in the full sequence."""
+    def visual_keep_at(self, step: int) -> int:
+        """Visual tokens per image that stage-(b) step ``step`` trains on (0: all)."""
+        return self.cfg.visual_keep if step < int((1 - self.cfg.full_frac) * self.cfg.steps_b) else 0
+
+    def _embed_kept(self, batch: dict[str, torch.Tensor], index: torch.Tensor,
+                    feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model inputs for the kept positions ``index``: embeddings (the projected visual tokens ``feats``
+        of the kept patches, token embeddings elsewhere), mask, labels, and the original position ids, so every
+        text token sits where it sits in the full sequence."""
         mm, image_id = self.model.model, self.model.config.image_token_id
         ids = batch["input_ids"]
-        with torch.set_grad_enabled(self.cfg.lr_vision_b > 0):  # the tower is frozen in stage (b) by default
-            hs = self.vision(batch["pixel_values"].to(self.device), output_hidden_states=True).hidden_states
-        feats = mm.multi_modal_projector(hs[self.model.config.vision_feature_layer][:, 1:])
         patch = torch.cumsum(ids == image_id, 1) - 1  # patch number at each image position
         kept_ids = torch.gather(ids, 1, index)
         kept_img = kept_ids == image_id
@@ -673,13 +678,12 @@ class Trainer:
         rows = torch.arange(ids.shape[0])[:, None].expand_as(index)
         sel = feats[rows[kept_img].to(self.device), patch_idx[kept_img].to(self.device)]
         emb = emb.masked_scatter(kept_img.to(self.device)[..., None], sel.to(emb.dtype))
-        self._feats = feats
         return {"inputs_embeds": emb, "attention_mask": torch.gather(batch["attention_mask"], 1, index),
                 "position_ids": index, "labels": torch.gather(batch["labels"], 1, index)}
 
     def _projected(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens (batch, 576, hidden) of ``pixel_values``, with grad through the projector."""
-        with torch.set_grad_enabled(self.cfg.lr_vision_b > 0):
+        with torch.set_grad_enabled(self.cfg.lr_vision_b > 0):  # the tower is frozen in stage (b) by default
             hs = self.vision(pixel_values.to(self.device), output_hidden_states=True).hidden_states
         return self.model.model.multi_modal_projector(hs[self.model.config.vision_feature_layer][:, 1:])
 
