@@ -84,6 +84,20 @@ def test_eval_writes_results_and_resumes_without_recomputing(tiny, tmp_path, mon
     assert _png_size(tmp_path / "accuracy.png") == (704, 462)
 
 
+def test_resuming_a_cell_with_other_options_is_refused(tiny, tmp_path):
+    model, processor = tiny
+    items = ev.load_items("shapesvqa", limit=1)
+    rand = {"learnpruner": {"lpm": "random"}}
+    ev.evaluate(model, processor, items, ["learnpruner"], [64], tmp_path, method_options=rand, progress=False)
+    with pytest.raises(ValueError, match="another --out"):
+        ev.evaluate(model, processor, items, ["learnpruner"], [64], tmp_path,
+                    method_options={"learnpruner": {"lpm": "elsewhere/lpm"}}, progress=False)
+    # the same setup resumes (nothing left to do), and the saved predictions are untouched
+    before = (tmp_path / "preds" / "learnpruner@64.jsonl").read_text()
+    ev.evaluate(model, processor, items, ["learnpruner"], [64], tmp_path, method_options=rand, progress=False)
+    assert (tmp_path / "preds" / "learnpruner@64.jsonl").read_text() == before
+
+
 def test_unreachable_budget_is_recorded(tiny, tmp_path):
     model, processor = tiny
     items = ev.load_items("shapesvqa", limit=1)

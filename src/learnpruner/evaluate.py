@@ -3,8 +3,9 @@
 ``learnpruner eval`` answers each question greedily with the pruned model and scores exact match
 (after lowercasing and stripping punctuation; any of ``answers`` counts). Predictions are appended
 to ``DIR/preds/<method>@<tokens>.jsonl`` one batch at a time, so an interrupted run resumes where
-it stopped without recomputing or losing results; ``DIR/results.json`` and ``DIR/accuracy.png``
-are rewritten atomically after every cell.
+it stopped without recomputing or losing results (a cell made with another model or other method
+options is refused, not mixed); ``DIR/results.json`` and ``DIR/accuracy.png`` are rewritten
+atomically after every cell.
 """
 
 from __future__ import annotations
@@ -105,6 +106,31 @@ def _read_preds(path: Path) -> dict[str, dict]:
     return done
 
 
+def _cell_setup(model, options: dict, max_new_tokens: int) -> dict:
+    opts = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)) for k, v in options.items()}
+    return {"model": str(getattr(model, "name_or_path", "") or type(model).__name__), "options": opts,
+            "max_new_tokens": max_new_tokens}
+
+
+def _check_cell_setup(path: Path, model, options: dict, max_new_tokens: int) -> None:
+    """Refuse to resume a cell whose saved predictions came from another model or other options.
+
+    The setup is written beside the predictions (``<cell>.setup.json``) before the first of them; a
+    cell with predictions but no setup file (an older run) adopts the current setup.
+    """
+    setup = _cell_setup(model, options, max_new_tokens)
+    meta = path.with_suffix(".setup.json")
+    if meta.is_file():
+        saved = json.loads(meta.read_text())
+        if saved != setup:
+            raise ValueError(
+                f"{path} holds predictions made with {saved}, but this run asks for {setup}; "
+                "pass another --out (or delete that cell's files) to evaluate a different setup"
+            )
+        return
+    atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(setup, indent=1)))
+
+
 def _answer_batch(model, processor, items: list[EvalItem], max_new_tokens: int, device: str) -> list[str]:
     from .hub import format_prompt
 
@@ -154,6 +180,7 @@ def evaluate(
     bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
     for method, tokens in cells:
         path = out / "preds" / f"{_cell_name(method, tokens)}.jsonl"
+        _check_cell_setup(path, model, (method_options or {}).get(method, {}), max_new_tokens)
         done = _read_preds(path)
         bar.update(len([i for i in done if i in by_id]))
         bar.set_postfix(cell=_cell_name(method, tokens))
