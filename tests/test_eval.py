@@ -27,10 +27,15 @@ def test_markdown_table_and_relative_accuracy():
         {"method": "none", "tokens": 576, "status": "ok", "accuracy": 0.8, "per_qtype": {"a": 0.8}},
         {"method": "random", "tokens": 64, "status": "ok", "accuracy": 0.4, "per_qtype": {"a": 0.4}},
         {"method": "fastv", "tokens": 64, "status": "unreachable", "reason": "x"},
+        {"method": "dart", "tokens": 64, "status": "unreachable", "reason": "its budget is at least 73 visual tokens"},
+        {"method": "cdpruner", "tokens": 64, "status": "ok", "accuracy": 0.6, "avg_tokens": 60.0},
+        {"method": "divprune", "tokens": 64, "status": "ok", "accuracy": 0.6, "avg_tokens": 64.4},
     ])
     assert recs[1]["relative"] == pytest.approx(50.0)
     table = ev.markdown_table(recs)
     assert "| random | 40.0 (50.0%) |" in table and "| fastv | unreachable |" in table
+    assert "| dart | unreachable (needs >= 73) |" in table
+    assert "| cdpruner | 60.0 (75.0%) [reached 60.0] |" in table and "| divprune | 60.0 (75.0%) |" in table
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from learnpruner.lpm_train import (
     _collate,
     _encode,
     _register_gated_attention,
+    hard_keep_mask,
     step_loss,
     train_lpm,
 )
@@ -78,6 +79,34 @@ def test_straight_through_estimator_gives_the_lpm_gradients(processor):
     # the answer loss alone reaches the gates of kept AND dropped tokens
     assert g[dropped].abs().sum() > 0 and g[~dropped].abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lpm.parameters())
+
+
+def test_hard_keep_masks():
+    p = torch.tensor([[0.9, 0.2, 0.6, 0.4, 0.7], [0.1, 0.3, 0.2, 0.8, 0.05]])
+    assert hard_keep_mask(p, 0.4, "threshold").tolist() == [[1, 0, 1, 0, 1], [0, 0, 0, 1, 0]]
+    # topk: exactly round(0.4 * 5) = 2 per image, the two most probable, whatever their values
+    assert hard_keep_mask(p, 0.4, "topk").tolist() == [[1, 0, 0, 0, 1], [0, 1, 0, 1, 0]]
+    with pytest.raises(ValueError, match="accepted: threshold, topk"):
+        hard_keep_mask(p, 0.4, "top-k")
+
+
+def test_topk_mask_trains_the_ranking(processor, tmp_path):
+    model = _model(processor)
+    ad = adapter_for(model)
+    _register_gated_attention()
+    model.set_attn_implementation({"text_config": GATED_ATTENTION})
+    model.requires_grad_(False)
+    records = ShapesRecords()
+    examples = [(ex.image, *_encode(ex, processor.tokenizer, ad.image_token_id, 576, 4096))
+                for ex in (records.get(i) for i in range(2))]
+    batch = _collate(examples, processor.image_processor, processor.tokenizer.pad_token_id)
+    lpm = learnpruner.LearnablePruningModule(learnpruner.LPMConfig(feature_dim=ad.feature_dim(), hidden_dim=16))
+    loss, parts = step_loss(model, ad, lpm, batch, rho=0.2, cfg=TrainConfig(mask="topk"))
+    assert torch.allclose(parts["kept"], torch.tensor(round(0.2 * 576) / 576))  # the inference count, every image
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lpm.parameters())
+    with pytest.raises(ValueError, match="unknown mask 'soft'"):
+        train_lpm(model, processor, records, tmp_path, _cfg(mask="soft"), progress=False)
 
 
 def test_gated_attention_with_a_hard_gate_equals_removing_the_tokens(processor):

@@ -106,6 +106,17 @@ def test_dpp_greedy_picks_the_largest_marginal_determinant():
     # a rank-deficient kernel still yields k distinct tokens
     low = vs.conditional_kernel(torch.randn(1, 10, 2, generator=g), torch.ones(1, 10))
     assert vs.dpp_greedy(low, 10).tolist() == [list(range(10))]
+    # ... and past the rank, by quality: rank 2, so 2 greedy picks, then the largest relevances
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0], [1.0, 1.0], [1.0, -1.0]]])
+    rel = torch.tensor([[0.3, 0.2, 1.0, 0.9, 0.5, 0.4]])
+    kern = vs.conditional_kernel(feats, rel)
+    first2 = vs.dpp_greedy(kern, 2)[0].tolist()
+    assert first2 == [2, 3]  # the two most relevant, nearly orthogonal tokens
+    assert vs.dpp_greedy(kern, 4).tolist() == [[2, 3, 4, 5]]  # then 0.5 and 0.4, not the remaining gains' noise
+    # a wide, rank-64 kernel at CDPruner's scale: 192 distinct tokens (float32 used to repeat some)
+    x = torch.randn(2, 576, 64, generator=g)
+    kern = vs.conditional_kernel(x, vs.normalize_relevance(torch.randn(2, 576, generator=g)))
+    assert all(len(set(row)) == 192 for row in vs.dpp_greedy(kern, 192).tolist())
 
 
 def test_relevance_normalisation_and_theta():

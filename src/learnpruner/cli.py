@@ -142,6 +142,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--ratio-weight", type=float, default=d.ratio_weight, help="weight of the keep-ratio loss")
+    p.add_argument("--mask", choices=("threshold", "topk"), default=d.mask,
+                   help="training forward keeps p > 0.5 (threshold) or exactly the top r1 per image (topk)")
     p.add_argument("--distill-weight", type=float, default=d.distill_weight,
                    help="weight of KL distillation toward the unpruned model (0: off)")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="LPM hidden width")
@@ -165,8 +167,9 @@ def _train(args: argparse.Namespace) -> int:
     data = ShapesRecords(args.seed) if args.data == "shapesvqa" else LlavaRecords(args.data, args.image_folder)
     model, processor = load(args.model, device=args.device or "cpu", dtype="bfloat16" if args.bf16 else "float32")
     cfg = TrainConfig(tokens=args.tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      ratio_weight=args.ratio_weight, distill_weight=args.distill_weight, hidden_dim=args.hidden_dim,
-                      ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16, grad_ckpt=args.grad_ckpt)
+                      ratio_weight=args.ratio_weight, mask=args.mask, distill_weight=args.distill_weight,
+                      hidden_dim=args.hidden_dim, ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16,
+                      grad_ckpt=args.grad_ckpt)
     train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device)
     if data.skipped:
         print(f"skipped {sum(data.skipped.values())} bad record(s): {data.skipped}")

@@ -272,7 +272,11 @@ def _write_results(out: Path, records: list[dict]) -> None:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """Accuracy (and % of unpruned) per method x budget, then accuracy per question type."""
+    """Accuracy (and % of unpruned) per method x budget, then accuracy per question type.
+
+    An unreachable cell names the lowest budget the method reaches; a cell whose measured average
+    differs from its budget by more than 1% says what it reached.
+    """
     budgets = sorted({r["tokens"] for r in records if r["method"] != "none"}, reverse=True)
     none = next((r for r in records if r["method"] == "none"), None)
     lines = ["| method | " + " | ".join(f"{t} tokens" for t in budgets) + " |",
@@ -286,10 +290,13 @@ def markdown_table(records: list[dict]) -> str:
             if r is None:
                 cells.append("")
             elif r["status"] != "ok":
-                cells.append("unreachable")
+                least = re.search(r"at least (\d+)", r.get("reason") or "")
+                cells.append(f"unreachable (needs >= {least.group(1)})" if least else "unreachable")
             else:
                 rel = f" ({r['relative']:.1f}%)" if "relative" in r else ""
-                cells.append(f"{100 * r['accuracy']:.1f}{rel}")
+                avg = r.get("avg_tokens")
+                off = avg is not None and abs(avg - t) > max(0.5, 0.01 * t)
+                cells.append(f"{100 * r['accuracy']:.1f}{rel}" + (f" [reached {avg:.1f}]" if off else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     qtypes = sorted({q for r in records for q in r.get("per_qtype", {})})
     if len(qtypes) > 1:

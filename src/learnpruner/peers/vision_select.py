@@ -198,12 +198,15 @@ def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch
     return r[:, :, None] * _cosine(features) * r[:, None, :]
 
 
-def dpp_greedy(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor:
+def dpp_greedy(kernel: torch.Tensor, k: int, eps: float = 1e-10, rtol: float = 1e-5) -> torch.Tensor:
     """Greedy MAP inference of a DPP (Chen et al., NeurIPS 2018), batched: ``[b, k]`` sorted indices.
 
     Each step adds the item with the largest marginal gain ``log det(L_{S+j}) - log det(L_S)``, kept up
-    to date by an incremental Cholesky factor (``O(n k)`` per step). Items whose gain has collapsed to
-    zero (kernel rank below ``k``) are still picked, by largest remaining gain, so ``k`` are returned.
+    to date by an incremental Cholesky factor (``O(n k)`` per step). When every remaining gain has
+    collapsed (below ``rtol`` times the largest diagonal: the kernel's rank is below ``k``, as for
+    cosine kernels of features narrower than ``k``), the rest are picked by their diagonal (quality)
+    without further updates, so ``k`` distinct items come back; dividing by a collapsed gain would
+    otherwise blow the factor up and repeat items.
     """
     b, n, _ = kernel.shape
     if not 0 <= k <= n:
@@ -212,13 +215,19 @@ def dpp_greedy(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor
     rows = torch.arange(b, device=L.device)
     chol = L.new_zeros(k, b, n)
     gain = torch.diagonal(L, dim1=1, dim2=2).clone()
+    quality = gain.clone()
+    tol = (rtol * quality.amax(dim=-1)).clamp(min=eps)
     picked = torch.empty(b, k, dtype=torch.long, device=L.device)
     for i in range(k):
-        j = gain.argmax(dim=-1)
+        best = gain.argmax(dim=-1)
+        collapsed = ~(gain[rows, best] > tol)  # also catches NaN
+        j = torch.where(collapsed, quality.argmax(dim=-1), best)
         picked[:, i] = j
         proj = torch.einsum("tb,tbn->bn", chol[:i, rows, j], chol[:i])
         e = (L[rows, j] - proj) / gain[rows, j].clamp(min=eps).sqrt()[:, None]
+        e = torch.where(collapsed[:, None], torch.zeros_like(e), e)
         chol[i] = e
         gain = gain - e.square()
         gain[rows, j] = float("-inf")
+        quality[rows, j] = float("-inf")
     return torch.sort(picked, dim=-1).values
