@@ -86,7 +86,7 @@ def test_eval_writes_results_and_resumes_without_recomputing(tiny, tmp_path, mon
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {"method", "tokens", "accuracy", "per_qtype"} <= set(saved[1])
     assert abs(saved[1]["avg_tokens"] - 64.75) < 1e-6
-    assert _png_size(tmp_path / "accuracy.png") == (704, 462)
+    assert _png_size(tmp_path / "accuracy.png") == (880, 462)
 
 
 def test_resuming_a_cell_with_other_options_is_refused(tiny, tmp_path):
@@ -129,7 +129,7 @@ def test_plot_and_overlay_are_valid_pngs(tmp_path):
     plot_accuracy([{"method": "none", "tokens": 576, "status": "ok", "accuracy": 0.9},
                    {"method": "m", "tokens": 64, "status": "ok", "accuracy": 0.7},
                    {"method": "m", "tokens": 32, "status": "ok", "accuracy": 0.5}], tmp_path / "p.png")
-    assert _png_size(tmp_path / "p.png") == (704, 462)
+    assert _png_size(tmp_path / "p.png") == (880, 462)
     img = Image.new("RGB", (336, 336), (200, 100, 50))
     overlay_kept(img, [("a", None, None), ("b", torch.arange(0, 576, 5), torch.arange(0, 576, 25))], 24,
                  tmp_path / "o.png", title="t")

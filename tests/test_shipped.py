@@ -31,7 +31,9 @@ def test_shipped_model_answers_and_pruning_matters(shipped, tmp_path):
     assert acc["none"] - acc["random"] >= 0.1, acc
 
 
-def test_shipped_lpm_is_the_default_and_fits(shipped):
+def test_shipped_lpm_is_the_default_and_beats_random_pruning(shipped, tmp_path):
+    from learnpruner.evaluate import evaluate, load_items
+
     model, processor = shipped
     assert (SHIPPED / "learnpruner-lpm" / "lpm.json").is_file()
     learnpruner.apply(model, "learnpruner", tokens=32)  # no lpm= : the model folder's own
@@ -39,3 +41,7 @@ def test_shipped_lpm_is_the_default_and_fits(shipped):
         assert learnpruner.is_pruned(model)
     finally:
         learnpruner.remove(model)
+    items = load_items("shapesvqa", 48)
+    recs = evaluate(model, processor, items, ["learnpruner", "random"], [32], tmp_path, batch_size=16, progress=False)
+    acc = {r["method"]: r["accuracy"] for r in recs}
+    assert acc["learnpruner"] - acc["random"] >= 0.2, acc  # about 40 points on the full test split (README)

@@ -295,7 +295,7 @@ def markdown_table(records: list[dict]) -> str:
             else:
                 rel = f" ({r['relative']:.1f}%)" if "relative" in r else ""
                 avg = r.get("avg_tokens")
-                off = avg is not None and abs(avg - t) > max(0.5, 0.01 * t)
+                off = avg is not None and abs(avg - t) > max(1.0, 0.01 * t)
                 cells.append(f"{100 * r['accuracy']:.1f}{rel}" + (f" [reached {avg:.1f}]" if off else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     qtypes = sorted({q for r in records for q in r.get("per_qtype", {})})
