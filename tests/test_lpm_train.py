@@ -186,3 +186,30 @@ def test_accelerate_runtime_matches_the_plain_loop(processor, tmp_path):
                     device=None)
     for (k, a), (_, b) in zip(plain.state_dict().items(), acc.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+def test_two_process_ddp_on_cpu_equals_one_process_with_the_doubled_batch(tmp_path):
+    """`torchrun` with 2 CPU processes (gloo): each sees half the batch, the averaged gradients
+    reproduce one process with the whole batch."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    pytest.importorskip("accelerate")
+    common = ["-m", "learnpruner.cli", "train", "--model", "tiny-random-llava", "--data", "shapesvqa",
+              "--tokens", "64", "--steps", "2", "--hidden-dim", "16", "--ckpt-every", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("LPM written") == 1  # rank 0 reports
+    one = subprocess.run([sys.executable, *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(tmp_path / "ddp" / "lpm.safetensors"), load_file(tmp_path / "one" / "lpm.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -7,6 +7,7 @@ registered methods with their papers and defaults). Others register themselves i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -171,9 +172,10 @@ def _train(args: argparse.Namespace) -> int:
                       hidden_dim=args.hidden_dim, ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16,
                       grad_ckpt=args.grad_ckpt)
     train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device)
-    if data.skipped:
-        print(f"skipped {sum(data.skipped.values())} bad record(s): {data.skipped}")
-    print(f"LPM written to {args.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process under torchrun/accelerate
+        if data.skipped:
+            print(f"skipped {sum(data.skipped.values())} bad record(s): {data.skipped}")
+        print(f"LPM written to {args.out}")
     return 0
 
 

@@ -256,7 +256,10 @@ class _Runtime:
             from accelerate import Accelerator
 
             if int(os.environ.get("WORLD_SIZE", "1")) > 1 or device is None:
-                self.acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu")
+                # accelerate sets up CPU-only multi-process (gloo) training only when told cpu=True
+                no_accelerator = not (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+                cpu = device == "cpu" or (device is None and no_accelerator)
+                self.acc = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=cpu)
         except ImportError:
             pass
         self.device = self.acc.device if self.acc else torch.device(device or "cpu")
