@@ -54,3 +54,26 @@ def test_eval_all_methods(capsys, tmp_path):
     recs = json.load(open(tmp_path / "results.json"))
     assert sorted({r["method"] for r in recs}) == sorted(learnpruner.METHODS)
     assert re.search(r"^\| none \(all tokens\) \| [\d.]+ \(100%\)", capsys.readouterr().out, re.M)
+
+
+def test_eval_method_options(tmp_path, capsys):
+    import json
+
+    from learnpruner.cli import _option_value
+
+    assert _option_value("false") is False and _option_value("2,8,16") == (2, 8, 16)
+    assert _option_value("0.5") == 0.5 and _option_value("x") == "x"
+    base = ["eval", "--model", "tiny-random-llava", "--methods", "fastv", "--tokens", "96", "--limit", "1",
+            "--max-new-tokens", "1", "--out"]
+    # at its paper layer FastV cannot average 96 tokens in 8 layers; --option moves the drop
+    assert main([*base, str(tmp_path / "a")]) == 0
+    assert json.load(open(tmp_path / "a" / "results.json"))[0]["status"] == "unreachable"
+    assert main([*base, str(tmp_path / "b"), "--option", "fastv:layer=1"]) == 0
+    rec = json.load(open(tmp_path / "b" / "results.json"))[0]
+    assert rec["status"] == "ok" and abs(rec["avg_tokens"] - 96) < 1
+    for bad, msg in ((["--option", "fastv:depth=1"], "no option 'depth'; accepted: layer, r2"),
+                     (["--option", "dart:layer=1"], "not among --methods"),
+                     (["--option", "layer=1"], "METHOD:KEY=VALUE")):
+        assert main([*base, str(tmp_path / "c"), *bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before any work

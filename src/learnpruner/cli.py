@@ -27,20 +27,50 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
     return deco
 
 
+def _option_value(text: str):
+    """``3`` -> int, ``0.5`` -> float, ``true``/``false`` -> bool, ``2,8,16`` -> tuple of those; else text."""
+    if "," in text:
+        return tuple(_option_value(t) for t in text.split(",") if t)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _method_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` options for ``apply``; integers and floats are parsed, the rest kept as text."""
+    """``KEY=VALUE`` options for ``apply`` (values parsed by :func:`_option_value`)."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise SystemExit(f"error: --option takes KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        out[key] = value
+        out[key] = _option_value(value)
+    return out
+
+
+def _per_method_options(pairs: list[str], methods: list[str]) -> dict[str, dict]:
+    """``METHOD:KEY=VALUE`` pairs -> ``{method: {key: value}}``; the method must be one being evaluated."""
+    import learnpruner
+
+    out: dict[str, dict] = {}
+    for pair in pairs or []:
+        method, sep, rest = pair.partition(":")
+        if not sep or "=" not in rest:
+            raise ValueError(f"--option takes METHOD:KEY=VALUE (e.g. fastv:layer=1), got {pair!r}")
+        if method not in methods:
+            raise ValueError(f"--option {pair!r} names method {method!r}, which is not among --methods "
+                             f"({', '.join(methods)})")
+        option = _method_options([rest])
+        accepted = learnpruner.get_method(method).options
+        for key in option:
+            if key not in accepted:
+                raise ValueError(f"--option {pair!r}: {method} has no option {key!r}; accepted: "
+                                 f"{', '.join(accepted) or 'none'}")
+        out.setdefault(method, {}).update(option)
     return out
 
 
@@ -200,6 +230,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--lpm", default=None, help="LPM folder for learnpruner and lpm-only (default: the model's own)")
+    p.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
+                   help="a method option, repeatable (e.g. sparsevlm:recycle=false, pyramiddrop:layers=1,2,4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
 
@@ -220,11 +252,14 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--tokens values must be positive integers, got {t}")
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    extra_opts = _per_method_options(args.option, methods)
     items = load_items(args.data, args.limit)
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
     opts = {m: {"lpm": args.lpm} for m in ("learnpruner", "lpm-only") if args.lpm}
     if args.model == "tiny-random-llava" and not args.lpm:
         opts = {m: {"lpm": "random"} for m in ("learnpruner", "lpm-only")}
+    for m, extra in extra_opts.items():
+        opts.setdefault(m, {}).update(extra)
     records = evaluate(model, processor, items, methods, budgets, args.out, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, device=args.device, method_options=opts)
     print(f"\n{args.data}: {len(items)} items, model {args.model}; tokens = average visual tokens per LLM layer")
