@@ -57,19 +57,23 @@ def test_loss_falls_over_a_few_dozen_steps(processor, tmp_path):
     assert abs(hist[-1]["kept"] - target) < abs(hist[0]["kept"] - target)
 
 
-def test_straight_through_estimator_gives_the_lpm_gradients(processor):
+def _gated_setup(processor):
+    """A frozen tiny model on the gated attention, a 2-example ShapesVQA batch and a fresh LPM."""
     model = _model(processor)
     ad = adapter_for(model)
     _register_gated_attention()
     model.set_attn_implementation({"text_config": GATED_ATTENTION})
     model.requires_grad_(False)
     records = ShapesRecords()
-    examples = []
-    for i in range(2):
-        ex = records.get(i)
-        examples.append((ex.image, *_encode(ex, processor.tokenizer, ad.image_token_id, 576, 4096)))
+    examples = [(ex.image, *_encode(ex, processor.tokenizer, ad.image_token_id, 576, 4096))
+                for ex in (records.get(i) for i in range(2))]
     batch = _collate(examples, processor.image_processor, processor.tokenizer.pad_token_id)
     lpm = learnpruner.LearnablePruningModule(learnpruner.LPMConfig(feature_dim=ad.feature_dim(), hidden_dim=16))
+    return model, ad, batch, lpm
+
+
+def test_straight_through_estimator_gives_the_lpm_gradients(processor):
+    model, ad, batch, lpm = _gated_setup(processor)
     loss, parts = step_loss(model, ad, lpm, batch, rho=0.2, cfg=TrainConfig(ratio_weight=0.0))
     parts["keep_prob"].retain_grad()
     loss.backward()
@@ -91,22 +95,13 @@ def test_hard_keep_masks():
 
 
 def test_topk_mask_trains_the_ranking(processor, tmp_path):
-    model = _model(processor)
-    ad = adapter_for(model)
-    _register_gated_attention()
-    model.set_attn_implementation({"text_config": GATED_ATTENTION})
-    model.requires_grad_(False)
-    records = ShapesRecords()
-    examples = [(ex.image, *_encode(ex, processor.tokenizer, ad.image_token_id, 576, 4096))
-                for ex in (records.get(i) for i in range(2))]
-    batch = _collate(examples, processor.image_processor, processor.tokenizer.pad_token_id)
-    lpm = learnpruner.LearnablePruningModule(learnpruner.LPMConfig(feature_dim=ad.feature_dim(), hidden_dim=16))
+    model, ad, batch, lpm = _gated_setup(processor)
     loss, parts = step_loss(model, ad, lpm, batch, rho=0.2, cfg=TrainConfig(mask="topk"))
     assert torch.allclose(parts["kept"], torch.tensor(round(0.2 * 576) / 576))  # the inference count, every image
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lpm.parameters())
     with pytest.raises(ValueError, match="unknown mask 'soft'"):
-        train_lpm(model, processor, records, tmp_path, _cfg(mask="soft"), progress=False)
+        train_lpm(model, processor, ShapesRecords(), tmp_path, _cfg(mask="soft"), progress=False)
 
 
 def test_gated_attention_with_a_hard_gate_equals_removing_the_tokens(processor):
@@ -142,6 +137,11 @@ def test_resumed_run_ends_with_the_same_weights(processor, tmp_path):
     full = train_lpm(_model(processor), processor, ShapesRecords(), tmp_path / "a", cfg, progress=False)
     train_lpm(_model(processor), processor, ShapesRecords(), tmp_path / "b", cfg, progress=False, stop_after=3)
     assert not (tmp_path / "b" / "lpm.json").exists()  # interrupted: no final LPM yet
+    before = (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="mask: 'threshold' in the checkpoint, 'topk' now"):
+        train_lpm(_model(processor), processor, ShapesRecords(), tmp_path / "b", _cfg(steps=6, mask="topk"),
+                  resume=True, progress=False)
+    assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before  # refused, nothing touched
     resumed = train_lpm(_model(processor), processor, ShapesRecords(), tmp_path / "b", cfg, resume=True,
                         progress=False)
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):

@@ -312,8 +312,7 @@ def train_lpm(
     from tqdm.auto import tqdm
 
     cfg = config or TrainConfig()
-    if cfg.mask not in MASKS:
-        raise ValueError(f"unknown mask {cfg.mask!r}; accepted: {', '.join(MASKS)}")
+    _check_mask(cfg.mask)
     out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
     rt = _Runtime(cfg.bf16, device)
@@ -350,6 +349,7 @@ def train_lpm(
     step, pos, history = 0, 0, []
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _check_resume_config(state.get("config", {}), asdict(cfg), ckpt_path)
         lpm.load_state_dict(state["lpm"])
         opt.load_state_dict(state["opt"])
         scheduler.load_state_dict(state["sched"])
@@ -422,15 +422,31 @@ def train_lpm(
     return trained
 
 
+RESUME_MAY_CHANGE = ("steps", "ckpt_every")
+
+
+def _check_resume_config(saved: dict, now: dict, path: Path) -> None:
+    """Resuming continues exactly, so only ``RESUME_MAY_CHANGE`` may differ from the checkpoint's run."""
+    diff = {k: (saved[k], now.get(k)) for k in saved if k not in RESUME_MAY_CHANGE and saved[k] != now.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume {path} with different settings ({shown}); "
+                         "use the checkpoint's settings or another --out")
+
+
 def hard_keep_mask(keep_prob: torch.Tensor, rho: float, mask: str = "threshold") -> torch.Tensor:
     """The forward pass's 0/1 keep mask ``[b, n]``: ``p > 0.5``, or exactly the top ``round(rho * n)``."""
     if mask == "threshold":
         return (keep_prob > 0.5).to(keep_prob.dtype)
-    if mask == "topk":
-        k = max(1, round(rho * keep_prob.shape[-1]))
-        idx = keep_prob.detach().topk(k, dim=-1).indices
-        return torch.zeros_like(keep_prob).scatter_(-1, idx, 1.0)
-    raise ValueError(f"unknown mask {mask!r}; accepted: {', '.join(MASKS)}")
+    _check_mask(mask)
+    k = max(1, round(rho * keep_prob.shape[-1]))
+    idx = keep_prob.detach().topk(k, dim=-1).indices
+    return torch.zeros_like(keep_prob).scatter_(-1, idx, 1.0)
+
+
+def _check_mask(mask: str) -> None:
+    if mask not in MASKS:
+        raise ValueError(f"unknown mask {mask!r}; accepted: {', '.join(MASKS)}")
 
 
 def step_loss(model, ad, lpm, batch: dict, rho: float, cfg: TrainConfig, teacher_impl: str = "sdpa"):
