@@ -32,7 +32,7 @@ def _pruned_class(base: type) -> type:
 
 def is_pruned(model: nn.Module) -> bool:
     """Whether :func:`apply` patched this model instance."""
-    return "_learnpruner" in model.__dict__
+    return "_learnpruner" in getattr(model, "__dict__", {})
 
 
 def _resolve_lpm(lpm, adapter, model, seed: int) -> LearnablePruningModule:
@@ -86,6 +86,9 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, *, fa
     Only this instance changes: it gets a private subclass whose ``forward`` runs the pruning engine,
     so ``model(**inputs)`` and ``model.generate(**inputs)`` take the processor's outputs unchanged.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply takes a transformers model instance (an nn.Module), got {type(model).__name__}: "
+                        f"{model!r:.80}")
     if is_pruned(model):
         raise ValueError("this model is already pruned; call learnpruner.remove(model) before applying again")
     adapter = adapter_for(model)

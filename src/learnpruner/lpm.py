@@ -82,14 +82,35 @@ class LearnablePruningModule(nn.Module):
                 f"no LPM at {str(path)!r}: expected a folder with {WEIGHTS} and {META} (as written by "
                 f"LearnablePruningModule.save or `learnpruner train`)"
             )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} is not a learnpruner LPM (format={meta.get('format')!r})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta_path} is not valid JSON ({e}); expected the metadata written by "
+                             f"LearnablePruningModule.save") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{meta_path} is not a learnpruner LPM (expected a JSON object with "
+                             f"format={FORMAT!r}, got {found!r})")
         fields = {k: meta[k] for k in ("feature_dim", "hidden_dim", "family", "feature_layer", "num_tokens", "extra")
                   if k in meta}
-        module = cls(LPMConfig(**fields))
-        state = load_file(str(weights_path))
-        module.load_state_dict(state)
+        try:
+            module = cls(LPMConfig(**fields))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{meta_path} has invalid LPM metadata {fields}: {e}") from None
+        try:
+            state = load_file(str(weights_path))
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({e}); re-save or re-train the "
+                             f"LPM") from None
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_path} does not match {meta_path} (feature_dim={module.config.feature_dim}, "
+                             f"hidden_dim={module.config.hidden_dim}): {str(e).splitlines()[-1].strip()}") from None
+        bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{weights_path} holds NaN or infinite values in {', '.join(sorted(bad))}; "
+                             f"the LPM is unusable (re-train it)")
         return module
 
     def check_compatible(self, family: str, feature_dim: int, feature_layer: int | list[int]) -> None:

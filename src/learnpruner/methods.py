@@ -32,7 +32,14 @@ class Method:
     doc: str = ""
 
     def schedule(self, tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-        """The token schedule for a budget, ``n`` visual tokens per image and ``num_layers`` layers."""
+        """The token schedule for a budget, ``n`` visual tokens per image and ``num_layers`` layers.
+
+        Explicit ``r1``/``r2`` options must lie in ``[1, n]``: a larger count would silently break the budget.
+        """
+        for key in ("r1", "r2"):
+            value = options.get(key)
+            if value is not None and value > n:
+                raise ValueError(f"option {key}={value} exceeds the image's {n} visual tokens; accepted: 1..{n}")
         return self.schedule_fn(tokens, n, num_layers, options)
 
     def check_options(self, options: dict) -> dict:
@@ -40,10 +47,11 @@ class Method:
         if unknown:
             accepted = ", ".join(self.options) or "none"
             raise ValueError(f"method {self.name!r} does not take option(s) {unknown}; accepted: {accepted}")
-        for key in ("r1", "r2", "layer", "seed"):
+        for key, low in (("r1", 1), ("r2", 1), ("layer", 0), ("seed", 0)):
             value = options.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"option {key} must be a non-negative integer, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                what = "a positive integer" if low else "a non-negative integer"
+                raise ValueError(f"option {key} must be {what}, got {value!r}")
         div = options.get("diversity")
         if div is not None and not (isinstance(div, (int, float)) and 0.0 <= div <= 1.0):
             raise ValueError(f"option diversity must be a number in [0, 1], got {div!r}")

@@ -171,8 +171,9 @@ def llm_rule(name: str, query: str | Callable | None = None, keys: bool = False)
 @stage1_rule("lpm")
 def _lpm(ctx: VisionContext, k: int) -> Selection:
     lpm = ctx.state.lpm
-    if next(lpm.parameters()).device != ctx.features.device:
-        lpm.to(ctx.features.device)
+    p, f = next(lpm.parameters()), ctx.features
+    if p.device != f.device or p.dtype != f.dtype:  # the LPM is not a submodule: follow the model's moves
+        lpm.to(device=f.device, dtype=f.dtype)
     keep_prob = lpm(ctx.features)
     return Selection(sel.lpm_select(keep_prob, ctx.features, k, ctx.options.get("diversity", 0.1)))
 
