@@ -53,11 +53,14 @@ def check_schedule_followed(model, inp, tokens: int):
     return st
 
 
-def check_cached_equals_stepwise(model, inp, steps: int = 4):
+def check_cached_equals_stepwise(model, inp, steps: int = 4, atol: float = 1e-4):
     """Greedy generation with the KV cache equals a step-by-step recomputation without cache over the kept
-    sets of its prefill (pinned with ``fixed_selection``)."""
+    sets of its prefill (pinned with ``fixed_selection``): the same tokens, and each step's logits within
+    ``atol`` (so that a wrong position or mask shows even where the argmax survives it)."""
     with torch.no_grad():
-        gen = model.generate(**inp, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+        out = model.generate(**inp, max_new_tokens=steps, do_sample=False, suppress_tokens=[IMAGE_TOKEN],
+                             output_logits=True, return_dict_in_generate=True)
+        gen = out.sequences
         st = learnpruner.stats(model)
         new = gen[:, inp["input_ids"].shape[1]:]
         with learnpruner.fixed_selection(model, st.stage1_kept, st.llm_kept):
@@ -67,6 +70,8 @@ def check_cached_equals_stepwise(model, inp, steps: int = 4):
                 pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                pixel_values=inp["pixel_values"], use_cache=False).logits[:, -1]
+                torch.testing.assert_close(out.logits[t], logits, atol=atol, rtol=1e-4,
+                                           msg=lambda m, t=t: f"step {t} logits: {m}")
                 logits[:, IMAGE_TOKEN] = float("-inf")
                 assert torch.equal(logits.argmax(-1), new[:, t]), f"step {t}"
 

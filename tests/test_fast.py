@@ -7,7 +7,7 @@ import torch
 from helpers import make_inputs, tiny_llava
 
 import learnpruner
-from learnpruner import fast
+from learnpruner.engine import fast
 
 torch.set_num_threads(1)
 

@@ -45,7 +45,7 @@ def _cfg(**kw):
 def test_loss_falls_over_a_few_dozen_steps(processor, tmp_path):
     model = _model(processor)
     train_lpm(model, processor, ShapesRecords(), tmp_path, _cfg(steps=30, lr=1e-2), progress=False)
-    hist = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["history"]
+    hist = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]
     def mean(key, part):
         return sum(h[key] for h in part) / len(part)
 

@@ -240,7 +240,7 @@ def test_train_resume_matches_uninterrupted(tmp_path):
     resumed.run(progress=False)
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
-    ck = torch.load(resumed.ckpt_path, weights_only=False)
+    ck = torch.load(resumed.ckpt_path, weights_only=True)
     assert ck["stage"] == "done"
 
 
@@ -510,7 +510,7 @@ def test_training_time_token_dropping(tmp_path, processor):
         t._next_stage()
     assert a.train_step()["loss"] == b.train_step()["loss"]
     a.save_checkpoint()
-    assert torch.equal(torch.load(a.ckpt_path, weights_only=False)["keep_gen"], a._keep_gen.get_state())
+    assert torch.equal(torch.load(a.ckpt_path, weights_only=True)["keep_gen"], a._keep_gen.get_state())
 
 
 def test_word_alignment_targets_and_loss(tmp_path, processor, hand_scene):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .budget import check_tokens
+from .budget import check_ratio, check_tokens, tokens_for
 from .engine import PruneState, Stats, pruned_forward
 from .lpm import LearnablePruningModule, LPMConfig
 from .methods import get_method
@@ -69,17 +69,23 @@ def _resolve_lpm(lpm, adapter, model, seed: int) -> LearnablePruningModule:
     return module.to(param.device).eval()
 
 
-def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, *, fast: bool = False,
-          **options) -> nn.Module:
+DEFAULT_TOKENS = 64
+
+
+def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = None, *, ratio: float | None = None,
+          fast: bool = False, **options) -> nn.Module:
     """Prune the visual tokens of ``model`` (patched in place; returns it).
 
     Args:
         model: a supported transformers VLM instance (e.g. ``LlavaForConditionalGeneration``).
         method: a name from :data:`learnpruner.METHODS` (``none``, ``random``, ``fastv``, ``learnpruner``...).
         tokens: the budget, as the AVERAGE number of visual tokens per LLM layer (per image). A budget of
-            at least the image's token count is a no-op.
+            at least the image's token count is a no-op. Default 64 when ``ratio`` is not given either.
+        ratio: the budget as a fraction ``0 < ratio <= 1`` of each image's own token count (an average per
+            LLM layer, ``round(ratio * n)``), for images with different counts (LLaVA-NeXT, Qwen2.5-VL).
+            Give ``tokens`` or ``ratio``, not both.
         fast: decode on static KV buffers with a step that has static shapes and no host syncs, captured
-            once as a CUDA graph and replayed on GPUs (see :mod:`learnpruner.fast`); outputs equal the
+            once as a CUDA graph and replayed on GPUs (see :mod:`learnpruner.engine.fast`); outputs equal the
             plain path. Default False.
         **options: method options, e.g. ``lpm=PATH``, ``r1``, ``r2``, ``layer``, ``diversity``, ``seed``.
 
@@ -93,11 +99,15 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, *, fa
         raise ValueError("this model is already pruned; call learnpruner.remove(model) before applying again")
     adapter = adapter_for(model)
     m = get_method(method)
-    tokens = check_tokens(tokens)
+    if tokens is not None and ratio is not None:
+        raise ValueError(f"give tokens= or ratio=, not both (got tokens={tokens!r}, ratio={ratio!r})")
+    ratio = check_ratio(ratio) if ratio is not None else None
+    tokens = check_tokens(tokens if tokens is not None else DEFAULT_TOKENS) if ratio is None else None
     opts = m.check_options(options)
+    adapter.check_method(m)
     n = adapter.num_visual_tokens()
     num_layers = adapter.text_config.num_hidden_layers
-    m.schedule(tokens, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"})  # fail early
+    m.schedule(tokens_for(n, tokens, ratio), n, num_layers, {k: v for k, v in opts.items() if k != "lpm"})  # early
     seed = opts.get("seed", 0)
     lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if m.stage1 == "lpm" else None
     generator = torch.Generator().manual_seed(seed) if m.stage1 == "random" else None
@@ -107,8 +117,8 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int = 64, *, fa
             f"{adapter.text_config._attn_implementation!r}"
         )
     state = PruneState(
-        method=m, tokens=tokens, options=opts, adapter=adapter, base_class=type(model), lpm=lpm, generator=generator,
-        fast=bool(fast),
+        method=m, tokens=tokens, ratio=ratio, options=opts, adapter=adapter, base_class=type(model), lpm=lpm,
+        generator=generator, fast=bool(fast),
     )
     model.__class__ = _pruned_class(type(model))
     model._learnpruner = state

@@ -358,7 +358,7 @@ def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: 
     """The kept tokens only, no selection: projector on pre-sliced rows, layers on pre-sized sequences."""
     from transformers.cache_utils import DynamicCache
 
-    from .engine import _call_layer, _mask
+    from .engine import call_layer as _call_layer, causal_mask as _mask
 
     lm = ad.language_model
     proj = ad.project(feats_kept)

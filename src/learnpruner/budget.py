@@ -11,7 +11,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["Schedule", "check_tokens", "average", "default_layer", "two_stage", "single_drop"]
+__all__ = ["Schedule", "check_tokens", "check_ratio", "tokens_for", "average",
+            "default_layer", "two_stage", "single_drop"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,22 @@ def check_tokens(tokens: object) -> int:
     if tokens <= 0:
         raise ValueError(f"tokens must be a positive integer (average visual tokens per LLM layer), got {tokens}")
     return int(tokens)
+
+
+def check_ratio(ratio: object) -> float:
+    """Validate a per-image fraction ``0 < ratio <= 1``. Raises ``ValueError`` naming the bad value."""
+    ok = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0.0 < float(ratio) <= 1.0
+    if not ok:
+        raise ValueError(
+            f"ratio must be a number in (0, 1] (the fraction of each image's visual tokens kept, as an average "
+            f"per LLM layer), got {ratio!r}"
+        )
+    return float(ratio)
+
+
+def tokens_for(n: int, tokens: int | None, ratio: float | None) -> int:
+    """The budget of an image with ``n`` visual tokens: ``tokens``, or ``max(1, round(ratio * n))``."""
+    return tokens if ratio is None else max(1, round(ratio * n))
 
 
 def average(r1: int, r2: int, layer: int, num_layers: int) -> float:

@@ -183,6 +183,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 model and autocast (GPU)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (7B-class LLMs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in OUT (deletes its lpm.*, checkpoint.pt first); without it or --resume "
+                   "a non-empty OUT is refused")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: accelerate's choice)")
 
 
@@ -190,18 +193,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
          _train_args)
 def _train(args: argparse.Namespace) -> int:
     from .hub import load
-    from .lpm_train import LlavaRecords, ShapesRecords, TrainConfig, train_lpm
+    from .lpm_train import LlavaRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
 
     for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_out_dir(args.out, args.resume, args.overwrite)  # refuse a used --out before loading anything
     data = ShapesRecords(args.seed) if args.data == "shapesvqa" else LlavaRecords(args.data, args.image_folder)
     model, processor = load(args.model, device=args.device or "cpu", dtype="bfloat16" if args.bf16 else "float32")
     cfg = TrainConfig(tokens=args.tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       ratio_weight=args.ratio_weight, mask=args.mask, distill_weight=args.distill_weight,
                       hidden_dim=args.hidden_dim, ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16,
                       grad_ckpt=args.grad_ckpt)
-    train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device)
+    train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device,
+              overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process under torchrun/accelerate
         if data.skipped:
             print(f"skipped {sum(data.skipped.values())} bad record(s): {data.skipped}")

@@ -3,18 +3,24 @@
 ``learnpruner eval`` answers each question greedily with the pruned model and scores exact match
 (after lowercasing and stripping punctuation; any of ``answers`` counts). Predictions are appended
 to ``DIR/preds/<method>@<tokens>.jsonl`` one batch at a time, so an interrupted run resumes where
-it stopped without recomputing or losing results (a cell made with another model or other method
-options is refused, not mixed); ``DIR/results.json`` and ``DIR/accuracy.png`` are rewritten
-atomically after every cell.
+it stopped without recomputing or losing results (a torn last line is cut before appending). Each
+prediction carries a fingerprint of its item (id, question, answers, qtype, image): a cell made with
+another model, other method options or for other data is refused, not mixed. ``DIR/.lock`` keeps a
+second eval off a folder in use. ``DIR/results.json`` (every cell in ``DIR``, each with the run that
+made it) and ``DIR/accuracy.png`` are rewritten atomically after every cell.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
+import socket
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +46,31 @@ class EvalItem:
         from PIL import Image
 
         if isinstance(self.image, (str, os.PathLike)):
-            with Image.open(self.image) as im:
-                return im.convert("RGB")
+            try:
+                with Image.open(self.image) as im:
+                    return im.convert("RGB")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.where()}: cannot read image {os.fspath(self.image)}: {e}") from None
         return self.image
+
+    def where(self) -> str:
+        """``FILE:LINE: item 'ID'`` (the line when the item came from a JSONL), for error messages."""
+        line = self.extra.get("line")
+        return f"{line}: item {self.id!r}" if line else f"item {self.id!r}"
+
+    def fingerprint(self) -> str:
+        """A hash of the item: id, question, answers, qtype and image (its pixels, or its path and size)."""
+        h = hashlib.sha256(json.dumps([self.id, self.question, list(self.answers), self.qtype]).encode())
+        if isinstance(self.image, (str, os.PathLike)):
+            try:
+                size = os.path.getsize(self.image)
+            except OSError:
+                raise FileNotFoundError(f"{self.where()}: no image at {os.fspath(self.image)}") from None
+            h.update(json.dumps([str(self.extra.get("image", os.fspath(self.image))), size]).encode())
+        else:
+            h.update(f"{self.image.mode} {self.image.size}".encode())
+            h.update(self.image.tobytes())
+        return h.hexdigest()[:16]
 
 
 def normalize(text: str) -> str:
@@ -59,7 +87,8 @@ def is_correct(prediction: str, answers: Sequence[str]) -> bool:
 def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
     """``shapesvqa`` (its fixed test split) or a JSONL of ``{image, question, answer|answers[, id, qtype]}``.
 
-    Image paths are relative to the JSONL file's folder.
+    Image paths are relative to the JSONL file's folder and must exist; ``answers`` is a list or one
+    string; ``id`` defaults to the line number and must be unique; an empty file is refused.
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be a positive integer, got {limit}")
@@ -71,21 +100,37 @@ def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
     path = Path(data)
     if not path.is_file():
         raise FileNotFoundError(f"no data at {data!r}: pass 'shapesvqa' or a JSONL file of LLaVA-style records")
-    items = []
+    items: list[EvalItem] = []
+    lines: dict[str, int] = {}
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             answers = rec["answers"] if "answers" in rec else [rec["answer"]]
-            items.append(EvalItem(str(rec.get("id", lineno)), path.parent / rec["image"], rec["question"],
-                                  [str(a) for a in answers], str(rec.get("qtype", "all"))))
+            if isinstance(answers, (str, int, float)):
+                answers = [answers]  # one answer, not a sequence of characters
+            item = EvalItem(str(rec.get("id", lineno)), path.parent / rec["image"], rec["question"],
+                            [str(a) for a in answers], str(rec.get("qtype", "all")),
+                            extra={"line": f"{data}:{lineno}", "image": rec["image"]})
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(
                 f"{data}:{lineno}: bad record ({e!r}); expected image, question and answer or answers"
             ) from None
+        if not item.answers:
+            raise ValueError(f"{item.where()}: answers is empty; give at least one accepted answer")
+        if item.id in lines:
+            raise ValueError(f"{data}: id {item.id!r} appears on lines {lines[item.id]} and {lineno}; ids must be "
+                             "unique (a record without an id is named by its line number)")
+        lines[item.id] = lineno
+        if not item.image.is_file():
+            raise FileNotFoundError(f"{item.where()}: no image at {item.image}")
+        items.append(item)
         if limit is not None and len(items) >= limit:
             break
+    if not items:
+        raise ValueError(f"{data} holds no records; expected one JSON object per line with image, question and "
+                         "answer or answers")
     return items
 
 
@@ -94,7 +139,7 @@ def _cell_name(method: str, tokens: int) -> str:
 
 
 def _read_preds(path: Path) -> dict[str, dict]:
-    """Predictions already written; a torn last line (from an interrupted write) is ignored."""
+    """Predictions already written; unparseable lines (an interrupted write) are ignored."""
     done = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -104,6 +149,92 @@ def _read_preds(path: Path) -> dict[str, dict]:
             except (json.JSONDecodeError, KeyError):
                 continue
     return done
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut unterminated or unparseable last lines (a write killed midway), so appends start on a line of their own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    keep = len(data)
+    while keep:
+        start = data.rfind(b"\n", 0, keep - 1) + 1
+        if data[keep - 1:keep] == b"\n":
+            try:
+                json.loads(data[start:keep])
+                break
+            except ValueError:
+                pass
+        keep = start
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+
+def _check_data(out: Path, path: Path, done: dict[str, dict], hashes: dict[str, str]) -> None:
+    """Refuse saved predictions of this data's ids that were made for another item (other data in ``out``)."""
+    for i, rec in done.items():
+        if i in hashes and rec.get("item") != hashes[i]:
+            what = ("has no data fingerprint (an older learnpruner wrote it)" if "item" not in rec else
+                    "was made for another question, answers, qtype or image")
+            raise ValueError(
+                f"--out {out} holds predictions made for different data: {path.name}'s prediction for item {i!r} "
+                f"{what} (ids default to line numbers); pass another --out or delete {out} to start fresh"
+            )
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (created with O_EXCL, holding our pid) while evaluating; a dead holder's lock is taken over."""
+    lock = out / ".lock"
+    mine = f"{os.getpid()}\n{socket.gethostname()}\n"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise FileExistsError(
+                    f"{out} is in use by another eval ({holder}); wait for it to end or pass another --out "
+                    f"(if no eval is running there, delete {lock})"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    else:
+        raise FileExistsError(f"could not take the lock {lock}; delete it if no eval is running in {out}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text() == mine:
+                os.remove(lock)
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """``pid N`` of the live process holding ``lock``, or None when the lock is stale."""
+    try:
+        text = lock.read_text().split()
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if not text or not text[0].isdigit():
+        return None if age > 10 else "a process that is starting"  # empty: its holder may be writing it
+    pid, host = int(text[0]), (text[1] if len(text) > 1 else socket.gethostname())
+    if host != socket.gethostname():
+        return f"pid {pid} on {host}"  # cannot check another machine's processes
+    if pid == os.getpid():
+        return None  # left by an earlier process that had our pid (e.g. a restarted container)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return f"pid {pid}"
 
 
 def _cell_setup(model, options: dict, max_new_tokens: int) -> dict:

@@ -27,8 +27,10 @@ this follows the closest published recipe (Dynamic-LLaVA's learned predictor) an
   distributions (off by default: it costs a second forward per step).
 
 Runs on a CPU, one GPU, or many GPUs through ``accelerate launch`` (DDP over the LPM) with no code
-change; checkpoints (LPM, optimizer, scheduler, step, data position, RNG) are written atomically
-and ``resume=True`` continues exactly.
+change; checkpoints (LPM, optimizer, scheduler, step, data position, RNG) are written atomically as
+plain data (tensors, numbers, strings, lists, dicts; read back with ``weights_only=True``, so a checkpoint
+can never run code) and ``resume=True`` continues exactly. A new run refuses a non-empty ``out_dir``
+unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -48,13 +50,15 @@ from torch import nn
 from .adapters import adapter_for
 from .lpm import LearnablePruningModule, LPMConfig
 from .methods import get_method
-from .utils import atomic_torch_save, rng_state, set_rng_state
+from .utils import atomic_torch_save, read_checkpoint, rng_state, set_rng_state
+from .utils import check_out_dir as _check_out_dir
 
-__all__ = ["TrainConfig", "train_lpm", "LlavaRecords", "ShapesRecords", "GATED_ATTENTION"]
+__all__ = ["TrainConfig", "train_lpm", "check_out_dir", "LlavaRecords", "ShapesRecords", "GATED_ATTENTION"]
 
 logger = logging.getLogger(__name__)
 GATED_ATTENTION = "learnpruner_gated"
 MASKS = ("threshold", "topk")
+RUN_FILES = ("lpm.safetensors", "lpm.json", "checkpoint.pt")  # what a run writes into its out_dir
 
 
 @dataclass
@@ -303,11 +307,14 @@ def train_lpm(
     device: str | None = "cpu",
     progress: bool = True,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> LearnablePruningModule:
     """Train an LPM for ``model`` (frozen) and save it into ``out_dir``; returns the trained LPM.
 
-    ``stop_after`` ends the run after that many steps of this call (for tests of interrupted runs);
-    the checkpoint in ``out_dir`` then lets ``resume=True`` continue exactly.
+    A non-empty ``out_dir`` is refused unless ``resume`` (continue its checkpoint) or ``overwrite`` (delete
+    the old run's ``lpm.*`` and ``checkpoint.pt`` first). ``stop_after`` ends the run after that many steps
+    of this call (for tests of interrupted runs); the checkpoint in ``out_dir`` then lets ``resume=True``
+    continue exactly.
     """
     from tqdm.auto import tqdm
 
@@ -315,7 +322,12 @@ def train_lpm(
     _check_mask(cfg.mask)
     out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
+    old_run = check_out_dir(out, resume, overwrite)
     rt = _Runtime(cfg.bf16, device)
+    if old_run and rt.is_main:
+        for path in old_run:
+            path.unlink(missing_ok=True)
+    rt.wait()
     ad = adapter_for(model)
     n = ad.num_visual_tokens()
     num_layers = ad.text_config.num_hidden_layers
@@ -348,7 +360,7 @@ def train_lpm(
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     step, pos, history = 0, 0, []
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(ckpt_path, ("lpm", "opt", "sched", "step", "pos", "history", "rng"))
         _check_resume_config(state.get("config", {}), asdict(cfg), ckpt_path)
         lpm.load_state_dict(state["lpm"])
         opt.load_state_dict(state["opt"])
@@ -420,6 +432,12 @@ def train_lpm(
         trained.config.extra.update({"steps": step, "skipped": data.skipped, "train_config": asdict(cfg)})
         trained.save(out)
     return trained
+
+
+def check_out_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> list[Path]:
+    """Refuse to start a new run in a non-empty ``out_dir``; returns the old run's files (``RUN_FILES``) that
+    ``overwrite`` deletes. ``resume`` with a ``checkpoint.pt`` there continues that run."""
+    return _check_out_dir(out_dir, resume, overwrite, RUN_FILES)
 
 
 RESUME_MAY_CHANGE = ("steps", "ckpt_every")
@@ -514,5 +532,4 @@ def _save_checkpoint(path: Path, lpm: nn.Module, opt, scheduler, step, pos, hist
 
 def iter_history(out_dir: str | os.PathLike) -> Iterator[dict]:
     """The per-step records of a run's checkpoint (loss, ce, kept, kl, lr)."""
-    state = torch.load(Path(out_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    yield from state["history"]
+    yield from read_checkpoint(Path(out_dir) / "checkpoint.pt", ("history",))["history"]

@@ -30,6 +30,9 @@ class Method:
     schedule_fn: Callable[[int, int, int, dict], Schedule]
     options: tuple[str, ...] = ()
     doc: str = ""
+    # "image": stage 1 ranks all of an image's tokens at once; "crop": on families with crops (LLaVA-NeXT) the
+    # image's stage-1 budget is split evenly over its crops and the rule runs on each crop alone
+    stage1_unit: str = "image"
 
     def schedule(self, tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
         """The token schedule for a budget, ``n`` visual tokens per image and ``num_layers`` layers.

@@ -6,10 +6,11 @@ from torch import nn
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
 __all__ = ["Adapter", "ADAPTERS", "adapter_for"]
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

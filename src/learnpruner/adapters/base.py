@@ -20,9 +20,29 @@ class Adapter:
 
     family: str = ""
     model_classes: tuple[str, ...] = ()
+    has_cls: bool = True  # the vision encoder has a [CLS] token (rules registered with needs_cls read it)
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def check_method(self, method) -> None:
+        """``ValueError`` naming the method and the family when the method needs what this family lacks."""
+        from ..rules import STAGE1_RULES
+
+        rule = STAGE1_RULES.get(method.stage1) if method.stage1 else None
+        if getattr(rule, "needs_cls", False) and not self.has_cls:
+            raise ValueError(
+                f"method {method.name!r} reads the vision encoder's [CLS] attention, but {self.family} has no "
+                f"[CLS] token; methods that run on {self.family}: {', '.join(self.supported_methods())}"
+            )
+
+    def supported_methods(self) -> list[str]:
+        """The registered methods this family runs."""
+        from ..methods import METHODS
+        from ..rules import STAGE1_RULES
+
+        return [name for name, m in sorted(METHODS.items())
+                if self.has_cls or not getattr(STAGE1_RULES.get(m.stage1), "needs_cls", False)]
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -76,6 +96,10 @@ class Adapter:
     def feature_dim(self) -> int:
         raise NotImplementedError
 
+    def cls_row_in_features(self) -> bool:
+        """Whether token 0 of the features is the encoder's [CLS] row (kept as a visual token)."""
+        return False
+
     def feature_layer(self):
         raise NotImplementedError
 
@@ -86,6 +110,13 @@ class Adapter:
         the [CLS] token's attention to each visual token at the feature layer (mean over heads), and
         ``extras["keys"]`` that layer's keys ``[num_images, n, head_dim]`` (mean over heads).
         """
+        raise NotImplementedError
+
+    def encode(self, pixel_values: torch.Tensor, cls_attention: bool = False, **kwargs):
+        """The images of one forward as :class:`~learnpruner.engine.layout.VisualFeatures`: per image its
+        feature rows (before the projector, in token order) and, per placeholder position, the token it
+        holds (or structure). ``kwargs``: the forward's vision arguments (feature layer, strategy,
+        ``image_sizes``)."""
         raise NotImplementedError
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

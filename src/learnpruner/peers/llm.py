@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import Schedule, default_layer, single_drop
+from ..engine.layout import instruction_rows
 from ..methods import Method, register
 from ..rules import LLMContext, Selection, llm_rule
 from ..selection import topk_sorted
@@ -41,12 +42,8 @@ def _image_sample(ctx: LLMContext) -> torch.Tensor:
 
 
 def _instruction_rows(ctx: LLMContext) -> torch.Tensor:
-    """``[b, s]`` bool: valid non-visual positions after the sample's last visual token."""
-    b, s = ctx.vis.shape
-    ar = torch.arange(s, device=ctx.vis.device).expand(b, s)
-    valid = ctx.mask.bool() if ctx.mask is not None else torch.ones(b, s, dtype=torch.bool, device=ctx.vis.device)
-    last_vis = torch.where(ctx.vis >= 0, ar, -1).amax(dim=1)
-    return valid & (ctx.vis < 0) & (ar > last_vis[:, None])
+    """``[b, s]`` bool: the instruction rows of each sample (the shared definition, no fallback)."""
+    return instruction_rows(ctx.vis, ctx.mask)
 
 
 def _per_image(ctx: LLMContext, values: torch.Tensor, fill=float("-inf")) -> torch.Tensor:

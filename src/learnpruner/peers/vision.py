@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import Schedule, default_layer, single_drop
+from ..engine.layout import TEXT, instruction_rows
 from ..methods import Method, _check_layer, _learnpruner_schedule, register
 from ..rules import Selection, VisionContext, stage1_rule
 from ..selection import topk_sorted
@@ -21,9 +22,9 @@ __all__: list[str] = []
 # --- helpers -----------------------------------------------------------------------------------------
 
 
-def _strategy(ctx: VisionContext) -> str:
-    cfg = getattr(getattr(ctx.adapter, "model", None), "config", None)
-    return getattr(cfg, "vision_feature_select_strategy", "default") or "default"
+def _cls_row_kept(ctx: VisionContext) -> bool:
+    """Whether the features hold the [CLS] row as token 0 (LLaVA's strategy "full")."""
+    return ctx.adapter.cls_row_in_features()
 
 
 def _cls_scores(ctx: VisionContext) -> torch.Tensor:
@@ -44,23 +45,20 @@ def _pad_ids(ctx: VisionContext) -> set[int]:
 
 
 def _instruction_mask(ctx: VisionContext) -> torch.Tensor:
-    """``[b, s]`` bool: the instruction tokens of each sample.
+    """``[b, s]`` bool: the instruction tokens of each sample (the shared definition).
 
-    Text tokens after the sample's last visual token, padding excluded (by the attention mask; without
-    one, by the model's pad token id); a sample whose prompt ends with the image falls back to all its
-    text tokens.
+    Padding is excluded by the attention mask, or without one by the model's pad token ids; a sample
+    whose prompt ends with the image falls back to all its text tokens.
     """
     ids, vis = ctx.input_ids, ctx.vis
-    b, s = ids.shape
-    text = vis < 0
     if ctx.attention_mask is not None:
-        text &= ctx.attention_mask.to(text.device).bool()
+        valid = ctx.attention_mask.to(vis.device).bool()
     else:
+        valid = torch.ones_like(vis, dtype=torch.bool)
         for p in _pad_ids(ctx):
-            text &= ids != p
-    ar = torch.arange(s, device=ids.device).expand(b, s)
-    last_vis = torch.where(vis >= 0, ar, -1).amax(dim=1)
-    after = text & (ar > last_vis[:, None])
+            valid &= ids != p
+    after = instruction_rows(vis, valid)
+    text = valid & (vis == TEXT)
     empty = after.sum(dim=1) == 0
     return torch.where(empty[:, None], text, after)
 
@@ -114,7 +112,7 @@ def _visionzip(ctx: VisionContext, k: int) -> Selection:
     opts = ctx.options
     dominant, contextual = vs.visionzip_split(k, opts.get("contextual"))
     scores = _cls_scores(ctx)
-    if _strategy(ctx) == "full":  # the official code always keeps [CLS] as a dominant token
+    if _cls_row_kept(ctx):  # the official code always keeps [CLS] as a dominant token
         scores = scores.clone()
         scores[:, 0] = float("inf")
     keys = ctx.cache.get("keys")
@@ -141,6 +139,7 @@ register(Method(
     stage2=None,
     schedule_fn=_visionzip_schedule,
     options=("contextual", "merge"),
+    stage1_unit="crop",
     doc=(
         "VisionZip (Yang et al., 'VisionZip: Longer is Better but Not Necessary in Vision Language Models', "
         "CVPR 2025), training-free variant. Dominant tokens: the highest [CLS] attention (mean over heads) at "
@@ -156,7 +155,12 @@ register(Method(
         "'full' [CLS] is always kept, as officially); (3) the similarity metric is, as officially, the head-mean "
         "attention keys of the encoder layer that produced the feature layer (captured in the same vision pass); "
         "(4) the official code appends the contextual tokens after the dominant ones; here each merged token "
-        "takes the slot and position id of its target token, so image order is preserved."
+        "takes the slot and position id of its target token, so image order is preserved. LLaVA-NeXT, as the "
+        "official code runs it: every crop (base and grid) is compressed alone with its own [CLS] attention and "
+        "keys, the image's budget split evenly over its crops (the paper's 160 of 2880 = 32 per crop for five "
+        "crops). Differences: the official code drops the grid's row newlines and restores the grid tokens "
+        "without unpadding; here the unpadded grid and its newlines (structure, outside the budget) stay as "
+        "transformers packs them, so a crop that lost padding rows has fewer candidates."
     ),
 ))
 

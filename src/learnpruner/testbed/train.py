@@ -25,8 +25,10 @@ Recipe (two stages):
       Methods that read those heads' attention see better-grounded attention than a large VLM would give them.
 
 Checkpoints (model, heads, optimizer, scheduler, stage, step, RNG states, data-stream position) are written
-atomically to ``OUT/checkpoint.pt``; ``--resume`` continues from there. The final model and processor are
-saved with ``save_pretrained`` into OUT, with ``metrics.json`` (test accuracy).
+atomically to ``OUT/checkpoint.pt`` as plain data (read back with ``weights_only=True``: a checkpoint never runs
+code); ``--resume`` continues from there, ``--overwrite`` replaces the run in OUT (without either, a non-empty OUT
+is refused). The final model and processor are saved with ``save_pretrained`` into OUT, with ``metrics.json``
+(test accuracy).
 
     python -m learnpruner.testbed.train --out DIR [--steps-a N] [--steps N] [--batch-size B] [--resume]
     python -m learnpruner.testbed.train --out DIR --vision-from RUN ...   # reuse RUN's stage (a), start at (b)
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..utils import atomic_torch_save, rng_state, set_rng_state
+from ..utils import atomic_torch_save, check_out_dir, read_checkpoint, rng_state, set_rng_state
 from .model import build_model, build_processor, encode_conversation, format_prompt, save
 from .shapes import (
     CHARS,
@@ -69,6 +71,10 @@ from .shapes import (
 
 GROUNDING_ATTENTION = "learnpruner_grounding"
 STAGE_A_SEED_OFFSET = 1_000_003  # stage (a) images come from a different training stream than stage (b)
+# what a run writes into OUT (glob patterns): checkpoint, metrics, and the save_pretrained model and processor
+RUN_FILES = ("checkpoint.pt", "metrics.json", "config.json", "generation_config.json", "model*.safetensors",
+             "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+             "processor_config.json", "preprocessor_config.json", "chat_template.*")
 
 
 @dataclass
@@ -424,7 +430,7 @@ class Trainer:
         run kept its tower frozen after stage (a) (``lr_vision_b == 0``), so its tower is exactly the stage-(a)
         result; projector and LLM stay at this run's seeded initialisation, as after a full stage (a)."""
         path = os.path.join(run_dir, "checkpoint.pt") if os.path.isdir(run_dir) else run_dir
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(path, ("stage", "step", "model", "heads"))
         src = ck.get("config", {})
         if ck["stage"] == "a":
             raise ValueError(f"--vision-from {run_dir!r}: that run is still in stage (a) (step {ck['step']})")
@@ -520,7 +526,7 @@ class Trainer:
         atomic_torch_save(self.state(), self.ckpt_path)
 
     def load_checkpoint(self, path: str | None = None) -> None:
-        ck = torch.load(path or self.ckpt_path, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(path or self.ckpt_path, ("model", "heads", "stage", "history", "step", "pos", "rng"))
         self.model.load_state_dict(ck["model"])
         self.heads.load_state_dict(ck["heads"])
         self.stage, self.history = ck["stage"], ck["history"]
@@ -738,8 +744,11 @@ class Trainer:
         return metrics
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) with ``cfg``; returns final metrics."""
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train (or resume) with ``cfg``; returns final metrics. A non-empty ``cfg.out`` is refused unless
+    ``resume`` (continue its checkpoint) or ``overwrite`` (delete the old run's files, ``RUN_FILES``, first)."""
+    for path in check_out_dir(cfg.out, resume, overwrite, RUN_FILES):
+        path.unlink(missing_ok=True)
     tr = Trainer(cfg)
     if resume and os.path.exists(tr.ckpt_path):
         tr.load_checkpoint()
@@ -755,6 +764,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, dest="steps_b", help="stage (b) steps")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace the run in OUT (a non-empty OUT is refused "
+                    "without it or --resume)")
     names = {"steps_b", "out"}
     for f in fields(TrainConfig):
         if f.name in names:
@@ -768,10 +779,10 @@ def main(argv: list[str] | None = None) -> None:
             typ = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
             ap.add_argument(flag, type=typ)
     args = vars(ap.parse_args(argv))
-    resume = args.pop("resume")
+    resume, overwrite = args.pop("resume"), args.pop("overwrite")
     cfg = TrainConfig(**{k: v for k, v in args.items() if v is not None and k != "tiny"}, tiny=args["tiny"])
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
-    train(cfg, resume=resume)
+    train(cfg, resume=resume, overwrite=overwrite)
 
 
 if __name__ == "__main__":

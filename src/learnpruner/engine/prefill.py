@@ -1,0 +1,382 @@
+"""The pruned prefill: stage 1 after the vision encoder, then the decoder layers with the LLM drops.
+
+Steps, each a function below:
+
+1. :func:`vision_stage`: encode the images (adapter), lay out the placeholders (:class:`Layout`), run
+   the stage-1 rule on each group of equal-count images, project the kept rows only and write them
+   (and any structure embeddings) into the prompt; the dropped placeholders leave the sequence.
+2. :func:`llm_stage`: the decoder layers; before each drop layer the LLM rule runs per group on the
+   readout of the previous layer, and the dropped positions leave the sequence.
+3. :func:`record_stats`: what each image kept, per stage and per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .. import selection as sel
+from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext
+from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, pad_rows
+from .readout import Capture, layer_readout
+from .sequence import Seq, call_layer, causal_mask, compact, keep_positions, take
+from .state import ImageStats, PruneState, Stats
+
+__all__ = ["prefill", "SEGMENTS_ATTR"]
+
+SEGMENTS_ATTR = "_learnpruner_layout"  # on the cache: the original length and each layer group's mask
+
+
+# --------------------------------------------------------------------------------------------------
+# kept sets as tables
+
+
+def kept_table(kept: torch.Tensor, num_images: int, width: int) -> torch.Tensor:
+    """``[num_images, width]`` bool from kept indices ``[num_images, k]`` (``-1`` entries ignored)."""
+    table = torch.zeros(num_images, width + 1, dtype=torch.bool, device=kept.device)
+    table.scatter_(1, torch.where(kept < 0, width, kept), True)
+    return table[:, :width]
+
+
+def table_kept(table: torch.Tensor) -> torch.Tensor:
+    """Kept indices ``[num_images, k]`` (ascending, ``-1``-padded) of a bool table."""
+    width = table.shape[1]
+    k = int(table.sum(dim=1).max()) if table.numel() else 0
+    ar = torch.arange(width, device=table.device).expand_as(table)
+    idx = torch.sort(torch.where(table, ar, width), dim=1).values[:, :k]
+    return torch.where(idx == width, -1, idx)
+
+
+def present_table(vis: torch.Tensor, img: torch.Tensor, num_images: int, width: int) -> torch.Tensor:
+    """``[num_images, width]`` bool: which visual tokens are in the sequence."""
+    table = torch.zeros(num_images, width, dtype=torch.bool, device=vis.device)
+    p = vis >= 0
+    table[img[p], vis[p]] = True
+    return table
+
+
+def _replace_rows(rows: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """Apply a selection's merged rows to the gathered kept rows ``[num_images, k, d]``."""
+    if selection.replace is None:
+        return rows
+    m = selection.replace_mask if selection.replace_mask is not None else torch.ones_like(selection.kept, dtype=bool)
+    return torch.where(m[..., None], selection.replace.to(rows.dtype), rows)
+
+
+def _replace_hidden(hidden: torch.Tensor, vis: torch.Tensor, img: torch.Tensor, selection: Selection):
+    """Write a selection's merged rows into the hidden states at the kept slots they replace."""
+    m = selection.replace_mask if selection.replace_mask is not None else torch.ones_like(selection.kept, dtype=bool)
+    hidden = hidden.clone()
+    imgs, slots = m.nonzero(as_tuple=True)
+    targets = selection.kept[imgs, slots]
+    where = (vis[None] == targets[:, None, None]) & (img[None] == imgs[:, None, None])  # [r, b, s]
+    r, bb, ss = where.nonzero(as_tuple=True)
+    hidden[bb, ss] = selection.replace[imgs[r], slots[r]].to(hidden.dtype)
+    return hidden
+
+
+# --------------------------------------------------------------------------------------------------
+# step 1: vision
+
+
+def split_evenly(total: int, sizes: list[int]) -> list[int]:
+    """``total`` spread as evenly as possible over parts of capacity ``sizes`` (earlier parts first)."""
+    share = [0] * len(sizes)
+    left = min(total, sum(sizes))
+    while left:
+        open_parts = [j for j, c in enumerate(sizes) if share[j] < c]
+        base, extra = divmod(left, len(open_parts))
+        for rank, j in enumerate(open_parts):
+            add = min(sizes[j] - share[j], base + (rank < extra))
+            share[j] += add
+            left -= add
+    return share
+
+
+def _stage1_per_crop(state: PruneState, visual: VisualFeatures, layout: Layout, image: int, r1: int, pixel_values,
+                     input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 on each crop of one image alone (methods with ``stage1_unit="crop"``); the image's ``r1`` is
+    split evenly over its crops. Returns the image's kept indices (ascending) and their rows."""
+    feats = visual.features[image] if isinstance(visual.features, list) else visual.features[image]
+    crops = visual.crops[image]
+    members = [(crops == c).nonzero()[:, 0] for c in crops.unique().tolist()]
+    budget = split_evenly(r1, [m.shape[0] for m in members])
+    kept, picked = [], []
+    for idx, k in zip(members, budget):
+        if k == 0:
+            continue
+        if k >= idx.shape[0]:
+            kept.append(idx)
+            picked.append(feats[idx])
+            continue
+        vis_g, img_g = layout.view(layout.vis, layout.img, [image])
+        ctx = VisionContext(feats[idx][None], state, pixel_values, input_ids, vis_g, img_g,
+                            attention_mask=attention_mask)
+        ctx.cache.update({name: v[image][idx][None] for name, v in visual.extras.items()})
+        selection = STAGE1_RULES[state.method.stage1](ctx, k)
+        rows = _replace_rows(feats[idx][selection.kept[0]][None], selection)[0]
+        kept.append(idx[selection.kept[0]])
+        picked.append(rows)
+    kept_all, rows_all = torch.cat(kept), torch.cat(picked)
+    order = torch.argsort(kept_all)
+    return kept_all[order], rows_all[order]
+
+
+
+@dataclass
+class VisionResult:
+    layout: Layout
+    visual: VisualFeatures
+    schedules: dict  # token count -> Schedule
+    embeds: torch.Tensor  # the prompt embeddings with the kept visual rows written in
+    keep: torch.Tensor | None  # [b, s] positions that survive stage 1 (None: all)
+    kept1: torch.Tensor | None  # [num_images, k] stage-1 kept (-1 padded), None when stage 1 kept all
+    kept_per_image: list  # per image: its stage-1 kept indices, None where its stage 1 kept all
+
+
+def vision_stage(state: PruneState, embeds, input_ids, pixel_values, attention_mask, cache, forced1,
+                 vision_kwargs) -> VisionResult:
+    ad = state.adapter
+    if input_ids is None:
+        raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
+    rule1 = STAGE1_RULES.get(state.method.stage1) if state.method.stage1 else None
+    needs_cls = bool(getattr(rule1, "needs_cls", False)) and forced1 is None
+    with state.section("vision"):
+        visual = ad.encode(pixel_values, cls_attention=needs_cls, **vision_kwargs)
+    layout = Layout.build(input_ids == ad.image_token_id, visual)
+    schedules = {n: state.schedule(n) for n in layout.groups}
+    if cache is not None and not isinstance(cache, DynamicCache) and not all(s.is_noop for s in schedules.values()):
+        raise ValueError(
+            f"learnpruner needs a DynamicCache (its layers hold different lengths after pruning), got "
+            f"{type(cache).__name__}; drop cache_implementation='static' or pass no cache"
+        )
+    num_images, width, device = layout.num_images, layout.width, embeds.device
+    rows: list = [None] * num_images  # per image: the feature rows to project
+    kept: list = [None] * num_images  # per image: stage-1 kept indices (None: all)
+    with state.section("stage1"):
+        per_crop = state.method.stage1_unit == "crop" and visual.crops is not None and forced1 is None
+        for n, images in layout.groups.items():
+            feats = visual.rows(images)
+            if forced1 is not None:
+                for j, i in enumerate(images):
+                    kept[i] = forced1[i][forced1[i] >= 0].to(feats.device)
+                    rows[i] = feats[j, kept[i]]
+                continue
+            r1 = schedules[n].r1
+            if r1 is None:
+                for j, i in enumerate(images):
+                    rows[i] = feats[j]
+                continue
+            if per_crop:
+                for i in images:
+                    kept[i], rows[i] = _stage1_per_crop(state, visual, layout, i, r1, pixel_values, input_ids,
+                                                        attention_mask)
+                continue
+            vis_g, img_g = layout.view(layout.vis, layout.img, images)
+            ctx = VisionContext(feats, state, pixel_values, input_ids, vis_g, img_g, attention_mask=attention_mask)
+            ctx.cache.update({k: visual.rows(images, v) for k, v in visual.extras.items()})
+            selection = STAGE1_RULES[state.method.stage1](ctx, r1)
+            picked = feats.gather(1, selection.kept[:, :, None].expand(-1, -1, feats.shape[-1]))
+            picked = _replace_rows(picked, selection)
+            for j, i in enumerate(images):
+                kept[i], rows[i] = selection.kept[j], picked[j]
+    with state.section("projector"):
+        if len(layout.groups) == 1 and all(r.shape[0] == rows[0].shape[0] for r in rows):
+            proj = ad.project(torch.stack(rows)).flatten(0, 1)
+        else:
+            proj = torch.cat([ad.project(r) for r in rows])
+        proj = proj.to(device, embeds.dtype)
+    kept1, keep, slot = None, None, layout.vis >= 0
+    if any(k is not None for k in kept):
+        full = [torch.arange(n, device=device) for n in layout.counts]
+        kept1 = pad_rows([full[i] if k is None else k.to(device) for i, k in enumerate(kept)])
+        keep = keep_positions(layout.vis, layout.img, kept_table(kept1, num_images, width))
+        slot = slot & keep
+    # the projected rows fill the kept placeholders in (image, token) order
+    embeds = embeds.masked_scatter(slot[..., None], proj)
+    structure = layout.vis == STRUCTURE
+    if visual.structure is not None and bool(structure.any()):
+        embeds = torch.where(structure[..., None], visual.structure.to(embeds), embeds)
+    return VisionResult(layout, visual, schedules, embeds, keep, kept1, kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# step 2: the decoder layers
+
+
+@dataclass
+class LLMResult:
+    hidden: torch.Tensor
+    seq: Seq
+    segments: list  # (first layer, 2D mask) of each layer group
+    llm_kept: list  # [num_images, k] per drop
+    counts: list  # per layer: visual tokens of each image
+    scores: torch.Tensor | None  # stage-2 score table of the first drop
+    compacted: bool
+
+
+def _drop_plan(vision: VisionResult | None, forced_llm) -> dict[int, list[tuple[int, int]]]:
+    """``{layer: [(token count, kept), ...]}``: which image groups drop at which layer."""
+    plan: dict[int, list[tuple[int, int]]] = {}
+    if vision is None:
+        return plan
+    for n, sched in vision.schedules.items():
+        for layer, r in sched.drops:
+            plan.setdefault(layer, []).append((n, r))
+    if forced_llm is not None and len(forced_llm) != len(plan):
+        raise ValueError(f"fixed_selection got {len(forced_llm)} LLM selection(s) for {len(plan)} drop(s)")
+    return dict(sorted(plan.items()))
+
+
+def _llm_select(state: PruneState, rule, vision: VisionResult, seq: Seq, hidden, layer: int, groups, readout,
+                embeds0, scratch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run the LLM rule of each group dropping at ``layer``; returns (chosen table, hidden, score table)."""
+    layout = vision.layout
+    num_images, width = layout.num_images, layout.width
+    chosen = torch.ones(num_images, width, dtype=torch.bool, device=hidden.device)
+    scores = None
+    if rule.query:
+        scores = torch.full((num_images, width), float("-inf"), device=hidden.device)
+    input_embeds = take(embeds0, seq.orig)
+    for n, r in groups:
+        images = layout.groups[n]
+        vis_g, img_g = layout.view(seq.vis, seq.img, images)
+        table = sel.per_image_scores(readout["scores"], vis_g, img_g, len(images), n) if rule.query else None
+        ctx = LLMContext(
+            hidden, vis_g, img_g, seq.mask, table, len(images), n, layer, state,
+            input_embeds=input_embeds,
+            attention=readout.get("attention"), query_index=readout.get("query_index"),
+            query_valid=readout.get("query_valid"), keys=readout.get("keys"), scratch=scratch.setdefault(n, {}),
+        )
+        selection = rule.fn(ctx, r)
+        if selection.replace is not None:
+            hidden = _replace_hidden(hidden, vis_g, img_g, selection)
+        idx = torch.tensor(images, device=hidden.device)
+        chosen[idx] = kept_table(selection.kept.to(hidden.device), len(images), width)
+        if table is not None:
+            scores[idx, :n] = table.to(scores.device)
+    return chosen, hidden, scores
+
+
+def llm_stage(state: PruneState, vision: VisionResult | None, seq: Seq, embeds0, cache, use_cache, forced_llm,
+              kwargs, compacted: bool) -> LLMResult:
+    """The decoder layers; ``embeds0`` is the LLM input at full length (for rules that read it)."""
+    ad = state.adapter
+    if forced_llm is not None:
+        forced_llm = [forced_llm] if isinstance(forced_llm, torch.Tensor) else list(forced_llm)
+    plan = _drop_plan(vision, forced_llm)
+    rule = LLM_RULES[state.method.stage2] if plan and state.method.stage2 and forced_llm is None else None
+    wants = rule is not None and (rule.query is not None or rule.keys)
+    num_images = vision.layout.num_images if vision is not None else 0
+    segments = [(0, seq.mask)]
+    masks = [causal_mask(ad, seq.hidden, seq.mask, cache, seq.pos)]
+    llm_kept, counts_per_layer, readout, scores = [], [], {}, None
+    scratch: dict = {}  # per image group, shared by the LLM drops of this forward
+    counts = seq.visual_counts(num_images) if num_images else []
+    hidden = seq.hidden
+    for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
+        if i in plan:
+            with state.section("llm_select"):
+                width = vision.layout.width
+                present = present_table(seq.vis, seq.img, num_images, width)
+                if forced_llm is not None:
+                    chosen = kept_table(forced_llm[len(llm_kept)].to(hidden.device), num_images, width)
+                else:
+                    chosen, hidden, table = _llm_select(state, rule, vision, seq, hidden, i, plan[i], readout,
+                                                        embeds0, scratch)
+                    scores = table if scores is None else scores
+                chosen = chosen & present
+                llm_kept.append(table_kept(chosen))
+                seq.hidden = hidden
+                keep = keep_positions(seq.vis, seq.img, chosen)
+                if not bool(keep.all()):
+                    seq = seq.take(compact(keep))
+                    compacted = True
+                hidden = seq.hidden
+                segments.append((i, seq.mask))
+                masks.append(causal_mask(ad, hidden, seq.mask, cache, seq.pos, i))
+                counts = seq.visual_counts(num_images)
+        counts_per_layer.append(counts)
+        cap = Capture(ad.attention(i)) if (i + 1) in plan and wants else None
+        try:
+            hidden = call_layer(ad, layer, hidden, masks[-1], seq.cos_sin, seq.pos, cache, use_cache, kwargs)
+        finally:
+            if cap is not None:
+                cap.close()
+        if cap is not None:
+            seq.hidden = hidden
+            with state.section("llm_select"):
+                readout = layer_readout(ad, i, cap.out, seq, rule.query, rule.keys)
+    return LLMResult(hidden, seq, segments, llm_kept, counts_per_layer, scores, compacted)
+
+
+# --------------------------------------------------------------------------------------------------
+# step 3: statistics, and the whole prefill
+
+
+def _mean(values: list[int]) -> int | float:
+    total = sum(values)
+    return total // len(values) if total % len(values) == 0 else total / len(values)
+
+
+def record_stats(state: PruneState, vision: VisionResult, llm: LLMResult) -> Stats:
+    layout = vision.layout
+    structure = torch.bincount(layout.img[layout.vis == STRUCTURE], minlength=layout.num_images).tolist()
+    images = []
+    for i, n in enumerate(layout.counts):
+        images.append(ImageStats(
+            count=n,
+            schedule=vision.schedules[n],
+            tokens_per_layer=[c[i] for c in llm.counts],
+            stage1_kept=vision.kept_per_image[i],
+            llm_kept=[k[i][k[i] >= 0] for k in llm.llm_kept],
+            structure=structure[i],
+        ))
+    schedules = set(vision.schedules.values())
+    return Stats(
+        method=state.method.name,
+        schedule=schedules.pop() if len(schedules) == 1 else None,
+        stage1_kept=vision.kept1,
+        stage2_kept=llm.llm_kept[0] if llm.llm_kept else None,
+        llm_kept=llm.llm_kept,
+        tokens_per_layer=[_mean(c) for c in llm.counts],
+        kept_positions=llm.seq.orig,
+        stage2_scores=llm.scores,
+        num_images=layout.num_images,
+        images=images,
+    )
+
+
+def prefill(state: PruneState, inputs_embeds, input_ids, pixel_values, attention_mask, position_ids, cache,
+            use_cache, past, vision_kwargs, kwargs):
+    """A full forward (prefill); returns the last hidden states and each row's original position."""
+    ad = state.adapter
+    b, s = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    if position_ids is None:
+        position_ids = (torch.arange(s, device=device) + past)[None]
+    forced1, forced_llm = state.forced or (None, None)
+    vision = None
+    vis = torch.full((b, s), TEXT, dtype=torch.long, device=device)
+    img = torch.full((b, s), -1, dtype=torch.long, device=device)
+    if pixel_values is not None:
+        vision = vision_stage(state, inputs_embeds, input_ids, pixel_values, attention_mask, cache, forced1,
+                              vision_kwargs)
+        inputs_embeds, vis, img = vision.embeds, vision.layout.vis, vision.layout.img
+    cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=position_ids)
+    orig = torch.arange(s, device=device).expand(b, s)
+    seq = Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig)
+    compacted = vision is not None and vision.keep is not None and not bool(vision.keep.all())
+    if compacted:
+        seq = seq.take(compact(vision.keep))
+    llm = llm_stage(state, vision, seq, inputs_embeds, cache, use_cache, forced_llm, kwargs, compacted)
+    if vision is not None:
+        state.last = record_stats(state, vision, llm)
+    if cache is not None and (llm.compacted or state.fast):
+        # the cache holds fewer tokens than the prompt (or the fast path takes over): decode steps need the masks
+        segs = [(start, m if m is not None else torch.ones(b, s, dtype=torch.long, device=device))
+                for start, m in llm.segments]
+        setattr(cache, SEGMENTS_ATTR, {"orig_len": s, "segments": segs})
+    return llm.hidden, llm.seq.orig

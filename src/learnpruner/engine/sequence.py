@@ -1,0 +1,94 @@
+"""Sequence bookkeeping: the running (shortened) sequence and how positions are dropped from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+__all__ = ["compact", "take", "Seq", "keep_positions", "causal_mask", "call_layer"]
+
+
+def compact(keep: torch.Tensor) -> torch.Tensor:
+    """Index map ``[b, s']`` of the kept positions of each row, right-aligned; ``-1`` marks new padding.
+
+    Right alignment keeps every sample's last token in the last column (as left padding does), so
+    rows that keep different counts (several images per sample) stay aligned for generation.
+    """
+    b, _ = keep.shape
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if b else 0
+    slot = keep.long().cumsum(dim=1) - 1 + (width - counts)[:, None]
+    idx = torch.full((b, width), -1, dtype=torch.long, device=keep.device)
+    rows, cols = keep.nonzero(as_tuple=True)
+    idx[rows, slot[rows, cols]] = cols
+    return idx
+
+
+def take(x: torch.Tensor, idx: torch.Tensor, fill=0) -> torch.Tensor:
+    """Gather ``x[b, idx[b, j], ...]`` along dim 1 (``x`` may have batch 1); ``fill`` where ``idx < 0``."""
+    if x.shape[0] != idx.shape[0]:
+        x = x.expand(idx.shape[0], *x.shape[1:])
+    safe = idx.clamp(min=0)
+    out = x.gather(1, safe.view(*safe.shape, *([1] * (x.dim() - 2))).expand(*safe.shape, *x.shape[2:]))
+    pad = (idx < 0).view(*idx.shape, *([1] * (x.dim() - 2)))
+    return out.masked_fill(pad, fill) if bool(pad.any()) else out
+
+
+@dataclass
+class Seq:
+    """The running sequence: hidden states plus per-position bookkeeping, all ``[b, s, ...]``."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None  # 2D padding mask (None = no padding, as given by the user)
+    pos: torch.Tensor  # position ids [b or 1, s]
+    cos_sin: tuple[torch.Tensor, torch.Tensor]
+    vis: torch.Tensor  # visual-token index, TEXT or STRUCTURE (see layout)
+    img: torch.Tensor  # image number or -1
+    orig: torch.Tensor  # original sequence index or -1 (padding added by compaction)
+
+    def take(self, idx: torch.Tensor) -> Seq:
+        b, s = self.hidden.shape[:2]
+        mask = self.mask if self.mask is not None else torch.ones(b, s, dtype=torch.long, device=idx.device)
+        return Seq(
+            hidden=take(self.hidden, idx),
+            mask=take(mask, idx, 0),
+            pos=take(self.pos, idx, 1),
+            cos_sin=(take(self.cos_sin[0], idx), take(self.cos_sin[1], idx)),
+            vis=take(self.vis, idx, -1),
+            img=take(self.img, idx, -1),
+            orig=take(self.orig, idx, -1),
+        )
+
+    def visual_counts(self, num_images: int) -> list[int]:
+        """Visual tokens of each image present in the sequence."""
+        present = self.vis >= 0
+        return torch.bincount(self.img[present], minlength=num_images).tolist()
+
+
+def keep_positions(vis: torch.Tensor, img: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` bool: every non-visual position plus the visual tokens marked in ``chosen`` [num_images, n]."""
+    is_vis = vis >= 0
+    return ~is_vis | chosen[img.clamp(min=0), vis.clamp(min=0)]
+
+
+def causal_mask(ad, hidden, mask2d, cache, pos, layer_idx=None):
+    """The decoder's attention mask for ``hidden`` (sized against cache layer ``layer_idx`` when given)."""
+    kwargs = {"position_ids": pos}
+    if layer_idx is not None:
+        kwargs["layer_idx"] = layer_idx
+    return create_causal_mask(ad.text_config, hidden, mask2d, cache, **kwargs)
+
+
+def call_layer(ad, layer, hidden, mask, cos_sin, pos, cache, use_cache, kwargs):
+    """One decoder layer with the keyword arguments transformers' decoders pass."""
+    return layer(
+        hidden,
+        attention_mask=mask,
+        position_embeddings=cos_sin,
+        position_ids=pos,
+        use_cache=use_cache,
+        **{ad.cache_kwarg: cache},
+        **kwargs,
+    )

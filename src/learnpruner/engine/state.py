@@ -1,0 +1,127 @@
+"""Per-instance pruning state, the statistics of the last forward, and pinned selections."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import Adapter
+from ..budget import Schedule, tokens_for
+from ..lpm import LearnablePruningModule
+from ..methods import Method
+
+__all__ = ["ImageStats", "Stats", "PruneState", "fixed_selection"]
+
+
+@dataclass
+class ImageStats:
+    """What the last forward did to one image (or video).
+
+    ``count``: its visual tokens unpruned (the budget's reference). ``structure``: its structure
+    positions (LLaVA-NeXT's row newlines), always kept and outside the budget. ``stage1_kept`` and
+    ``llm_kept``: kept token indices (1-D, ascending) after stage 1 and after each LLM drop.
+    ``tokens_per_layer``: its visual tokens in each decoder layer's input.
+    """
+
+    count: int
+    schedule: Schedule | None
+    tokens_per_layer: list[int]
+    stage1_kept: torch.Tensor | None = None
+    llm_kept: list[torch.Tensor] = field(default_factory=list)
+    structure: int = 0
+
+    @property
+    def average_tokens(self) -> float:
+        return sum(self.tokens_per_layer) / max(1, len(self.tokens_per_layer))
+
+
+@dataclass
+class Stats:
+    """What the last forward with images did.
+
+    ``images``: one :class:`ImageStats` per image, in prompt order. The batch-level fields:
+    ``stage1_kept`` / ``stage2_kept``: ``LongTensor[num_images, k]`` of visual-token indices in original
+    order (padded with ``-1`` when images keep different counts), or ``None`` where a stage did not run;
+    ``llm_kept``: one such table per LLM drop. ``tokens_per_layer``: visual tokens per image in each
+    decoder layer's input (the mean over images when they differ), counted on the hidden states
+    actually passed to it; structure positions are not visual tokens. ``kept_positions``:
+    ``LongTensor[batch, s]`` original sequence index of each row of the returned logits (-1 for padding
+    added by compaction). ``stage2_scores``: ``[num_images, n]`` scores of the first LLM drop (``-inf``
+    for tokens absent or beyond an image's count). ``schedule``: the schedule, when every image has the
+    same one.
+    """
+
+    method: str
+    schedule: Schedule | None = None
+    stage1_kept: torch.Tensor | None = None
+    stage2_kept: torch.Tensor | None = None
+    llm_kept: list[torch.Tensor] = field(default_factory=list)
+    tokens_per_layer: list[int | float] = field(default_factory=list)
+    kept_positions: torch.Tensor | None = None
+    stage2_scores: torch.Tensor | None = None
+    num_images: int = 0
+    images: list[ImageStats] = field(default_factory=list)
+
+    @property
+    def average_tokens(self) -> float:
+        """Average visual tokens per image per LLM layer in the last forward (the mean over images)."""
+        return sum(self.tokens_per_layer) / max(1, len(self.tokens_per_layer))
+
+
+@dataclass
+class PruneState:
+    """All pruning state of one model instance (kept in ``model._learnpruner``).
+
+    The budget is ``tokens`` (average visual tokens per LLM layer, per image) or ``ratio`` (each image
+    keeps that fraction of its own count, as an average per layer); ``None`` for both means no budget.
+    """
+
+    method: Method
+    tokens: int | None
+    options: dict
+    adapter: Adapter
+    base_class: type
+    ratio: float | None = None
+    lpm: LearnablePruningModule | None = None
+    generator: torch.Generator | None = None
+    last: Stats | None = None
+    forced: tuple | None = None
+    # optional profiler: ``timer(name)`` returns a context manager timing section ``name``
+    # ("vision", "stage1", "projector", "llm_select"); set by the benchmark, None otherwise
+    timer: object | None = None
+    # decode on static KV buffers with a capturable step (CUDA graphs on GPU); see learnpruner.engine.fast
+    fast: bool = False
+    _schedules: dict = field(default_factory=dict)
+
+    def section(self, name: str):
+        return self.timer(name) if self.timer is not None else nullcontext()
+
+    def schedule(self, n: int) -> Schedule:
+        """The schedule of an image with ``n`` visual tokens (cached per ``n``)."""
+        if n not in self._schedules:
+            num_layers = self.adapter.text_config.num_hidden_layers
+            if self.tokens is None and self.ratio is None:
+                self._schedules[n] = Schedule(n=n, num_layers=num_layers)
+            else:
+                budget = tokens_for(n, self.tokens, self.ratio)
+                self._schedules[n] = self.method.schedule(budget, n, num_layers, self.options)
+        return self._schedules[n]
+
+
+@contextmanager
+def fixed_selection(model, stage1_kept: torch.Tensor | None, llm_kept=None):
+    """Within this context, forwards keep exactly these token sets instead of running the rules.
+
+    Used to recompute a generation step by step over the kept sets of its prefill (cache checks),
+    and by visualisations. Indices are ``[num_images, k]`` visual-token indices (``-1`` pads rows of
+    images that keep fewer); ``llm_kept`` is one tensor (one LLM drop) or a list with one tensor per
+    drop (``Stats.llm_kept``). Merged tokens are not replayed: only the kept sets are fixed.
+    """
+    state: PruneState = model._learnpruner
+    previous, state.forced = state.forced, (stage1_kept, llm_kept)
+    try:
+        yield model
+    finally:
+        state.forced = previous
