@@ -8,7 +8,7 @@ from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 
-__all__ = ["Adapter", "ADAPTERS", "adapter_for"]
+__all__ = ["Adapter", "ADAPTERS", "adapter_for", "families_of"]
 
 ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter]
 
@@ -20,3 +20,11 @@ def adapter_for(model: nn.Module) -> Adapter:
             return cls(model)
     supported = ", ".join(name for a in ADAPTERS for name in a.model_classes)
     raise TypeError(f"learnpruner does not support {type(model).__name__}; supported model classes: {supported}")
+
+
+def families_of(method) -> list[str]:
+    """The model families (adapter ``family`` names) a registered method runs on."""
+    from ..rules import STAGE1_RULES
+
+    needs_cls = getattr(STAGE1_RULES.get(method.stage1), "needs_cls", False) if method.stage1 else False
+    return [a.family for a in ADAPTERS if a.has_cls or not needs_cls]

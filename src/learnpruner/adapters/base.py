@@ -21,6 +21,10 @@ class Adapter:
     family: str = ""
     model_classes: tuple[str, ...] = ()
     has_cls: bool = True  # the vision encoder has a [CLS] token (rules registered with needs_cls read it)
+    # forward keyword arguments that carry visual inputs (handed to ``encode``); the first ones that are pixel
+    # tensors decide whether a forward has images at all
+    pixel_inputs: tuple[str, ...] = ("pixel_values",)
+    visual_inputs: tuple[str, ...] = ("pixel_values",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -111,6 +115,22 @@ class Adapter:
         ``extras["keys"]`` that layer's keys ``[num_images, n, head_dim]`` (mean over heads).
         """
         raise NotImplementedError
+
+    def placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` bool: the prompt positions the visual items fill, in item order."""
+        return input_ids == self.image_token_id
+
+    def rope_positions(self, input_ids: torch.Tensor, attention_mask, positions: torch.Tensor, visual: dict, cache):
+        """The positions the rotary embedding reads for a forward over the UNPRUNED prompt (or a step without
+        a pruned cache): ``positions`` ([b or 1, s]) for 1-D RoPE. Families with multi-dimensional positions
+        (M-RoPE) return theirs, and may leave on ``cache`` what decode steps need (e.g. ``rope_deltas``).
+        Kept tokens then carry their rows of the resulting cos/sin."""
+        return positions
+
+    def decode_rope_positions(self, positions: torch.Tensor, cache):
+        """Rotary positions of decode steps after a pruned prefill, at the original (unpruned) text positions
+        ``positions`` ([b or 1, s]), from what :meth:`rope_positions` left on ``cache``."""
+        return positions
 
     def encode(self, pixel_values: torch.Tensor, cls_attention: bool = False, **kwargs):
         """The images of one forward as :class:`~learnpruner.engine.layout.VisualFeatures`: per image its

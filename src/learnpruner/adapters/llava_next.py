@@ -29,6 +29,7 @@ from .llava import LlavaAdapter
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    visual_inputs = ("pixel_values", "image_sizes")
 
     def _crop_tokens(self) -> int:
         vc = self.model.config.vision_config

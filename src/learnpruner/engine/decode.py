@@ -30,7 +30,8 @@ def decode(ad, segments_info: dict, inputs_embeds, attention_mask, position_ids,
         new = torch.ones(b, virtual_past + s - orig_len, dtype=torch.long, device=inputs_embeds.device)
     if position_ids is None:
         position_ids = (torch.arange(s, device=inputs_embeds.device) + virtual_past)[None]
-    cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=position_ids)
+    rope = ad.decode_rope_positions(position_ids, cache)
+    cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=rope)
     starts = [start for start, _ in segments]
     masks = [
         causal_mask(ad, inputs_embeds, torch.cat([m, new.to(m.dtype)], dim=1), cache, position_ids, start)

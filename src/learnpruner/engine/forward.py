@@ -42,6 +42,10 @@ def pruned_forward(
             "different sequences); call learnpruner.remove(model) first"
         )
     kwargs.pop("mm_encoder_outputs", None)
+    explicit = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+    visual = {name: explicit[name] if name in explicit else kwargs.pop(name, None) for name in ad.visual_inputs}
+    visual = {name: value for name, value in visual.items() if value is not None}
+    has_pixels = any(visual.get(name) is not None for name in ad.pixel_inputs)
     cache = cache if cache is not None else past_key_values
     cfg = ad.text_config
     use_cache = use_cache if use_cache is not None else getattr(cfg, "use_cache", True)
@@ -53,8 +57,8 @@ def pruned_forward(
         inputs_embeds = ad.language_model.embed_tokens(input_ids)
     static = getattr(cache, "_learnpruner_static", None)
     past = static.get_seq_length() if static is not None else cache.get_seq_length() if cache is not None else 0
-    if pixel_values is not None and past > 0:
-        raise ValueError("learnpruner prunes at prefill: pixel_values with a non-empty cache is not supported")
+    if has_pixels and past > 0:
+        raise ValueError("learnpruner prunes at prefill: pixel values with a non-empty cache are not supported")
     segments = getattr(cache, SEGMENTS_ATTR, None) if past > 0 else None
     if segments is not None and state.fast:
         from .fast import fast_decode
@@ -66,10 +70,8 @@ def pruned_forward(
     else:
         vision_kwargs = {"vision_feature_layer": vision_feature_layer,
                          "vision_feature_select_strategy": vision_feature_select_strategy}
-        if image_sizes is not None:
-            vision_kwargs["image_sizes"] = image_sizes
-        hidden, final_orig = prefill(state, inputs_embeds, input_ids, pixel_values, attention_mask, position_ids,
-                                     cache, use_cache, past, vision_kwargs, kwargs)
+        hidden, final_orig = prefill(state, inputs_embeds, input_ids, visual if has_pixels else None, attention_mask,
+                                     position_ids, cache, use_cache, past, vision_kwargs, kwargs)
 
     hidden = ad.language_model.norm(hidden)
     keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

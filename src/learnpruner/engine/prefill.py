@@ -136,16 +136,18 @@ class VisionResult:
     kept_per_image: list  # per image: its stage-1 kept indices, None where its stage 1 kept all
 
 
-def vision_stage(state: PruneState, embeds, input_ids, pixel_values, attention_mask, cache, forced1,
+def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, attention_mask, cache, forced1,
                  vision_kwargs) -> VisionResult:
     ad = state.adapter
+    pixel_values = visual_inputs.get("pixel_values")
     if input_ids is None:
         raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
     rule1 = STAGE1_RULES.get(state.method.stage1) if state.method.stage1 else None
     needs_cls = bool(getattr(rule1, "needs_cls", False)) and forced1 is None
     with state.section("vision"):
-        visual = ad.encode(pixel_values, cls_attention=needs_cls, **vision_kwargs)
-    layout = Layout.build(input_ids == ad.image_token_id, visual)
+        others = {k: v for k, v in visual_inputs.items() if k != "pixel_values"}
+        visual = ad.encode(pixel_values, cls_attention=needs_cls, input_ids=input_ids, **others, **vision_kwargs)
+    layout = Layout.build(ad.placeholders(input_ids), visual)
     schedules = {n: state.schedule(n) for n in layout.groups}
     if cache is not None and not isinstance(cache, DynamicCache) and not all(s.is_noop for s in schedules.values()):
         raise ValueError(
@@ -349,9 +351,12 @@ def record_stats(state: PruneState, vision: VisionResult, llm: LLMResult) -> Sta
     )
 
 
-def prefill(state: PruneState, inputs_embeds, input_ids, pixel_values, attention_mask, position_ids, cache,
-            use_cache, past, vision_kwargs, kwargs):
-    """A full forward (prefill); returns the last hidden states and each row's original position."""
+def prefill(state: PruneState, inputs_embeds, input_ids, visual_inputs: dict | None, attention_mask, position_ids,
+            cache, use_cache, past, vision_kwargs, kwargs):
+    """A full forward (prefill); returns the last hidden states and each row's original position.
+
+    ``visual_inputs``: the forward's visual keyword arguments (the adapter's ``visual_inputs``), or None for
+    a forward without images."""
     ad = state.adapter
     b, s = inputs_embeds.shape[:2]
     device = inputs_embeds.device
@@ -361,11 +366,12 @@ def prefill(state: PruneState, inputs_embeds, input_ids, pixel_values, attention
     vision = None
     vis = torch.full((b, s), TEXT, dtype=torch.long, device=device)
     img = torch.full((b, s), -1, dtype=torch.long, device=device)
-    if pixel_values is not None:
-        vision = vision_stage(state, inputs_embeds, input_ids, pixel_values, attention_mask, cache, forced1,
+    if visual_inputs is not None:
+        vision = vision_stage(state, inputs_embeds, input_ids, visual_inputs, attention_mask, cache, forced1,
                               vision_kwargs)
         inputs_embeds, vis, img = vision.embeds, vision.layout.vis, vision.layout.img
-    cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=position_ids)
+    rope = ad.rope_positions(input_ids, attention_mask, position_ids, visual_inputs or {}, cache)
+    cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=rope)
     orig = torch.arange(s, device=device).expand(b, s)
     seq = Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig)
     compacted = vision is not None and vision.keep is not None and not bool(vision.keep.all())
