@@ -10,21 +10,10 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
+
+from .commands import COMMANDS, command
 
 __all__ = ["main", "COMMANDS"]
-
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
-
-
-def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register the decorated function as subcommand ``name``; ``arguments`` adds its options."""
-
-    def deco(run):
-        COMMANDS[name] = (arguments, run, help)
-        return run
-
-    return deco
 
 
 def _option_value(text: str):
@@ -46,7 +35,7 @@ def _method_options(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: --option takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"--option takes KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key] = _option_value(value)
     return out
@@ -70,6 +59,10 @@ def _per_method_options(pairs: list[str], methods: list[str]) -> dict[str, dict]
             if key not in accepted:
                 raise ValueError(f"--option {pair!r}: {method} has no option {key!r}; accepted: "
                                  f"{', '.join(accepted) or 'none'}")
+        try:  # the value's type and range, as apply() will check them
+            learnpruner.get_method(method).check_options(option)
+        except ValueError as e:
+            raise ValueError(f"--option {pair!r}: {e}") from None
         out.setdefault(method, {}).update(option)
     return out
 
@@ -99,11 +92,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .hub import format_prompt, load
 
-    image, prompt = _image_and_prompt(args.image, args.prompt)
-    model, processor = load(args.model, device=args.device, dtype=args.dtype)
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     options = _method_options(args.option)
     if args.lpm is not None:
         options["lpm"] = args.lpm
+    try:  # refuse bad options before loading the model
+        learnpruner.get_method(args.method).check_options(options)
+    except ValueError as e:
+        raise ValueError(f"--option: {e}") from None
+    image, prompt = _image_and_prompt(args.image, args.prompt)
+    model, processor = load(args.model, device=args.device, dtype=args.dtype)
     learnpruner.apply(model, args.method, tokens=args.tokens, fast=args.fast, **options)
     text = format_prompt(processor, prompt)
     inputs = processor(images=image, text=text, return_tensors="pt").to(args.device)
@@ -257,6 +256,8 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--tokens values must be positive integers, got {t}")
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     extra_opts = _per_method_options(args.option, methods)
     items = load_items(args.data, args.limit)
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
@@ -297,11 +298,22 @@ def _methods_args(p: argparse.ArgumentParser) -> None:
 def _methods(args: argparse.Namespace) -> int:
     import learnpruner
 
+    from .adapters import families_of
+
     names = [args.name] if args.name else sorted(learnpruner.METHODS)
     for name in names:
         m = learnpruner.get_method(name)
-        print(f"{m.name}\n  options: {', '.join(m.options) or '-'}\n  {m.doc}\n")
+        print(f"{m.name}\n  options: {', '.join(m.options) or '-'}\n  families: {', '.join(families_of(m))}"
+              f"\n  {m.doc}\n  {BUDGET_NOTE}\n")
     return 0
+
+
+BUDGET_NOTE = (
+    "Budgets: tokens=T is the average number of visual tokens per LLM layer per image; ratio=R keeps that "
+    "fraction of each image's own count. LLaVA-NeXT: an image's visual tokens are its base crop plus its "
+    "unpadded grid (2880 for a 672x672 image); the row newlines are structure, always kept and outside the "
+    "budget (stats(model).images[i].structure counts them)."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,11 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand. Bad input: one ``error: ...`` line on stderr and exit code 2 (argparse's
+    usage errors too); Ctrl-C: one line (for ``eval``, how to resume) and exit code 130."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
     try:
         return COMMANDS[args.command][1](args) or 0
-    except (ValueError, TypeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        resume = f"; rerun the same command to resume from --out {args.out}" if args.command == "eval" else ""
+        print(f"\ninterrupted{resume}" if sys.stderr.isatty() else f"interrupted{resume}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:  # FileNotFoundError is an OSError
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -185,7 +185,7 @@ def _check_data(out: Path, path: Path, done: dict[str, dict], hashes: dict[str, 
 
 @contextlib.contextmanager
 def _out_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` (created with O_EXCL, holding our pid) while evaluating; a dead holder's lock is taken over."""
+    """Hold ``out/.lock`` (O_EXCL, our pid inside) while evaluating; a dead holder's lock is taken over."""
     lock = out / ".lock"
     mine = f"{os.getpid()}\n{socket.gethostname()}\n"
     for _ in range(3):
@@ -228,6 +228,8 @@ def _lock_holder(lock: Path) -> str | None:
         return f"pid {pid} on {host}"  # cannot check another machine's processes
     if pid == os.getpid():
         return None  # left by an earlier process that had our pid (e.g. a restarted container)
+    if os.name == "nt":
+        return f"pid {pid}"  # os.kill(pid, 0) would signal it there
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -287,21 +289,39 @@ def evaluate(
     method_options: dict[str, dict] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Evaluate every ``method x budget`` cell; returns the result records (also in ``DIR/results.json``).
+    """Evaluate every ``method x budget`` cell; returns this run's records (``DIR/results.json`` holds every cell).
 
-    A cell whose budget the method cannot reach (``apply`` raises ``ValueError``) is recorded with
-    ``status="unreachable"`` and its reason. ``none`` is run once (its budget is irrelevant).
+    A cell whose budget the method cannot reach (its schedule raises ``ValueError``) is recorded with
+    ``status="unreachable"`` and its reason; bad method options are refused before any work. ``none``
+    is run once (its budget is irrelevant).
     """
     from tqdm.auto import tqdm
 
-    for m in methods:
-        learnpruner.get_method(m)
+    if not items:
+        raise ValueError("no items to evaluate")
+    hashes: dict[str, str] = {}
+    for it in items:
+        if it.id in hashes:
+            raise ValueError(f"{it.where()}: id {it.id!r} appears twice; item ids must be unique")
+        hashes[it.id] = it.fingerprint()
     from .adapters import adapter_for
 
     ad = adapter_for(model)
     n, num_layers = ad.num_visual_tokens(), ad.text_config.num_hidden_layers
+    method_options = method_options or {}
+    for m in dict.fromkeys(methods):
+        method = learnpruner.get_method(m)
+        opts = method_options.get(m, {})
+        try:  # at the full budget a schedule fails only on bad options (a low budget may be unreachable)
+            method.check_options(opts)
+            method.schedule(n, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{m}: {e}") from None
     out = Path(out_dir)
     (out / "preds").mkdir(parents=True, exist_ok=True)
+    run = {"id": f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "methods": list(methods), "budgets": list(budgets),
+           "items": len(items), "data": hashlib.sha256("".join(hashes.values()).encode()).hexdigest()[:16]}
     processor.tokenizer.padding_side = "left"
     cells = [(m, t) for m in methods for t in (budgets if m != "none" else [max(budgets)])]
     cells.sort(key=lambda c: c[0] != "none")  # the reference first: no-op cells reuse its predictions
@@ -309,30 +329,35 @@ def evaluate(
     records = []
     total = len(cells) * len(items)
     bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
-    for method, tokens in cells:
-        path = out / "preds" / f"{_cell_name(method, tokens)}.jsonl"
-        _check_cell_setup(path, model, (method_options or {}).get(method, {}), max_new_tokens)
-        done = _read_preds(path)
-        bar.update(len([i for i in done if i in by_id]))
-        bar.set_postfix(cell=_cell_name(method, tokens))
-        status, reason = "ok", None
-        todo = [it for it in items if it.id not in done]
-        noop = _is_noop(method, tokens, n, num_layers, (method_options or {}).get(method, {}))
-        reference = out / "preds" / f"{_cell_name('none', max(budgets))}.jsonl"
-        if todo and noop and method != "none" and "none" in methods:
-            # at a budget that keeps every token the method is the unpruned model (tested bit for bit):
-            # the reference's predictions are reused, not recomputed
-            reused = {i: r for i, r in _read_preds(reference).items() if i in by_id and i not in done}
-            done.update(reused)
-            reason = "budget keeps every visual token: predictions of `none` reused"
+    with _out_lock(out), contextlib.closing(bar):
+        for method, tokens in cells:
+            opts = method_options.get(method, {})
+            path = out / "preds" / f"{_cell_name(method, tokens)}.jsonl"
+            _check_cell_setup(path, model, opts, max_new_tokens)
+            _repair_tail(path)
+            done = _read_preds(path)
+            _check_data(out, path, done, hashes)
+            bar.update(len([i for i in done if i in by_id]))
+            bar.set_postfix(cell=_cell_name(method, tokens))
+            status, reason = "ok", None
             todo = [it for it in items if it.id not in done]
-            bar.update(len(reused))
-        if todo:
             try:
-                learnpruner.apply(model, method, tokens=tokens, **(method_options or {}).get(method, {}))
+                schedule = learnpruner.get_method(method).schedule(
+                    tokens, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"})
             except ValueError as e:
-                status, reason = "unreachable", str(e)
-            if status == "ok":
+                schedule, status, reason = None, "unreachable", str(e)
+            reference = out / "preds" / f"{_cell_name('none', max(budgets))}.jsonl"
+            if todo and schedule is not None and schedule.is_noop and method != "none" and "none" in methods:
+                # at a budget that keeps every token the method is the unpruned model (tested bit for bit):
+                # the reference's predictions are reused, not recomputed
+                reused = {i: r for i, r in _read_preds(reference).items()
+                          if i in by_id and i not in done and r.get("item") == hashes[i]}
+                done.update(reused)
+                reason = "budget keeps every visual token: predictions of `none` reused"
+                todo = [it for it in items if it.id not in done]
+                bar.update(len(reused))
+            if todo and status == "ok":
+                learnpruner.apply(model, method, tokens=tokens, **opts)
                 try:
                     with open(path, "a") as f:
                         for start in range(0, len(todo), batch_size):
@@ -343,7 +368,8 @@ def evaluate(
                             st = learnpruner.stats(model)
                             avg = st.average_tokens if st is not None else None
                             lines = [json.dumps({"id": it.id, "pred": p, "correct": is_correct(p, it.answers),
-                                                 "qtype": it.qtype, "avg_tokens": avg, "seconds": dt})
+                                                 "qtype": it.qtype, "avg_tokens": avg, "seconds": dt,
+                                                 "item": hashes[it.id]})
                                      for it, p in zip(chunk, preds)]
                             f.write("\n".join(lines) + "\n")
                             f.flush()
@@ -351,22 +377,16 @@ def evaluate(
                             bar.update(len(chunk))
                 finally:
                     learnpruner.remove(model)
-            done = _read_preds(path)
-        if status != "ok":
-            bar.update(len(todo))
-        records.append(_cell_record(method, tokens, [done[i] for i in by_id if i in done], status, reason))
-        _write_results(out, records)
-    bar.close()
+                done = _read_preds(path)
+            if status != "ok":
+                bar.update(len(todo))
+            rec = _cell_record(method, tokens, [done[i] for i in by_id if i in done], status, reason)
+            rec["run"] = run
+            records.append(rec)
+            atomic_write(path.with_suffix(".result.json"),
+                         lambda tmp, rec=rec: Path(tmp).write_text(json.dumps(rec, indent=1) + "\n"))
+            _write_results(out)
     return summarize(records)
-
-
-def _is_noop(method: str, tokens: int, n: int, num_layers: int, options: dict) -> bool:
-    m = learnpruner.get_method(method)
-    opts = {k: v for k, v in options.items() if k != "lpm"}
-    try:
-        return m.schedule(tokens, n, num_layers, opts).is_noop
-    except ValueError:
-        return False
 
 
 def _cell_record(method, tokens, preds, status, reason) -> dict:
@@ -386,16 +406,48 @@ def _cell_record(method, tokens, preds, status, reason) -> dict:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Add ``relative`` (% of the unpruned accuracy) to each record when a ``none`` cell exists."""
-    base = next((r.get("accuracy") for r in records if r["method"] == "none" and r.get("accuracy")), None)
+    """Add ``relative`` (% of the unpruned accuracy) to each record when a ``none`` cell on the same data exists.
+
+    Records from runs on different data (``run["data"]``, the items' fingerprint) are never compared.
+    """
+    def data(r: dict):
+        return (r.get("run") or {}).get("data")
+
+    bases: dict = {}
     for r in records:
+        if r["method"] == "none" and r.get("accuracy"):
+            bases.setdefault(data(r), r["accuracy"])
+    for r in records:
+        base = bases.get(data(r))
         if base and r.get("accuracy") is not None:
             r["relative"] = 100.0 * r["accuracy"] / base
+        else:
+            r.pop("relative", None)
     return records
 
 
-def _write_results(out: Path, records: list[dict]) -> None:
-    records = summarize(records)
+def _all_cells(out: Path) -> list[dict]:
+    """Every cell in ``out/preds``: its saved record (with the run that made it), ``none`` first.
+
+    A predictions file without a saved record (an older learnpruner) is summarized from all its lines,
+    with ``run: None``.
+    """
+    records = []
+    for path in sorted((out / "preds").glob("*.jsonl")):
+        result = path.with_suffix(".result.json")
+        if not result.is_file():
+            method, _, tokens = path.stem.rpartition("@")
+            if method and tokens.isdigit():
+                rec = _cell_record(method, int(tokens), list(_read_preds(path).values()), "ok", None)
+                records.append({**rec, "run": None})
+    for result in (out / "preds").glob("*.result.json"):
+        with contextlib.suppress(ValueError, OSError):
+            records.append(json.loads(result.read_text()))
+    return sorted(records, key=lambda r: (r["method"] != "none", r["method"], -r["tokens"]))
+
+
+def _write_results(out: Path) -> None:
+    records = summarize(_all_cells(out))
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(records, indent=2) + "\n"))
     from .viz import plot_accuracy
 
@@ -423,6 +475,8 @@ def markdown_table(records: list[dict]) -> str:
             elif r["status"] != "ok":
                 least = re.search(r"at least (\d+)", r.get("reason") or "")
                 cells.append(f"unreachable (needs >= {least.group(1)})" if least else "unreachable")
+            elif r.get("accuracy") is None:
+                cells.append("no items")
             else:
                 rel = f" ({r['relative']:.1f}%)" if "relative" in r else ""
                 avg = r.get("avg_tokens")

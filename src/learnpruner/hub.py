@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BUILTIN_MODELS", "load", "resolve", "format_prompt", "parse_dtype"]
+__all__ = ["BUILTIN_MODELS", "load", "resolve", "format_prompt", "parse_dtype", "check_device", "available_devices"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_MODELS = {
@@ -33,6 +33,40 @@ def parse_dtype(name: str):
         raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}") from None
 
 
+def available_devices() -> list[str]:
+    """The devices this torch can use: ``cpu``, then each CUDA GPU (``cuda:N``), then ``mps``."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: str) -> str:
+    """``device`` unchanged if this machine has it; ``ValueError`` naming what is available otherwise."""
+    available = ", ".join(available_devices())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N, mps (available here: "
+                         f"{available})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"device {device!r} is not available: this torch {torch.__version__} sees no CUDA GPU; "
+                             f"available: {available}")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} is not available: {count} CUDA GPU(s); available: {available}")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} is not available on this machine; available: {available}")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        backend = getattr(torch, dev.type, None)
+        if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+            raise ValueError(f"device {device!r} is not available on this machine; available: {available}")
+    return device
+
+
 def resolve(name: str) -> str:
     """A built-in name's local folder, or ``name`` unchanged (a hub id or a local path)."""
     if name in BUILTIN_MODELS and BUILTIN_MODELS[name] is not None:
@@ -50,6 +84,7 @@ def load(name: str, device: str = "cpu", dtype: str = "auto"):
     """``(model, processor)`` for a hub id, a local folder or a built-in name, in eval mode on ``device``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    check_device(device)
     torch_dtype = parse_dtype(dtype)
     if name == "tiny-random-llava":
         from .testbed.model import build_model, build_processor
