@@ -275,3 +275,20 @@ def test_visionzip_compresses_each_crop_alone_as_officially(model, inp):
         per_crop = torch.bincount(crops[im.stage1_kept], minlength=int(crops.max()) + 1)
         sizes = torch.bincount(crops).tolist()
         assert per_crop.tolist() == split_evenly(20, sizes)
+
+
+def test_cli_generate_and_eval_accept_a_next_model(model, processor, tmp_path, capsys):
+    from learnpruner.cli import main
+
+    folder = tmp_path / "tiny-next"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    overlay = tmp_path / "kept.png"
+    rc = main(["generate", "--model", str(folder), "--image", "shapesvqa:1", "--method", "visionzip", "--ratio", "0.25",
+               "--max-new-tokens", "2", "--overlay", str(overlay)])
+    out = capsys.readouterr().out
+    assert rc == 0 and overlay.stat().st_size > 0
+    assert "visual tokens: 80 (+8 row newlines, kept as structure)" in out and "kept 20 of 80" in out
+    rc = main(["eval", "--model", str(folder), "--data", "shapesvqa", "--limit", "2", "--methods", "none,fastv",
+               "--tokens", "40", "--out", str(tmp_path / "eval")])
+    assert rc == 0 and (tmp_path / "eval" / "results.json").is_file()

@@ -75,9 +75,15 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="question; wrapped in the model's chat template unless it holds <image> "
                    "(default with shapesvqa:N: that item's question)")
     p.add_argument("--method", default="learnpruner", help="pruning method (see `learnpruner methods`)")
-    p.add_argument("--tokens", type=int, default=64, help="budget: average visual tokens per LLM layer")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=int, default=None,
+                        help="budget: average visual tokens per LLM layer, per image (default 64)")
+    budget.add_argument("--ratio", type=float, default=None,
+                        help="budget: the fraction 0 < R <= 1 of each image's own visual tokens (average per layer)")
     p.add_argument("--lpm", default=None, help="LPM folder for learnpruner (default: the model's own, if shipped)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="extra method option, repeatable")
+    p.add_argument("--overlay", default=None, metavar="FILE.png",
+                   help="write a picture of the patches each stage kept, one panel per crop")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--fast", action="store_true", help="fast decode path (static KV buffers; CUDA graphs on GPU)")
     p.add_argument("--device", default="cpu")
@@ -103,7 +109,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--option: {e}") from None
     image, prompt = _image_and_prompt(args.image, args.prompt)
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
-    learnpruner.apply(model, args.method, tokens=args.tokens, fast=args.fast, **options)
+    learnpruner.apply(model, args.method, tokens=args.tokens, ratio=args.ratio, fast=args.fast, **options)
     text = format_prompt(processor, prompt)
     inputs = processor(images=image, text=text, return_tensors="pt").to(args.device)
     if "pixel_values" in inputs:
@@ -120,6 +126,14 @@ def _generate(args: argparse.Namespace) -> int:
     print(describe_stats(st))
     print(f"wall time: {elapsed * 1000:.1f} ms for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens "
           f"(generate, {args.device})")
+    if args.overlay and st is not None:
+        from .viz import crop_pixels, overlay_image_stats
+
+        im = st.images[0]
+        crops = 1 if im.crops is None else int(im.crops.max()) + 1
+        overlay_image_stats(im, crop_pixels(inputs["pixel_values"], 0, crops), args.overlay,
+                            title=f"{args.method}: {im.average_tokens:.1f} of {im.count} tokens per layer")
+        print(f"overlay: {args.overlay}")
     return 0
 
 
@@ -147,15 +161,17 @@ def describe_stats(st) -> str:
     """One line per stage: how many visual tokens each stage kept."""
     if st is None:
         return "visual tokens: no image in the input"
-    n = st.schedule.n
-    lines = [f"method: {st.method}; visual tokens per image: {n}"]
-    lines.append(
-        f"stage 1 (after the vision encoder): kept {st.stage1_kept.shape[1]} of {n}"
-        if st.stage1_kept is not None else "stage 1 (after the vision encoder): kept all"
-    )
-    for (layer, _), kept in zip(st.schedule.drops, st.llm_kept):
-        lines.append(f"LLM drop before layer {layer}: kept {kept.shape[1]}")
-    lines.append(f"average visual tokens per LLM layer: {st.average_tokens:.1f} (per layer: {st.tokens_per_layer})")
+    lines = [f"method: {st.method}"]
+    for i, im in enumerate(st.images):
+        head = f"image {i}: " if len(st.images) > 1 else ""
+        extra = f" (+{im.structure} row newlines, kept as structure)" if im.structure else ""
+        lines.append(f"{head}visual tokens: {im.count}{extra}")
+        lines.append(f"  stage 1 (after the vision encoder): kept {len(im.stage1_kept)} of {im.count}"
+                     if im.stage1_kept is not None else "  stage 1 (after the vision encoder): kept all")
+        for (layer, _), kept in zip(im.schedule.drops if im.schedule else (), im.llm_kept):
+            lines.append(f"  LLM drop before layer {layer}: kept {len(kept)}")
+        lines.append(f"  average visual tokens per LLM layer: {im.average_tokens:.1f} "
+                     f"(per layer: {im.tokens_per_layer})")
     return "\n".join(lines)
 
 

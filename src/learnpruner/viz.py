@@ -9,7 +9,7 @@ import numpy as np
 
 from .utils import atomic_write
 
-__all__ = ["plot_accuracy", "overlay_kept"]
+__all__ = ["plot_accuracy", "overlay_kept", "crop_pixels", "overlay_image_stats"]
 
 
 def plot_accuracy(records: list[dict], path: str | os.PathLike) -> None:
@@ -79,6 +79,64 @@ def overlay_kept(image, panels: list[tuple[str, object, object]], grid: int, pat
                 ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, ec="#ff2d2d", lw=1.0))
             caption += f", stage 2 (red): {len(np.asarray(stage2_kept))}"
         ax.set_title(f"{label}\n{caption}", fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def crop_pixels(pixel_values, image: int, num_crops: int) -> list[np.ndarray]:
+    """The crops the vision encoder saw for one image, as ``[H, W, 3]`` arrays in [0, 1] for display.
+
+    ``pixel_values``: the processor's ``[num_images, 3, H, W]`` (one crop per image) or
+    ``[num_images, max_crops, 3, H, W]`` (LLaVA-NeXT); each crop is min-max scaled (normalisation undone
+    up to an affine map, which is what a picture needs)."""
+    pv = pixel_values[image]
+    crops = [pv] if pv.dim() == 3 else [pv[c] for c in range(num_crops)]
+    out = []
+    for c in crops:
+        a = c.detach().float().permute(1, 2, 0).cpu().numpy()
+        lo, hi = a.min(), a.max()
+        out.append((a - lo) / max(hi - lo, 1e-6))
+    return out
+
+
+def overlay_image_stats(im, pixels: list[np.ndarray], path: str | os.PathLike, title: str = "") -> None:
+    """One panel per crop (or frame) of an image: patches stage 1 dropped are darkened, the tokens the last
+    LLM layer saw are outlined in red. ``im`` is a :class:`learnpruner.engine.ImageStats`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    count = im.count
+    crops = np.zeros(count, dtype=int) if im.crops is None else im.crops.cpu().numpy()
+    patches = np.arange(count) if im.patches is None else im.patches.cpu().numpy()
+    s1 = np.ones(count, dtype=bool) if im.stage1_kept is None else np.isin(np.arange(count), im.stage1_kept.cpu())
+    final = None if not im.llm_kept else np.isin(np.arange(count), im.llm_kept[-1].cpu())
+    grid = int(np.ceil(np.sqrt(patches.max() + 1))) if patches.size else 1  # patches per crop side
+    fig, axes = plt.subplots(1, len(pixels), figsize=(max(3.6, 2.6 * len(pixels)), 3.2), dpi=100, squeeze=False)
+    for c, (ax, arr) in enumerate(zip(axes[0], pixels)):
+        mine = crops == c
+        h, w = arr.shape[:2]
+        ph, pw = h / grid, w / grid
+        shade = np.full(grid * grid, 0.22)  # patches that are no token of this image (unpadding) stay dark
+        shade[patches[mine & s1]] = 1.0
+        shade = np.kron(shade.reshape(grid, grid), np.ones((int(np.ceil(ph)), int(np.ceil(pw)))))[:h, :w]
+        ax.imshow(arr * shade[..., None])
+        if final is not None:
+            for p in patches[mine & final].tolist():
+                r, col = divmod(int(p), grid)
+                ax.add_patch(Rectangle((col * pw, r * ph), pw, ph, fill=False, ec="#ff2d2d", lw=0.8))
+        label = "base" if len(pixels) > 1 and c == 0 else f"crop {c}" if len(pixels) > 1 else "image"
+        caption = f"{label}: {int((mine & s1).sum())}/{int(mine.sum())}"
+        if final is not None:
+            caption += f", red {int((mine & final).sum())}"
+        ax.set_title(caption, fontsize=8)
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)

@@ -335,6 +335,8 @@ def record_stats(state: PruneState, vision: VisionResult, llm: LLMResult) -> Sta
             stage1_kept=vision.kept_per_image[i],
             llm_kept=[k[i][k[i] >= 0] for k in llm.llm_kept],
             structure=structure[i],
+            crops=None if vision.visual.crops is None else vision.visual.crops[i],
+            patches=None if vision.visual.patches is None else vision.visual.patches[i],
         ))
     schedules = set(vision.schedules.values())
     return Stats(

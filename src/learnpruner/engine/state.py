@@ -31,10 +31,18 @@ class ImageStats:
     stage1_kept: torch.Tensor | None = None
     llm_kept: list[torch.Tensor] = field(default_factory=list)
     structure: int = 0
+    # per token: its crop (or frame) and its patch within that crop, where the family has crops
+    crops: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
 
     @property
     def average_tokens(self) -> float:
         return sum(self.tokens_per_layer) / max(1, len(self.tokens_per_layer))
+
+    @property
+    def final_kept(self) -> torch.Tensor | None:
+        """The tokens the last LLM layer saw (None: all)."""
+        return self.llm_kept[-1] if self.llm_kept else self.stage1_kept
 
 
 @dataclass

@@ -54,12 +54,6 @@ def survival(labels_id: np.ndarray, relevant: list[int], kept: torch.Tensor | No
     return share, every
 
 
-def _final_kept(im) -> torch.Tensor | None:
-    if im.llm_kept:
-        return im.llm_kept[-1]
-    return im.stage1_kept
-
-
 def analyse(model, processor, split: str, n: int | None, methods: dict[str, dict], tokens: list[int],
             out: Path, batch_size: int = 16, device: str = "cpu") -> list[dict]:
     """Run every (method, budget) cell over the split; append one record per item to ``records.jsonl``."""
@@ -88,7 +82,7 @@ def analyse(model, processor, split: str, n: int | None, methods: dict[str, dict
                             objects = [SimpleNamespace(**o) for o in it.objects]
                             rel = relevant_objects(it.question, objects, it.boxes)
                             s1 = survival(it.labels["id"], rel, im.stage1_kept)
-                            fin = survival(it.labels["id"], rel, _final_kept(im))
+                            fin = survival(it.labels["id"], rel, im.final_kept)
                             rec = {"method": method, "tokens": t, "index": it.index, "qtype": it.qtype,
                                    "objects": len(it.objects), "correct": is_correct(pred, [it.answer]),
                                    "stage1_share": None if s1 is None else s1[0],
