@@ -102,10 +102,15 @@ def load(name: str, device: str = "cpu", dtype: str = "auto"):
 
 
 def format_prompt(processor, prompt: str) -> str:
-    """The text to feed the processor: the user's text if it holds ``<image>``, else a chat turn."""
-    if "<image>" in prompt:
+    """The text to feed the processor: the user's text if it holds the processor's image token, else one user
+    turn (the image, then the text) through the processor's own chat template, so each family formats its way."""
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if image_token in prompt:
         return prompt
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <image>\n{prompt} ASSISTANT:"
+    raise ValueError(
+        f"the processor has no chat template, so the prompt must place the image itself: put {image_token!r} "
+        f"in the prompt (e.g. 'USER: {image_token}\\n{prompt} ASSISTANT:' for LLaVA-1.5), got {prompt!r}"
+    )
