@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -19,13 +20,34 @@ __all__ = ["apply", "remove", "stats", "is_pruned"]
 _PRUNED_CLASSES: dict[type, type] = {}
 
 
+def _forward_like(base: type):
+    """The engine's forward with ``base.forward``'s signature: arguments bind by the family's own names and
+    order, and ``generate()`` sees the family's inputs (it validates model kwargs against the signature).
+    ``mm_encoder_outputs`` is left out so ``generate()`` hands raw pixels to the engine."""
+    sig = inspect.signature(base.forward)
+    sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "mm_encoder_outputs"])
+
+    def forward(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop(next(iter(sig.parameters)))  # self
+        for name, param in sig.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+        return pruned_forward(self, **arguments)
+
+    forward.__signature__ = sig
+    forward.__doc__ = pruned_forward.__doc__
+    return forward
+
+
 def _pruned_class(base: type) -> type:
     """A per-instance subclass of ``base`` whose ``forward`` is the pruning engine (nothing global)."""
     if base not in _PRUNED_CLASSES:
         _PRUNED_CLASSES[base] = type(
             base.__name__,
             (base,),
-            {"forward": pruned_forward, "__module__": base.__module__, "_learnpruner_base": base},
+            {"forward": _forward_like(base), "__module__": base.__module__, "_learnpruner_base": base},
         )
     return _PRUNED_CLASSES[base]
 
@@ -73,7 +95,7 @@ DEFAULT_TOKENS = 64
 
 
 def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = None, *, ratio: float | None = None,
-          fast: bool = False, **options) -> nn.Module:
+          fast: bool = False, stage1_unit: str | None = None, **options) -> nn.Module:
     """Prune the visual tokens of ``model`` (patched in place; returns it).
 
     Args:
@@ -87,6 +109,10 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
         fast: decode on static KV buffers with a step that has static shapes and no host syncs, captured
             once as a CUDA graph and replayed on GPUs (see :mod:`learnpruner.engine.fast`); outputs equal the
             plain path. Default False.
+        stage1_unit: ``"image"`` (a stage-1 rule ranks all tokens of an image or video at once) or ``"crop"``
+            (the budget is split evenly over the crops of a LLaVA-NeXT image or the frames of a video, and the
+            rule runs on each alone). Default: the method's own (``"crop"`` for VisionZip, as its official code
+            runs LLaVA-NeXT; ``"image"`` otherwise).
         **options: method options, e.g. ``lpm=PATH``, ``r1``, ``r2``, ``layer``, ``diversity``, ``seed``.
 
     Only this instance changes: it gets a private subclass whose ``forward`` runs the pruning engine,
@@ -104,6 +130,8 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     ratio = check_ratio(ratio) if ratio is not None else None
     tokens = check_tokens(tokens if tokens is not None else DEFAULT_TOKENS) if ratio is None else None
     opts = m.check_options(options)
+    if stage1_unit not in (None, "image", "crop"):
+        raise ValueError(f"stage1_unit must be 'image' or 'crop', got {stage1_unit!r}")
     adapter.check_method(m)
     n = adapter.num_visual_tokens()
     num_layers = adapter.text_config.num_hidden_layers
@@ -118,7 +146,7 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
         )
     state = PruneState(
         method=m, tokens=tokens, ratio=ratio, options=opts, adapter=adapter, base_class=type(model), lpm=lpm,
-        generator=generator, fast=bool(fast),
+        generator=generator, fast=bool(fast), stage1_unit=stage1_unit or m.stage1_unit,
     )
     model.__class__ = _pruned_class(type(model))
     model._learnpruner = state

@@ -101,6 +101,8 @@ class PruneState:
     timer: object | None = None
     # decode on static KV buffers with a capturable step (CUDA graphs on GPU); see learnpruner.engine.fast
     fast: bool = False
+    # "image" or "crop" (see learnpruner.apply); the method's default when not given
+    stage1_unit: str = "image"
     _schedules: dict = field(default_factory=dict)
 
     def section(self, name: str):
