@@ -21,18 +21,20 @@ OPTIONS = {"learnpruner": {"lpm": "random"}, "lpm-only": {"lpm": "random"}, "ran
 METHODS = sorted(learnpruner.METHODS)
 
 
-def tiny_video_llava(layers: int = 6, seed: int = 0, attn: str = "sdpa"):
+def tiny_video_llava(layers: int = 6, seed: int = 0, attn: str = "sdpa", image_token: int = IMAGE,
+                     video_token: int = VIDEO):
     torch.manual_seed(seed)
     text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=PAD)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=56, patch_size=14, projection_dim=32)
-    cfg = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, video_token_id=VIDEO,
-                           vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token,
+                           video_token_id=video_token, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default")
     cfg._attn_implementation = attn
     model = VideoLlavaForConditionalGeneration(cfg).eval()
     model.set_attn_implementation(attn)
-    model.generation_config.suppress_tokens = [IMAGE, VIDEO]
+    model.generation_config.suppress_tokens = [image_token, video_token]
     model.generation_config.pad_token_id = PAD
     return model
 
@@ -182,3 +184,60 @@ def test_stage1_per_frame_keeps_an_even_share_of_every_frame(model):
 def test_bad_stage1_unit_is_refused(model):
     with pytest.raises(ValueError, match="stage1_unit must be 'image' or 'crop', got 'frame'"):
         learnpruner.apply(model, "divprune", tokens=10, stage1_unit="frame")
+
+
+class FramesProcessor:
+    """A stand-in for VideoLlavaProcessor (whose video half needs torchvision, absent here): expands
+    ``<video>`` to its placeholders and preprocesses each frame with the CLIP image processor."""
+
+    video_token = "<video>"
+    chat_template = None
+
+    def __init__(self, tokenizer):
+        from transformers import CLIPImageProcessorPil
+
+        self.tokenizer = tokenizer
+        self.images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+
+    def __call__(self, text, videos, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        frames = videos[0]
+        text = text.replace("<video>", "<video>" * (len(frames) * PER_FRAME))
+        ids = self.tokenizer(text, return_tensors="pt")
+        pixels = self.images(images=list(frames), return_tensors="pt")["pixel_values"][None]
+        return BatchFeature({**ids, "pixel_values_videos": pixels})
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_cli_generate_reads_a_video_file(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    import learnpruner.hub
+    from learnpruner.cli import main
+    from learnpruner.testbed.model import build_tokenizer
+    from learnpruner.testbed.shapes import generate_item
+    from learnpruner.video import write_video
+
+    tok = build_tokenizer()
+    tok.add_tokens(["<video>"], special_tokens=True)
+    model = tiny_video_llava(image_token=tok.convert_tokens_to_ids("<image>"),
+                             video_token=tok.convert_tokens_to_ids("<video>"))
+    monkeypatch.setattr(learnpruner.hub, "load", lambda *a, **k: (model, FramesProcessor(tok)))
+    video = tmp_path / "shapes.mp4"
+    write_video(video, [np.asarray(generate_item("test", i).image.resize((112, 112))) for i in range(6)])
+    overlay = tmp_path / "frames.png"
+    rc = main(["generate", "--model", "x", "--video", str(video), "--frames", str(FRAMES), "--prompt",
+               "USER: <video>\nhow many squares ? ASSISTANT:", "--method", "learnpruner", "--option", "lpm=random",
+               "--tokens", "30", "--max-new-tokens", "2", "--overlay", str(overlay)])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"visual tokens: {FRAMES * PER_FRAME}" in out and overlay.stat().st_size > 0
+    assert learnpruner.stats(model).images[0].crops.max() == FRAMES - 1
+    learnpruner.remove(model)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 10)
+    for path, message in ((bad, "cannot decode video"), (tmp_path / "missing.mp4", "no video file at")):
+        assert main(["generate", "--model", "x", "--video", str(path), "--prompt", "<video> ?"]) == 2
+        assert message in capsys.readouterr().err

@@ -70,8 +70,10 @@ def _per_method_options(pairs: list[str], methods: list[str]) -> dict[str, dict]
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="hub id, local folder, or a built-in name (shapes-tiny, tiny-random-llava)")
-    p.add_argument("--image", required=True,
-                   help="image file, or shapesvqa:N for item N of the ShapesVQA test split")
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="image file, or shapesvqa:N for item N of the ShapesVQA test split")
+    media.add_argument("--video", help="video file (frames sampled uniformly, --frames of them; needs PyAV)")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video (Video-LLaVA: 8)")
     p.add_argument("--prompt", help="question; wrapped in the model's chat template unless it holds <image> "
                    "(default with shapesvqa:N: that item's question)")
     p.add_argument("--method", default="learnpruner", help="pruning method (see `learnpruner methods`)")
@@ -107,13 +109,21 @@ def _generate(args: argparse.Namespace) -> int:
         learnpruner.get_method(args.method).check_options(options)
     except ValueError as e:
         raise ValueError(f"--option: {e}") from None
-    image, prompt = _image_and_prompt(args.image, args.prompt)
+    if args.video is not None:
+        from .video import read_frames
+
+        if args.prompt is None:
+            raise ValueError("--prompt is required with --video")
+        media, prompt, kind = {"videos": [read_frames(args.video, args.frames)]}, args.prompt, "video"
+    else:
+        image, prompt = _image_and_prompt(args.image, args.prompt)
+        media, kind = {"images": image}, "image"
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
     learnpruner.apply(model, args.method, tokens=args.tokens, ratio=args.ratio, fast=args.fast, **options)
-    text = format_prompt(processor, prompt)
-    inputs = processor(images=image, text=text, return_tensors="pt").to(args.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    text = format_prompt(processor, prompt, kind)
+    inputs = processor(text=text, return_tensors="pt", **media).to(args.device)
+    for key in [k for k in inputs if k.startswith("pixel_values")]:
+        inputs[key] = inputs[key].to(model.dtype)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -131,7 +141,8 @@ def _generate(args: argparse.Namespace) -> int:
 
         im = st.images[0]
         crops = 1 if im.crops is None else int(im.crops.max()) + 1
-        overlay_image_stats(im, crop_pixels(inputs["pixel_values"], 0, crops), args.overlay,
+        pixels = next(v for k, v in inputs.items() if k.startswith("pixel_values"))
+        overlay_image_stats(im, crop_pixels(pixels, 0, crops), args.overlay,
                             title=f"{args.method}: {im.average_tokens:.1f} of {im.count} tokens per layer")
         print(f"overlay: {args.overlay}")
     return 0
@@ -179,7 +190,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     from .lpm_train import TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--model", required=True, help="hub id, local folder or built-in name of the (frozen) VLM")
+    p.add_argument("--model", required=True,
+                   help="hub id, local folder or built-in name of the (frozen) VLM, any supported family (LLaVA-1.5, "
+                   "LLaVA-NeXT: the LPM trains on every crop); its processor needs a chat template")
     p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL file, or 'shapesvqa' for the testbed stream")
     p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     p.add_argument("--tokens", type=int, default=d.tokens, help="target budget (average visual tokens per layer)")
@@ -193,6 +206,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-weight", type=float, default=d.distill_weight,
                    help="weight of KL distillation toward the unpruned model (0: off)")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="LPM hidden width")
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help="longest training sequence in tokens, image placeholders included; longer records are "
+                   "skipped (LLaVA-NeXT: a 672x672 image alone takes 2928, use 4096)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--bf16", action="store_true", help="bfloat16 model and autocast (GPU)")
@@ -210,7 +226,7 @@ def _train(args: argparse.Namespace) -> int:
     from .hub import load
     from .lpm_train import LlavaRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
 
-    for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every"):
+    for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every", "max_length"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     check_out_dir(args.out, args.resume, args.overwrite)  # refuse a used --out before loading anything
@@ -219,7 +235,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(tokens=args.tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       ratio_weight=args.ratio_weight, mask=args.mask, distill_weight=args.distill_weight,
                       hidden_dim=args.hidden_dim, ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16,
-                      grad_ckpt=args.grad_ckpt)
+                      grad_ckpt=args.grad_ckpt, max_length=args.max_length)
     train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device,
               overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process under torchrun/accelerate

@@ -101,14 +101,15 @@ def load(name: str, device: str = "cpu", dtype: str = "auto"):
     return model.to(device).eval(), processor
 
 
-def format_prompt(processor, prompt: str) -> str:
-    """The text to feed the processor: the user's text if it holds the processor's image token, else one user
-    turn (the image, then the text) through the processor's own chat template, so each family formats its way."""
-    image_token = getattr(processor, "image_token", None) or "<image>"
+def format_prompt(processor, prompt: str, kind: str = "image") -> str:
+    """The text to feed the processor: the user's text if it holds the processor's image (or video) token, else
+    one user turn (the image or video, then the text) through the processor's own chat template, so each
+    family formats its way."""
+    image_token = getattr(processor, f"{kind}_token", None) or f"<{kind}>"
     if image_token in prompt:
         return prompt
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     raise ValueError(
         f"the processor has no chat template, so the prompt must place the image itself: put {image_token!r} "

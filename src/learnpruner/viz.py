@@ -118,18 +118,22 @@ def overlay_image_stats(im, pixels: list[np.ndarray], path: str | os.PathLike, t
     patches = np.arange(count) if im.patches is None else im.patches.cpu().numpy()
     s1 = np.ones(count, dtype=bool) if im.stage1_kept is None else np.isin(np.arange(count), im.stage1_kept.cpu())
     final = None if not im.llm_kept else np.isin(np.arange(count), im.llm_kept[-1].cpu())
-    grid = int(np.ceil(np.sqrt(patches.max() + 1))) if patches.size else 1  # patches per crop side
+    side = int(np.ceil(np.sqrt(patches.max() + 1))) if patches.size else 1  # patches per crop side
+    if side * side != patches.max() + 1 and round(np.sqrt(patches.max())) ** 2 == patches.max():
+        patches = patches - 1  # token 0 of each crop is its [CLS] row (Video-LLaVA frames): not drawn
+        side = round(np.sqrt(patches.max() + 1))
+    grid = side
     fig, axes = plt.subplots(1, len(pixels), figsize=(max(3.6, 2.6 * len(pixels)), 3.2), dpi=100, squeeze=False)
     for c, (ax, arr) in enumerate(zip(axes[0], pixels)):
         mine = crops == c
         h, w = arr.shape[:2]
         ph, pw = h / grid, w / grid
         shade = np.full(grid * grid, 0.22)  # patches that are no token of this image (unpadding) stay dark
-        shade[patches[mine & s1]] = 1.0
+        shade[patches[mine & s1 & (patches >= 0)]] = 1.0
         shade = np.kron(shade.reshape(grid, grid), np.ones((int(np.ceil(ph)), int(np.ceil(pw)))))[:h, :w]
         ax.imshow(arr * shade[..., None])
         if final is not None:
-            for p in patches[mine & final].tolist():
+            for p in patches[mine & final & (patches >= 0)].tolist():
                 r, col = divmod(int(p), grid)
                 ax.add_patch(Rectangle((col * pw, r * ph), pw, ph, fill=False, ec="#ff2d2d", lw=0.8))
         label = "base" if len(pixels) > 1 and c == 0 else f"crop {c}" if len(pixels) > 1 else "image"
