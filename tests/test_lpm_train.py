@@ -1,11 +1,14 @@
-"""Training the LPM: the loss falls, the STE passes gradients, resume is exact, bad records are skipped."""
+"""Training the LPM: the loss falls, the STE passes gradients, resume is exact, bad records are skipped;
+LLaVA-NeXT trains on every crop of images of different sizes; prompts come from the chat template."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from helpers import next_inputs, next_processor, tiny_llava_next
 from PIL import Image
 
 import learnpruner
@@ -18,7 +21,10 @@ from learnpruner.lpm_train import (
     _collate,
     _encode,
     _register_gated_attention,
+    _Targets,
+    chat_messages,
     hard_keep_mask,
+    prompt_embeddings,
     step_loss,
     train_lpm,
 )
@@ -57,6 +63,10 @@ def test_loss_falls_over_a_few_dozen_steps(processor, tmp_path):
     assert abs(hist[-1]["kept"] - target) < abs(hist[0]["kept"] - target)
 
 
+def _batch(processor, ad, examples):
+    return _collate([_encode(ex, processor, ad, 4096) for ex in examples], processor.tokenizer.pad_token_id)
+
+
 def _gated_setup(processor):
     """A frozen tiny model on the gated attention, a 2-example ShapesVQA batch and a fresh LPM."""
     model = _model(processor)
@@ -65,9 +75,7 @@ def _gated_setup(processor):
     model.set_attn_implementation({"text_config": GATED_ATTENTION})
     model.requires_grad_(False)
     records = ShapesRecords()
-    examples = [(ex.image, *_encode(ex, processor.tokenizer, ad.image_token_id, 576, 4096))
-                for ex in (records.get(i) for i in range(2))]
-    batch = _collate(examples, processor.image_processor, processor.tokenizer.pad_token_id)
+    batch = _batch(processor, ad, [records.get(i) for i in range(2)])
     lpm = learnpruner.LearnablePruningModule(learnpruner.LPMConfig(feature_dim=ad.feature_dim(), hidden_dim=16))
     return model, ad, batch, lpm
 
@@ -92,6 +100,10 @@ def test_hard_keep_masks():
     assert hard_keep_mask(p, 0.4, "topk").tolist() == [[1, 0, 0, 0, 1], [0, 1, 0, 1, 0]]
     with pytest.raises(ValueError, match="accepted: threshold, topk"):
         hard_keep_mask(p, 0.4, "top-k")
+    # padded per-image tables (images of different counts): padding is never kept, each row has its own target
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    assert hard_keep_mask(p, [0.4, 0.7], "topk", valid).tolist() == [[1, 0, 0, 0, 1], [0, 1, 1, 0, 0]]
+    assert hard_keep_mask(p, 0.4, "threshold", valid).tolist() == [[1, 0, 1, 0, 1], [0, 0, 0, 0, 0]]
 
 
 def test_topk_mask_trains_the_ranking(processor, tmp_path):
@@ -109,18 +121,14 @@ def test_gated_attention_with_a_hard_gate_equals_removing_the_tokens(processor):
     model = _model(processor, seed=1)
     ad = adapter_for(model)
     records = ShapesRecords()
-    ex = records.get(5)
-    ids, labels = _encode(ex, processor.tokenizer, ad.image_token_id, 576, 4096)
-    batch = _collate([(ex.image, ids, labels)], processor.image_processor, 0)
+    batch = _batch(processor, ad, [records.get(5)])
     keep = torch.zeros(576, dtype=torch.bool)
     keep[::7] = True
     _register_gated_attention()
     model.set_attn_implementation({"text_config": GATED_ATTENTION})
     with torch.no_grad():
-        feats = ad.vision_features(batch["pixel_values"])
-        embeds = ad.language_model.embed_tokens(batch["input_ids"])
+        embeds, _, _ = prompt_embeddings(model, ad, batch)
         ph = batch["input_ids"] == ad.image_token_id
-        embeds = embeds.masked_scatter(ph[..., None], ad.project(feats).reshape(-1, embeds.shape[-1]))
         gate = torch.ones(ph.shape)
         gate[ph] = keep.float()
         gated = model(inputs_embeds=embeds, learnpruner_gate=gate).logits[0, -1]
@@ -213,3 +221,151 @@ def test_two_process_ddp_on_cpu_equals_one_process_with_the_doubled_batch(tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA-NeXT
+
+
+def _noise(h, w, seed):
+    pixels = (torch.rand(h, w, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def _next_records(tmp_path):
+    """Two LLaVA records whose images have different sizes (80 and 48 visual tokens on the tiny NeXT)."""
+    _noise(112, 112, 0).save(tmp_path / "square.png")
+    _noise(60, 150, 1).save(tmp_path / "wide.png")
+    records = [
+        {"image": "square.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is the circle ?"}, {"from": "gpt", "value": "red"}]},
+        {"image": "wide.png", "conversations": [
+            {"from": "human", "value": "how many squares ?\n<image>"}, {"from": "gpt", "value": "two"},
+            {"from": "human", "value": "what colour is the square ?"}, {"from": "gpt", "value": "blue"}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    return LlavaRecords(tmp_path / "data.json")
+
+
+@pytest.fixture(scope="module")
+def next_proc():
+    return next_processor()
+
+
+def test_prompts_come_from_the_processors_chat_template(processor, next_proc, tmp_path):
+    """The tokenized prompt of a record is exactly the processor's own chat-template output (NeXT: the image's
+    placeholders expanded for its size); the labels are the answers and their end token."""
+    data = _next_records(tmp_path)
+    for proc, model in ((next_proc, tiny_llava_next(layers=2)), (processor, _model(processor))):
+        ad = adapter_for(model)
+        for index in (0, 1):
+            ex = data.get(index)
+            enc = _encode(ex, proc, ad, 4096)
+            messages = chat_messages(ex)
+            messages[0]["content"] = [dict(c, image=ex.image) if c["type"] == "image" else c
+                                      for c in messages[0]["content"]]
+            own = proc.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+            first = next(i for i, v in enumerate(enc.labels) if v != -100)
+            assert enc.input_ids[:first] == own["input_ids"][0].tolist()
+            assert torch.equal(enc.visual["pixel_values"], own["pixel_values"])
+            answers = proc.tokenizer.convert_ids_to_tokens([v for v in enc.labels if v != -100])
+            assert answers == (["red", "</s>"] if index == 0 else ["two", "</s>", "blue", "</s>"])
+            # the whole conversation, as the processor renders and tokenizes it
+            whole = proc(images=[ex.image], text=[proc.apply_chat_template(chat_messages(ex))])["input_ids"][0]
+            assert enc.input_ids == list(whole)
+        if "image_sizes" in ad.visual_inputs:
+            assert enc.visual["image_sizes"].tolist() == [[60, 150]]
+            assert sum(ad.placeholders(torch.tensor([enc.input_ids]))[0]) == 48 + 4  # its tokens and row newlines
+
+
+def test_training_refuses_a_processor_without_a_chat_template(tmp_path):
+    proc = next_processor()
+    proc.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        train_lpm(tiny_llava_next(layers=2), proc, ShapesRecords(), tmp_path, _cfg(tokens=16), progress=False)
+
+
+def test_next_batch_of_two_sizes_pads_per_image_tables(next_proc, tmp_path):
+    """Images of 80 and 48 tokens in one batch: the prompt embeddings are the model's own, the per-image
+    tables are padded with a validity mask, each image keeps its own target and the LPM gets gradients."""
+    model = tiny_llava_next()
+    ad = adapter_for(model)
+    data = _next_records(tmp_path)
+    batch = _batch(next_proc, ad, [data.get(0), data.get(1)])
+    assert batch["pixel_values"].shape[:2] == (2, 5) and batch["image_sizes"].tolist() == [[112, 112], [60, 150]]
+    with torch.no_grad():
+        embeds, visual, _ = prompt_embeddings(model, ad, batch)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+        torch.testing.assert_close(model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits,
+                                   model(**inputs).logits, atol=1e-5, rtol=1e-4)
+    assert visual.counts() == [80, 48]
+    _register_gated_attention()
+    model.set_attn_implementation({"text_config": GATED_ATTENTION})
+    model.requires_grad_(False)
+    lpm = learnpruner.LearnablePruningModule(learnpruner.LPMConfig(feature_dim=ad.feature_dim(), hidden_dim=16,
+                                                                   family=ad.family))
+    targets = _Targets(16, ad.text_config.num_hidden_layers)
+    loss, parts = step_loss(model, ad, lpm, batch, targets, TrainConfig(mask="topk"))
+    assert parts["keep_prob"].shape == (2, 80) and parts["valid"].sum(dim=1).tolist() == [80, 48]
+    assert bool(torch.isfinite(loss))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lpm.parameters())
+    # topk keeps exactly each image's inference r1 (28 of 80, 28 of 48): the mean kept fraction says so
+    assert targets.r1(80) == targets.r1(48) == 28
+    torch.testing.assert_close(parts["kept"], torch.tensor((28 / 80 + 28 / 48) / 2))
+    # an image within the budget is not pruned at inference: never gated, no keep-ratio term
+    lpm.zero_grad()
+    targets = _Targets(40, ad.text_config.num_hidden_layers)
+    assert targets.r1(80) == 69 and targets.r1(48) is None
+    loss, parts = step_loss(model, ad, lpm, batch, targets, TrainConfig(mask="topk"))
+    parts["keep_prob"].retain_grad()
+    loss.backward()
+    torch.testing.assert_close(parts["target"], torch.tensor(69 / 80))
+    torch.testing.assert_close(parts["kept"], torch.tensor(69 / 80))
+    g = parts["keep_prob"].grad
+    assert g[0].abs().sum() > 0 and g[1].abs().sum() == 0
+
+
+def test_next_trains_on_all_crops_and_apply_uses_the_saved_lpm(processor, next_proc, tmp_path):
+    model = tiny_llava_next()
+    cfg = _cfg(tokens=16, steps=12, lr=1e-2)
+    trained = train_lpm(model, next_proc, _next_records(tmp_path), tmp_path / "out", cfg, progress=False)
+    hist = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["history"]
+    assert len(hist) == 12 and all(math.isfinite(h["loss"]) for h in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["ratio"] < hist[0]["ratio"]
+    meta = json.loads((tmp_path / "out" / "lpm.json").read_text())
+    ad = adapter_for(model)
+    assert (meta["family"], meta["feature_dim"], meta["feature_layer"]) == ("llava_next", ad.feature_dim(), -2)
+    assert model.config.text_config._attn_implementation == "sdpa"  # the gated attention is gone again
+
+    learnpruner.apply(model, "learnpruner", tokens=16, lpm=tmp_path / "out")
+    try:
+        used = model._learnpruner.lpm
+        for (k, a), (_, b) in zip(trained.state_dict().items(), used.state_dict().items()):
+            assert torch.equal(a, b), k
+        inp = next_inputs(next_proc)
+        with torch.no_grad():
+            model(**inp)
+        st = learnpruner.stats(model)
+        assert [im.count for im in st.images] == [80, 48]
+        assert [im.stage1_kept.shape[0] for im in st.images] == [28, 28]
+    finally:
+        learnpruner.remove(model)
+    # an LLaVA-1.5 model refuses it
+    with pytest.raises(ValueError, match="llava_next"):
+        learnpruner.apply(_model(processor), "learnpruner", tokens=64, lpm=tmp_path / "out")
+
+
+def test_cli_train_on_a_next_model(next_proc, tmp_path, capsys):
+    from learnpruner.cli import main
+
+    folder = tmp_path / "tiny-next"
+    tiny_llava_next(layers=2).save_pretrained(folder)
+    next_proc.save_pretrained(folder)
+    _next_records(tmp_path)
+    rc = main(["train", "--model", str(folder), "--data", str(tmp_path / "data.json"), "--tokens", "16",
+               "--steps", "2", "--batch-size", "2", "--hidden-dim", "8", "--max-length", "512", "--device", "cpu",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0 and "LPM written" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "lpm.json").read_text())
+    assert meta["family"] == "llava_next" and meta["extra"]["train_config"]["max_length"] == 512

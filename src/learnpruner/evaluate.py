@@ -36,11 +36,21 @@ __all__ = ["EvalItem", "load_items", "normalize", "is_correct", "evaluate", "sum
 @dataclass
 class EvalItem:
     id: str
-    image: object  # PIL image, or a path opened lazily
+    image: object  # PIL image, or a path opened lazily (an image file, or a video file when ``kind="video"``)
     question: str
     answers: list[str]
     qtype: str = "all"
     extra: dict = field(default_factory=dict)
+    kind: str = "image"  # "image" or "video"
+
+    def frames(self, num_frames: int = 8):
+        """A video item's frames, sampled uniformly (``[T, H, W, 3]``)."""
+        from .video import read_frames
+
+        try:
+            return read_frames(self.image, num_frames)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.where()}: {e}") from None
 
     def pil(self):
         from PIL import Image
@@ -85,10 +95,10 @@ def is_correct(prediction: str, answers: Sequence[str]) -> bool:
 
 
 def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
-    """``shapesvqa`` (its fixed test split) or a JSONL of ``{image, question, answer|answers[, id, qtype]}``.
+    """``shapesvqa`` (its fixed test split) or a JSONL of ``{image|video, question, answer|answers[, id, qtype]}``.
 
-    Image paths are relative to the JSONL file's folder and must exist; ``answers`` is a list or one
-    string; ``id`` defaults to the line number and must be unique; an empty file is refused.
+    Image and video paths are relative to the JSONL file's folder and must exist; ``answers`` is a list or
+    one string; ``id`` defaults to the line number and must be unique; an empty file is refused.
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be a positive integer, got {limit}")
@@ -110,12 +120,13 @@ def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
             answers = rec["answers"] if "answers" in rec else [rec["answer"]]
             if isinstance(answers, (str, int, float)):
                 answers = [answers]  # one answer, not a sequence of characters
-            item = EvalItem(str(rec.get("id", lineno)), path.parent / rec["image"], rec["question"],
+            kind = "video" if "video" in rec else "image"
+            item = EvalItem(str(rec.get("id", lineno)), path.parent / rec[kind], rec["question"],
                             [str(a) for a in answers], str(rec.get("qtype", "all")),
-                            extra={"line": f"{data}:{lineno}", "image": rec["image"]})
+                            extra={"line": f"{data}:{lineno}", "image": rec[kind]}, kind=kind)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(
-                f"{data}:{lineno}: bad record ({e!r}); expected image, question and answer or answers"
+                f"{data}:{lineno}: bad record ({e!r}); expected image (or video), question and answer or answers"
             ) from None
         if not item.answers:
             raise ValueError(f"{item.where()}: answers is empty; give at least one accepted answer")
@@ -124,7 +135,7 @@ def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
                              "unique (a record without an id is named by its line number)")
         lines[item.id] = lineno
         if not item.image.is_file():
-            raise FileNotFoundError(f"{item.where()}: no image at {item.image}")
+            raise FileNotFoundError(f"{item.where()}: no {item.kind} at {item.image}")
         items.append(item)
         if limit is not None and len(items) >= limit:
             break
@@ -264,13 +275,19 @@ def _check_cell_setup(path: Path, model, options: dict, max_new_tokens: int) -> 
     atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(setup, indent=1)))
 
 
-def _answer_batch(model, processor, items: list[EvalItem], max_new_tokens: int, device: str) -> list[str]:
+def _answer_batch(model, processor, items: list[EvalItem], max_new_tokens: int, device: str,
+                  num_frames: int = 8) -> list[str]:
     from .hub import format_prompt
 
-    texts = [format_prompt(processor, it.question) for it in items]
-    inputs = processor(images=[it.pil() for it in items], text=texts, return_tensors="pt", padding=True).to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    texts = [format_prompt(processor, it.question, it.kind) for it in items]
+    media = {}
+    if any(it.kind == "image" for it in items):
+        media["images"] = [it.pil() for it in items if it.kind == "image"]
+    if any(it.kind == "video" for it in items):
+        media["videos"] = [it.frames(num_frames) for it in items if it.kind == "video"]
+    inputs = processor(text=texts, return_tensors="pt", padding=True, **media).to(device)
+    for key in [k for k in inputs if k.startswith("pixel_values")]:
+        inputs[key] = inputs[key].to(model.dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]

@@ -3,6 +3,16 @@
 The VLM is frozen; only the LPM trains. The paper publishes neither its loss nor its schedule, so
 this follows the closest published recipe (Dynamic-LLaVA's learned predictor) and states every choice:
 
+* **Any supported family.** The images go through the adapter's ``encode`` (per image its feature rows at
+  the vision feature layer, in token order, and the placeholders they fill), so the LPM sees what it sees
+  at inference: LLaVA-1.5's 576 rows per image, or every crop of a LLaVA-NeXT image (base crop plus the
+  unpadded AnyRes grid; the row newlines are structure, filled with the adapter's embedding, never gated).
+  Images of one batch may have different token counts: per-image tables are padded with a validity mask.
+  Each image's target is the schedule inference gives an image of its count at the training budget.
+* **Prompts from the processor's chat template.** Each record becomes chat messages; the processor's
+  ``apply_chat_template`` formats them the family's way and the processor tokenizes them (expanding the
+  image placeholder to the image's token count). Labels cover each assistant turn: the tokens between the
+  prompt with the generation prompt and the prompt with that answer (its end token included).
 * **Straight-through estimator.** The forward pass uses the hard keep mask ``keep = p > 0.5``
   (the argmax of the LPM's two-class softmax); gradients flow through the soft keep-probability
   ``p`` (``gate = keep + p - p.detach()``).
@@ -21,10 +31,11 @@ this follows the closest published recipe (Dynamic-LLaVA's learned predictor) an
   gradient to the gates of dropped tokens (a gate of 0 on an additive mask would pass none).
   At inference the engine physically keeps the top ``r1`` by keep-probability.
 * **Loss** = next-token cross-entropy on answer tokens + ``ratio_weight * (kept fraction - rho)^2``
-  (the kept fraction through the STE, so the forward value is the real hard fraction) with
-  ``rho = r1 / n`` for the target budget (64 tokens -> r1 = 111 of 576 for LLaVA-1.5-7B) +
-  optional ``distill_weight * KL(unpruned || pruned)`` on the answer tokens' next-token
-  distributions (off by default: it costs a second forward per step).
+  (per image, the kept fraction through the STE, so the forward value is the real hard fraction; the
+  mean over images) with ``rho = r1 / n`` for the target budget (64 tokens -> r1 = 111 of 576 for
+  LLaVA-1.5-7B) + optional ``distill_weight * KL(unpruned || pruned)`` on the answer tokens' next-token
+  distributions (off by default: it costs a second forward per step). An image whose count is within
+  the budget is not pruned at inference: it is never gated and has no keep-ratio term.
 
 Runs on a CPU, one GPU, or many GPUs through ``accelerate launch`` (DDP over the LPM) with no code
 change; checkpoints (LPM, optimizer, scheduler, step, data position, RNG) are written atomically as
@@ -39,7 +50,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,13 +58,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import adapter_for
+from .adapters import Adapter, adapter_for
+from .budget import tokens_for
+from .engine.layout import STRUCTURE, Layout, VisualFeatures
 from .lpm import LearnablePruningModule, LPMConfig
 from .methods import get_method
 from .utils import atomic_torch_save, read_checkpoint, rng_state, set_rng_state
 from .utils import check_out_dir as _check_out_dir
 
-__all__ = ["TrainConfig", "train_lpm", "check_out_dir", "LlavaRecords", "ShapesRecords", "GATED_ATTENTION"]
+__all__ = ["TrainConfig", "train_lpm", "check_out_dir", "LlavaRecords", "ShapesRecords", "GATED_ATTENTION",
+           "chat_messages"]
 
 logger = logging.getLogger(__name__)
 GATED_ATTENTION = "learnpruner_gated"
@@ -223,30 +237,146 @@ class ShapesRecords(_Records):
         return Example(item.image, [(f"<image>\n{item.question}", item.answer)])
 
 
-def _encode(example: Example, tokenizer, image_token_id: int, n_visual: int, max_length: int):
-    """Token ids and labels in LLaVA-1.5's format ``USER: <image>\nQ ASSISTANT: A</s>USER: ...``.
+# --------------------------------------------------------------------------------------------------
+# prompts: the processor's chat template, tokenized by the processor
 
-    Labels are -100 except on the assistant answers and their end token. Returns None when the
-    sequence is longer than ``max_length``.
+
+def chat_messages(example: Example) -> list[dict]:
+    """The example as chat messages: the image where the first human turn has its ``<image>`` tag, text
+    around it, and each answer as an assistant turn."""
+    messages = []
+    for human, gpt in example.turns:
+        before, tag, after = human.partition("<image>")
+        content = [{"type": "text", "text": before.strip()}] if before.strip() else []
+        content += [{"type": "image"}] if tag else []
+        content += [{"type": "text", "text": after.strip()}] if after.strip() else []
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": gpt.strip()}]})
+    return messages
+
+
+class SkipRecord(ValueError):
+    """A record that cannot train (the message is the reason it is counted under)."""
+
+
+@dataclass
+class Encoded:
+    """One tokenized example: ``input_ids`` (image placeholders expanded), ``labels`` (-100 except on the
+    answers) and ``visual``, the processor's visual outputs that the adapter's ``encode`` reads."""
+
+    input_ids: list[int]
+    labels: list[int]
+    visual: dict[str, torch.Tensor]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _encode(example: Example, processor, ad: Adapter, max_length: int) -> Encoded:
+    """Token ids, labels and visual inputs of ``example`` in the family's chat format.
+
+    The processor tokenizes the whole conversation with its image (``<image>`` expanded per image size).
+    Labels: for each assistant turn, the tokens after ``apply_chat_template(messages up to its question,
+    add_generation_prompt=True)`` up to the end of ``apply_chat_template(messages up to its answer)``,
+    located on the tokenizer's own ids of those texts (the same call the processor makes, placeholder not
+    expanded). Raises :class:`SkipRecord` when the sequence is longer than ``max_length``, has no answer
+    token, or the tokenizer and the processor disagree on the text.
     """
-
-    def tok(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    messages = chat_messages(example)
+    text = processor.apply_chat_template(messages)
+    out = processor(images=[example.image], text=[text], return_tensors="pt")
+    ids = out["input_ids"][0].tolist()
+    if len(ids) > max_length:
+        raise SkipRecord("too long")
+    tok = processor.tokenizer
+    placeholder = ad.placeholders(out["input_ids"])[0].tolist()
+    # the processor's ids with each run of placeholders collapsed to one, and where each collapsed id sits
+    collapsed, where = [], []
+    for i, (t, ph) in enumerate(zip(ids, placeholder)):
+        if not (ph and i > 0 and placeholder[i - 1]):
+            collapsed.append(t)
+            where.append(i)
+    full = tok(text)["input_ids"]
+    if full != collapsed:
+        raise SkipRecord("tokenizer and processor disagree")
     labels = [-100] * len(ids)
-    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for k, (human, gpt) in enumerate(example.turns):
-        if k == 0:
-            before, _, after = human.partition("<image>")
-            prompt = tok(f"USER: {before.strip()}".strip()) + [image_token_id] * n_visual
-            prompt += tok(f"{after.strip()} ASSISTANT:")
-        else:
-            prompt = tok(f"USER: {human.strip()} ASSISTANT:")
-        answer = tok(f" {gpt.strip()}") + end
-        ids += prompt + answer
-        labels += [-100] * len(prompt) + answer
-    return (ids, labels) if len(ids) <= max_length else None
+    for k in range(len(example.turns)):
+        prompt = tok(processor.apply_chat_template(messages[: 2 * k + 1], add_generation_prompt=True))["input_ids"]
+        answered = tok(processor.apply_chat_template(messages[: 2 * k + 2]))["input_ids"]
+        start, end = _common_prefix(prompt, full), _common_prefix(answered, full)
+        for j in range(start, end):
+            if not placeholder[where[j]]:
+                labels[where[j]] = ids[where[j]]
+    if all(v == -100 for v in labels):
+        raise SkipRecord("no answer tokens")
+    visual = {name: out[name] for name in ad.visual_inputs if name in out}
+    return Encoded(ids, labels, visual)
+
+
+def _stack_padded(values: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding the other dims to the largest (LLaVA-NeXT's crops per image)."""
+    if all(v.shape == values[0].shape for v in values):
+        return torch.cat(values)
+    shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+    out = values[0].new_zeros((sum(v.shape[0] for v in values), *shape))
+    row = 0
+    for v in values:
+        out[(slice(row, row + v.shape[0]), *(slice(0, s) for s in v.shape[1:]))] = v
+        row += v.shape[0]
+    return out
+
+
+def _collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """A right-padded batch: ``input_ids``, ``labels``, ``attention_mask`` and the visual inputs."""
+    width = max(len(e.input_ids) for e in examples)
+    b = len(examples)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    labels = torch.full((b, width), -100, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    for name in examples[0].visual:
+        batch[name] = _stack_padded([e.visual[name] for e in examples])
+    return batch
+
+
+class _Batches:
+    """The training stream: each process reads its own slice of one global order; ``pos`` is where it is."""
+
+    def __init__(self, data, processor, ad: Adapter, cfg: TrainConfig, rt):
+        self.data, self.processor, self.ad, self.cfg, self.rt = data, processor, ad, cfg, rt
+        self.order = _order(len(data), cfg.seed) if isinstance(data, LlavaRecords) else None
+        self.pos = 0
+        tok = processor.tokenizer
+        self.pad_id = tok.pad_token_id or 0
+
+    def _index(self) -> int:
+        index = self.pos * self.rt.world + self.rt.rank
+        self.pos += 1
+        if self.order is None:
+            return index
+        epoch, offset = divmod(index, len(self.order))
+        return int(_order(len(self.order), self.cfg.seed + epoch)[offset]) if epoch else int(self.order[offset])
+
+    def next(self) -> dict[str, torch.Tensor]:
+        data, examples = self.data, []
+        while len(examples) < self.cfg.batch_size:
+            if len(data._bad) >= len(data):
+                raise ValueError(f"no usable training record: every record was skipped ({data.skipped})")
+            index = self._index()
+            ex = data.get(index)
+            if ex is None:
+                continue
+            try:
+                examples.append(_encode(ex, self.processor, self.ad, self.cfg.max_length))
+            except SkipRecord as e:
+                data.skip(index, str(e))
+        return _collate(examples, self.pad_id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +424,112 @@ class _Runtime:
 
 
 # --------------------------------------------------------------------------------------------------
-# the loop
+# the run, step by step
+
+
+class _Targets:
+    """Per token count ``n``: the stage-1 budget ``r1`` inference gives an image of ``n`` tokens at the training
+    budget, and the target kept fraction ``r1 / n`` (None where stage 1 keeps every token)."""
+
+    def __init__(self, tokens: int, num_layers: int):
+        self.tokens, self.num_layers = tokens, num_layers
+        self._r1: dict[int, int | None] = {}
+
+    def r1(self, n: int) -> int | None:
+        if n not in self._r1:
+            budget = tokens_for(n, self.tokens, None)
+            self._r1[n] = get_method("learnpruner").schedule(budget, n, self.num_layers, {}).r1
+        return self._r1[n]
+
+    def __call__(self, n: int) -> float | None:
+        r1 = self.r1(n)
+        return None if r1 is None else r1 / n
+
+
+def _check_processor(processor) -> None:
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(
+            f"{type(processor).__name__} has no chat template: LPM training formats every record with "
+            "processor.apply_chat_template (each model family its own way); load the model's processor "
+            "with its chat_template, or set processor.chat_template"
+        )
+
+
+def _start_run(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig, device: str | None) -> _Runtime:
+    """Refuse a used ``out`` (unless resume/overwrite), start the runtime, delete an overwritten run's files."""
+    old_run = check_out_dir(out, resume, overwrite)
+    rt = _Runtime(cfg.bf16, device)
+    if old_run and rt.is_main:
+        for path in old_run:
+            path.unlink(missing_ok=True)
+    rt.wait()
+    return rt
+
+
+def _targets(ad: Adapter, cfg: TrainConfig) -> tuple[_Targets, int]:
+    """The per-count targets and the largest image's token count (refused when stage 1 keeps it whole)."""
+    n = ad.num_visual_tokens()
+    targets = _Targets(cfg.tokens, ad.text_config.num_hidden_layers)
+    if targets.r1(n) is None:
+        raise ValueError(f"tokens={cfg.tokens} keeps every one of the {n} visual tokens in stage 1: nothing to train")
+    if cfg.max_length <= n:
+        logger.warning("max_length=%d cannot hold the largest image's %d visual tokens: records with such images "
+                       "are skipped as too long (raise max_length, e.g. to 4096 for LLaVA-NeXT)", cfg.max_length, n)
+    return targets, n
+
+
+def _freeze(model, ad: Adapter, cfg: TrainConfig, rt: _Runtime) -> str:
+    """The VLM frozen on ``rt.device`` with the gated attention in its text model; returns the previous one."""
+    _register_gated_attention()
+    previous_impl = ad.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": GATED_ATTENTION})
+    model.requires_grad_(False).eval().to(rt.device)
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return previous_impl
+
+
+def _unfreeze(model, cfg: TrainConfig, previous_impl: str) -> None:
+    model.set_attn_implementation({"text_config": previous_impl})
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_disable()
+
+
+def _new_lpm(ad: Adapter, cfg: TrainConfig, targets: _Targets, n: int, rt: _Runtime):
+    """A fresh LPM for the adapter's family and feature layer, its optimizer and its LR schedule."""
+    torch.manual_seed(cfg.seed)
+    r1 = targets.r1(n)
+    lpm = LearnablePruningModule(LPMConfig(
+        feature_dim=ad.feature_dim(), hidden_dim=cfg.hidden_dim, family=ad.family,
+        feature_layer=ad.feature_layer(), num_tokens=n,
+        extra={"trained_tokens": cfg.tokens, "r1": r1, "keep_ratio": r1 / n},
+    )).to(rt.device)
+    opt = torch.optim.AdamW(lpm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
+
+    return lpm, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def _restore(ckpt_path: Path, resume: bool, cfg: TrainConfig, lpm, opt, scheduler, batches: _Batches, data):
+    """Load a run's checkpoint to continue it exactly; returns ``(step, history)`` (``(0, [])`` when new)."""
+    if resume and ckpt_path.is_file():
+        state = read_checkpoint(ckpt_path, ("lpm", "opt", "sched", "step", "pos", "history", "rng"))
+        _check_resume_config(state.get("config", {}), asdict(cfg), ckpt_path)
+        lpm.load_state_dict(state["lpm"])
+        opt.load_state_dict(state["opt"])
+        scheduler.load_state_dict(state["sched"])
+        batches.pos = state["pos"]
+        data.skipped = dict(state.get("skipped", {}))
+        data._bad = set(state.get("bad", []))
+        set_rng_state(state["rng"])
+        return state["step"], state["history"]
+    if resume:
+        logger.warning("no checkpoint at %s: starting from scratch", ckpt_path)
+    return 0, []
 
 
 def train_lpm(
@@ -309,102 +544,45 @@ def train_lpm(
     stop_after: int | None = None,
     overwrite: bool = False,
 ) -> LearnablePruningModule:
-    """Train an LPM for ``model`` (frozen) and save it into ``out_dir``; returns the trained LPM.
+    """Train an LPM for ``model`` (frozen; any family with an adapter) and save it into ``out_dir``; returns it.
 
+    ``processor`` is the model's processor, with a chat template (every record is formatted by it).
     A non-empty ``out_dir`` is refused unless ``resume`` (continue its checkpoint) or ``overwrite`` (delete
     the old run's ``lpm.*`` and ``checkpoint.pt`` first). ``stop_after`` ends the run after that many steps
     of this call (for tests of interrupted runs); the checkpoint in ``out_dir`` then lets ``resume=True``
     continue exactly.
     """
-    from tqdm.auto import tqdm
-
     cfg = config or TrainConfig()
     _check_mask(cfg.mask)
+    _check_processor(processor)
     out = Path(out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    old_run = check_out_dir(out, resume, overwrite)
-    rt = _Runtime(cfg.bf16, device)
-    if old_run and rt.is_main:
-        for path in old_run:
-            path.unlink(missing_ok=True)
-    rt.wait()
+    rt = _start_run(out, resume, overwrite, cfg, device)
     ad = adapter_for(model)
-    n = ad.num_visual_tokens()
-    num_layers = ad.text_config.num_hidden_layers
-    sched = get_method("learnpruner").schedule(cfg.tokens, n, num_layers, {})
-    if sched.r1 is None:
-        raise ValueError(f"tokens={cfg.tokens} keeps every one of the {n} visual tokens in stage 1: nothing to train")
-    rho = sched.r1 / n
+    targets, n = _targets(ad, cfg)
+    previous_impl = _freeze(model, ad, cfg, rt)
+    try:
+        lpm, opt, scheduler = _new_lpm(ad, cfg, targets, n, rt)
+        batches = _Batches(data, processor, ad, cfg, rt)
+        step, history = _restore(out / "checkpoint.pt", resume, cfg, lpm, opt, scheduler, batches, data)
+        lpm_t, opt_t = rt.prepare(lpm, opt)
+        step = _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches, targets, cfg, rt, out, step, history,
+                            stop_after, progress, previous_impl)
+    finally:
+        _unfreeze(model, cfg, previous_impl)
+    return _finish(rt.unwrap(lpm_t).eval(), data, cfg, rt, out, step)
 
-    _register_gated_attention()
-    previous_impl = ad.text_config._attn_implementation
-    model.set_attn_implementation({"text_config": GATED_ATTENTION})
-    model.requires_grad_(False).eval().to(rt.device)
-    if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    torch.manual_seed(cfg.seed)
-    lpm = LearnablePruningModule(LPMConfig(
-        feature_dim=ad.feature_dim(), hidden_dim=cfg.hidden_dim, family=ad.family,
-        feature_layer=ad.feature_layer(), num_tokens=n,
-        extra={"trained_tokens": cfg.tokens, "r1": sched.r1, "keep_ratio": rho},
-    )).to(rt.device)
-    opt = torch.optim.AdamW(lpm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.steps
+def _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches: _Batches, targets: _Targets, cfg: TrainConfig,
+                 rt: _Runtime, out: Path, step: int, history: list, stop_after: int | None, progress: bool,
+                 previous_impl: str) -> int:
+    """The optimisation loop from ``step`` to ``cfg.steps`` (or ``stop_after`` steps); checkpoints on the way."""
+    from tqdm.auto import tqdm
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    step, pos, history = 0, 0, []
-    if resume and ckpt_path.is_file():
-        state = read_checkpoint(ckpt_path, ("lpm", "opt", "sched", "step", "pos", "history", "rng"))
-        _check_resume_config(state.get("config", {}), asdict(cfg), ckpt_path)
-        lpm.load_state_dict(state["lpm"])
-        opt.load_state_dict(state["opt"])
-        scheduler.load_state_dict(state["sched"])
-        step, pos, history = state["step"], state["pos"], state["history"]
-        data.skipped = dict(state.get("skipped", {}))
-        data._bad = set(state.get("bad", []))
-        set_rng_state(state["rng"])
-    elif resume:
-        logger.warning("no checkpoint at %s: starting from scratch", ckpt_path)
-    lpm_t, opt_t = rt.prepare(lpm, opt)
-
-    tokenizer = processor.tokenizer
-    image_processor = processor.image_processor
-    image_token_id = ad.image_token_id
-    order = _order(len(data), cfg.seed) if isinstance(data, LlavaRecords) else None
-
-    def next_batch():
-        nonlocal pos
-        examples = []
-        while len(examples) < cfg.batch_size:
-            if len(data._bad) >= len(data):
-                raise ValueError(f"no usable training record: every record was skipped ({data.skipped})")
-            # every process reads its own slice of the global order
-            index = pos * rt.world + rt.rank
-            pos += 1
-            if order is not None:
-                epoch, offset = divmod(index, len(order))
-                index = int(_order(len(order), cfg.seed + epoch)[offset]) if epoch else int(order[offset])
-            ex = data.get(index)
-            if ex is None:
-                continue
-            enc = _encode(ex, tokenizer, image_token_id, n, cfg.max_length)
-            if enc is None:
-                data.skip(index, "too long")
-                continue
-            examples.append((ex.image, *enc))
-        return _collate(examples, image_processor, tokenizer.pad_token_id or 0)
-
+    data, total, done_here = batches.data, cfg.steps, 0
     bar = tqdm(total=total, initial=step, desc="train LPM", disable=not (progress and rt.is_main), dynamic_ncols=True)
-    done_here = 0
     while step < total and (stop_after is None or done_here < stop_after):
-        batch = {k: v.to(rt.device) for k, v in next_batch().items()}
-        loss, parts = step_loss(model, ad, lpm_t, batch, rho, cfg, previous_impl)
+        batch = {k: v.to(rt.device) for k, v in batches.next().items()}
+        loss, parts = step_loss(model, ad, lpm_t, batch, targets, cfg, previous_impl)
         opt_t.zero_grad(set_to_none=True)
         rt.backward(loss)
         opt_t.step()
@@ -412,23 +590,25 @@ def train_lpm(
         step += 1
         done_here += 1
         rec = {"step": step, "loss": rt.reduce_mean(loss), "lr": scheduler.get_last_lr()[0],
-               **{k: rt.reduce_mean(v) for k, v in parts.items() if k != "keep_prob"}}
+               **{k: rt.reduce_mean(v) for k, v in parts.items() if v.dim() == 0}}
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", kept=f"{rec['kept']:.3f}",
-                        target=f"{rho:.3f}", skipped=sum(data.skipped.values()))
+                        target=f"{rec['target']:.3f}", skipped=sum(data.skipped.values()))
         if rt.is_main and (step % cfg.ckpt_every == 0 or step == total or
                            (stop_after is not None and done_here == stop_after)):
-            _save_checkpoint(ckpt_path, rt.unwrap(lpm_t), opt, scheduler, step, pos, history, data, cfg)
+            _save_checkpoint(out / "checkpoint.pt", rt.unwrap(lpm_t), opt, scheduler, step, batches.pos, history,
+                             data, cfg)
     bar.close()
     rt.wait()
-    model.set_attn_implementation({"text_config": previous_impl})
-    if cfg.grad_ckpt:
-        model.gradient_checkpointing_disable()
-    trained = rt.unwrap(lpm_t).eval()
+    return step
+
+
+def _finish(trained: LearnablePruningModule, data, cfg: TrainConfig, rt: _Runtime, out: Path, step: int):
+    """Report skipped records; a finished run saves the LPM (with its run's settings) into ``out``."""
     if data.skipped:
         logger.warning("skipped %d bad record(s): %s", sum(data.skipped.values()), data.skipped)
-    if rt.is_main and step >= total:
+    if rt.is_main and step >= cfg.steps:
         trained.config.extra.update({"steps": step, "skipped": data.skipped, "train_config": asdict(cfg)})
         trained.save(out)
     return trained
@@ -452,14 +632,21 @@ def _check_resume_config(saved: dict, now: dict, path: Path) -> None:
                          "use the checkpoint's settings or another --out")
 
 
-def hard_keep_mask(keep_prob: torch.Tensor, rho: float, mask: str = "threshold") -> torch.Tensor:
-    """The forward pass's 0/1 keep mask ``[b, n]``: ``p > 0.5``, or exactly the top ``round(rho * n)``."""
-    if mask == "threshold":
-        return (keep_prob > 0.5).to(keep_prob.dtype)
+def hard_keep_mask(keep_prob: torch.Tensor, rho: float | list[float], mask: str = "threshold",
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward pass's 0/1 keep mask ``[b, n]``: ``p > 0.5``, or exactly the top ``round(rho * n_i)``
+    (at least 1) of each row's ``n_i`` valid entries. ``rho``: one fraction or one per row; ``valid``
+    (``[b, n]`` bool, None: all) marks the real tokens of a padded table, and padding is never kept."""
     _check_mask(mask)
-    k = max(1, round(rho * keep_prob.shape[-1]))
-    idx = keep_prob.detach().topk(k, dim=-1).indices
-    return torch.zeros_like(keep_prob).scatter_(-1, idx, 1.0)
+    valid = torch.ones_like(keep_prob, dtype=torch.bool) if valid is None else valid.bool()
+    if mask == "threshold":
+        return ((keep_prob > 0.5) & valid).to(keep_prob.dtype)
+    count = valid.sum(dim=-1)
+    k = (torch.as_tensor(rho, dtype=torch.float64, device=keep_prob.device) * count).round().clamp_min(1)
+    order = keep_prob.detach().masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(keep_prob.shape[-1], device=keep_prob.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, ranks)
+    return ((rank < k[..., None]) & valid).to(keep_prob.dtype)
 
 
 def _check_mask(mask: str) -> None:
@@ -467,60 +654,91 @@ def _check_mask(mask: str) -> None:
         raise ValueError(f"unknown mask {mask!r}; accepted: {', '.join(MASKS)}")
 
 
-def step_loss(model, ad, lpm, batch: dict, rho: float, cfg: TrainConfig, teacher_impl: str = "sdpa"):
+def _feature_table(visual: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image's feature rows as one ``[num_images, width, d]`` table (zero-padded) and its validity mask."""
+    feats = visual.features
+    if isinstance(feats, torch.Tensor):
+        return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+    table = nn.utils.rnn.pad_sequence(list(feats), batch_first=True)
+    counts = torch.tensor(visual.counts(), device=table.device)
+    return table, torch.arange(table.shape[1], device=table.device)[None] < counts[:, None]
+
+
+@torch.no_grad()
+def prompt_embeddings(model, ad: Adapter, batch: dict) -> tuple[torch.Tensor, VisualFeatures, Layout]:
+    """The unpruned LLM input of a batch through the adapter: text embeddings, every image's projected rows at
+    its placeholders, structure (LLaVA-NeXT's row newlines) filled with the adapter's embedding. Returns
+    ``(embeds, visual, layout)``."""
+    input_ids = batch["input_ids"]
+    inputs = {k: batch[k].to(model.dtype) if batch[k].is_floating_point() else batch[k]
+              for k in ad.visual_inputs if k in batch}
+    visual = ad.encode(inputs.pop("pixel_values", None), input_ids=input_ids, **inputs)
+    layout = Layout.build(ad.placeholders(input_ids), visual)
+    embeds = model.get_input_embeddings()(input_ids)
+    if isinstance(visual.features, torch.Tensor):
+        proj = ad.project(visual.features).flatten(0, 1)
+    else:
+        proj = torch.cat([ad.project(f) for f in visual.features])
+    offsets = torch.tensor([0, *visual.counts()], device=embeds.device).cumsum(0)
+    token = layout.vis >= 0
+    embeds[token] = proj.to(embeds)[offsets[layout.img[token]] + layout.vis[token]]
+    structure = layout.vis == STRUCTURE
+    if visual.structure is not None and bool(structure.any()):
+        embeds = torch.where(structure[..., None], visual.structure.to(embeds), embeds)
+    return embeds, visual, layout
+
+
+def step_loss(model, ad, lpm, batch: dict, rho: float | Callable[[int], float | None], cfg: TrainConfig,
+              teacher_impl: str = "sdpa"):
     """The training loss for one batch (the model must use the gated attention): ``(loss, parts)``.
 
-    ``parts`` holds ``ce``, ``ratio``, ``kl``, ``kept`` (hard kept fraction) and ``keep_prob``.
+    ``rho``: the target kept fraction of every image, or a function of an image's token count giving its
+    target (None: that image keeps every token, as at inference, and is not gated). ``parts`` holds ``ce``,
+    ``ratio``, ``kl``, ``kept`` (hard kept fraction, mean over the gated images), ``target`` (their mean
+    target), and the per-image tables ``keep_prob`` ``[num_images, width]`` with ``valid`` (real tokens).
     """
-    lm = ad.language_model
-    image_token_id = ad.image_token_id
-    with torch.no_grad():
-        feats = ad.vision_features(batch["pixel_values"].to(model.dtype))
-        embeds = lm.embed_tokens(batch["input_ids"])
-        placeholders = batch["input_ids"] == image_token_id
-        proj = ad.project(feats).to(embeds.dtype)
-        embeds = embeds.masked_scatter(placeholders[..., None], proj.reshape(-1, proj.shape[-1]))
-        teacher = None
-        if cfg.distill_weight > 0:
+    embeds, visual, layout = prompt_embeddings(model, ad, batch)
+    teacher = None
+    if cfg.distill_weight > 0:
+        with torch.no_grad():
             model.set_attn_implementation({"text_config": teacher_impl})
             teacher = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
             model.set_attn_implementation({"text_config": GATED_ATTENTION})
-    keep_prob = lpm(feats)  # [b, n]
-    hard = hard_keep_mask(keep_prob, rho, cfg.mask)
-    gate_vis = hard + keep_prob - keep_prob.detach()  # straight-through: hard forward, soft gradient
-    gate = torch.ones(placeholders.shape, dtype=gate_vis.dtype, device=gate_vis.device)
-    gate = gate.masked_scatter(placeholders, gate_vis.reshape(-1))
+    feats, valid = _feature_table(visual)
+    counts = valid.sum(dim=1)
+    targets = [rho(n) if callable(rho) else rho for n in visual.counts()]
+    gated = torch.tensor([t is not None for t in targets], device=feats.device)
+    fractions = [1.0 if t is None else t for t in targets]
+    target = torch.tensor(fractions, device=feats.device)
+    keep_prob = lpm(feats)  # [num_images, width]
+    hard = torch.where(gated[:, None], hard_keep_mask(keep_prob, fractions, cfg.mask, valid), valid.to(keep_prob))
+    # straight-through: hard forward, soft gradient; images not pruned at inference keep a constant gate of 1
+    gate_vis = torch.where(gated[:, None], hard + keep_prob - keep_prob.detach(), hard)
+    token = layout.vis >= 0
+    gate = torch.ones(token.shape, dtype=gate_vis.dtype, device=gate_vis.device)
+    gate = gate.masked_scatter(token, gate_vis[layout.img[token], layout.vis[token]])
     out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
                 learnpruner_gate=gate, use_cache=False)
-    ratio = ((gate_vis.mean(dim=1) - rho) ** 2).mean()
+    kept_frac = (gate_vis * valid).sum(dim=1) / counts  # per image, through the STE
+    zero = torch.zeros((), device=out.loss.device)
+    ratio = ((kept_frac - target) ** 2)[gated].mean() if bool(gated.any()) else zero
     loss = out.loss + cfg.ratio_weight * ratio
-    kl = torch.zeros((), device=loss.device)
+    kl = zero
     if teacher is not None:
         answer = batch["labels"][:, 1:] != -100
         s_logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)[answer]
         t_logp = torch.log_softmax(teacher[:, :-1].float(), dim=-1)[answer]
         kl = torch.nn.functional.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
         loss = loss + cfg.distill_weight * kl
-    return loss, {"ce": out.loss.detach(), "ratio": ratio.detach(), "kl": kl.detach(), "kept": hard.mean(),
-                  "keep_prob": keep_prob}
+    hard_frac = (hard * valid).sum(dim=1) / counts
+    kept = hard_frac[gated].mean() if bool(gated.any()) else hard_frac.mean()
+    return loss, {"ce": out.loss.detach(), "ratio": ratio.detach(), "kl": kl.detach(), "kept": kept.detach(),
+                  "target": target[gated].mean() if bool(gated.any()) else target.mean(),
+                  "keep_prob": keep_prob, "valid": valid}
 
 
 def _order(length: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(length)
-
-
-def _collate(examples, image_processor, pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for _, ids, _ in examples)
-    b = len(examples)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    labels = torch.full((b, width), -100, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for i, (_, ids, lab) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    pixels = image_processor([img for img, _, _ in examples], return_tensors="pt")["pixel_values"]
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
 
 
 def _save_checkpoint(path: Path, lpm: nn.Module, opt, scheduler, step, pos, history, data, cfg) -> None:
