@@ -369,3 +369,19 @@ def test_cli_train_on_a_next_model(next_proc, tmp_path, capsys):
     assert rc == 0 and "LPM written" in capsys.readouterr().out
     meta = json.loads((tmp_path / "out" / "lpm.json").read_text())
     assert meta["family"] == "llava_next" and meta["extra"]["train_config"]["max_length"] == 512
+
+
+def test_budget_range_samples_each_steps_budget_and_trains_toward_it(processor, tmp_path):
+    cfg = _cfg(steps=6, mask="topk", budget_range=(16, 192))
+    budgets = [cfg.step_tokens(s) for s in range(200)]
+    assert budgets == [cfg.step_tokens(s) for s in range(200)]  # seeded by step: a resumed run draws the same
+    assert min(budgets) >= 16 and max(budgets) <= 192 and len(set(budgets)) > 50
+    assert sum(b <= 55 for b in budgets) > 0.4 * len(budgets)  # log-uniform: as much mass below sqrt(16 * 192)
+    model = _model(processor)
+    layers = model.config.text_config.num_hidden_layers
+    train_lpm(model, processor, ShapesRecords(), tmp_path, cfg, progress=False)
+    hist = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]
+    expected = [_Targets(cfg.step_tokens(s), layers)(576) for s in range(6)]
+    torch.testing.assert_close(torch.tensor([h["target"] for h in hist]), torch.tensor(expected, dtype=torch.float32))
+    assert json.loads((tmp_path / "lpm.json").read_text())["extra"]["budget_range"] == [16, 192]
+    assert _cfg().step_tokens(7) == 64  # without a range: always --tokens

@@ -205,6 +205,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="training forward keeps p > 0.5 (threshold) or exactly the top r1 per image (topk)")
     p.add_argument("--distill-weight", type=float, default=d.distill_weight,
                    help="weight of KL distillation toward the unpruned model (0: off)")
+    p.add_argument("--budget-range", default=None, metavar="LO,HI",
+                   help="sample each step's budget log-uniformly in [LO, HI] tokens (one LPM for every budget); "
+                   "default: always --tokens")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="LPM hidden width")
     p.add_argument("--max-length", type=int, default=d.max_length,
                    help="longest training sequence in tokens, image placeholders included; longer records are "
@@ -229,13 +232,18 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every", "max_length"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    budget_range = None
+    if args.budget_range is not None:
+        budget_range = tuple(_parse_list(args.budget_range, int, "--budget-range"))
+        if len(budget_range) != 2 or not 0 < budget_range[0] <= budget_range[1]:
+            raise ValueError(f"--budget-range takes LO,HI with 0 < LO <= HI, got {args.budget_range!r}")
     check_out_dir(args.out, args.resume, args.overwrite)  # refuse a used --out before loading anything
     data = ShapesRecords(args.seed) if args.data == "shapesvqa" else LlavaRecords(args.data, args.image_folder)
     model, processor = load(args.model, device=args.device or "cpu", dtype="bfloat16" if args.bf16 else "float32")
     cfg = TrainConfig(tokens=args.tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       ratio_weight=args.ratio_weight, mask=args.mask, distill_weight=args.distill_weight,
                       hidden_dim=args.hidden_dim, ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16,
-                      grad_ckpt=args.grad_ckpt, max_length=args.max_length)
+                      grad_ckpt=args.grad_ckpt, max_length=args.max_length, budget_range=budget_range)
     train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device,
               overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process under torchrun/accelerate

@@ -94,7 +94,18 @@ class TrainConfig:
     grad_ckpt: bool = False
     bf16: bool = False
     max_length: int = 2048
+    # sample the training budget per step, log-uniformly in [lo, hi] (seeded by step: resumable), so one LPM
+    # ranks tokens for every budget it will be used at; None: always ``tokens``
+    budget_range: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)
+
+    def step_tokens(self, step: int) -> int:
+        """The training budget of optimisation step ``step``."""
+        if self.budget_range is None:
+            return self.tokens
+        lo, hi = self.budget_range
+        u = np.random.default_rng([self.seed, step]).uniform()
+        return int(round(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,7 +513,8 @@ def _new_lpm(ad: Adapter, cfg: TrainConfig, targets: _Targets, n: int, rt: _Runt
     lpm = LearnablePruningModule(LPMConfig(
         feature_dim=ad.feature_dim(), hidden_dim=cfg.hidden_dim, family=ad.family,
         feature_layer=ad.feature_layer(), num_tokens=n,
-        extra={"trained_tokens": cfg.tokens, "r1": r1, "keep_ratio": r1 / n},
+        extra={"trained_tokens": cfg.tokens, "r1": r1, "keep_ratio": r1 / n,
+               **({"budget_range": list(cfg.budget_range)} if cfg.budget_range else {})},
     )).to(rt.device)
     opt = torch.optim.AdamW(lpm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -579,10 +591,14 @@ def _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches: _Batches, tar
     from tqdm.auto import tqdm
 
     data, total, done_here = batches.data, cfg.steps, 0
+    per_budget = {cfg.tokens: targets}
     bar = tqdm(total=total, initial=step, desc="train LPM", disable=not (progress and rt.is_main), dynamic_ncols=True)
     while step < total and (stop_after is None or done_here < stop_after):
         batch = {k: v.to(rt.device) for k, v in batches.next().items()}
-        loss, parts = step_loss(model, ad, lpm_t, batch, targets, cfg, previous_impl)
+        tokens = cfg.step_tokens(step)
+        if tokens not in per_budget:
+            per_budget[tokens] = _Targets(tokens, targets.num_layers)
+        loss, parts = step_loss(model, ad, lpm_t, batch, per_budget[tokens], cfg, previous_impl)
         opt_t.zero_grad(set_to_none=True)
         rt.backward(loss)
         opt_t.step()
