@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_llava
+from helpers import tiny_llava, tiny_llava_next
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -198,3 +198,170 @@ def test_an_arch_too_large_for_the_device_fails_before_allocating(monkeypatch):
     monkeypatch.setattr(bench, "_available_bytes", lambda device: 2**30)
     with pytest.raises(ValueError, match=r"--arch llava-1.5-7b needs 2\d\.\d GiB .* has 1.0 GiB free"):
         bench.build_arch("llava-1.5-7b", torch.float32, "cpu")
+
+
+# --- LLaVA-NeXT ---------------------------------------------------------------------------------------
+
+
+def _measured(records):
+    return [r for r in records if "skipped" not in r]
+
+
+def test_bench_cli_end_to_end_on_a_tiny_next_arch(tmp_path, capsys):
+    """llava-next-tiny: a 112x112 image is 5 crops of 56 px, 80 visual tokens + 8 row newlines."""
+    out = tmp_path / "bench"
+    rc = main(["bench", "--arch", "llava-next-tiny", "--methods", "none,fastv,learnpruner", "--tokens", "32,16",
+               "--new-tokens", "3", "--text-tokens", "12", "--repeats", "1", "--warmup", "0", "--variants", "2",
+               "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "one 112x112 image (5 crops): 80 visual tokens + 8 structure tokens" in stdout
+    assert "fastv tokens=16 batch=1: skipped (fastv prunes at LLM layer 2 of 8" in stdout
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["tokens"], "skipped" in r) for r in records] == [
+        ("none", 80, False), ("fastv", 32, False), ("fastv", 16, True), ("learnpruner", 32, False),
+        ("learnpruner", 16, False)]
+    cfg = bench.arch_config("llava-next-tiny")
+    for r in _measured(records):
+        assert (r["family"], r["image_size"], r["crops"], r["visual_tokens"], r["structure_tokens"]) == (
+            "llava_next", [112, 112], 5, 80, 8)
+        assert all(k in r for k in FIELDS), sorted(set(FIELDS) - set(r))
+        [image] = r["images"]  # one image per sample, batch 1
+        assert (image["count"], image["structure"]) == (80, 8)
+        assert image["tokens_per_layer"] == r["tokens_per_layer"] and image["avg_visual_tokens"] == r[
+            "avg_visual_tokens"]
+        assert abs(r["avg_visual_tokens"] - r["tokens"]) <= 1.0
+        sched = learnpruner.get_method(r["method"]).schedule(r["tokens"], 80, 8, {})
+        assert r["tokens_per_layer"] == sched.per_layer()
+        assert r["flops"] == bench.analytic_flops(cfg, sched, 1, 12)
+        # the cache holds text + newlines + each layer's visual tokens, exactly
+        assert r["kv_cache_bytes"] == bench.analytic_kv_bytes(cfg, sched, 1, 12, dtype=torch.float32)
+        assert r["prefill_ms"] > 0 and r["vision_ms"] > 0 and r["ideal_prefill_ms"] > 0
+        assert r["prefill_speedup"] is not None and r["flops_ratio"] <= 1.0
+    lp = [r for r in records if r["method"] == "learnpruner"]
+    assert lp[0]["images"][0]["tokens_per_layer"] == [55, 55, 55, 18, 18, 18, 18, 18]
+    assert lp[1]["kv_cache_bytes"] < lp[0]["kv_cache_bytes"] < records[0]["kv_cache_bytes"]
+
+
+def test_run_bench_on_a_next_model_instance_reports_every_image():
+    model = tiny_llava_next(layers=4)
+    records = bench.run_bench(model=model, methods="none,fastv,learnpruner", tokens=[48], batch_sizes=[2],
+                              new_tokens=2, text_tokens=8, repeats=1, warmup=0, variants=1, device="cpu",
+                              progress=False)
+    assert [(r["method"], r["tokens"]) for r in records] == [("none", 80), ("fastv", 48), ("learnpruner", 48)]
+    for r in records:
+        assert len(r["images"]) == 2 and all(i["count"] == 80 and i["structure"] == 8 for i in r["images"])
+        assert all(abs(i["avg_visual_tokens"] - r["tokens"]) <= 1.0 for i in r["images"])
+    assert records[0]["images"][0]["tokens_per_layer"] == [80] * 4
+    assert records[1]["flops_ratio"] < 1.0 and records[2]["flops_ratio"] < 1.0
+    assert not learnpruner.is_pruned(model)
+
+
+def test_next_inputs_and_geometry_come_from_the_adapter():
+    from learnpruner.adapters import adapter_for
+    from learnpruner.adapters.base import ImageGeometry
+
+    ad = adapter_for(tiny_llava_next(layers=2))
+    assert ad.image_geometry() == ImageGeometry(size=(112, 112), crops=5, tokens=80, structure=8)
+    assert ad.image_geometry((60, 150)) == ImageGeometry(size=(60, 150), crops=3, tokens=48, structure=4)
+    images = ad.random_images(2, generator=torch.Generator().manual_seed(0))
+    assert images["pixel_values"].shape == (2, 5, 3, 56, 56) and images["image_sizes"].tolist() == [[112, 112]] * 2
+    assert ad.vision_module() is ad.model.model.vision_tower
+    inputs, start = bench._make_inputs(ad.model, 2, 10, 1, "cpu", torch.float32)
+    assert start == 5 and inputs[0]["input_ids"].shape == (2, 10 + 88)
+    assert int((inputs[0]["input_ids"] == ad.image_token_id).sum()) == 2 * 88
+    llava = adapter_for(tiny_llava(layers=2))
+    assert llava.image_geometry() == ImageGeometry(size=(112, 112), crops=1, tokens=64, structure=0)
+    assert llava.bench_budgets() == [64, 21, 7] and ad.bench_budgets() == [80, 18, 9, 4]
+
+
+def test_next_analytic_flops_equal_a_hand_count():
+    """llava-next-tiny, config only: CLIP 56 px / 14 (16 patches + [CLS] = 17 positions), width 64, MLP 128,
+    2 layers; LLaMA width 128, 4 heads of 32, 2 KV heads, SwiGLU 256, 8 layers, vocab 512. A 112x112 image:
+    5 crops, 80 visual tokens, 8 newlines. Schedule: 55 tokens after stage 1, 18 from layer 3; 20 text tokens."""
+    from learnpruner.budget import Schedule
+
+    sched = Schedule(n=80, num_layers=8, r1=55, drops=((3, 18),))
+    # vision, per crop: conv 2*16*(3*14*14)*64 = 1_204_224; per layer 2*17*(4*64*64 + 2*64*128) + 4*17*17*64
+    # = 1_114_112 + 73_984 = 1_188_096, 2 layers; (1_204_224 + 2 * 1_188_096) * 5 crops = 17_902_080
+    vision = 17_902_080
+    # projector on the 55 kept rows: 2*55*(64*128 + 128*128) = 2_703_360
+    projector = 2_703_360
+    # LLM per token per layer 2*(q 128*128 + k,v 2*128*64 + o 128*128 + MLP 3*128*256) = 294_912;
+    # layers 0-2: 20 text + 8 newlines + 55 = 83 tokens: 83*294_912 + 4*83*83*128 = 28_004_864 (x3);
+    # layers 3-7: 20 + 8 + 18 = 46 tokens: 46*294_912 + 4*46*46*128 = 14_649_344 (x5)
+    llm = 3 * 28_004_864 + 5 * 14_649_344
+    assert llm == 157_261_312
+    lm_head = 2 * 128 * 512  # the last position
+    expected = {"vision": vision, "projector": projector, "llm": llm, "lm_head": lm_head}
+    cfg = bench.arch_config("llava-next-tiny")
+    assert bench.flops_breakdown(cfg, sched, 1, 20) == expected
+    assert bench.flops_breakdown(cfg, sched, 2, 20) == {k: 2 * v for k, v in expected.items()}
+    assert bench.analytic_flops(cfg, sched, 1, 20) == 177_997_824
+    # a smaller image: pass its geometry (a 60x150 image: 3 crops, 48 tokens, 4 newlines)
+    ad = bench.arch_adapter(cfg)
+    small = ad.image_geometry((60, 150))
+    parts = bench.flops_breakdown(ad, Schedule(n=48, num_layers=8), 1, 20, image=small)
+    assert parts["vision"] == 3 * vision // 5
+    assert parts["llm"] == 8 * (72 * 294_912 + 4 * 72 * 72 * 128)  # 20 + 4 + 48 tokens
+    with pytest.raises(ValueError, match="the schedule is for 48-token images, the image has 80"):
+        bench.flops_breakdown(cfg, Schedule(n=48, num_layers=8), 1, 20)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,opts", CASES)
+def test_next_analytic_flops_match_flop_counter(method, opts):
+    model = tiny_llava_next()
+    inputs = bench._make_inputs(model, 2, TEXT, 1, "cpu", torch.float32, seed=1)[0][0]
+    learnpruner.apply(model, method, **opts)
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+        model(**inputs, use_cache=False)
+    measured = counter.get_total_flops() - sum(counter.get_flop_counts().get("LearnablePruningModule", {}).values())
+    st = learnpruner.stats(model)
+    assert [(i.count, i.structure) for i in st.images] == [(80, 8), (80, 8)]
+    assert bench.analytic_flops(model, st.schedule, 2, TEXT, lm_head="all") == pytest.approx(measured, rel=FLOPS_RTOL)
+
+
+def test_next_7b_arch_is_the_real_architecture_without_weights():
+    """llava-hf/llava-v1.6-vicuna-7b-hf, built as a config and a meta-device model (no weights allocated)."""
+    from learnpruner.budget import Schedule
+
+    cfg = bench.arch_config("llava-next-7b")
+    vc, tc = cfg.vision_config, cfg.text_config
+    assert cfg.model_type == "llava_next"
+    assert (vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads, vc.intermediate_size, vc.image_size,
+            vc.patch_size) == (1024, 24, 16, 4096, 336, 14)
+    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads,
+            tc.intermediate_size, tc.vocab_size) == (4096, 32, 32, 32, 11008, 32064)
+    assert cfg.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_token_id) == (-2, "default", 32000)
+    ad = bench.arch_adapter("llava-next-7b")
+    assert all(p.is_meta for p in ad.model.parameters())
+    geo = ad.image_geometry()
+    assert (geo.size, geo.crops, geo.tokens, geo.structure, geo.placeholders) == ((672, 672), 5, 2880, 48, 2928)
+    assert ad.num_visual_tokens() == 2880 and ad.bench_budgets() == [2880, 640, 320, 160]
+    assert 7.0e9 < sum(p.numel() for p in ad.model.parameters()) < 7.1e9
+    full = Schedule(n=2880, num_layers=32)
+    parts = bench.flops_breakdown(cfg, full, 1, 64)
+    # the same CLIP tower as LLaVA-1.5-7B, run on 5 crops; the projector on all 2880 rows
+    assert parts["vision"] == 5 * bench.flops_breakdown("llava-1.5-7b", Schedule(n=576, num_layers=32), 1, 64)[
+        "vision"]
+    assert parts["projector"] == 2 * 2880 * (1024 * 4096 + 4096 * 4096)
+    # bf16 KV cache: 32 layers x (K, V) x 32 heads x (64 text + 48 newlines + 2880) x 128 x 2 bytes
+    assert bench.analytic_kv_bytes(cfg, full, 1, 64) == 32 * 2 * 32 * 2992 * 128 * 2 == 1_568_669_696
+    # 2880 -> 160 visual tokens per image (learnpruner: 275 after stage 1, 91 from layer 12) leaves the vision
+    # tower and about an eighth of the prefill
+    lp160 = learnpruner.get_method("learnpruner").schedule(160, 2880, 32, {})
+    assert (lp160.r1, lp160.drops) == (275, ((12, 91),))
+    ratio = bench.analytic_flops(cfg, lp160, 1, 64) / bench.analytic_flops(cfg, full, 1, 64)
+    assert 0.11 < ratio < 0.13
+
+
+def test_bench_and_cli_share_a_command_registry_without_an_import_cycle():
+    import subprocess
+    import sys
+
+    code = ("import sys, learnpruner.bench; assert 'learnpruner.cli' not in sys.modules; "
+            "from learnpruner import cli, commands; assert cli.COMMANDS is commands.COMMANDS; "
+            "assert 'bench' in cli.COMMANDS")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,7 +13,12 @@ For each method x budget x batch size the benchmark measures, on one model:
   projector, then slicing only); ``overhead = prefill_ms / ideal_prefill_ms``;
 - ``kv_cache_bytes``: bytes of the cache tensors after prefill (:func:`kv_cache_bytes`);
 - ``peak_mem_bytes``: ``torch.cuda.max_memory_allocated`` over prefill and generate (None on CPU);
-- ``flops``: analytic prefill FLOPs (:func:`analytic_flops`).
+- ``flops``: analytic prefill FLOPs (:func:`analytic_flops`);
+- ``images``: per image its visual ``count``, its ``structure`` positions and its visual tokens per layer.
+
+Every sample holds one image, the largest the family takes (LLaVA-1.5: 336x336, 576 tokens; LLaVA-NeXT:
+672x672, 5 crops, 2880 tokens plus 48 row newlines); budgets are visual tokens per image. Everything
+family-specific (inputs, vision tower, FLOPs of tower and projector) comes from the model's adapter.
 
 Timing protocol: ``warmup`` untimed runs, then ``repeats`` timed runs whose median is reported; inputs
 rotate over ``variants`` different random images and prompts. CUDA times come from CUDA events, CPU
@@ -33,19 +38,22 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .cli import command
+from .commands import command
 from .utils import atomic_write
 
 __all__ = [
     "ARCHS",
     "arch_config",
+    "arch_adapter",
     "build_arch",
     "flops_breakdown",
     "analytic_flops",
+    "analytic_kv_bytes",
     "kv_cache_bytes",
     "run_bench",
     "markdown_table",
@@ -55,9 +63,11 @@ __all__ = [
 
 FLOPS_CONVENTION = (
     "FLOPs: analytic, prefill only, 2 FLOPs per multiply-add; vision tower (patch conv + every encoder "
-    "layer, as HF runs them) + projector (kept rows) + LLM (q/k/v/o, SwiGLU MLP with 3 matrices, attention "
-    "scores and weighted values counted full non-causal q x kv like FlopCounterMode counts SDPA) + lm_head "
-    "on the last position; per-layer visual tokens from Schedule.per_layer(); selection work not counted"
+    "layer, as HF runs them, on every crop of the image) + projector (kept rows) + LLM (q/k/v/o, SwiGLU MLP "
+    "with 3 matrices, attention scores and weighted values counted full non-causal q x kv like "
+    "FlopCounterMode counts SDPA; per layer the text tokens, the structure tokens (LLaVA-NeXT row newlines) "
+    "and the visual tokens of Schedule.per_layer()) + lm_head on the last position; selection work not "
+    "counted"
 )
 
 
@@ -84,40 +94,100 @@ def _llama(hidden, layers, heads, inter, vocab=32064, kv_heads=None):
     )
 
 
+def _llava(vision, text, image_token):
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+
+
+# llava-hf/llava-v1.6-*: AnyRes grids of 336 px crops, up to 2x2 (672x672) or 1x3
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _llava_next(vision, text, image_token, pinpoints=NEXT_PINPOINTS):
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu", image_grid_pinpoints=pinpoints,
+    )
+
+
 ARCHS = {
-    "llava-1.5-7b": lambda: (_clip(1024, 24, 16, 4096), _llama(4096, 32, 32, 11008), 32000),
-    "llava-1.5-13b": lambda: (_clip(1024, 24, 16, 4096), _llama(5120, 40, 40, 13824), 32000),
+    "llava-1.5-7b": lambda: _llava(_clip(1024, 24, 16, 4096), _llama(4096, 32, 32, 11008), 32000),
+    "llava-1.5-13b": lambda: _llava(_clip(1024, 24, 16, 4096), _llama(5120, 40, 40, 13824), 32000),
     # CPU-friendly, same 576 visual tokens per image (CLIP 336/14)
-    "llava-mid": lambda: (_clip(512, 12, 8, 2048), _llama(1024, 16, 16, 2816), 32000),
+    "llava-mid": lambda: _llava(_clip(512, 12, 8, 2048), _llama(1024, 16, 16, 2816), 32000),
     # for tests: 64 visual tokens (112/14), 8 small layers
-    "llava-tiny": lambda: (_clip(64, 2, 4, 128, image_size=112), _llama(128, 8, 4, 256, vocab=512, kv_heads=2), 511),
+    "llava-tiny": lambda: _llava(_clip(64, 2, 4, 128, image_size=112),
+                                 _llama(128, 8, 4, 256, vocab=512, kv_heads=2), 511),
+    # llava-hf/llava-v1.6-vicuna-7b-hf: CLIP ViT-L/14-336 + vicuna-7B; a 672x672 image is 5 crops,
+    # 576 + 48 * 48 = 2880 visual tokens + 48 row newlines = 2928 placeholders
+    "llava-next-7b": lambda: _llava_next(_clip(1024, 24, 16, 4096), _llama(4096, 32, 32, 11008), 32000),
+    # CPU-friendly, the same 5 crops, 2880 visual tokens and 48 newlines per 672x672 image; small tower and LLM
+    "llava-next-mid": lambda: _llava_next(_clip(256, 6, 4, 1024), _llama(384, 16, 6, 1024), 32000),
+    # for tests: 56 px crops (16 tokens), grids up to 2x2: a 112x112 image is 80 visual tokens + 8 newlines
+    "llava-next-tiny": lambda: _llava_next(_clip(64, 2, 4, 128, image_size=56),
+                                           _llama(128, 8, 4, 256, vocab=512, kv_heads=2), 511,
+                                           pinpoints=[[56, 112], [112, 56], [112, 112]]),
 }
 
 
 def arch_config(name: str):
-    """The ``LlavaConfig`` of a named architecture (see :data:`ARCHS`); ``ValueError`` for an unknown one."""
-    from transformers import LlavaConfig
-
+    """The config (``LlavaConfig``, ``LlavaNextConfig``) of a named architecture (see :data:`ARCHS`);
+    ``ValueError`` for an unknown one."""
     if name not in ARCHS:
         raise ValueError(f"unknown arch {name!r}; accepted: {', '.join(ARCHS)}")
-    vision, text, image_token = ARCHS[name]()
-    cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
-    )
-    return cfg
+    return ARCHS[name]()
+
+
+def _model_class(cfg):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    try:
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(cfg)]
+    except KeyError:
+        raise ValueError(f"no image-text-to-text model class for {type(cfg).__name__}") from None
+
+
+def _meta_model(cfg):
+    """The model of ``cfg`` on the meta device: its structure and config, no weights allocated."""
+    with torch.device("meta"):
+        return _model_class(cfg)._from_config(cfg)
+
+
+def arch_adapter(arch):
+    """The adapter of an architecture (a name from :data:`ARCHS` or a config) over a weightless meta-device
+    model: its image geometry, budgets and FLOPs without allocating a single weight."""
+    from .adapters import adapter_for
+
+    return adapter_for(_meta_model(arch_config(arch) if isinstance(arch, str) else arch))
+
+
+def _adapter(model):
+    """The adapter of a model, an adapter, a config or an :data:`ARCHS` name (the last two over a meta model)."""
+    from .adapters import Adapter, adapter_for
+
+    if isinstance(model, Adapter):
+        return model
+    if isinstance(model, torch.nn.Module):
+        return adapter_for(model)
+    return arch_adapter(model)
 
 
 def build_arch(name: str, dtype=torch.float32, device="cpu", seed: int = 0):
-    """A ``LlavaForConditionalGeneration`` of architecture ``name`` with random weights, built fast.
+    """The model of architecture ``name`` (see :data:`ARCHS`) with random weights, built fast.
 
     Weights are allocated directly on ``device`` in ``dtype`` with transformers' and torch's
     initialisers switched off, then filled once: matrices uniform with std 0.02, 1-D weights
-    (norms, class embedding) 1, biases 0. No download, no meta device.
+    (norms, class embedding, LLaVA-NeXT's image newline) 1, biases 0. No download, no meta device.
     """
-    from transformers import LlavaForConditionalGeneration
     from transformers.initialization import no_init_weights
 
+    from .adapters import adapter_for
     from .hub import parse_dtype
 
     if isinstance(dtype, str):
@@ -127,7 +197,7 @@ def build_arch(name: str, dtype=torch.float32, device="cpu", seed: int = 0):
     device = torch.device(device)
     _check_fits(name, cfg, dtype, device)
     with no_init_weights(), device:
-        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        model = _model_class(cfg)._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     gen = torch.Generator(device=device).manual_seed(seed)
     bound = 0.02 * math.sqrt(3.0)
     with torch.no_grad():
@@ -138,7 +208,7 @@ def build_arch(name: str, dtype=torch.float32, device="cpu", seed: int = 0):
                 p.zero_()
             else:
                 p.fill_(1.0)
-    model.generation_config.pad_token_id = cfg.text_config.pad_token_id
+    model.generation_config.pad_token_id = adapter_for(model).text_config.pad_token_id
     model._learnpruner_arch = name
     return model.eval()
 
@@ -158,17 +228,14 @@ def _available_bytes(device: torch.device) -> int | None:
 
 def _check_fits(name: str, cfg, dtype: torch.dtype, device: torch.device) -> None:
     """``ValueError`` before allocating when the weights alone would not fit in the device's free memory."""
-    from transformers import LlavaForConditionalGeneration
-
-    with torch.device("meta"):
-        meta = LlavaForConditionalGeneration._from_config(cfg)
+    meta = _meta_model(cfg)
     need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=dtype).element_size()
     free = _available_bytes(device)
     if free is not None and need > 0.9 * free:
         raise ValueError(
             f"--arch {name} needs {need / 2**30:.1f} GiB for its weights in {str(dtype).replace('torch.', '')}, "
             f"but {device} has {free / 2**30:.1f} GiB free; use a GPU, --dtype bfloat16, or a smaller arch "
-            f"(llava-mid)"
+            f"(llava-mid, llava-next-mid)"
         )
 
 
@@ -183,44 +250,56 @@ def _text_dims(tc):
     return tc.hidden_size, heads, kv, hd, tc.intermediate_size
 
 
-def flops_breakdown(config, schedule, batch: int, text_tokens: int, lm_head: str = "last") -> dict:
+def _image_for(ad, schedule, image):
+    image = image if image is not None else ad.image_geometry()
+    if schedule.n != image.tokens:
+        raise ValueError(f"the schedule is for {schedule.n}-token images, the image has {image.tokens} visual "
+                         f"tokens; pass image=adapter.image_geometry(image_size) for that image's size")
+    return image
+
+
+def flops_breakdown(model, schedule, batch: int, text_tokens: int, lm_head: str = "last", image=None) -> dict:
     """Analytic prefill FLOPs by part: ``vision``, ``projector``, ``llm``, ``lm_head`` (see FLOPS_CONVENTION).
 
-    ``config``: a LLaVA config (vision_config + text_config); ``schedule``: the method's
+    ``model``: a model, its adapter, its config or an :data:`ARCHS` name (LLaVA, LLaVA-NeXT; configs and
+    names through a weightless meta-device model); ``schedule``: the method's
     :class:`~learnpruner.budget.Schedule` (one image per sample); ``text_tokens``: non-image tokens per
     sample; ``lm_head``: ``"last"`` (one position per sample, as in generate) or ``"all"`` (every
-    position of the final layer, as a plain ``model(**inputs)``).
+    position of the final layer, as a plain ``model(**inputs)``); ``image``: the
+    :class:`~learnpruner.adapters.base.ImageGeometry` of the image (default: the family's largest).
+    The vision tower and projector FLOPs come from the adapter (``vision_flops``, ``projector_flops``).
     """
     if lm_head not in ("last", "all"):
         raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
-    vc, tc = config.vision_config, config.text_config
-    d, inter = vc.hidden_size, vc.intermediate_size
-    patches = (vc.image_size // vc.patch_size) ** 2
-    s = patches + 1  # + [CLS]
-    conv = 2 * patches * getattr(vc, "num_channels", 3) * vc.patch_size**2 * d
-    layer = 2 * s * (4 * d * d + 2 * d * inter) + 4 * s * s * d
-    vision = conv + vc.num_hidden_layers * layer
-
-    h, heads, kv, hd, ffn = _text_dims(tc)
-    feat_layer = config.vision_feature_layer
-    feat_dim = d if isinstance(feat_layer, int) else d * len(feat_layer)
+    ad = _adapter(model)
+    image = _image_for(ad, schedule, image)
+    h, heads, kv, hd, ffn = _text_dims(ad.text_config)
     rows = schedule.r1 if schedule.r1 is not None else schedule.n
-    projector = 2 * rows * (feat_dim * h + h * h)
-
+    fixed = text_tokens + image.structure  # text and structure: in every layer, outside the budget
     llm = 0
     for v in schedule.per_layer():
-        n_tok = text_tokens + v
+        n_tok = fixed + v
         llm += 2 * n_tok * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * ffn)
         llm += 4 * n_tok * n_tok * heads * hd
-    positions = 1 if lm_head == "last" else text_tokens + schedule.per_layer()[-1]
-    head = 2 * positions * h * tc.vocab_size
-    return {k: batch * v for k, v in
-            {"vision": vision, "projector": projector, "llm": llm, "lm_head": head}.items()}
+    positions = 1 if lm_head == "last" else fixed + schedule.per_layer()[-1]
+    head = 2 * positions * h * ad.text_config.vocab_size
+    parts = {"vision": ad.vision_flops(image), "projector": ad.projector_flops(rows), "llm": llm, "lm_head": head}
+    return {k: batch * v for k, v in parts.items()}
 
 
-def analytic_flops(config, schedule, batch: int, text_tokens: int, lm_head: str = "last") -> int:
+def analytic_flops(model, schedule, batch: int, text_tokens: int, lm_head: str = "last", image=None) -> int:
     """Total analytic prefill FLOPs (sum of :func:`flops_breakdown`)."""
-    return int(sum(flops_breakdown(config, schedule, batch, text_tokens, lm_head).values()))
+    return int(sum(flops_breakdown(model, schedule, batch, text_tokens, lm_head, image).values()))
+
+
+def analytic_kv_bytes(model, schedule, batch: int, text_tokens: int, dtype=torch.bfloat16, image=None) -> int:
+    """Bytes of the KV cache after a prefill under ``schedule``: per layer keys and values of the text, structure
+    and that layer's visual tokens (what :func:`kv_cache_bytes` measures on the real cache)."""
+    ad = _adapter(model)
+    image = _image_for(ad, schedule, image)
+    _, _, kv, hd, _ = _text_dims(ad.text_config)
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * batch * kv * (text_tokens + image.structure + v) * hd * size for v in schedule.per_layer())
 
 
 def _cache_tensors(cache):
@@ -320,63 +399,96 @@ def _median(values):
 # --------------------------------------------------------------------------------------------------
 # inputs and the ideal forward
 
+_TEXT_INPUTS = ("input_ids", "attention_mask")
+
 
 def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dtype, seed: int = 0):
-    """``variants`` input dicts of ``batch`` prompts ``<s> t*4 <image>*n t*rest`` with random pixels."""
-    cfg = model.config
-    vc = cfg.vision_config
-    n = _num_visual(model)
+    """``variants`` input dicts of ``batch`` prompts ``<s> t*4 <image>*L t*rest`` with random images (the
+    adapter's ``random_images``, ``L`` its placeholders per image); and the index of the first placeholder."""
+    from .adapters import adapter_for
+
+    ad = adapter_for(model)
+    slots = ad.image_geometry().placeholders
     pre = min(4, text_tokens - 1)
     post = text_tokens - 1 - pre
-    start = 1 + pre  # index of the first image token
-    vocab = cfg.text_config.vocab_size
+    start = 1 + pre  # index of the first image placeholder
+    image_token, vocab = ad.image_token_id, ad.text_config.vocab_size
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(variants):
         text = torch.randint(2, vocab, (batch, text_tokens - 1), generator=g)
-        text[text == cfg.image_token_id] = 2
+        text[text == image_token] = 2
         ids = torch.cat([
             torch.ones(batch, 1, dtype=torch.long), text[:, :pre],
-            torch.full((batch, n), cfg.image_token_id, dtype=torch.long), text[:, pre:pre + post],
+            torch.full((batch, slots), image_token, dtype=torch.long), text[:, pre:pre + post],
         ], dim=1)
-        pixels = torch.randn(batch, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size, generator=g)
+        images = ad.random_images(batch, generator=g)
         out.append({
             "input_ids": ids.to(device),
             "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": pixels.to(device, dtype),
+            **{k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in images.items()},
         })
     return out, start
 
 
-def _num_visual(model) -> int:
-    from .adapters import adapter_for
+@dataclass
+class _Batch:
+    """The inputs of one batch size, and what the ideal forward needs of them (per variant)."""
 
-    return adapter_for(model).num_visual_tokens()
+    size: int
+    inputs: list[dict]
+    start: int  # index of the first image placeholder
+    feats: list[torch.Tensor]  # [batch, n, d] feature rows of the images, before the projector
+    text_ids: list[torch.Tensor]  # [batch, text_tokens]: the prompts without their placeholders
+    structure: torch.Tensor | None  # [k, hidden]: the structure rows each image adds (None: none)
 
 
-def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: int):
-    """The kept tokens only, no selection: projector on pre-sliced rows, layers on pre-sized sequences."""
+def _prepare_batch(model, ad, size: int, text_tokens: int, variants: int, device, dtype, seed: int) -> _Batch:
+    from .engine import STRUCTURE
+
+    inputs, start = _make_inputs(model, size, text_tokens, variants, device, dtype, seed)
+    slots = ad.image_geometry().placeholders
+    feats, structure = [], None
+    with torch.inference_mode():
+        for inp in inputs:
+            visual = ad.encode(**{k: v for k, v in inp.items() if k not in _TEXT_INPUTS})
+            feats.append(visual.rows(list(range(visual.num_images))))
+            k = int((visual.slots[0] == STRUCTURE).sum())
+            if k and visual.structure is not None:
+                structure = visual.structure.reshape(1, -1).expand(k, -1)
+    text_ids = [torch.cat([inp["input_ids"][:, :start], inp["input_ids"][:, start + slots:]], dim=1)
+                for inp in inputs]
+    return _Batch(size, inputs, start, feats, text_ids, structure)
+
+
+def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: int, structure=None):
+    """The kept tokens only, no selection: projector on pre-sliced rows, layers on pre-sized sequences
+    (text, then the image's structure rows, if any, in every layer)."""
     from transformers.cache_utils import DynamicCache
 
-    from .engine import call_layer as _call_layer, causal_mask as _mask
+    from .engine import call_layer, causal_mask
 
     lm = ad.language_model
     proj = ad.project(feats_kept)
     emb = lm.embed_tokens(text_ids)
-    hidden = torch.cat([emb[:, :start], proj.to(emb.dtype), emb[:, start:]], dim=1)
+    parts = [emb[:, :start], proj.to(emb.dtype)]
+    if structure is not None:
+        parts.append(structure.to(emb)[None].expand(emb.shape[0], -1, -1))
+    hidden = torch.cat(parts + [emb[:, start:]], dim=1)
     s = hidden.shape[1]
     pos = torch.arange(s, device=hidden.device)[None]
     cos, sin = lm.rotary_emb(hidden, position_ids=pos)
     cache = DynamicCache(config=ad.text_config)
-    lengths = [text_tokens + v for v in schedule.per_layer()]
-    current, mask = s, _mask(ad, hidden, None, cache, pos)
+    fixed = text_tokens + (structure.shape[0] if structure is not None else 0)
+    lengths = [fixed + v for v in schedule.per_layer()]
+    current, mask = s, causal_mask(ad, hidden, None, cache, pos)
     for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
         if lengths[i] != current:
             current = lengths[i]
             hidden, pos = hidden[:, :current], pos[:, :current]
             cos, sin = cos[:, :current], sin[:, :current]
-            mask = _mask(ad, hidden, None, cache, pos, i)
-        hidden = _call_layer(ad, layer, hidden, mask, (cos, sin), pos, cache, True, {})
+            mask = causal_mask(ad, hidden, None, cache, pos, i)
+        hidden = call_layer(ad, layer, hidden, mask, (cos, sin), pos, cache, True, {})
     hidden = lm.norm(hidden[:, -1:])
     return ad.lm_head(hidden), cache
 
@@ -445,11 +557,23 @@ def _options(method_name: str) -> dict:
     return {"lpm": "random"} if "lpm" in get_method(method_name).options else {}
 
 
+@dataclass
+class _Settings:
+    """The measurement protocol shared by every cell."""
+
+    new_tokens: int
+    text_tokens: int
+    repeats: int
+    warmup: int
+    variants: int
+    seed: int
+
+
 def run_bench(
     model=None,
     arch: str | None = None,
     methods="none,fastv,learnpruner",
-    tokens="576,192,64",
+    tokens=None,
     batch_sizes="1",
     new_tokens: int = 8,
     text_tokens: int = 64,
@@ -464,39 +588,65 @@ def run_bench(
 ) -> list[dict]:
     """Measure every method x budget x batch size; returns one record per cell (see module doc).
 
-    ``model``: a loaded LLaVA model, or a hub id / local folder / built-in name; or ``arch``: a name
-    from :data:`ARCHS` (random weights). ``methods``/``tokens``/``batch_sizes``: lists or
-    comma-separated strings. ``none`` is measured once per batch size (its budget is every token).
+    ``model``: a loaded LLaVA or LLaVA-NeXT model, or a hub id / local folder / built-in name; or ``arch``:
+    a name from :data:`ARCHS` (random weights). ``methods``/``tokens``/``batch_sizes``: lists or
+    comma-separated strings; ``tokens`` are visual tokens per image (average per LLM layer), by default the
+    family's (``adapter.bench_budgets()``: 576,192,64 for LLaVA-1.5, 2880,640,320,160 for LLaVA-NeXT).
+    ``none`` is measured once per batch size (its budget is every token).
     Budgets a method cannot reach give a record with ``skipped`` (the reason) and no measurements.
     With ``fast=True`` every method runs on the fast decode path (``apply(..., fast=True)``) and ``none``
     is measured twice: as users run it today (plain transformers, the baseline of ``prefill_speedup`` and
     ``e2e_speedup``) and on the fast path (the baseline of ``like_for_like_e2e_speedup``).
     """
-    import transformers
-
-    import learnpruner
-
     from .adapters import adapter_for
+
+    methods, tokens, batch_sizes = _check_args(model, arch, methods, tokens, batch_sizes, new_tokens=new_tokens,
+                                               text_tokens=text_tokens, repeats=repeats, warmup=warmup,
+                                               variants=variants)
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = _resolve_dtype(dtype, dev)
+    model, label = _load_model(model, arch, dev, dt, seed)
+    ad = adapter_for(model)
+    model.generation_config.pad_token_id = ad.text_config.pad_token_id or 0
+    if tokens is None:
+        tokens = ad.bench_budgets()
+    settings = _Settings(new_tokens, text_tokens, repeats, warmup, variants, seed)
+    env = _environment(label, ad, dev, dt, settings)
+    plan = _plan(methods, tokens, env["visual_tokens"], env["num_layers"])
+    runs = [(name, t, sched, reason, on_fast) for name, t, sched, reason in plan
+            for on_fast in ([False, True] if fast and name == "none" else [fast])]
+    records = _measure_grid(model, ad, runs, batch_sizes, env, settings, dev, dt, progress)
+    _add_speedups(records)
+    return records
+
+
+def _check_args(model, arch, methods, tokens, batch_sizes, **counts):
+    """Step 1: validate every argument before any work; ``(methods, tokens or None, batch sizes)``."""
     from .budget import check_tokens
     from .methods import get_method
 
     methods = _parse_list(methods, "methods", str)
     for name in methods:
         get_method(name)
-    tokens = [check_tokens(t) for t in _parse_list(tokens, "tokens", _int_like)]
+    if tokens is not None:
+        tokens = [check_tokens(t) for t in _parse_list(tokens, "tokens", _int_like)]
     batch_sizes = _check_positive(_parse_list(batch_sizes, "batch sizes", _int_like), "batch sizes",
                                   "positive integers")
-    for what, v, low in (("new_tokens", new_tokens, 1), ("text_tokens", text_tokens, 2), ("repeats", repeats, 1),
-                         ("warmup", warmup, 0), ("variants", variants, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{what} must be an integer >= {low}, got {v!r}")
+    lows = {"new_tokens": 1, "text_tokens": 2, "repeats": 1, "warmup": 0, "variants": 1}
+    for what, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lows[what]:
+            raise ValueError(f"{what} must be an integer >= {lows[what]}, got {v!r}")
     if (model is None) == (arch is None):
         raise ValueError("give exactly one of model (id, path or instance) and arch "
                          f"(accepted: {', '.join(ARCHS)})")
     if arch is not None:
         arch_config(arch)  # fail early on a bad name
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = _resolve_dtype(dtype, dev)
+    return methods, tokens, batch_sizes
+
+
+def _load_model(model, arch, dev: torch.device, dt: torch.dtype, seed: int):
+    """Step 2: ``(model, label)``, in eval mode on ``dev`` in ``dt``; refuses an already pruned model."""
+    import learnpruner
 
     if arch is not None:
         model, label = build_arch(arch, dt, dev, seed=seed), arch
@@ -511,60 +661,60 @@ def run_bench(
         model = model.to(dev, dt)
     if learnpruner.is_pruned(model):
         raise ValueError("the model is already pruned; call learnpruner.remove(model) first")
-    model.eval()
-    model.generation_config.pad_token_id = model.config.text_config.pad_token_id or 0
-    ad = adapter_for(model)
-    n = ad.num_visual_tokens()
-    num_layers = ad.text_config.num_hidden_layers
-    plan = _plan(methods, tokens, n, num_layers)
-    clock = _Clock(dev)
+    return model.eval(), label
+
+
+def _environment(label: str, ad, dev: torch.device, dt: torch.dtype, settings: _Settings) -> dict:
+    """Step 3: what every record repeats: model, device, versions, protocol, the image's geometry."""
+    import transformers
+
     cuda = dev.type == "cuda"
-    cpu_name = _cpu_name()
-    env = {
-        "model": label, "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({cpu_name})",
+    image = ad.image_geometry()
+    return {
+        "model": label, "family": ad.family,
+        "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({_cpu_name()})",
         "device_type": dev.type, "dtype": str(dt).replace("torch.", ""), "torch": torch.__version__,
         "transformers": transformers.__version__, "cpu_threads": None if cuda else torch.get_num_threads(),
-        "new_tokens": new_tokens, "text_tokens": text_tokens, "repeats": repeats, "warmup": warmup,
-        "variants": variants, "visual_tokens": n, "num_layers": num_layers,
+        "new_tokens": settings.new_tokens, "text_tokens": settings.text_tokens, "repeats": settings.repeats,
+        "warmup": settings.warmup, "variants": settings.variants,
+        "image_size": list(image.size), "crops": image.crops, "visual_tokens": image.tokens,
+        "structure_tokens": image.structure, "num_layers": ad.text_config.num_hidden_layers,
     }
-    dense = {b: None for b in batch_sizes}
-    dense_fast = {b: None for b in batch_sizes}
+
+
+def _measure_grid(model, ad, runs, batch_sizes, env: dict, settings: _Settings, dev, dt, progress: bool):
+    """Step 4: one record per batch size x run (method, budget, path); the model is left unpatched."""
+    import learnpruner
+
+    clock = _Clock(dev)
     records = []
-    runs = []
-    for name, t, sched, reason in plan:
-        if fast and name == "none":
-            runs.append((name, t, sched, reason, False))
-        runs.append((name, t, sched, reason, fast))
-    plan = runs
-    grid = [(b, item) for b in batch_sizes for item in plan]
-    bar = _progress(len(grid), progress)
+    bar = _progress(len(batch_sizes) * len(runs), progress)
     try:
         for b in batch_sizes:
-            inputs, pre = _make_inputs(model, b, text_tokens, variants, dev, dt, seed)
-            with torch.inference_mode():
-                feats = [ad.vision_features(inp["pixel_values"]) for inp in inputs]
-            text_ids = [torch.cat([inp["input_ids"][:, :pre], inp["input_ids"][:, pre + n:]], dim=1)
-                        for inp in inputs]
-            for name, t, sched, reason, on_fast in plan:
+            batch = _prepare_batch(model, ad, b, settings.text_tokens, settings.variants, dev, dt, settings.seed)
+            for name, t, sched, reason, on_fast in runs:
                 if bar is not None:
                     bar.set_postfix_str(f"{name}{' fast' if on_fast else ''} T={t} b={b}")
                 rec = {"method": name, "tokens": t, "batch_size": b, "fast": on_fast, **env}
                 if sched is None:
                     rec["skipped"] = reason
-                    records.append(rec)
-                    _bar_step(bar)
-                    continue
-                rec.update(_measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, new_tokens,
-                                    text_tokens, repeats, warmup, on_fast))
-                rec["lpm"] = "random (untrained; speed does not depend on its weights)" if _options(name) else None
-                if name == "none":
-                    (dense_fast if on_fast else dense)[b] = rec
+                else:
+                    rec.update(_measure(model, ad, clock, batch, name, t, sched, settings, on_fast))
+                    rec["lpm"] = "random (untrained; speed does not depend on its weights)" if _options(name) else None
                 records.append(rec)
                 _bar_step(bar)
     finally:
         _bar_close(bar)
         if learnpruner.is_pruned(model):
             learnpruner.remove(model)
+    return records
+
+
+def _add_speedups(records: list[dict]) -> None:
+    """Step 5: speedups and FLOPs ratios against ``none`` at the same batch size (plain, and like for like)."""
+    measured = [r for r in records if r["method"] == "none" and "skipped" not in r]
+    dense = {r["batch_size"]: r for r in measured if not r["fast"]}
+    dense_fast = {r["batch_size"]: r for r in measured if r["fast"]}
     for rec in records:
         base = dense.get(rec["batch_size"])
         ok = base is not None and "skipped" not in rec
@@ -576,7 +726,6 @@ def run_bench(
         ok_same = same is not None and "skipped" not in rec
         rec["like_for_like_e2e_speedup"] = same["e2e_ms"] / rec["e2e_ms"] if ok_same else None
         rec["like_for_like_prefill_speedup"] = same["prefill_ms"] / rec["prefill_ms"] if ok_same else None
-    return records
 
 
 def _cpu_name() -> str:
@@ -597,15 +746,25 @@ def _int_like(v):
     return v
 
 
-def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, new_tokens, text_tokens,
-             repeats, warmup, fast: bool = False) -> dict:
+def _image_records(st, sched, image, batch: int) -> list[dict]:
+    """Per image of the prefill: its visual count, structure positions and visual tokens per layer."""
+    if st is not None:
+        return [{"count": s.count, "structure": s.structure, "avg_visual_tokens": s.average_tokens,
+                 "tokens_per_layer": s.tokens_per_layer} for s in st.images]
+    return [{"count": image.tokens, "structure": image.structure, "avg_visual_tokens": sched.average,
+             "tokens_per_layer": sched.per_layer()}] * batch
+
+
+def _measure(model, ad, clock, batch: _Batch, name, t, sched, settings: _Settings, fast: bool = False) -> dict:
     import learnpruner
 
     cuda = clock.cuda
+    new_tokens, repeats, warmup = settings.new_tokens, settings.repeats, settings.warmup
+    inputs, b = batch.inputs, batch.size
     # the baseline is the model as users run it today: plain transformers, not patched at all
     plain = name == "none" and not fast
     if plain:
-        state = _PlainState(model.model.vision_tower)
+        state = _PlainState(ad.vision_module())
     else:
         learnpruner.apply(model, name, tokens=t, fast=fast, **_options(name))
         state = model._learnpruner
@@ -653,22 +812,28 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
             learnpruner.remove(model)
 
     rows = sched.r1 if sched.r1 is not None else sched.n
-    kept_feats = [f[:, :rows].contiguous() for f in feats]
+    kept_feats = [f[:, :rows].contiguous() for f in batch.feats]
+
+    def ideal(i):
+        return _ideal_prefill(ad, kept_feats[i % v], batch.text_ids[i % v], batch.start, sched,
+                              settings.text_tokens, batch.structure)
+
     with torch.inference_mode():
         for i in range(warmup):
-            _ideal_prefill(ad, kept_feats[i % v], text_ids[i % v], pre, sched, text_tokens)
-        ideal_ms = [clock.run(lambda i=i: _ideal_prefill(ad, kept_feats[i % v], text_ids[i % v], pre, sched,
-                                                         text_tokens))[1] for i in range(repeats)]
+            ideal(i)
+        ideal_ms = [clock.run(lambda i=i: ideal(i))[1] for i in range(repeats)]
     med = {k: _median(x) for k, x in sections.items()}
     prefill_med, e2e_med = _median(prefill_ms), _median(e2e_ms)
     ideal_llm = _median(ideal_ms)
-    ideal = med["vision"] + ideal_llm
-    breakdown = flops_breakdown(model.config, sched, b, text_tokens)
+    ideal_total = med["vision"] + ideal_llm
+    image = ad.image_geometry()
+    breakdown = flops_breakdown(ad, sched, b, settings.text_tokens, image=image)
     return {
         "path": "plain transformers (unpatched)" if plain else
                 "learnpruner engine, fast decode path" if fast else "learnpruner engine",
         "avg_visual_tokens": st.average_tokens if st is not None else sched.average,
         "tokens_per_layer": st.tokens_per_layer if st is not None else sched.per_layer(),
+        "images": _image_records(st, sched, image, b),
         "schedule": {"r1": sched.r1, "drops": [list(d) for d in sched.drops]},
         "vision_ms": med["vision"], "stage1_ms": med["stage1"], "projector_ms": med["projector"],
         "llm_select_ms": med["llm_select"],
@@ -676,7 +841,7 @@ def _measure(model, ad, clock, inputs, feats, text_ids, pre, name, t, sched, b, 
         "decode_ms_per_token": (e2e_med - prefill_med) / (new_tokens - 1) if new_tokens > 1 else None,
         "e2e_ms": e2e_med, "e2e_ms_all": e2e_ms,
         "throughput_tok_s": b * new_tokens / (e2e_med / 1000.0),
-        "ideal_llm_ms": ideal_llm, "ideal_prefill_ms": ideal, "overhead": prefill_med / ideal,
+        "ideal_llm_ms": ideal_llm, "ideal_prefill_ms": ideal_total, "overhead": prefill_med / ideal_total,
         "peak_mem_bytes": peak, "kv_cache_bytes": kv,
         "flops": int(sum(breakdown.values())), "flops_breakdown": breakdown,
     }
@@ -744,6 +909,16 @@ def _fmt(v, digits=1):
     return str(v)
 
 
+def _image_note(r: dict) -> str:
+    """``576 visual tokens`` or, with crops and structure, the image's size, crops and newlines too."""
+    text = f"{r['visual_tokens']} visual tokens"
+    if r.get("crops", 1) > 1 or r.get("structure_tokens"):
+        h, w = r["image_size"]
+        text = (f"one {h}x{w} image ({r['crops']} crops): {text} + {r['structure_tokens']} structure tokens "
+                f"(row newlines, kept, outside the budget)")
+    return text
+
+
 def markdown_table(records: list[dict]) -> str:
     """The results as a markdown table, with the measurement conventions underneath."""
     head = ["method", "tokens", "batch", "avg vis tok", "vision ms", "stage1 ms", "llm sel ms", "prefill ms",
@@ -769,12 +944,12 @@ def markdown_table(records: list[dict]) -> str:
         lines += [
             "",
             f"model {r['model']} on {r['device']}{threads}; dtype {r['dtype']}; torch {r['torch']}, transformers "
-            f"{r['transformers']}; {r['text_tokens']} text tokens + {r['visual_tokens']} visual tokens per sample, "
+            f"{r['transformers']}; {r['text_tokens']} text tokens + {_image_note(r)} per sample, "
             f"{r['new_tokens']} new tokens; median of {r['repeats']} runs after {r['warmup']} warm-up(s), inputs "
             f"rotating over {r['variants']} random images/prompts; "
             + ("CUDA-event timing." if r["device_type"] == "cuda" else "time.perf_counter timing."),
-            "tokens: the budget (average visual tokens per LLM layer); `none` is measured once, at every token, "
-            "on the unpatched model (plain transformers). "
+            "tokens: the budget (visual tokens per image, average per LLM layer); `none` is measured once, at "
+            "every token, on the unpatched model (plain transformers). "
             "prefill = one forward with the KV cache and logits_to_keep=1 (time to first token, vision included). "
             "decode ms/tok = (e2e - prefill) / (new tokens - 1), e2e = generate (greedy, exactly N new tokens). "
             "ideal = measured vision ms + the plain decoder layers fed only the scheduled token counts (no "
@@ -831,9 +1006,9 @@ def plot_results(records: list[dict], out_dir) -> Path | None:
                      label=f"{method} b={b}")
             ax2.plot(x, [r["ideal_speedup"] for r in rs], ls=":", color=line.get_color())
     r0 = done[0]
-    ax1.set(xlabel="average visual tokens per LLM layer", ylabel="prefill ms (dotted: ideal)",
+    ax1.set(xlabel="visual tokens per image (average per LLM layer)", ylabel="prefill ms (dotted: ideal)",
             title=f"{r0['model']} · {r0['device_type']} · {r0['dtype']}")
-    ax2.set(xlabel="average visual tokens per LLM layer", ylabel="prefill speedup vs none (dotted: ideal)")
+    ax2.set(xlabel="visual tokens per image (average per LLM layer)", ylabel="prefill speedup vs none (dotted: ideal)")
     ax2.axhline(1.0, color="grey", lw=0.5)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -857,7 +1032,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="hub id, local folder or built-in name (loads real weights)")
     src.add_argument("--arch", help=f"architecture with random weights, no download: {', '.join(ARCHS)}")
     p.add_argument("--methods", default="none,fastv,learnpruner", help="comma-separated method names")
-    p.add_argument("--tokens", default="576,192,64", help="comma-separated budgets (average visual tokens/layer)")
+    p.add_argument("--tokens", default=None,
+                   help="comma-separated budgets: visual tokens per image, average per LLM layer (default: every "
+                   "token, then the family's papers' budgets: 576,192,64 for LLaVA-1.5, 2880,640,320,160 for "
+                   "LLaVA-NeXT at 672x672)")
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for end-to-end and decode time")
     p.add_argument("--text-tokens", type=int, default=64, help="non-image prompt tokens per sample")

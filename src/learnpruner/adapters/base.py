@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -145,3 +146,55 @@ class Adapter:
 
     def output_class(self) -> type:
         raise NotImplementedError
+
+    # --- benchmark helpers (learnpruner.bench) --------------------------------------------------
+    def vision_module(self) -> nn.Module:
+        """The module whose forward runs the vision encoder (timed with hooks on an unpatched model)."""
+        raise NotImplementedError
+
+    def image_geometry(self, image_size=None) -> ImageGeometry:
+        """How one image of ``image_size`` ``(height, width)`` enters the model (default: the largest the
+        family takes, the one :meth:`num_visual_tokens` counts)."""
+        raise NotImplementedError
+
+    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
+        """Forward arguments for ``batch`` random images (one per sample) of ``image_size`` (default as in
+        :meth:`image_geometry`): ``pixel_values`` as the processor lays them out, plus the family's extras."""
+        raise NotImplementedError
+
+    def bench_budgets(self) -> list[int]:
+        """The budgets (visual tokens per image, averaged over LLM layers) ``learnpruner bench`` measures by
+        default: every token, then the family's papers' budgets."""
+        n = self.num_visual_tokens()
+        return [n, max(1, round(n / 3)), max(1, round(n / 9))]
+
+    def vision_flops(self, image: ImageGeometry | None = None) -> int:
+        """Analytic FLOPs of the vision encoder for one image (every pass it makes; 2 per multiply-add)."""
+        raise NotImplementedError
+
+    def projector_flops(self, rows: int) -> int:
+        """Analytic FLOPs of the projector on ``rows`` feature rows (2 per multiply-add)."""
+        raise NotImplementedError
+
+    def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The 1-D text positions ``[b or 1, s]`` (for masks and layers) in a forward's ``position_ids``; None when
+        they hold none (the engine then counts them). Families with multi-dimensional rotary positions pick
+        their text row; the ids as given still reach :meth:`rope_positions` / :meth:`decode_rope_positions`."""
+        return position_ids
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """One image as the model sees it: its ``size`` ``(height, width)``, the vision encoder's ``crops``
+    (passes) for it, its visual ``tokens`` (selectable, the budget's reference) and its ``structure``
+    placeholders (kept, outside the budget: LLaVA-NeXT's row newlines)."""
+
+    size: tuple[int, int]
+    crops: int
+    tokens: int
+    structure: int = 0
+
+    @property
+    def placeholders(self) -> int:
+        """Image placeholder positions in the prompt (tokens plus structure)."""
+        return self.tokens + self.structure
