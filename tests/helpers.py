@@ -149,3 +149,122 @@ def next_inputs(processor, sizes=((112, 112), (60, 150)), images_per_prompt=None
         k += count
     processor.tokenizer.padding_side = "left"
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+# --- Qwen2.5-VL (M-RoPE; images and video) ------------------------------------------------------------
+
+QWEN_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_PATCH_ROW = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch: one row of pixel_values
+
+
+def qwen_tokenizer():
+    """The testbed's word-level tokenizer plus Qwen's vision tokens (start, end, image and video placeholders)."""
+    from learnpruner.testbed.model import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_tokens(list(QWEN_SPECIAL), special_tokens=True)
+    return tok
+
+
+def tiny_qwen(attn: str = "sdpa", layers: int = 8, seed: int = 0, window_size: int = 56):
+    """A random Qwen2.5-VL: a 3-block windowed vision tower (patch 14, 2x2 merge, 56 px windows so a 112 px image
+    has 4 windows and window order differs from raster order; block 1 attends fully), a 64-wide text model with
+    head_dim 16 and ``mrope_section`` [2, 3, 3], and :func:`qwen_tokenizer`'s vocabulary."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+    )
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=window_size, fullatt_block_indexes=[1], out_hidden_size=64,
+                  tokens_per_second=2)
+    cfg = Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    # a random model may emit a placeholder id, which would read as another image
+    model.generation_config.suppress_tokens = [cfg.image_token_id, cfg.video_token_id]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def qwen_inputs(model, prompts, seed: int = 0, padding: str = "left", second_per_grid_t: float = 1.0):
+    """A padded batch of Qwen2.5-VL prompts, as the processor lays them out, with random pixel rows.
+
+    ``prompts``: per sample a list of parts: a string (words), ``("image", (h, w))`` or ``("video", (t, h, w))``
+    with the grid in patches (14 px; ``t`` temporal groups of 2 frames), each wrapped in vision start/end
+    tokens. Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and the visual tensors present
+    (``pixel_values`` + ``image_grid_thw``, ``pixel_values_videos`` + ``video_grid_thw`` + ``second_per_grid_ts``).
+    """
+    tok = qwen_tokenizer()
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    seqs, images, videos = [], [], []
+    for parts in prompts:
+        ids = [tok.bos_token_id]
+        for part in parts:
+            if isinstance(part, str):
+                ids += tok.convert_tokens_to_ids(part.split())
+                continue
+            kind, grid = part
+            thw = (1, *grid) if kind == "image" else tuple(grid)
+            n = thw[0] * thw[1] * thw[2] // 4
+            pad = cfg.image_token_id if kind == "image" else cfg.video_token_id
+            ids += [cfg.vision_start_token_id] + [pad] * n + [cfg.vision_end_token_id]
+            (images if kind == "image" else videos).append(thw)
+        seqs.append(ids)
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, ids in enumerate(seqs):
+        cols = slice(width - len(ids), width) if padding == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
+    types = torch.where(input_ids == cfg.image_token_id, 1, torch.where(input_ids == cfg.video_token_id, 2, 0))
+    out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}
+    if images:
+        out["image_grid_thw"] = torch.tensor(images)
+        out["pixel_values"] = torch.randn(int(out["image_grid_thw"].prod(-1).sum()), QWEN_PATCH_ROW, generator=g)
+    if videos:
+        out["video_grid_thw"] = torch.tensor(videos)
+        out["pixel_values_videos"] = torch.randn(int(out["video_grid_thw"].prod(-1).sum()), QWEN_PATCH_ROW,
+                                                 generator=g)
+        out["second_per_grid_ts"] = torch.full((len(videos),), second_per_grid_t)
+    return out
+
+
+def qwen_single(inp, i):
+    """Sample ``i`` of a :func:`qwen_inputs` batch alone (padding dropped, its own images and videos)."""
+    real = inp["attention_mask"][i].bool()
+    out = {k: inp[k][i:i + 1, real] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
+                               ("video", "pixel_values_videos", "video_grid_thw")):
+        if grid not in inp:
+            continue
+        code = 1 if kind == "image" else 2
+        # items per sample: count the placeholder runs of each kind, row by row
+        runs = []
+        for row in inp["mm_token_type_ids"]:
+            r = (row == code).long()
+            runs.append(int(((r[1:] - r[:-1]) == 1).sum()) + int(r[0]))
+        first, count = sum(runs[:i]), runs[i]
+        if count == 0:
+            continue
+        rows = inp[grid].prod(-1)
+        start = int(rows[:first].sum())
+        out[grid] = inp[grid][first:first + count]
+        out[pixels] = inp[pixels][start:start + int(rows[first:first + count].sum())]
+        if kind == "video":
+            out["second_per_grid_ts"] = inp["second_per_grid_ts"][first:first + count]
+    return out

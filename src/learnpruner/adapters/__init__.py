@@ -7,10 +7,12 @@ from torch import nn
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .video_llava import VideoLlavaAdapter
 
 __all__ = ["Adapter", "ADAPTERS", "adapter_for", "families_of"]
 
-ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter, Qwen2_5_VLAdapter, VideoLlavaAdapter]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

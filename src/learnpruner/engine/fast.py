@@ -88,10 +88,11 @@ class StaticSegments:
         self.graph = None
 
 
-def _step(ad, segments: StaticSegments, hidden, position_ids, impl, kwargs):
-    """Every decoder layer on the new tokens, against the static buffers (before the final norm)."""
+def _step(ad, segments: StaticSegments, hidden, position_ids, rope, impl, kwargs):
+    """Every decoder layer on the new tokens, against the static buffers (before the final norm). ``position_ids``:
+    the text positions; ``rope``: the rotary positions (the same tensor for 1-D RoPE, ``[3, b, q]`` for M-RoPE)."""
     lm = ad.language_model
-    cos_sin = lm.rotary_emb(hidden, position_ids=position_ids)
+    cos_sin = lm.rotary_emb(hidden, position_ids=rope)
     masks = segments.masks(hidden.shape[1], impl, hidden.dtype)
     for i, layer in enumerate(ad.layers[: segments.num_layers]):
         hidden = layer(hidden, attention_mask=masks[segments.segment_of[i]], position_embeddings=cos_sin,
@@ -113,38 +114,46 @@ def fast_decode(ad, cache, layout, inputs_embeds, position_ids, kwargs) -> torch
     q = inputs_embeds.shape[1]
     if segments.generated + q > segments.capacity:
         segments.grow()
+    given = position_ids  # M-RoPE families may get [3 or 4, b, q]: text positions for the masks, the rest for RoPE
+    position_ids = ad.text_positions(given) if given is not None else None
     if position_ids is None:
         start = layout["orig_len"] + segments.generated
         position_ids = (torch.arange(q, device=inputs_embeds.device) + start)[None]
+    # rotary positions: device-side arithmetic only (M-RoPE adds the cached rope_deltas), no host sync
+    rope = ad.decode_rope_positions(position_ids if given is None else given, cache)
     if inputs_embeds.is_cuda and q == 1 and not kwargs:
-        hidden = _graphed(ad, segments, inputs_embeds, position_ids, impl)
+        hidden = _graphed(ad, segments, inputs_embeds, position_ids, rope, impl)
     else:
-        hidden = _step(ad, segments, inputs_embeds, position_ids, impl, kwargs)
+        hidden = _step(ad, segments, inputs_embeds, position_ids, rope, impl, kwargs)
     segments.step += q
     segments.generated += q
     return hidden
 
 
-def _graphed(ad, segments: StaticSegments, inputs_embeds, position_ids, impl):
+def _graphed(ad, segments: StaticSegments, inputs_embeds, position_ids, rope, impl):
     """Replay (capturing once) a CUDA graph of the single-token decode step."""
     g = segments.graph
-    if g is None or g["shape"] != (tuple(inputs_embeds.shape), tuple(position_ids.shape)):
+    shape = (tuple(inputs_embeds.shape), tuple(position_ids.shape), tuple(rope.shape))
+    if g is None or g["shape"] != shape:
         static_in = inputs_embeds.clone()
         static_pos = position_ids.clone()
+        static_rope = static_pos if rope is position_ids else rope.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         step_before = segments.step.clone()
         with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
-            _step(ad, segments, static_in, static_pos, impl, {})
+            _step(ad, segments, static_in, static_pos, static_rope, impl, {})
         torch.cuda.current_stream().wait_stream(stream)
         segments.step.copy_(step_before)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = _step(ad, segments, static_in, static_pos, impl, {})
+            static_out = _step(ad, segments, static_in, static_pos, static_rope, impl, {})
         segments.step.copy_(step_before)
-        g = segments.graph = {"graph": graph, "in": static_in, "pos": static_pos, "out": static_out,
-                              "shape": (tuple(inputs_embeds.shape), tuple(position_ids.shape))}
+        g = segments.graph = {"graph": graph, "in": static_in, "pos": static_pos, "rope": static_rope,
+                              "out": static_out, "shape": shape}
     g["in"].copy_(inputs_embeds)
     g["pos"].copy_(position_ids)
+    if g["rope"] is not g["pos"]:
+        g["rope"].copy_(rope)
     g["graph"].replay()
     return g["out"].clone()

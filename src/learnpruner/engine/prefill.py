@@ -18,10 +18,11 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .. import selection as sel
+from ..methods import positions_for
 from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext
 from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, pad_rows
 from .readout import Capture, layer_readout
-from .sequence import Seq, call_layer, causal_mask, compact, keep_positions, take
+from .sequence import Seq, call_layer, causal_mask, keep_positions, take
 from .state import ImageStats, PruneState, Stats
 
 __all__ = ["prefill", "SEGMENTS_ATTR"]
@@ -97,7 +98,7 @@ def split_evenly(total: int, sizes: list[int]) -> list[int]:
 
 def _stage1_per_crop(state: PruneState, visual: VisualFeatures, layout: Layout, image: int, r1: int, pixel_values,
                      input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 1 on each crop of one image alone (methods with ``stage1_unit="crop"``); the image's ``r1`` is
+    """Stage 1 on each crop of one image alone (``stage1_unit="crop"``); the image's ``r1`` is
     split evenly over its crops. Returns the image's kept indices (ascending) and their rows."""
     feats = visual.features[image] if isinstance(visual.features, list) else visual.features[image]
     crops = visual.crops[image]
@@ -158,7 +159,7 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
     rows: list = [None] * num_images  # per image: the feature rows to project
     kept: list = [None] * num_images  # per image: stage-1 kept indices (None: all)
     with state.section("stage1"):
-        per_crop = state.method.stage1_unit == "crop" and visual.crops is not None and forced1 is None
+        per_crop = state.stage1_unit == "crop" and visual.crops is not None and forced1 is None
         for n, images in layout.groups.items():
             feats = visual.rows(images)
             if forced1 is not None:
@@ -294,7 +295,7 @@ def llm_stage(state: PruneState, vision: VisionResult | None, seq: Seq, embeds0,
                 seq.hidden = hidden
                 keep = keep_positions(seq.vis, seq.img, chosen)
                 if not bool(keep.all()):
-                    seq = seq.take(compact(keep))
+                    seq = seq.drop(keep)
                     compacted = True
                 hidden = seq.hidden
                 segments.append((i, seq.mask))
@@ -353,6 +354,24 @@ def record_stats(state: PruneState, vision: VisionResult, llm: LLMResult) -> Sta
     )
 
 
+def _renumber(state: PruneState, rope: torch.Tensor):
+    """The rotary embedding when kept tokens get contiguous positions (option ``positions``), else None.
+
+    Families with multi-dimensional rotary positions (M-RoPE, ``rope`` of shape ``[3, b, s]``) keep the original
+    ones: by default, and refused when ``positions="contiguous"`` is asked for explicitly."""
+    positions, explicit = positions_for(state.method, state.options)
+    if positions != "contiguous":
+        return None
+    if rope.dim() != 2:
+        if explicit:
+            raise ValueError(
+                f"positions='contiguous' is not available for {state.adapter.family}: its rotary positions are "
+                f"multi-dimensional (M-RoPE); use positions='original'"
+            )
+        return None
+    return state.adapter.language_model.rotary_emb
+
+
 def prefill(state: PruneState, inputs_embeds, input_ids, visual_inputs: dict | None, attention_mask, position_ids,
             cache, use_cache, past, vision_kwargs, kwargs):
     """A full forward (prefill); returns the last hidden states and each row's original position.
@@ -362,6 +381,8 @@ def prefill(state: PruneState, inputs_embeds, input_ids, visual_inputs: dict | N
     ad = state.adapter
     b, s = inputs_embeds.shape[:2]
     device = inputs_embeds.device
+    given = position_ids  # as passed: M-RoPE families may get [3 or 4, b, s]; Seq.pos keeps the 1-D text positions
+    position_ids = ad.text_positions(given) if given is not None else None
     if position_ids is None:
         position_ids = (torch.arange(s, device=device) + past)[None]
     forced1, forced_llm = state.forced or (None, None)
@@ -372,13 +393,14 @@ def prefill(state: PruneState, inputs_embeds, input_ids, visual_inputs: dict | N
         vision = vision_stage(state, inputs_embeds, input_ids, visual_inputs, attention_mask, cache, forced1,
                               vision_kwargs)
         inputs_embeds, vis, img = vision.embeds, vision.layout.vis, vision.layout.img
-    rope = ad.rope_positions(input_ids, attention_mask, position_ids, visual_inputs or {}, cache)
+    rope = ad.rope_positions(input_ids, attention_mask, position_ids if given is None else given, visual_inputs or {},
+                             cache)
     cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=rope)
     orig = torch.arange(s, device=device).expand(b, s)
-    seq = Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig)
+    seq = Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig, _renumber(state, rope))
     compacted = vision is not None and vision.keep is not None and not bool(vision.keep.all())
     if compacted:
-        seq = seq.take(compact(vision.keep))
+        seq = seq.drop(vision.keep)
     llm = llm_stage(state, vision, seq, inputs_embeds, cache, use_cache, forced_llm, kwargs, compacted)
     if vision is not None:
         state.last = record_stats(state, vision, llm)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.masking_utils import create_causal_mask
 
-__all__ = ["compact", "take", "Seq", "keep_positions", "causal_mask", "call_layer"]
+__all__ = ["compact", "take", "Seq", "keep_positions", "contiguous_positions", "causal_mask", "call_layer"]
 
 
 def compact(keep: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,21 @@ def take(x: torch.Tensor, idx: torch.Tensor, fill=0) -> torch.Tensor:
     return out.masked_fill(pad, fill) if bool(pad.any()) else out
 
 
+def contiguous_positions(pos: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` positions after dropping the rows where ``keep`` is False: consecutive among each row's kept
+    valid tokens, ending at its last token's position (``pos + dropped valid rows after it``).
+
+    Rotary attention depends only on position differences, so this is the contiguous numbering from 0 of the
+    official code (VisionZip, PyramidDrop, SparseVLM...) shifted by a constant per sample: the same attention,
+    while the last prompt token keeps its position, so decode steps continue from the prompt's original
+    length (plain and fast path alike) exactly as the official code continues from the shortened length.
+    """
+    valid = torch.ones_like(keep) if mask is None else mask.to(keep.device).bool()
+    dropped = (valid & ~keep).long()
+    after = dropped.sum(dim=1, keepdim=True) - dropped.cumsum(dim=1)
+    return pos.to(keep.device) + after
+
+
 @dataclass
 class Seq:
     """The running sequence: hidden states plus per-position bookkeeping, all ``[b, s, ...]``."""
@@ -47,6 +63,17 @@ class Seq:
     vis: torch.Tensor  # visual-token index, TEXT or STRUCTURE (see layout)
     img: torch.Tensor  # image number or -1
     orig: torch.Tensor  # original sequence index or -1 (padding added by compaction)
+    # positions="contiguous": the rotary embedding; each drop then renumbers the kept rows consecutively
+    # (contiguous_positions) and recomputes their cos/sin. None: kept rows keep their original positions.
+    rotary: Callable | None = None
+
+    def drop(self, keep: torch.Tensor) -> Seq:
+        """The sequence without the rows where ``keep`` ([b, s] bool) is False (compacted, see :func:`compact`)."""
+        if self.rotary is None:
+            return self.take(compact(keep))
+        seq = replace(self, pos=contiguous_positions(self.pos, self.mask, keep)).take(compact(keep))
+        seq.cos_sin = self.rotary(seq.hidden, position_ids=seq.pos)
+        return seq
 
     def take(self, idx: torch.Tensor) -> Seq:
         b, s = self.hidden.shape[:2]
@@ -59,6 +86,7 @@ class Seq:
             vis=take(self.vis, idx, -1),
             img=take(self.img, idx, -1),
             orig=take(self.orig, idx, -1),
+            rotary=self.rotary,
         )
 
     def visual_counts(self, num_images: int) -> list[int]:

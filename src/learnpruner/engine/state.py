@@ -103,6 +103,9 @@ class PruneState:
     fast: bool = False
     # "image" or "crop" (see learnpruner.apply); the method's default when not given
     stage1_unit: str = "image"
+    # how ``tokens``/``ratio`` is read: "average" (visual tokens per LLM layer) or "paper" (the label of the
+    # method's published configuration); see learnpruner.budget
+    budget: str = "average"
     _schedules: dict = field(default_factory=dict)
 
     def section(self, name: str):
@@ -116,7 +119,7 @@ class PruneState:
                 self._schedules[n] = Schedule(n=n, num_layers=num_layers)
             else:
                 budget = tokens_for(n, self.tokens, self.ratio)
-                self._schedules[n] = self.method.schedule(budget, n, num_layers, self.options)
+                self._schedules[n] = self.method.schedule(budget, n, num_layers, self.options, self.budget)
         return self._schedules[n]
 
 

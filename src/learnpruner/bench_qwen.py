@@ -1,0 +1,250 @@
+"""Benchmark pieces for Qwen2.5-VL: the architectures (random weights), their inputs, analytic FLOPs and KV bytes.
+
+Meant to be hooked into :mod:`learnpruner.bench` (its ``ARCHS`` and the adapter's benchmark helpers); every
+function here also works alone, on a config, without allocating weights.
+
+* :data:`QWEN_ARCHS`: ``qwen2.5-vl-7b`` (``Qwen/Qwen2.5-VL-7B-Instruct``'s dimensions: a 32-block windowed ViT
+  of width 1280, full attention in blocks 7/15/23/31, 112 px windows, a 5120 -> 3584 merger, and a 28-layer
+  3584-wide LLM with 4 KV heads and M-RoPE sections [16, 24, 24]), ``qwen2.5-vl-mid`` (CPU-friendly, the same
+  token geometry) and ``qwen2.5-vl-tiny`` (tests).
+* :data:`BENCH_IMAGE`: an 896x1120 px image, 32 x 40 = 1280 tokens (the stock image processor's largest:
+  ``max_pixels`` 1003520 = 1280 x 28^2). :data:`BENCH_VIDEO`: 8 frames of 448x448 px, 4 temporal groups of
+  256 tokens = 1024 tokens.
+* FLOPs follow ``bench.FLOPS_CONVENTION`` (analytic, prefill, 2 per multiply-add, attention counted full
+  non-causal as ``FlopCounterMode`` counts SDPA): the vision tower is the patch Conv3d plus every block on
+  every patch (q/k/v/o, the 3-matrix SwiGLU MLP), with attention inside each 112 px window (8x8 patches,
+  smaller at the image's right and bottom edges) in the windowed blocks and over each temporal group's
+  patches in the full-attention blocks; the merger (the projector) is its two linear layers on the kept rows;
+  the LLM counts, per layer, the text tokens plus that layer's visual tokens. Norms and biases are not
+  counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "QWEN_ARCHS",
+    "BENCH_IMAGE",
+    "BENCH_VIDEO",
+    "qwen_config",
+    "image_grid",
+    "video_grid",
+    "grid_tokens",
+    "window_lengths",
+    "vision_flops",
+    "merger_flops",
+    "flops_breakdown",
+    "analytic_kv_bytes",
+    "random_inputs",
+]
+
+BENCH_IMAGE = (896, 1120)  # height, width in px: 32 x 40 merged tokens = 1280
+BENCH_VIDEO = (8, 448, 448)  # frames, height, width: 4 temporal groups x 16 x 16 = 1024 tokens
+
+# Qwen/Qwen2.5-VL-7B-Instruct (config.json)
+TOKEN_IDS_7B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                    vision_end_token_id=151653)
+VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+                 temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584,
+                 tokens_per_second=2, hidden_act="silu", in_channels=3)
+TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+               bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+
+
+def qwen_config(vision: dict | None = None, text: dict | None = None, token_ids: dict | None = None):
+    """A ``Qwen2_5_VLConfig`` with the 7B's dimensions, ``vision``/``text``/``token_ids`` overriding fields."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {**TOKEN_IDS_7B, **(token_ids or {})}
+    return Qwen2_5_VLConfig(vision_config={**VISION_7B, **(vision or {})}, text_config={**TEXT_7B, **(text or {})},
+                            tie_word_embeddings=False, **ids)
+
+
+def _tiny():
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+    return qwen_config(
+        vision=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
+                    fullatt_block_indexes=[1], out_hidden_size=64),
+        text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096, rope_parameters=rope, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0),
+        token_ids=dict(image_token_id=511, video_token_id=510, vision_start_token_id=509, vision_end_token_id=508),
+    )
+
+
+QWEN_ARCHS = {
+    "qwen2.5-vl-7b": qwen_config,
+    # CPU-friendly: the same patch, merge and window geometry (1280 tokens per BENCH_IMAGE), a small tower and LLM
+    "qwen2.5-vl-mid": lambda: qwen_config(
+        vision=dict(depth=8, hidden_size=256, intermediate_size=640, num_heads=4, fullatt_block_indexes=[3, 7],
+                    out_hidden_size=512),
+        text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
+                  num_key_value_heads=2,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}),
+    ),
+    # for tests: 56 px windows, 8 small layers
+    "qwen2.5-vl-tiny": _tiny,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry
+
+
+def image_grid(config, height: int, width: int, min_pixels: int = 3136, max_pixels: int = 1003520) -> tuple:
+    """``(t, h, w)`` in patches of an image of ``height x width`` px after the image processor's ``smart_resize``
+    (sides rounded to multiples of 28 px, area kept in ``[min_pixels, max_pixels]``; the defaults are the stock
+    processor's)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    vc = config.vision_config
+    factor = vc.patch_size * vc.spatial_merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (1, h // vc.patch_size, w // vc.patch_size)
+
+
+def video_grid(config, frames: int, height: int, width: int) -> tuple:
+    """``(t, h, w)`` of ``frames`` frames of ``height x width`` px (multiples of 28 px, an even frame count)."""
+    vc = config.vision_config
+    factor = vc.patch_size * vc.spatial_merge_size
+    if height % factor or width % factor or frames % vc.temporal_patch_size:
+        raise ValueError(f"video frames must be multiples of {factor} px and their count a multiple of "
+                         f"{vc.temporal_patch_size}, got {frames} x {height}x{width}")
+    return (frames // vc.temporal_patch_size, height // vc.patch_size, width // vc.patch_size)
+
+
+def grid_tokens(config, grid) -> int:
+    """LLM tokens of one image or video: ``t * h * w / merge^2``."""
+    t, h, w = grid
+    return t * h * w // config.vision_config.spatial_merge_size ** 2
+
+
+def window_lengths(config, grid) -> list[int]:
+    """Patches in each attention window of the windowed blocks (every temporal group): windows of
+    ``window_size`` px tile each frame's merged grid from its top-left corner, cut at its edges."""
+    vc = config.vision_config
+    m = vc.spatial_merge_size
+    span = vc.window_size // m // vc.patch_size  # window side in merged tokens
+    t, h, w = grid
+    hh, ww = h // m, w // m
+    rows = [min(span, hh - i) for i in range(0, hh, span)]
+    cols = [min(span, ww - j) for j in range(0, ww, span)]
+    return [r * c * m * m for _ in range(t) for r in rows for c in cols]
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs and cache size
+
+
+def vision_flops(config, grid) -> int:
+    """Analytic FLOPs of the vision tower for one image or video of ``grid`` (merger excluded: see
+    :func:`merger_flops`)."""
+    vc = config.vision_config
+    t, h, w = grid
+    patches = t * h * w
+    d, inter = vc.hidden_size, vc.intermediate_size
+    conv = 2 * patches * d * vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    dense = 2 * patches * (4 * d * d + 3 * d * inter)  # qkv + proj, SwiGLU gate/up/down
+    windowed = sum(4 * n * n * d for n in window_lengths(config, grid))
+    full = t * 4 * (h * w) ** 2 * d  # full-attention blocks: each temporal group's patches attend to each other
+    blocks = sum(dense + (full if i in vc.fullatt_block_indexes else windowed) for i in range(vc.depth))
+    return conv + blocks
+
+
+def merger_flops(config, rows: int) -> int:
+    """The merger (projector) on ``rows`` kept tokens: ``4d -> 4d -> out_hidden`` (two linear layers)."""
+    vc = config.vision_config
+    wide = vc.hidden_size * vc.spatial_merge_size ** 2
+    return 2 * rows * (wide * wide + wide * vc.out_hidden_size)
+
+
+def _text_dims(tc):
+    heads = tc.num_attention_heads
+    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    return tc.hidden_size, heads, kv, hd, tc.intermediate_size
+
+
+def flops_breakdown(config, schedules, grids, text_tokens: int, batch: int = 1, lm_head: str = "last") -> dict:
+    """Analytic prefill FLOPs of one prompt with the items ``grids`` (images and videos) pruned by ``schedules``
+    (one :class:`~learnpruner.budget.Schedule` per item, e.g. ``state.schedule(n)``), times ``batch``.
+
+    Returns ``vision`` (the tower on every item, unpruned), ``projector`` (the merger on each item's stage-1
+    rows), ``llm`` (per layer: ``text_tokens`` plus every item's visual tokens of that layer; q/k/v/o, SwiGLU,
+    attention scores and values full q x kv) and ``lm_head`` (``"last"``: one position; ``"all"``: every final
+    position)."""
+    if lm_head not in ("last", "all"):
+        raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
+    if len(schedules) != len(grids):
+        raise ValueError(f"{len(schedules)} schedule(s) for {len(grids)} item(s)")
+    tc = config.text_config
+    h, heads, kv, hd, ffn = _text_dims(tc)
+    for s, g in zip(schedules, grids):
+        if s.n != grid_tokens(config, g):
+            raise ValueError(f"a schedule for {s.n}-token items given for a grid of {grid_tokens(config, g)} tokens")
+    per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
+    llm = sum(2 * n * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * ffn) + 4 * n * n * heads * hd
+              for n in per_layer)
+    rows = sum(s.r1 if s.r1 is not None else s.n for s in schedules)
+    positions = 1 if lm_head == "last" else per_layer[-1]
+    parts = {"vision": sum(vision_flops(config, g) for g in grids), "projector": merger_flops(config, rows),
+             "llm": llm, "lm_head": 2 * positions * h * tc.vocab_size}
+    return {k: batch * v for k, v in parts.items()}
+
+
+def analytic_kv_bytes(config, schedules, text_tokens: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+    """Bytes of the KV cache after the prefill: per layer keys and values of the text and that layer's visual
+    tokens of every item (what ``bench.kv_cache_bytes`` measures on the real cache)."""
+    _, _, kv, hd, _ = _text_dims(config.text_config)
+    size = torch.empty((), dtype=dtype).element_size()
+    per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
+    return sum(2 * batch * kv * n * hd * size for n in per_layer)
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def random_inputs(config, batch: int = 1, text_tokens: int = 64, image=BENCH_IMAGE, video=None,
+                  generator: torch.Generator | None = None, second_per_grid_t: float = 1.0) -> dict:
+    """Forward arguments for ``batch`` prompts ``<s> t*4 [<vision_start> pads <vision_end>] t*rest`` with one
+    random image (``image`` = (height, width) px, resized as the processor would) or one random video
+    (``video`` = (frames, height, width); then no image), as the processor lays them out: ``input_ids``,
+    ``attention_mask``, ``mm_token_type_ids``, and ``pixel_values`` + ``image_grid_thw`` or
+    ``pixel_values_videos`` + ``video_grid_thw`` + ``second_per_grid_ts``. ``text_tokens`` counts every
+    non-placeholder token (the vision start/end tokens included)."""
+    vc = config.vision_config
+    if text_tokens < 4:
+        raise ValueError(f"text_tokens must be at least 4 (<s>, vision start and end, one more), got {text_tokens}")
+    grid = video_grid(config, *video) if video is not None else image_grid(config, *image)
+    n = grid_tokens(config, grid)
+    pad = config.video_token_id if video is not None else config.image_token_id
+    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
+               config.vision_end_token_id}
+    vocab = config.text_config.vocab_size
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    words = torch.randint(3, vocab, (batch, text_tokens - 3), generator=g)
+    for sid in special:
+        words[words == sid] = 3
+    pre = min(4, words.shape[1])
+    bos = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
+    ids = torch.cat([
+        torch.full((batch, 1), bos), words[:, :pre], torch.full((batch, 1), config.vision_start_token_id),
+        torch.full((batch, n), pad), torch.full((batch, 1), config.vision_end_token_id), words[:, pre:],
+    ], dim=1)
+    types = torch.where(ids == config.image_token_id, 1, torch.where(ids == config.video_token_id, 2, 0))
+    row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    pixels = torch.randn(batch * math.prod(grid), row, generator=g)
+    grids = torch.tensor([list(grid)] * batch)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types}
+    if video is not None:
+        out.update(pixel_values_videos=pixels, video_grid_thw=grids,
+                   second_per_grid_ts=torch.full((batch,), second_per_grid_t))
+    else:
+        out.update(pixel_values=pixels, image_grid_thw=grids)
+    return out
