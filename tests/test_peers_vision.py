@@ -255,7 +255,7 @@ def test_visionzip_uses_head_mean_keys_when_the_engine_provides_them():
     key = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1], [0, 1], [1, 1], [1, 0], [1, 0]], dtype=torch.float)[None]
     keys = torch.stack([key + 0.3, key - 0.3], dim=2)  # [1, n, heads, hd]
     opts = {"contextual": 2}
-    state = SimpleNamespace(options=opts, adapter=SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace())))
+    state = SimpleNamespace(options=opts, adapter=SimpleNamespace(cls_row_in_features=lambda: False))
     rule = STAGE1_RULES["visionzip"]
     plain = rule(VisionContext(feats, state, None, None, None, None, cache={"cls": cls}), 4)
     keyed = rule(VisionContext(feats, state, None, None, None, None, cache={"cls": cls, "keys": keys}), 4)

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .budget import check_ratio, check_tokens, tokens_for
+from .budget import check_budget, check_ratio, check_tokens, tokens_for
 from .engine import PruneState, Stats, pruned_forward
 from .lpm import LearnablePruningModule, LPMConfig
 from .methods import get_method
+from .rules import STAGE1_RULES
 
 __all__ = ["apply", "remove", "stats", "is_pruned"]
 
@@ -95,7 +96,7 @@ DEFAULT_TOKENS = 64
 
 
 def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = None, *, ratio: float | None = None,
-          fast: bool = False, stage1_unit: str | None = None, **options) -> nn.Module:
+          fast: bool = False, stage1_unit: str | None = None, budget: str = "average", **options) -> nn.Module:
     """Prune the visual tokens of ``model`` (patched in place; returns it).
 
     Args:
@@ -113,7 +114,17 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
             (the budget is split evenly over the crops of a LLaVA-NeXT image or the frames of a video, and the
             rule runs on each alone). Default: the method's own (``"crop"`` for VisionZip, as its official code
             runs LLaVA-NeXT; ``"image"`` otherwise).
-        **options: method options, e.g. ``lpm=PATH``, ``r1``, ``r2``, ``layer``, ``diversity``, ``seed``.
+        budget: how ``tokens``/``ratio`` is read. ``"average"`` (default): the average number of visual tokens per
+            LLM layer, the FLOPs-matched convention of the LearnPruner, FastV and SparseVLM papers. ``"paper"``: the
+            label of each method's published configuration, run exactly as its official code does for that label
+            (e.g. DART keeps T + 4 tokens after layer 2; SparseVLM its per-layer lists plus recycled tokens), which
+            may average more or fewer tokens per layer; ``stats(model).average_tokens`` reports what a forward
+            processed. Methods whose papers use the average convention (LearnPruner and every method that prunes
+            after the vision encoder) are the same in both; ``learnpruner methods NAME`` shows both mappings.
+        **options: method options, e.g. ``lpm=PATH``, ``r1``, ``r2``, ``layer``, ``diversity``, ``seed``, and for every
+            method ``positions="original" | "contiguous"`` (position ids of the tokens kept after a drop: their
+            original ones, or renumbered consecutively as VisionZip's, PyramidDrop's and SparseVLM's official code
+            do; default: what the method's official code does, see its doc).
 
     Only this instance changes: it gets a private subclass whose ``forward`` runs the pruning engine,
     so ``model(**inputs)`` and ``model.generate(**inputs)`` take the processor's outputs unchanged.
@@ -129,15 +140,18 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
         raise ValueError(f"give tokens= or ratio=, not both (got tokens={tokens!r}, ratio={ratio!r})")
     ratio = check_ratio(ratio) if ratio is not None else None
     tokens = check_tokens(tokens if tokens is not None else DEFAULT_TOKENS) if ratio is None else None
+    budget = check_budget(budget)
     opts = m.check_options(options)
     if stage1_unit not in (None, "image", "crop"):
         raise ValueError(f"stage1_unit must be 'image' or 'crop', got {stage1_unit!r}")
     adapter.check_method(m)
     n = adapter.num_visual_tokens()
     num_layers = adapter.text_config.num_hidden_layers
-    m.schedule(tokens_for(n, tokens, ratio), n, num_layers, {k: v for k, v in opts.items() if k != "lpm"})  # early
+    m.schedule(tokens_for(n, tokens, ratio), n, num_layers, {k: v for k, v in opts.items() if k != "lpm"},  # early
+               budget)
     seed = opts.get("seed", 0)
-    lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if m.stage1 == "lpm" else None
+    needs_lpm = bool(getattr(STAGE1_RULES.get(m.stage1), "needs_lpm", False)) if m.stage1 else False
+    lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if needs_lpm else None
     generator = torch.Generator().manual_seed(seed) if m.stage1 == "random" else None
     if fast and adapter.text_config._attn_implementation not in ("sdpa", "eager"):
         raise ValueError(
@@ -146,7 +160,7 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
         )
     state = PruneState(
         method=m, tokens=tokens, ratio=ratio, options=opts, adapter=adapter, base_class=type(model), lpm=lpm,
-        generator=generator, fast=bool(fast), stage1_unit=stage1_unit or m.stage1_unit,
+        generator=generator, fast=bool(fast), stage1_unit=stage1_unit or m.stage1_unit, budget=budget,
     )
     model.__class__ = _pruned_class(type(model))
     model._learnpruner = state

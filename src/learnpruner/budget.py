@@ -4,6 +4,12 @@ A budget ``T`` means the AVERAGE number of visual tokens each decoder layer proc
 FLOPs-matched convention of the LearnPruner, FastV and SparseVLM papers). A method that keeps
 ``r1`` tokens in layers ``[0, K)`` and ``r2`` in ``[K, L)`` meets the budget when
 ``(K * r1 + (L - K) * r2) / L`` is (close to) ``T``.
+
+That is the ``"average"`` convention (the default). The ``"paper"`` convention (``apply(...,
+budget="paper")``) reads ``T`` as the label of each peer's published configuration instead: the
+counts its official code keeps for that label (e.g. DART keeps ``T + 4`` tokens after layer 2, so its
+"128" averages about 160 tokens per layer). Methods whose papers use the average convention
+(LearnPruner, and every method that prunes after the vision encoder) map both conventions alike.
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["Schedule", "check_tokens", "check_ratio", "tokens_for", "average",
-            "default_layer", "two_stage", "single_drop"]
+__all__ = ["Schedule", "BUDGETS", "POSITIONS", "check_budget", "check_tokens", "check_ratio", "tokens_for",
+            "average", "default_layer", "two_stage", "single_drop", "describe"]
+
+BUDGETS = ("average", "paper")  # how a budget T is read (see the module docstring)
+POSITIONS = ("original", "contiguous")  # position ids of the tokens kept after a drop
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,16 @@ class Schedule:
     @property
     def is_noop(self) -> bool:
         return all(c >= self.n for c in self.per_layer())
+
+
+def check_budget(budget: object) -> str:
+    """Validate a budget convention: ``"average"`` or ``"paper"``. Raises ``ValueError`` naming the bad value."""
+    if not isinstance(budget, str) or budget not in BUDGETS:
+        raise ValueError(
+            f"budget must be one of {', '.join(repr(b) for b in BUDGETS)} (average visual tokens per LLM layer, or "
+            f"the label of each method's published configuration), got {budget!r}"
+        )
+    return budget
 
 
 def check_tokens(tokens: object) -> int:
@@ -135,3 +154,16 @@ def single_drop(tokens: int, n: int, num_layers: int, layer: int, method: str) -
             f"or an earlier layer (layer=1)."
         )
     return Schedule(n=n, num_layers=num_layers, drops=((layer, r),))
+
+
+def describe(schedule: Schedule) -> str:
+    """One line: the visual tokens each run of layers sees and the average, e.g.
+    ``"576 (layers 0-1), 196 (2-31); average 219.8"``."""
+    counts = schedule.per_layer()
+    runs, start = [], 0
+    for i in range(1, len(counts) + 1):
+        if i == len(counts) or counts[i] != counts[start]:
+            where = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            runs.append(f"{counts[start]} ({'layers ' if not runs else ''}{where})")
+            start = i
+    return f"{', '.join(runs)}; average {schedule.average:.1f}"

@@ -84,6 +84,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                         help="budget: the fraction 0 < R <= 1 of each image's own visual tokens (average per layer)")
     p.add_argument("--lpm", default=None, help="LPM folder for learnpruner (default: the model's own, if shipped)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="extra method option, repeatable")
+    p.add_argument("--budget", choices=("average", "paper"), default="average",
+                   help="average: --tokens is visual tokens per LLM layer; paper: the peer's published setting")
     p.add_argument("--overlay", default=None, metavar="FILE.png",
                    help="write a picture of the patches each stage kept, one panel per crop")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -119,7 +121,8 @@ def _generate(args: argparse.Namespace) -> int:
         image, prompt = _image_and_prompt(args.image, args.prompt)
         media, kind = {"images": image}, "image"
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
-    learnpruner.apply(model, args.method, tokens=args.tokens, ratio=args.ratio, fast=args.fast, **options)
+    learnpruner.apply(model, args.method, tokens=args.tokens, ratio=args.ratio, fast=args.fast, budget=args.budget,
+                      **options)
     text = format_prompt(processor, prompt, kind)
     inputs = processor(text=text, return_tensors="pt", **media).to(args.device)
     for key in [k for k in inputs if k.startswith("pixel_values")]:
@@ -192,9 +195,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--model", required=True,
                    help="hub id, local folder or built-in name of the (frozen) VLM, any supported family (LLaVA-1.5, "
-                   "LLaVA-NeXT: the LPM trains on every crop); its processor needs a chat template")
+                   "LLaVA-NeXT: the LPM trains on every crop; Video-LLaVA: images and videos); its processor needs a "
+                   "chat template")
     p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL file, or 'shapesvqa' for the testbed stream")
-    p.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
+    p.add_argument("--image-folder", default=None, help="folder the records' image (and video) paths are relative to")
+    p.add_argument("--frames", type=int, default=8,
+                   help="frames sampled uniformly from each record's video (Video-LLaVA: 8; needs PyAV)")
     p.add_argument("--tokens", type=int, default=d.tokens, help="target budget (average visual tokens per layer)")
     p.add_argument("--out", required=True, help="output folder: lpm.safetensors, lpm.json, checkpoint.pt")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -229,7 +235,7 @@ def _train(args: argparse.Namespace) -> int:
     from .hub import load
     from .lpm_train import LlavaRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
 
-    for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every", "max_length"):
+    for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every", "max_length", "frames"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     budget_range = None
@@ -238,7 +244,8 @@ def _train(args: argparse.Namespace) -> int:
         if len(budget_range) != 2 or not 0 < budget_range[0] <= budget_range[1]:
             raise ValueError(f"--budget-range takes LO,HI with 0 < LO <= HI, got {args.budget_range!r}")
     check_out_dir(args.out, args.resume, args.overwrite)  # refuse a used --out before loading anything
-    data = ShapesRecords(args.seed) if args.data == "shapesvqa" else LlavaRecords(args.data, args.image_folder)
+    data = (ShapesRecords(args.seed) if args.data == "shapesvqa"
+            else LlavaRecords(args.data, args.image_folder, num_frames=args.frames))
     model, processor = load(args.model, device=args.device or "cpu", dtype="bfloat16" if args.bf16 else "float32")
     cfg = TrainConfig(tokens=args.tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       ratio_weight=args.ratio_weight, mask=args.mask, distill_weight=args.distill_weight,
@@ -273,9 +280,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="learnpruner-eval", help="folder for results.json, accuracy.png, preds/")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=4)
-    p.add_argument("--lpm", default=None, help="LPM folder for learnpruner and lpm-only (default: the model's own)")
+    p.add_argument("--lpm", default=None,
+                   help="LPM folder for learnpruner, lpm-only and lpm-lpm (default: the model's own)")
     p.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
                    help="a method option, repeatable (e.g. sparsevlm:recycle=false, pyramiddrop:layers=1,2,4)")
+    p.add_argument("--budget", choices=("average", "paper"), default="average",
+                   help="average: --tokens are visual tokens per LLM layer (default); paper: each peer runs its "
+                   "published configuration for the label (the table says what average it reached)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
 
@@ -301,14 +312,18 @@ def _eval(args: argparse.Namespace) -> int:
     extra_opts = _per_method_options(args.option, methods)
     items = load_items(args.data, args.limit)
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
-    opts = {m: {"lpm": args.lpm} for m in ("learnpruner", "lpm-only") if args.lpm}
+    lpm_methods = ("learnpruner", "lpm-only", "lpm-lpm")
+    opts = {m: {"lpm": args.lpm} for m in lpm_methods if args.lpm}
     if args.model == "tiny-random-llava" and not args.lpm:
-        opts = {m: {"lpm": "random"} for m in ("learnpruner", "lpm-only")}
+        opts = {m: {"lpm": "random"} for m in lpm_methods}
     for m, extra in extra_opts.items():
         opts.setdefault(m, {}).update(extra)
     records = evaluate(model, processor, items, methods, budgets, args.out, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, device=args.device, method_options=opts)
-    print(f"\n{args.data}: {len(items)} items, model {args.model}; tokens = average visual tokens per LLM layer")
+                       max_new_tokens=args.max_new_tokens, device=args.device, method_options=opts,
+                       budget=args.budget)
+    convention = ("average visual tokens per LLM layer" if args.budget == "average" else
+                  "each peer's published setting for the label ([reached N]: the average it processed)")
+    print(f"\n{args.data}: {len(items)} items, model {args.model}; tokens = {convention}")
     print(markdown_table(records))
     print(f"\nresults: {args.out}/results.json, plot: {args.out}/accuracy.png")
     return 0
@@ -339,12 +354,14 @@ def _methods(args: argparse.Namespace) -> int:
     import learnpruner
 
     from .adapters import families_of
+    from .methods import ABLATIONS, describe_budgets
 
-    names = [args.name] if args.name else sorted(learnpruner.METHODS)
+    names = [args.name] if args.name else sorted({**learnpruner.METHODS, **ABLATIONS})
     for name in names:
         m = learnpruner.get_method(name)
+        budgets = "\n".join("  " + line for line in describe_budgets(m))
         print(f"{m.name}\n  options: {', '.join(m.options) or '-'}\n  families: {', '.join(families_of(m))}"
-              f"\n  {m.doc}\n  {BUDGET_NOTE}\n")
+              f"\n  {m.doc}\n{budgets}\n  {BUDGET_NOTE}\n")
     return 0
 
 

@@ -145,8 +145,9 @@ def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
     return items
 
 
-def _cell_name(method: str, tokens: int) -> str:
-    return f"{method}@{tokens}"
+def _cell_name(method: str, tokens: int, budget: str = "average") -> str:
+    """A cell's file name; the ``paper`` budget convention gets its own cells (never mixed with the average's)."""
+    return f"{method}@{tokens}" + ("" if budget == "average" or method == "none" else f"-{budget}")
 
 
 def _read_preds(path: Path) -> dict[str, dict]:
@@ -305,8 +306,13 @@ def evaluate(
     device: str = "cpu",
     method_options: dict[str, dict] | None = None,
     progress: bool = True,
+    budget: str = "average",
 ) -> list[dict]:
     """Evaluate every ``method x budget`` cell; returns this run's records (``DIR/results.json`` holds every cell).
+
+    ``budget``: how each budget label is read (``"average"`` visual tokens per LLM layer, or ``"paper"``: each
+    peer's published configuration for the label; see ``learnpruner.apply``); every record holds the average
+    the cell really reached (``avg_tokens``).
 
     A cell whose budget the method cannot reach (its schedule raises ``ValueError``) is recorded with
     ``status="unreachable"`` and its reason; bad method options are refused before any work. ``none``
@@ -331,7 +337,7 @@ def evaluate(
         opts = method_options.get(m, {})
         try:  # at the full budget a schedule fails only on bad options (a low budget may be unreachable)
             method.check_options(opts)
-            method.schedule(n, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"})
+            method.schedule(n, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget=budget)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{m}: {e}") from None
     out = Path(out_dir)
@@ -349,18 +355,18 @@ def evaluate(
     with _out_lock(out), contextlib.closing(bar):
         for method, tokens in cells:
             opts = method_options.get(method, {})
-            path = out / "preds" / f"{_cell_name(method, tokens)}.jsonl"
+            path = out / "preds" / f"{_cell_name(method, tokens, budget)}.jsonl"
             _check_cell_setup(path, model, opts, max_new_tokens)
             _repair_tail(path)
             done = _read_preds(path)
             _check_data(out, path, done, hashes)
             bar.update(len([i for i in done if i in by_id]))
-            bar.set_postfix(cell=_cell_name(method, tokens))
+            bar.set_postfix(cell=_cell_name(method, tokens, budget))
             status, reason = "ok", None
             todo = [it for it in items if it.id not in done]
             try:
                 schedule = learnpruner.get_method(method).schedule(
-                    tokens, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"})
+                    tokens, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget=budget)
             except ValueError as e:
                 schedule, status, reason = None, "unreachable", str(e)
             reference = out / "preds" / f"{_cell_name('none', max(budgets))}.jsonl"
@@ -374,7 +380,7 @@ def evaluate(
                 todo = [it for it in items if it.id not in done]
                 bar.update(len(reused))
             if todo and status == "ok":
-                learnpruner.apply(model, method, tokens=tokens, **opts)
+                learnpruner.apply(model, method, tokens=tokens, budget=budget, **opts)
                 try:
                     with open(path, "a") as f:
                         for start in range(0, len(todo), batch_size):
@@ -398,7 +404,7 @@ def evaluate(
             if status != "ok":
                 bar.update(len(todo))
             rec = _cell_record(method, tokens, [done[i] for i in by_id if i in done], status, reason)
-            rec["run"] = run
+            rec["run"], rec["budget"] = run, budget
             records.append(rec)
             atomic_write(path.with_suffix(".result.json"),
                          lambda tmp, rec=rec: Path(tmp).write_text(json.dumps(rec, indent=1) + "\n"))
@@ -483,10 +489,13 @@ def markdown_table(records: list[dict]) -> str:
              "|---|" + "---|" * len(budgets)]
     if none is not None and none.get("accuracy") is not None:
         lines.append(f"| none (all tokens) | {100 * none['accuracy']:.1f} (100%) |" + " |" * (len(budgets) - 1))
-    for method in dict.fromkeys(r["method"] for r in records if r["method"] != "none"):
+    def row(r: dict) -> str:  # cells of the paper convention get rows of their own
+        return r["method"] + (" [paper budgets]" if r.get("budget") == "paper" else "")
+
+    for method in dict.fromkeys(row(r) for r in records if r["method"] != "none"):
         cells = []
         for t in budgets:
-            r = next((r for r in records if r["method"] == method and r["tokens"] == t), None)
+            r = next((r for r in records if row(r) == method and r["tokens"] == t), None)
             if r is None:
                 cells.append("")
             elif r["status"] != "ok":

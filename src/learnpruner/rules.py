@@ -140,13 +140,15 @@ STAGE1_RULES: dict[str, Callable[[VisionContext, int], Selection]] = {}
 LLM_RULES: dict[str, LLMRule] = {}
 
 
-def stage1_rule(name: str, needs_cls: bool = False):
-    """Register a stage-1 rule under ``name``; ``needs_cls`` makes the engine capture [CLS] attention."""
+def stage1_rule(name: str, needs_cls: bool = False, needs_lpm: bool = False):
+    """Register a stage-1 rule under ``name``; ``needs_cls`` makes the engine capture [CLS] attention,
+    ``needs_lpm`` makes ``apply`` resolve a Learnable Pruning Module (option ``lpm``) into ``state.lpm``."""
 
     def deco(fn):
         if name in STAGE1_RULES:
             raise ValueError(f"stage-1 rule {name!r} is already registered")
         fn.needs_cls = needs_cls
+        fn.needs_lpm = needs_lpm
         STAGE1_RULES[name] = fn
         return fn
 
@@ -168,13 +170,19 @@ def llm_rule(name: str, query: str | Callable | None = None, keys: bool = False)
 # --- the rules of the core methods ------------------------------------------------------------------
 
 
-@stage1_rule("lpm")
-def _lpm(ctx: VisionContext, k: int) -> Selection:
+def lpm_of(ctx: VisionContext):
+    """The state's LPM, moved to the features' device and dtype (it is not a submodule of the model, so it
+    follows the model's moves here)."""
     lpm = ctx.state.lpm
     p, f = next(lpm.parameters()), ctx.features
-    if p.device != f.device or p.dtype != f.dtype:  # the LPM is not a submodule: follow the model's moves
+    if p.device != f.device or p.dtype != f.dtype:
         lpm.to(device=f.device, dtype=f.dtype)
-    keep_prob = lpm(ctx.features)
+    return lpm
+
+
+@stage1_rule("lpm", needs_lpm=True)
+def _lpm(ctx: VisionContext, k: int) -> Selection:
+    keep_prob = lpm_of(ctx)(ctx.features)
     return Selection(sel.lpm_select(keep_prob, ctx.features, k, ctx.options.get("diversity", 0.1)))
 
 

@@ -140,7 +140,8 @@ def _dart_rule(ctx: LLMContext, k: int) -> Selection:
 llm_rule("dart", keys=True)(_dart_rule)
 
 
-def _dart_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+def _dart_layer(options: dict, num_layers: int) -> int:
+    """Validates DART's options; returns its pruning layer."""
     for key in ("pivot_image", "pivot_text"):
         v = options.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -148,10 +149,32 @@ def _dart_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Sched
     layer = options.get("layer", default_layer(num_layers, 2))
     if not 1 <= layer < num_layers:
         raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}")
+    return layer
+
+
+def _dart_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+    layer = _dart_layer(options, num_layers)
     if options.get("r2") is not None:
         r2 = options["r2"]
         return Schedule(n=n, num_layers=num_layers, drops=((layer, r2),) if r2 < n else ())
     return single_drop(tokens, n, num_layers, layer, "dart")
+
+
+def dart_paper_count(tokens: int, pivot_image: int = 4, pivot_text: int = 4) -> int:
+    """Tokens DART's official code keeps after its pruning layer for a label ``tokens`` (``max_num_trunction``):
+    the image pivots plus ``TOKEN_TOPK = tokens // (pivot_image + pivot_text)`` per pivot (192/128/64/32 ->
+    196/132/68/36 with the default 4 + 4 pivots)."""
+    pivots = pivot_image + pivot_text
+    return pivot_image + pivots * (tokens // pivots) if pivots else tokens
+
+
+def _dart_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+    layer = _dart_layer(options, num_layers)
+    r = options.get("r2")
+    if r is None:
+        r = dart_paper_count(tokens, options.get("pivot_image", 4), options.get("pivot_text", 4))
+    r = max(1, r)
+    return Schedule(n=n, num_layers=num_layers, drops=((layer, r),) if r < n else ())
 
 
 register(Method(
@@ -159,6 +182,7 @@ register(Method(
     stage1=None,
     stage2="dart",
     schedule_fn=_dart_schedule,
+    paper_fn=_dart_paper,
     options=("layer", "r2", "pivot_image", "pivot_text"),
     doc=(
         "DART (Wen et al., 'Stop Looking for Important Tokens in Multimodal Language Models: Duplication "
@@ -176,7 +200,11 @@ register(Method(
         "pivot_image + (pivot_image + pivot_text) * floor(R / 8) tokens (132 for its '128', counted after "
         "layer 2, not averaged); here exactly r, the remainder split over the first pivots. (2) Official "
         "visits pivots in Python-set order; here in sequence order. (3) Official runs batch size 1 with "
-        "fixed image offsets; here per image, with padding. Positions keep their original ids (as official)."
+        "fixed image offsets; here per image, with padding. Positions keep their original ids (as official: "
+        "position_ids = keep_indexs). budget='paper' runs the official configuration for the label T (ZichenWen1/DART, "
+        "llava/model/language_model/modeling_llama_self.py, get_retained_image_token; scripts/v1_5/eval/*.sh: "
+        "pruned_layer 2, max_num_trunction T, pivots 4 + 4): TOKEN_TOPK = T // 8 per pivot, so 4 + 8 * (T // 8) "
+        "tokens from layer 2 on: 192/128/64/32 -> 196/132/68/36 (averages 219.8/159.8/99.8/69.8 for n=576, L=32)."
     ),
 ))
 
@@ -268,11 +296,62 @@ def _pdrop_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Sche
     return staged_schedule(tokens, n, num_layers, layers, profile, "pyramiddrop")
 
 
+# PyramidDrop's published configurations (Cooperx521/PyramidDrop): the repository's one configuration
+# (scripts/v1_5/pdrop_eval/*.sh: layer_list [8,16,24], image_token_ratio_list [0.5,0.25,0.125], an average of 270
+# for 576 tokens), and the maintainer's recipe for the paper's lower budgets (issue #29, 2025-11-11: keep the
+# lambda, lambda^2, ... structure, move the stages earlier, e.g. layers 2/8/16, and solve lambda for the average:
+# lambda = 0.19 at layers 2/8/16 for 64 tokens)
+_PDROP_PAPER_LAYERS = (2, 8, 16)
+_PDROP_PAPER_LAMBDA = {270: 0.5, 64: 0.19}
+
+
+def _pdrop_average(layers: tuple[int, ...], n: int, num_layers: int, lam: float) -> float:
+    bounds = list(layers) + [num_layers]
+    counts = [int(n * lam ** (j + 1)) for j in range(len(layers))]
+    return (layers[0] * n + sum((bounds[j + 1] - bounds[j]) * c for j, c in enumerate(counts))) / num_layers
+
+
+def pdrop_paper_lambda(tokens: int, n: int = 576, num_layers: int = 32,
+                       layers: tuple[int, ...] = _PDROP_PAPER_LAYERS) -> float:
+    """lambda for a label under the maintainer's recipe: the two-decimal lambda whose average (counts
+    ``int(n lambda^j)``, as the official ``int(cur_image_token * ratio)``) is nearest ``tokens`` (0.19 for 64)."""
+    grid = [j / 100 for j in range(1, 100)]
+    return min(grid, key=lambda lam: (abs(_pdrop_average(layers, n, num_layers, lam) - tokens), lam))
+
+
+def _pdrop_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+    if tokens >= n:
+        return Schedule(n=n, num_layers=num_layers)
+    if options.get("lam") is not None:
+        return _pdrop_schedule(tokens, n, num_layers, options)
+    if options.get("layers") is None and tokens == 270 and n == 576:  # the repository's configuration
+        layers, lam = _layers_option({}, num_layers, (8, 16, 24)), 0.5
+    else:
+        layers = _layers_option(options, num_layers, _PDROP_PAPER_LAYERS)
+        lowest = -(-(layers[0] * n) // num_layers) + 1
+        if tokens < lowest:
+            raise ValueError(
+                f"pyramiddrop (budget='paper') first prunes at LLM layer {layers[0]} of {num_layers}, so its average "
+                f"is at least {lowest} visual tokens for {n}-token images; got tokens={tokens}. Use tokens >= "
+                f"{lowest} or earlier layers (layers=...)."
+            )
+        lam = _PDROP_PAPER_LAMBDA.get(tokens) if (n, num_layers, layers) == (576, 32, _PDROP_PAPER_LAYERS) else None
+        lam = lam if lam is not None else pdrop_paper_lambda(tokens, n, num_layers, layers)
+    counts, current = [], n
+    for j in range(len(layers)):
+        current = max(1, min(current, int(n * lam ** (j + 1))))
+        counts.append(current)
+    drops = tuple((layer, c) for layer, c in zip(layers, counts) if c < n)
+    return Schedule(n=n, num_layers=num_layers, drops=drops)
+
+
 register(Method(
     name="pyramiddrop",
     stage1=None,
     stage2="last",
     schedule_fn=_pdrop_schedule,
+    paper_fn=_pdrop_paper,
+    positions="contiguous",
     options=("layers", "lam"),
     doc=(
         "PyramidDrop (Xing et al., 'PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid "
@@ -287,9 +366,16 @@ register(Method(
         "ValueError): pass layers=(2, 8, 16) or similar to move the stages, or lam= to set lambda directly "
         "(tokens is then ignored). Differences from the official code: official scores with the q/k of the "
         "first layer of the new stage on its input; the engine scores with the attention of the layer before "
-        "the drop (the last layer of the previous stage), computed exactly from its q/k after RoPE. Official "
-        "renumbers position ids after a drop; here tokens keep their original positions. Official loops over "
-        "the batch; here batched with padding."
+        "the drop (the last layer of the previous stage), computed exactly from its q/k after RoPE. Positions: "
+        "contiguous by default, as official (modeling_llama_pdrop.py, pdrop_rank_drop renumbers the kept rows "
+        "0..len-1 and decoding subtracts each stage's dropped count); positions='original' keeps the original ids. "
+        "Official loops over the batch; here batched with padding. budget='paper' (the label T as the paper's "
+        "average, with the maintainer's published configurations): T=270 is the repository's configuration "
+        "(scripts/v1_5/pdrop_eval/*.sh: layers 8/16/24, lambda=0.5: 288/144/72); other labels follow the "
+        "maintainer's recipe for the paper's budgets (issue #29: stages at layers 2/8/16, lambda solved for the "
+        "average to two decimals; published: lambda=0.19 for 64): 192 -> lambda=0.56: 322/180/101 (average 191.9), "
+        "128 -> 0.42: 241/101/42 (127.4), 64 -> 0.19: 109/20/3 (62.9); counts int(n lambda^j) as official; labels "
+        "below ceil(2 n / 32) + 1 = 37 (32) are unreachable."
     ),
 ))
 
@@ -438,14 +524,48 @@ def _sparsevlm_rule(ctx: LLMContext, r: int) -> Selection:
 llm_rule("sparsevlm", query="text")(_sparsevlm_rule)
 
 # official v1 per-stage counts (pruned after layers 2, 6, 15 of LLaVA-1.5-7B), without the recycled tokens
+# (Gumpest/SparseVLMs, llava/model/language_model/score.py: sparse_token_list_192/128/96/64, layer_dict {2, 6, 15})
 _SPARSEVLM_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 
 
-def _sparsevlm_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+def sparsevlm_paper_counts(tokens: int, recycle: bool = True, n: int = 576) -> list[int]:
+    """Visual tokens after each of SparseVLM v1's drops for a published label, as its official code keeps them:
+    ``min(count, present - 1)`` top tokens by score plus, with recycling, ``int((int(0.3 p) + 1) / 10) + 1``
+    merged tokens for ``p`` pruned ones (192 -> 309/204/113, 128 -> 312/117/39, 64 -> 82/32/18)."""
+    out, present = [], n
+    for count in _SPARSEVLM_COUNTS[tokens]:
+        kept = min(count, present - 1)
+        clusters = int((int((present - kept) * 0.3) + 1) / 10) + 1 if recycle and present > kept else 0
+        present = kept + clusters
+        out.append(present)
+    return out
+
+
+def _sparsevlm_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+    layers = _sparsevlm_layers(options, num_layers)
+    if tokens >= n:
+        return Schedule(n=n, num_layers=num_layers)
+    if n != 576 or tokens not in _SPARSEVLM_COUNTS:
+        raise ValueError(
+            f"sparsevlm publishes budget='paper' configurations for 576-token images at "
+            f"{', '.join(map(str, _SPARSEVLM_COUNTS))} visual tokens; got tokens={tokens} for {n}-token images. "
+            f"Use budget='average' for other budgets."
+        )
+    counts = sparsevlm_paper_counts(tokens, options.get("recycle", True) is not False, n)
+    counts = (counts + [counts[-1]] * len(layers))[: len(layers)]
+    return Schedule(n=n, num_layers=num_layers, drops=tuple(zip(layers, counts)))
+
+
+def _sparsevlm_layers(options: dict, num_layers: int) -> tuple[int, ...]:
+    """Validates SparseVLM's options; returns its drop layers."""
     rec = options.get("recycle")
     if rec is not None and not isinstance(rec, bool):
         raise ValueError(f"option recycle must be True or False, got {rec!r}")
-    layers = _layers_option(options, num_layers, (3, 7, 16))
+    return _layers_option(options, num_layers, (3, 7, 16))
+
+
+def _sparsevlm_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+    layers = _sparsevlm_layers(options, num_layers)
     key = min(_SPARSEVLM_COUNTS, key=lambda t: (abs(t - tokens), -t))
     profile = list(_SPARSEVLM_COUNTS[key])
     profile = (profile + [profile[-1]] * len(layers))[: len(layers)]
@@ -457,6 +577,8 @@ register(Method(
     stage1=None,
     stage2="sparsevlm",
     schedule_fn=_sparsevlm_schedule,
+    paper_fn=_sparsevlm_paper,
+    positions="contiguous",
     options=("layers", "recycle"),
     doc=(
         "SparseVLM (Zhang et al., 'SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "
@@ -477,8 +599,13 @@ register(Method(
         "64 -> 25/12/7 (averages 192.1/127.9/64.0 for n=576, L=32). Below ceil((3 n + 29) / 32) = 55 "
         "(e.g. 32) the budget is unreachable and raises ValueError (pass layers=(1, 4, 12) or similar). "
         "Differences from the official code: (1) official counts exclude the recycled tokens (its '192' "
-        "averages about 206 visual tokens); here the average is honoured. (2) Official v1 renumbers "
-        "positions after a drop; here original positions are kept. (3) Official adds random noise to break "
+        "averages about 206 visual tokens); here the average is honoured (budget='paper' runs the official "
+        "counts instead, recycled tokens included: 192 -> 309/204/113 from layers 3/7/16, average 206.5; 128 -> "
+        "312/117/39, average 145.4; 64 -> 82/32/18, average 82.2; 96 as well; other labels raise ValueError). "
+        "(2) Positions: "
+        "contiguous by default, as official v1 (modelling_sparse_llama.py: position_ids[:, :len(kept)] after a "
+        "drop, and decode steps at each layer's own cache length); positions='original' keeps the original ids. "
+        "(3) Official adds random noise to break "
         "density ties; here ties break by index. (4) Official runs batch size 1 with one image; here batched "
         "with padding, the raters chosen per image (its visual tokens against its sample's instruction "
         "tokens); if no instruction token exceeds the mean relevance (all equal) every one rates, where "

@@ -1,19 +1,27 @@
 """Peer methods that prune after the vision encoder (stage-1 rules), and LearnPruner's ablations.
 
 Registered methods: ``visionzip``, ``vispruner``, ``divprune``, ``cdpruner`` (peers) and ``lpm-only``,
-``cls-text``, ``text-only`` (LearnPruner ablations). The selection math lives in
-:mod:`learnpruner.peers.vision_select`; the rules here only gather what each method reads.
+``cls-text``, ``text-only`` (LearnPruner ablations; ``cls-only`` and ``lpm-lpm`` are registered by name only,
+see :data:`learnpruner.methods.ABLATIONS`). The selection math lives in :mod:`learnpruner.peers.vision_select`;
+the rules here only gather what each method reads. These peers keep T tokens after the vision encoder, which
+is their papers' budget in both conventions (``budget="average"`` and ``"paper"``); their official code feeds
+the LLM the shortened prompt, so their ``positions`` default is ``"contiguous"``.
 """
 
 from __future__ import annotations
 
-import torch
+import os
 
+import torch
+from torch import nn
+
+from .. import selection as sel
 from ..budget import Schedule, default_layer, single_drop
 from ..engine.layout import TEXT, instruction_rows
 from ..methods import Method, _check_layer, _learnpruner_schedule, register
-from ..rules import Selection, VisionContext, stage1_rule
+from ..rules import LLMContext, Selection, VisionContext, llm_rule, lpm_of, stage1_rule
 from ..selection import topk_sorted
+from . import clip_text as ct
 from . import vision_select as vs
 
 __all__: list[str] = []
@@ -135,6 +143,7 @@ def _visionzip_schedule(tokens: int, n: int, num_layers: int, options: dict) -> 
 
 register(Method(
     name="visionzip",
+    positions="contiguous",
     stage1="visionzip",
     stage2=None,
     schedule_fn=_visionzip_schedule,
@@ -160,7 +169,10 @@ register(Method(
         "keys, the image's budget split evenly over its crops (the paper's 160 of 2880 = 32 per crop for five "
         "crops). Differences: the official code drops the grid's row newlines and restores the grid tokens "
         "without unpadding; here the unpadded grid and its newlines (structure, outside the budget) stay as "
-        "transformers packs them, so a crop that lost padding rows has fewer candidates."
+        "transformers packs them, so a crop that lost padding rows has fewer candidates. Positions: contiguous by "
+        "default, as official (the vision tower returns T tokens and LLaVA numbers the shortened prompt 0..len-1; "
+        "dvlab-research/VisionZip, visionzip/clip_encoder.py); positions='original' keeps the original ids. "
+        "budget='paper' is the same (T kept after the encoder; splits from the paper)."
     ),
 ))
 
@@ -182,6 +194,7 @@ def _vispruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> 
 
 register(Method(
     name="vispruner",
+    positions="contiguous",
     stage1="vispruner",
     stage2=None,
     schedule_fn=_vispruner_schedule,
@@ -195,7 +208,10 @@ register(Method(
         "features) until T - T_imp remain. Default important_ratio=0.5, the official code's default (its README "
         "also runs 0.75 at 64 tokens); every LLM layer sees T tokens. The official code is followed (removal chunk "
         "of 8, decreasing-attention order of the remainder, A/B alternation); its batched indexing assumes an even "
-        "remainder, this implementation handles any. Ties are broken towards the lower index (stable sorts)."
+        "remainder, this implementation handles any. Ties are broken towards the lower index (stable sorts). "
+        "Positions: contiguous by default, as official (Theia-4869/VisPruner, llava/model/llava_arch.py: the kept "
+        "tokens form the LLM's shortened prompt); positions='original' keeps the original ids. budget='paper' "
+        "is the same (T kept after the encoder; the official scripts take T and important_ratio directly)."
     ),
 ))
 
@@ -217,6 +233,7 @@ def _divprune_schedule(tokens: int, n: int, num_layers: int, options: dict) -> S
 
 register(Method(
     name="divprune",
+    positions="contiguous",
     stage1="divprune",
     stage2=None,
     schedule_fn=_divprune_schedule,
@@ -229,7 +246,9 @@ register(Method(
         "is the one whose nearest other token is farthest (not the lowest mean similarity). The official code "
         "sets the count as a ratio of the tokens (round(ratio * n)); here T is given directly. Every LLM layer "
         "sees T tokens. The projector runs once over all n tokens for the selection (the engine then projects "
-        "the kept rows)."
+        "the kept rows). Positions: contiguous by default, as official (vbdi/divprune, "
+        "LLaVA/llava/model/llava_arch.py: the kept rows of the embedded prompt, positions counted afresh); "
+        "positions='original' keeps the original ids. budget='paper' is the same (T = round(SUBSET_RATIO n))."
     ),
 ))
 
@@ -237,17 +256,88 @@ register(Method(
 # --- CDPruner ----------------------------------------------------------------------------------------
 
 
+def _vlm_tokenizer(ctx: VisionContext):
+    """The VLM's tokenizer (to read the instruction as text): option ``tokenizer``, else the model's folder."""
+    spec = ctx.options.get("tokenizer")
+    if spec is None:
+        model = getattr(ctx.adapter, "model", None)
+        spec = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+        if not spec:
+            raise ValueError(
+                "cdpruner with text_model reads the instruction as text and needs the model's tokenizer: pass "
+                "tokenizer=PATH_OR_TOKENIZER (the VLM's tokenizer or processor)"
+            )
+    return ct.load_tokenizer(spec, "the model's tokenizer (option tokenizer)")
+
+
+def instruction_texts(ctx: VisionContext, tokenizer) -> list[str]:
+    """Per sample: its instruction (the valid text after its last image) decoded, special tokens skipped."""
+    mask = _instruction_mask(ctx)
+    return [tokenizer.decode(ctx.input_ids[b][mask[b].to(ctx.input_ids.device)].tolist(),
+                             skip_special_tokens=True).strip() for b in range(mask.shape[0])]
+
+
+def _post_layernorm(ctx: VisionContext, clip: nn.Module) -> nn.Module:
+    """The vision tower's own ``post_layernorm`` (as the official code), else the loaded CLIP's."""
+    try:
+        tower = ctx.adapter.vision_module()
+    except (NotImplementedError, AttributeError):
+        tower = None
+    ln = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
+    width = ctx.features.shape[-1]
+    if not isinstance(ln, nn.LayerNorm) or ln.normalized_shape[-1] != width:
+        ln = clip.vision_model.post_layernorm
+    return ln
+
+
+def clip_text_relevance(ctx: VisionContext) -> torch.Tensor:
+    """``[num_images, n]`` CDPruner's official raw relevance with the CLIP text tower of option ``text_model``
+    (see :mod:`learnpruner.peers.clip_text`), before normalisation."""
+    opts = ctx.options
+    clip = ct.load_clip_text(opts["text_model"], opts.get("text_tokenizer"))
+    device = ctx.features.device
+    clip.model.to(device)
+    proj = clip.model.visual_projection
+    if proj.in_features != ctx.features.shape[-1]:
+        raise ValueError(
+            f"cdpruner's text_model projects {proj.in_features}-wide vision rows, but the model's feature layer is "
+            f"{ctx.features.shape[-1]} wide: text_model must be the CLIP the vision tower comes from"
+        )
+    texts = instruction_texts(ctx, _vlm_tokenizer(ctx))
+    sample = _image_sample(ctx, ctx.features.shape[0]).tolist()
+    cache: dict[int, torch.Tensor] = {}
+    embeds = []
+    for b in sample:
+        if b not in cache:
+            cache[b] = ct.text_embeds(clip, texts[b], device)
+        embeds.append(cache[b])
+    return ct.clip_relevance(ctx.features, _post_layernorm(ctx, clip.model), proj, embeds)
+
+
 @stage1_rule("cdpruner")
 def _cdpruner(ctx: VisionContext, k: int) -> Selection:
     with torch.no_grad():
         projected = _projected(ctx)
-        relevance = vs.normalize_relevance(_relevance(ctx, projected), ctx.options.get("theta"))
+        if ctx.options.get("text_model") is not None:
+            raw = clip_text_relevance(ctx)
+        else:
+            raw = _relevance(ctx, projected)
+        relevance = vs.normalize_relevance(raw, ctx.options.get("theta"))
         kernel = vs.conditional_kernel(projected, relevance)
         return Selection(vs.dpp_greedy(kernel, k).to(ctx.features.device))
 
 
 def _cdpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
     _check_ratio(options, "theta", hi_open=True)
+    tm = options.get("text_model")
+    if tm is not None and not isinstance(tm, (str, os.PathLike, nn.Module, ct.ClipText)):
+        raise ValueError(f"option text_model must be a path, a hub id or a CLIP module, got {type(tm).__name__}")
+    for key in ("tokenizer", "text_tokenizer"):
+        v = options.get(key)
+        if v is not None and not isinstance(v, (str, os.PathLike)) and not callable(getattr(v, "decode", None)):
+            raise ValueError(f"option {key} must be a path, a hub id or a tokenizer, got {type(v).__name__}")
+        if v is not None and tm is None:
+            raise ValueError(f"option {key} is only used with text_model= (CDPruner's CLIP text relevance)")
     return _stage1_schedule(tokens, n, num_layers, options)
 
 
@@ -256,21 +346,33 @@ register(Method(
     stage1="cdpruner",
     stage2=None,
     schedule_fn=_cdpruner_schedule,
-    options=("theta",),
+    positions="contiguous",
+    options=("theta", "text_model", "text_tokenizer", "tokenizer"),
     doc=(
         "CDPruner (Zhang et al., 'Beyond Attention or Similarity: Maximizing Conditional Diversity for Token "
         "Pruning in MLLMs', 2025). Conditional DPP: kernel L = diag(r) S diag(r), S the cosine similarity of the "
         "projected visual tokens, r the instruction relevance min-max normalised per image; T tokens by greedy "
         "MAP inference with the incremental Cholesky update. Defaults follow the official code: r enters "
         "linearly (its theta/exp(alpha r) weighting is commented out; theta=0.5 here gives the paper's "
-        "exp(theta / (2 (1 - theta)) r)). Instruction embedding, where this implementation must differ: the "
-        "official code scores the relevance with CLIP's TEXT tower (not part of a LLaVA checkpoint) against "
-        "CLIP-projected patch embeddings, NEGATED (penultimate-layer CLIP patches are anti-aligned with text), "
-        "normalised over the batch. Here the model's own alignment is used: the projector maps visual tokens into "
-        "the LLM's input-embedding space, so r = cosine between each projected visual token and the mean unit "
-        "input embedding of the instruction tokens (the valid text after the image; all text when none follows), "
-        "without negation (no such inversion in that space), normalised per image (batch-independent). No "
-        "extra model is loaded. Every LLM layer sees T tokens."
+        "exp(theta / (2 (1 - theta)) r)). Instruction relevance, official (text_model=PATH_OR_ID, the CLIP the "
+        "vision tower comes from, e.g. openai/clip-vit-large-patch14-336 for LLaVA-1.5; loaded once as "
+        "transformers' CLIPModel with its tokenizer, or text_model=<CLIPModel> with text_tokenizer=...): as "
+        "Theia-4869/CDPruner (llava/model/llava_arch.py encode_images, multimodal_encoder/clip_encoder.py), the "
+        "patch embeddings are the tower's post_layernorm of the feature-layer rows through CLIP's "
+        "visual_projection (float32), the instruction goes through CLIP's text tower (no truncation: segments of "
+        "77 tokens, one embedding each), r = mean over segments of the NEGATED cosine (penultimate-layer CLIP "
+        "patches are anti-aligned with text), min-max normalised. The instruction is read as text with the "
+        "model's tokenizer (option tokenizer=, default: the model's folder): the valid text after the image, "
+        "special tokens skipped (the official code passes the bare question; here the chat template's tail, "
+        "e.g. 'ASSISTANT:', is part of it). Normalisation is per image (the official min/max run over the batch, "
+        "which equals it at the official batch size 1). Without text_model (the default) the fallback needs no "
+        "extra model: the projector maps visual tokens into the LLM's input-embedding space, so r = cosine "
+        "between each projected visual token and the mean unit input embedding of the instruction tokens (all "
+        "text when none follows the image), without negation, normalised per image. NOTE: this fallback is not "
+        "the official relevance and was not validated against it; choosing a better one needs validation runs "
+        "(pending). Every LLM layer sees T tokens. Positions: contiguous by default, as official (the kept tokens "
+        "form the LLM's shortened prompt); positions='original' keeps the original ids. budget='paper' is the "
+        "same (the scripts take T, visual_token_num, directly)."
     ),
 ))
 
@@ -304,7 +406,9 @@ register(Method(
     doc=(
         "LearnPruner ablation 'LPM only' (arXiv 2604.23950, ablation at 64 tokens: 96.1): stage 1 of learnpruner "
         "(the LPM's top tokens with the 10% max-min diversity fill) keeps T tokens; no LLM drop, so every layer "
-        "sees T. Needs lpm= like learnpruner."
+        "sees T. Needs lpm= like learnpruner. "
+        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
+        "positions='contiguous' renumbers them."
     ),
 ))
 
@@ -317,9 +421,83 @@ register(Method(
     doc=(
         "LearnPruner ablation '[CLS] attention + text attention': learnpruner with the LPM replaced by [CLS] "
         "attention (top r1 by the [CLS] attention of the encoder layer producing the feature layer, mean over "
-        "heads, no diversity fill); stage 2 and the r1:r2 = 3:1 schedule at layer K (12 of 32) are learnpruner's."
+        "heads, no diversity fill); stage 2 and the r1:r2 = 3:1 schedule at layer K (12 of 32) are learnpruner's. "
+        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
+        "positions='contiguous' renumbers them."
     ),
 ))
+
+# --- LearnPruner ablations of the paper's ablation table at 64 tokens ([CLS]-attn only 94.6, LPM only 96.1,
+# LPM + LPM 96.9, LPM + text attention 96.9); registered by name only (learnpruner.methods.ABLATIONS)
+
+_LPM_LPM_STASH = "_lpm_lpm_keep_prob"  # on the PruneState: {n: (keep_prob [images, n], stage-1 kept table)}
+
+
+@stage1_rule("lpm-lpm", needs_lpm=True)
+def _lpm_lpm_stage1(ctx: VisionContext, k: int) -> Selection:
+    """Stage 1 of lpm-lpm: exactly learnpruner's (top r1 by the LPM's keep-probability, the diversity fill);
+    the keep-probabilities stay on the state for stage 2 of the same forward."""
+    with torch.no_grad():
+        keep_prob = lpm_of(ctx)(ctx.features)
+        kept = sel.lpm_select(keep_prob, ctx.features, k, ctx.options.get("diversity", 0.1))
+    table = torch.zeros_like(keep_prob, dtype=torch.bool)
+    table.scatter_(1, kept, True)
+    ctx.state.__dict__.setdefault(_LPM_LPM_STASH, {})[ctx.features.shape[1]] = (keep_prob, table)
+    return Selection(kept)
+
+
+def _lpm_lpm_stage2(ctx: LLMContext, k: int) -> Selection:
+    """Stage 2 of lpm-lpm: the tokens present ranked again by the keep-probability stage 1's LPM gave them in this
+    forward (no diversity fill); the top ``k`` are kept."""
+    stash = ctx.state.__dict__.get(_LPM_LPM_STASH, {}).pop(ctx.n, None)
+    present = ctx.present()
+    if stash is None or stash[0].shape != (ctx.num_images, ctx.n) or not torch.equal(
+            stash[1].to(present.device), present):
+        raise ValueError(
+            "lpm-lpm's stage 2 ranks by the keep-probabilities of this forward's stage 1: run it with "
+            "stage1_unit='image' and without a fixed stage-1 selection"
+        )
+    scores = stash[0].float().to(present.device).masked_fill(~present, float("-inf"))
+    return Selection(topk_sorted(scores, min(k, int(present.sum(dim=1).min()))))
+
+
+llm_rule("lpm-again")(_lpm_lpm_stage2)
+
+
+register(Method(
+    name="cls-only",
+    stage1="cls-attention",
+    stage2=None,
+    schedule_fn=_stage1_schedule,
+    doc=(
+        "LearnPruner ablation '[CLS] attention only' (arXiv 2604.23950, ablation at 64 tokens: 94.6): after the "
+        "vision encoder the T tokens with the highest [CLS] attention (encoder layer producing the feature layer, "
+        "mean over heads) are kept, no diversity fill and no LLM drop, so every layer sees T (lpm-only with the "
+        "LPM replaced by [CLS] attention). Registered by name only (not in learnpruner.METHODS). "
+        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
+        "positions='contiguous' renumbers them."
+    ),
+), listed=False)
+
+register(Method(
+    name="lpm-lpm",
+    stage1="lpm-lpm",
+    stage2="lpm-again",
+    schedule_fn=_learnpruner_schedule,
+    options=("lpm", "r1", "r2", "layer", "diversity"),
+    doc=(
+        "LearnPruner ablation 'LPM + LPM' (arXiv 2604.23950, ablation at 64 tokens: 96.9, the same as the method): "
+        "learnpruner with stage 2's text attention replaced by a second LPM pass. Definition used here (the paper "
+        "publishes no stage-2 LPM, and a module for the LLM's hidden states would need its own training): stage 1 "
+        "is learnpruner's (top r1 by the LPM's keep-probability, 10% diversity fill); before LLM layer K the "
+        "stage-1 tokens are ranked again by the SAME keep-probabilities (computed once, on the vision feature layer, "
+        "in this forward) and the top r2 kept, no diversity fill. Schedule as learnpruner (r1:r2 = 3:1 at layer "
+        "K=12 of 32; 64 -> 111/37). Needs lpm= like learnpruner (loaded at the first forward). Registered by name "
+        "only (not in learnpruner.METHODS). "
+        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
+        "positions='contiguous' renumbers them."
+    ),
+), listed=False)
 
 register(Method(
     name="text-only",
@@ -333,6 +511,8 @@ register(Method(
         "image and the top r are kept for layers K..L-1, r = (T L - K n) / (L - K) so the average is T. With "
         "all n tokens in the first K layers, budgets below about K n / L (217 of 576 at K=12, L=32) are unreachable "
         "and raise ValueError; pass layer= (an earlier drop) or r2= (the kept count) for those. The drop layer "
-        "is not moved silently, so the ablation isolates stage 2 at learnpruner's layer."
+        "is not moved silently, so the ablation isolates stage 2 at learnpruner's layer. "
+        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
+        "positions='contiguous' renumbers them."
     ),
 ))
