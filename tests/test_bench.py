@@ -365,3 +365,11 @@ def test_bench_and_cli_share_a_command_registry_without_an_import_cycle():
             "from learnpruner import cli, commands; assert cli.COMMANDS is commands.COMMANDS; "
             "assert 'bench' in cli.COMMANDS")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_runs_on_a_tiny_qwen_arch():
+    records = bench.run_bench(arch="qwen2.5-vl-tiny", methods="none,learnpruner", tokens="64", batch_sizes="1",
+                        new_tokens=2, repeats=1, warmup=0, progress=False)
+    lp = next(r for r in records if r["method"] == "learnpruner")
+    assert lp["family"] == "qwen2_5_vl" and lp["flops"] < next(r for r in records if r["method"] == "none")["flops"]
+    assert abs(lp["avg_visual_tokens"] - 64) <= 1

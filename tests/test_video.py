@@ -186,27 +186,51 @@ def test_bad_stage1_unit_is_refused(model):
         learnpruner.apply(model, "divprune", tokens=10, stage1_unit="frame")
 
 
+VIDEO_CHAT_TEMPLATE = (  # Video-LLaVA's turn format: USER: <image>/<video>, then the text; ASSISTANT: answer
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] if c['type'] in ('image', 'video') %}<{{ c['type'] }}>\n{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }} {% endfor %}"
+    "{% else %}ASSISTANT: {{ m['content'][0]['text'] }} </s> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
 class FramesProcessor:
-    """A stand-in for VideoLlavaProcessor (whose video half needs torchvision, absent here): expands
-    ``<video>`` to its placeholders and preprocesses each frame with the CLIP image processor."""
+    """A stand-in for VideoLlavaProcessor (whose video half needs torchvision, absent here): expands each
+    ``<image>`` to its 16 placeholders and each ``<video>`` to ``frames x 17``, preprocesses images and every
+    frame with the CLIP image processor, and renders ``chat_template`` through the tokenizer's own renderer."""
 
-    video_token = "<video>"
-    chat_template = None
+    image_token, video_token = "<image>", "<video>"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, chat_template=None):
         from transformers import CLIPImageProcessorPil
 
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
 
-    def __call__(self, text, videos, return_tensors="pt"):
+    def _pixels(self, images):
+        return self.images(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def __call__(self, text, images=None, videos=None, return_tensors="pt", **kwargs):
+        import re
+
         from transformers import BatchFeature
 
-        frames = videos[0]
-        text = text.replace("<video>", "<video>" * (len(frames) * PER_FRAME))
-        ids = self.tokenizer(text, return_tensors="pt")
-        pixels = self.images(images=list(frames), return_tensors="pt")["pixel_values"][None]
-        return BatchFeature({**ids, "pixel_values_videos": pixels})
+        counts = {"<image>": iter([PER_IMAGE] * len(images or [])),
+                  "<video>": iter([len(v) * PER_FRAME for v in videos or []])}
+        texts = [re.sub("<image>|<video>", lambda m: m[0] * next(counts[m[0]]), t)
+                 for t in ([text] if isinstance(text, str) else text)]
+        out = dict(self.tokenizer(texts, return_tensors=return_tensors, padding=True))
+        if images:
+            out["pixel_values_images"] = self._pixels(images)
+        if videos:
+            out["pixel_values_videos"] = torch.stack([self._pixels(frames) for frames in videos])
+        return BatchFeature(out)
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def batch_decode(self, ids, skip_special_tokens=True):
         return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
@@ -241,3 +265,279 @@ def test_cli_generate_reads_a_video_file(tmp_path, monkeypatch, capsys):
     for path, message in ((bad, "cannot decode video"), (tmp_path / "missing.mp4", "no video file at")):
         assert main(["generate", "--model", "x", "--video", str(path), "--prompt", "<video> ?"]) == 2
         assert message in capsys.readouterr().err
+
+
+# --- LPM training on video records ---------------------------------------------------------------------
+
+
+def _video_tokenizer():
+    from learnpruner.testbed.model import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_tokens(["<video>"], special_tokens=True)
+    return tok
+
+
+def _training_setup(tmp_path):
+    """A tiny Video-LLaVA on a word-level tokenizer with ``<image>``/``<video>``, the stand-in processor with its
+    chat template, and a JSONL mixing an image record, a 6-frame video record and bad video records."""
+    import json
+
+    import numpy as np
+
+    from learnpruner.testbed.shapes import generate_item
+    from learnpruner.video import write_video
+
+    tok = _video_tokenizer()
+    model = tiny_video_llava(image_token=tok.convert_tokens_to_ids("<image>"),
+                             video_token=tok.convert_tokens_to_ids("<video>"))
+    items = [generate_item("test", i) for i in range(6)]
+    items[0].image.resize((56, 56)).save(tmp_path / "still.png")
+    write_video(tmp_path / "clip.mp4", [np.asarray(it.image.resize((112, 112))) for it in items])
+    (tmp_path / "broken.mp4").write_bytes(b"not a video" * 10)
+
+    def conv(question, answer):
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+    records = [
+        {"image": "still.png", "conversations": conv("<image>\nwhat is the circle ?", "red")},
+        {"video": "clip.mp4", "conversations": conv("how many squares ?\n<video>", "two")},
+        {"video": "missing.mp4", "conversations": conv("<video>\nhow many squares ?", "two")},
+        {"video": "broken.mp4", "conversations": conv("<video>\nhow many squares ?", "two")},
+        {"video": "clip.mp4", "conversations": conv("how many squares ?", "two")},
+        {"video": "clip.mp4", "image": "still.png", "conversations": conv("<video>\nhow many squares ?", "two")},
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return model, FramesProcessor(tok, VIDEO_CHAT_TEMPLATE)
+
+
+BAD_VIDEO_RECORDS = {"missing or unreadable video": 2, "no <video> tag": 1, "both image and video": 1}
+
+
+def test_video_records_go_through_the_chat_template_and_the_adapter(tmp_path):
+    import numpy as np
+
+    from learnpruner.adapters import adapter_for
+    from learnpruner.lpm_train import LlavaRecords, _collate, _encode, chat_messages, prompt_embeddings
+
+    model, proc = _training_setup(tmp_path)
+    ad = adapter_for(model)
+    data = LlavaRecords(tmp_path / "data.jsonl", num_frames=FRAMES)
+    assert data.has_video and [data.get(i) for i in range(2, 6)] == [None] * 4
+    assert data.skipped == BAD_VIDEO_RECORDS
+    image, video = data.get(0), data.get(1)
+    assert video.image is None and video.video.shape == (FRAMES, 112, 112, 3) and video.video.dtype == np.uint8
+    assert chat_messages(video)[0]["content"] == [{"type": "text", "text": "how many squares ?"}, {"type": "video"}]
+    enc = [_encode(ex, proc, ad, 2048) for ex in (image, video)]
+    ids = torch.tensor(enc[1].input_ids)
+    assert int((ids == model.config.video_token_id).sum()) == FRAMES * PER_FRAME
+    assert int((ids == model.config.image_token_id).sum()) == 0
+    assert enc[1].visual["pixel_values_videos"].shape == (1, FRAMES, 3, 56, 56)
+    for e, answer in zip(enc, ("red", "two")):
+        assert proc.tokenizer.convert_ids_to_tokens([v for v in e.labels if v != -100]) == [answer, "</s>"]
+    # the whole conversation, exactly as the processor renders and tokenizes it
+    text = proc.apply_chat_template(chat_messages(video))
+    assert text.startswith("USER: <video>\nhow many squares ? ASSISTANT: two </s>")
+    assert enc[1].input_ids == proc(text=[text], videos=[video.video])["input_ids"][0].tolist()
+    # an image and a video in one batch: each visual input stacked over the examples that have it
+    batch = _collate(enc, proc.tokenizer.pad_token_id)
+    assert batch["pixel_values_images"].shape == (1, 3, 56, 56)
+    assert batch["pixel_values_videos"].shape == (1, FRAMES, 3, 56, 56)
+    with torch.no_grad():
+        embeds, visual, _ = prompt_embeddings(model, ad, batch)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values_images", "pixel_values_videos")}
+        torch.testing.assert_close(model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits,
+                                   model(**inputs).logits, atol=1e-5, rtol=1e-4)
+    assert visual.counts() == [PER_IMAGE, FRAMES * PER_FRAME]
+
+
+def test_lpm_trains_on_images_and_videos_and_apply_uses_it(tmp_path):
+    import json
+    import math
+
+    from learnpruner.lpm_train import LlavaRecords, TrainConfig, train_lpm
+
+    model, proc = _training_setup(tmp_path)
+    data = LlavaRecords(tmp_path / "data.jsonl", num_frames=FRAMES)
+    cfg = TrainConfig(tokens=10, steps=4, batch_size=2, lr=1e-2, warmup=1, ckpt_every=4, hidden_dim=8, seed=0)
+    trained = train_lpm(model, proc, data, tmp_path / "out", cfg, progress=False)
+    hist = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["history"]
+    assert len(hist) == 4 and all(math.isfinite(h["loss"]) and math.isfinite(h["ce"]) for h in hist)
+    assert data.skipped == BAD_VIDEO_RECORDS
+    meta = json.loads((tmp_path / "out" / "lpm.json").read_text())
+    assert (meta["family"], meta["feature_layer"], meta["extra"]["frames"]) == ("video_llava", -2, FRAMES)
+    assert model.config.text_config._attn_implementation == "sdpa"  # the gated attention is gone again
+
+    learnpruner.apply(model, "learnpruner", tokens=10, lpm=tmp_path / "out")
+    used = model._learnpruner.lpm
+    for (k, a), (_, b) in zip(trained.state_dict().items(), used.state_dict().items()):
+        assert torch.equal(a, b), k
+    image, video = data.get(0), data.get(1)
+    batch = proc(text=["USER: <video>\nhow many squares ? ASSISTANT:",
+                       "USER: <image>\nwhat is the circle ? <video>\nhow many squares ? ASSISTANT:"],
+                 images=[image.image], videos=[video.video, video.video])
+    with torch.no_grad():
+        model(**batch)
+    st = learnpruner.stats(model)
+    assert [im.count for im in st.images] == [68, 16, 68]
+    # each video keeps its r1 (18 of 68) by the trained LPM; the 16-token image is within budget in stage 1
+    assert [im.schedule.r1 for im in st.images] == [18, None, 18]
+    assert [None if im.stage1_kept is None else im.stage1_kept.numel() for im in st.images] == [18, None, 18]
+    learnpruner.remove(model)
+
+
+def test_cli_train_reads_frames_from_video_records(tmp_path, monkeypatch, capsys):
+    import json
+
+    import learnpruner.hub
+    from learnpruner.cli import main
+
+    model, proc = _training_setup(tmp_path)
+    monkeypatch.setattr(learnpruner.hub, "load", lambda *a, **k: (model, proc))
+    common = ["train", "--model", "x", "--data", str(tmp_path / "data.jsonl"), "--tokens", "10", "--steps", "1",
+              "--batch-size", "2", "--hidden-dim", "8", "--device", "cpu"]
+    assert main([*common, "--frames", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--frames must be a positive integer, got 0" in capsys.readouterr().err
+    assert main([*common, "--frames", "3", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "LPM written" in out and "missing or unreadable video" in out
+    assert json.loads((tmp_path / "out" / "lpm.json").read_text())["extra"]["frames"] == 3
+
+
+# --- bench: video-llava-7b / -mid / -tiny --------------------------------------------------------------
+
+
+def test_video_bench_end_to_end_on_the_tiny_arch(tmp_path, capsys):
+    """video-llava-tiny: one 8-frame video of 56 px frames per sample, 8 x 17 = 136 tokens."""
+    import json
+
+    from learnpruner import bench
+    from learnpruner.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "--arch", "video-llava-tiny", "--methods", "none,learnpruner", "--tokens", "45",
+               "--new-tokens", "2", "--text-tokens", "20", "--repeats", "1", "--warmup", "0", "--variants", "2",
+               "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert "one 8-frame video (56x56 frames): 136 visual tokens" in capsys.readouterr().out
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["tokens"]) for r in records] == [("none", 136), ("learnpruner", 45)]
+    cfg = bench.arch_config("video-llava-tiny")
+    for r in records:
+        assert (r["family"], r["item"], r["image_size"], r["crops"], r["visual_tokens"], r["structure_tokens"]) == (
+            "video_llava", "video", [56, 56], 8, 136, 0)
+        [video] = r["images"]
+        assert video["count"] == 136 and abs(r["avg_visual_tokens"] - r["tokens"]) <= 1.0
+        sched = learnpruner.get_method(r["method"]).schedule(r["tokens"], 136, 8, {})
+        assert r["tokens_per_layer"] == sched.per_layer()
+        assert r["flops"] == bench.analytic_flops(cfg, sched, 1, 20)
+        assert r["kv_cache_bytes"] == bench.analytic_kv_bytes(cfg, sched, 1, 20, dtype=torch.float32)
+        assert r["prefill_ms"] > 0 and r["vision_ms"] > 0 and r["ideal_prefill_ms"] > 0
+    assert records[1]["kv_cache_bytes"] == 268_288 and records[1]["flops_ratio"] < 1.0
+
+
+def test_video_bench_inputs_and_geometry_come_from_the_adapter():
+    from learnpruner import bench
+    from learnpruner.adapters import adapter_for
+    from learnpruner.adapters.base import ImageGeometry
+
+    model = bench.build_arch("video-llava-tiny")
+    ad = adapter_for(model)
+    assert ad.image_geometry() == ImageGeometry(size=(56, 56), crops=8, tokens=136, structure=0)
+    assert ad.bench_budgets() == [136, 45, 15] and ad.vision_module() is model.model.video_tower
+    assert ad.random_images(2)["pixel_values_videos"].shape == (2, 8, 3, 56, 56)
+    inputs, start = bench._make_inputs(model, 2, 10, 1, "cpu", torch.float32)
+    ids = inputs[0]["input_ids"]
+    assert start == 5 and ids.shape == (2, 10 + 136) and set(inputs[0]) == {
+        "input_ids", "attention_mask", "pixel_values_videos"}
+    assert int((ids == 511).sum()) == 2 * 136 and int((ids == 510).sum()) == 0  # video placeholders, no image
+
+
+def test_video_analytic_flops_equal_a_hand_count():
+    """video-llava-tiny, config only: CLIP 56 px / 14 (16 patches + [CLS] = 17 positions), width 64, MLP 128,
+    2 layers, on each of 8 frames; LLaMA width 128, 4 heads of 32, 2 KV heads, SwiGLU 256, 8 layers, vocab 512.
+    Schedule (learnpruner at 45 of 136): 78 tokens after stage 1, 26 from layer 3; 20 text tokens."""
+    from learnpruner import bench
+    from learnpruner.budget import Schedule
+
+    sched = Schedule(n=136, num_layers=8, r1=78, drops=((3, 26),))
+    assert learnpruner.get_method("learnpruner").schedule(45, 136, 8, {}) == sched
+    # vision, per frame: conv 2*16*(3*14*14)*64 = 1_204_224; per layer 2*17*(4*64*64 + 2*64*128) + 4*17*17*64
+    # = 1_114_112 + 73_984 = 1_188_096, 2 layers; (1_204_224 + 2 * 1_188_096) * 8 frames = 28_643_328
+    vision = 28_643_328
+    # projector on the 78 kept rows: 2*78*(64*128 + 128*128) = 3_833_856
+    projector = 3_833_856
+    # LLM per token per layer 2*(q 128*128 + k,v 2*128*64 + o 128*128 + MLP 3*128*256) = 294_912;
+    # layers 0-2: 20 text + 78 = 98 tokens: 98*294_912 + 4*98*98*128 = 33_818_624 (x3);
+    # layers 3-7: 20 + 26 = 46 tokens: 46*294_912 + 4*46*46*128 = 14_649_344 (x5)
+    llm = 3 * 33_818_624 + 5 * 14_649_344
+    assert llm == 174_702_592
+    lm_head = 2 * 128 * 512  # the last position
+    expected = {"vision": vision, "projector": projector, "llm": llm, "lm_head": lm_head}
+    cfg = bench.arch_config("video-llava-tiny")
+    assert bench.flops_breakdown(cfg, sched, 1, 20) == expected
+    assert bench.flops_breakdown(cfg, sched, 2, 20) == {k: 2 * v for k, v in expected.items()}
+    assert bench.analytic_flops(cfg, sched, 1, 20) == 207_310_848
+    # fp32 KV: per layer K and V, 2 heads x 32 x 4 bytes per token: 512 * (20 + 78) x 3 + 512 * (20 + 26) x 5
+    assert bench.analytic_kv_bytes(cfg, sched, 1, 20, dtype=torch.float32) == 150_528 + 117_760 == 268_288
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    from torch.utils import flop_counter
+
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,opts", [("none", {}), ("learnpruner", {"tokens": 45, "lpm": "random"})])
+def test_video_analytic_flops_match_flop_counter(method, opts):
+    """A plain model(**inputs) on two videos: every position through the lm_head (lm_head='all'); FlopCounterMode
+    counts SDPA full non-causal, as the analytic count does. Selection work (the LPM) is left out of both."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from learnpruner import bench
+
+    model = bench.build_arch("video-llava-tiny")
+    inputs = bench._make_inputs(model, 2, 20, 1, "cpu", torch.float32, seed=1)[0][0]
+    learnpruner.apply(model, method, **opts)
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        model(**inputs, use_cache=False)
+    measured = counter.get_total_flops() - sum(counter.get_flop_counts().get("LearnablePruningModule", {}).values())
+    st = learnpruner.stats(model)
+    assert [im.count for im in st.images] == [136, 136]
+    assert bench.analytic_flops(model, st.schedule, 2, 20, lm_head="all") == pytest.approx(measured, rel=0.02)
+    learnpruner.remove(model)
+
+
+def test_video_llava_7b_arch_has_the_real_dims_and_2056_tokens_per_video():
+    """LanguageBind/Video-LLaVA-7B-hf, as a config and a meta-device model (no weights allocated)."""
+    from learnpruner import bench
+    from learnpruner.budget import Schedule
+
+    cfg = bench.arch_config("video-llava-7b")
+    vc, tc = cfg.vision_config, cfg.text_config
+    assert cfg.model_type == "video_llava"
+    assert (vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads, vc.intermediate_size, vc.image_size,
+            vc.patch_size) == (1024, 24, 16, 4096, 224, 14)
+    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads,
+            tc.intermediate_size, tc.vocab_size) == (4096, 32, 32, 32, 11008, 32064)
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (
+        32000, 32001, -2, "default")
+    ad = bench.arch_adapter("video-llava-7b")
+    assert all(p.is_meta for p in ad.model.parameters())
+    geo = ad.image_geometry()
+    assert (geo.size, geo.crops, geo.tokens, geo.structure) == ((224, 224), 8, 2056, 0)
+    assert ad.video_tokens() == 8 * (16 * 16 + 1) == 2056 and ad.num_visual_tokens() == 256  # an image: 256
+    assert ad.bench_budgets() == [2056, 685, 228]
+    assert 7.3e9 < sum(p.numel() for p in ad.model.parameters()) < 7.4e9  # two CLIP-L towers + vicuna-7B
+    full = Schedule(n=2056, num_layers=32)
+    parts = bench.flops_breakdown(cfg, full, 1, 64)
+    # per frame: conv 2*256*588*1024 = 308_281_344, 24 layers of 2*257*(4*1024^2 + 2*1024*4096) + 4*257^2*1024
+    # = 6_738_153_472; x 8 frames
+    assert parts["vision"] == 8 * (308_281_344 + 24 * 6_738_153_472) == 1_296_191_717_376
+    assert parts["projector"] == 2 * 2056 * (1024 * 4096 + 4096 * 4096)
+    # bf16 KV cache: 32 layers x (K, V) x 32 heads x (64 text + 2056) x 128 x 2 bytes
+    assert bench.analytic_kv_bytes(cfg, full, 1, 64) == 32 * 2 * 32 * 2120 * 128 * 2 == 1_111_490_560
+    mid = bench.arch_adapter("video-llava-mid")
+    assert mid.image_geometry().tokens == 2056 and mid.bench_budgets() == [2056, 685, 228]

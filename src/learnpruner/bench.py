@@ -17,8 +17,9 @@ For each method x budget x batch size the benchmark measures, on one model:
 - ``images``: per image its visual ``count``, its ``structure`` positions and its visual tokens per layer.
 
 Every sample holds one image, the largest the family takes (LLaVA-1.5: 336x336, 576 tokens; LLaVA-NeXT:
-672x672, 5 crops, 2880 tokens plus 48 row newlines); budgets are visual tokens per image. Everything
-family-specific (inputs, vision tower, FLOPs of tower and projector) comes from the model's adapter.
+672x672, 5 crops, 2880 tokens plus 48 row newlines), or for Video-LLaVA one 8-frame video (8 x 257 = 2056
+tokens, each frame a crop); budgets are visual tokens per image (per video). Everything family-specific
+(inputs, placeholder token, vision tower, FLOPs of tower and projector) comes from the model's adapter.
 
 Timing protocol: ``warmup`` untimed runs, then ``repeats`` timed runs whose median is reported; inputs
 rotate over ``variants`` different random images and prompts. CUDA times come from CUDA events, CPU
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_qwen import QWEN_ARCHS
 from .commands import command
 from .utils import atomic_write
 
@@ -63,8 +65,8 @@ __all__ = [
 
 FLOPS_CONVENTION = (
     "FLOPs: analytic, prefill only, 2 FLOPs per multiply-add; vision tower (patch conv + every encoder "
-    "layer, as HF runs them, on every crop of the image) + projector (kept rows) + LLM (q/k/v/o, SwiGLU MLP "
-    "with 3 matrices, attention scores and weighted values counted full non-causal q x kv like "
+    "layer, as HF runs them, on every crop of the image or frame of the video) + projector (kept rows) + LLM "
+    "(q/k/v/o, SwiGLU MLP with 3 matrices, attention scores and weighted values counted full non-causal q x kv like "
     "FlopCounterMode counts SDPA; per layer the text tokens, the structure tokens (LLaVA-NeXT row newlines) "
     "and the visual tokens of Schedule.per_layer()) + lm_head on the last position; selection work not "
     "counted"
@@ -107,6 +109,15 @@ def _llava(vision, text, image_token):
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
+def _video_llava(vision, text, image_token, video_token):
+    from transformers import VideoLlavaConfig
+
+    return VideoLlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token, video_token_id=video_token,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+
+
 def _llava_next(vision, text, image_token, pinpoints=NEXT_PINPOINTS):
     from transformers import LlavaNextConfig
 
@@ -133,12 +144,23 @@ ARCHS = {
     "llava-next-tiny": lambda: _llava_next(_clip(64, 2, 4, 128, image_size=56),
                                            _llama(128, 8, 4, 256, vocab=512, kv_heads=2), 511,
                                            pinpoints=[[56, 112], [112, 56], [112, 112]]),
+    # LanguageBind/Video-LLaVA-7B-hf (config.json): CLIP ViT-L/14 at 224 px for the image and the video tower,
+    # vicuna-7B, image/video tokens 32000/32001, vocab 32064; 8 frames x (256 patches + [CLS]) = 2056 per video
+    "video-llava-7b": lambda: _video_llava(_clip(1024, 24, 16, 4096, image_size=224),
+                                           _llama(4096, 32, 32, 11008), 32000, 32001),
+    # CPU-friendly, the same 2056 tokens per 8-frame video; small towers and LLM (llava-next-mid's)
+    "video-llava-mid": lambda: _video_llava(_clip(256, 6, 4, 1024, image_size=224), _llama(384, 16, 6, 1024),
+                                            32000, 32001),
+    # for tests: 56 px frames (16 patches + [CLS]): an 8-frame video is 136 tokens
+    "video-llava-tiny": lambda: _video_llava(_clip(64, 2, 4, 128, image_size=56),
+                                             _llama(128, 8, 4, 256, vocab=512, kv_heads=2), 510, 511),
 }
+ARCHS.update(QWEN_ARCHS)  # qwen2.5-vl-7b / -mid / -tiny (learnpruner.bench_qwen)
 
 
 def arch_config(name: str):
-    """The config (``LlavaConfig``, ``LlavaNextConfig``) of a named architecture (see :data:`ARCHS`);
-    ``ValueError`` for an unknown one."""
+    """The config (``LlavaConfig``, ``LlavaNextConfig``, ``VideoLlavaConfig``) of a named architecture (see
+    :data:`ARCHS`); ``ValueError`` for an unknown one."""
     if name not in ARCHS:
         raise ValueError(f"unknown arch {name!r}; accepted: {', '.join(ARCHS)}")
     return ARCHS[name]()
@@ -235,7 +257,7 @@ def _check_fits(name: str, cfg, dtype: torch.dtype, device: torch.device) -> Non
         raise ValueError(
             f"--arch {name} needs {need / 2**30:.1f} GiB for its weights in {str(dtype).replace('torch.', '')}, "
             f"but {device} has {free / 2**30:.1f} GiB free; use a GPU, --dtype bfloat16, or a smaller arch "
-            f"(llava-mid, llava-next-mid)"
+            f"(llava-mid, llava-next-mid, video-llava-mid)"
         )
 
 
@@ -261,13 +283,14 @@ def _image_for(ad, schedule, image):
 def flops_breakdown(model, schedule, batch: int, text_tokens: int, lm_head: str = "last", image=None) -> dict:
     """Analytic prefill FLOPs by part: ``vision``, ``projector``, ``llm``, ``lm_head`` (see FLOPS_CONVENTION).
 
-    ``model``: a model, its adapter, its config or an :data:`ARCHS` name (LLaVA, LLaVA-NeXT; configs and
-    names through a weightless meta-device model); ``schedule``: the method's
-    :class:`~learnpruner.budget.Schedule` (one image per sample); ``text_tokens``: non-image tokens per
+    ``model``: a model, its adapter, its config or an :data:`ARCHS` name (LLaVA, LLaVA-NeXT, Video-LLaVA; configs
+    and names through a weightless meta-device model); ``schedule``: the method's
+    :class:`~learnpruner.budget.Schedule` (one image, or video, per sample); ``text_tokens``: non-image tokens per
     sample; ``lm_head``: ``"last"`` (one position per sample, as in generate) or ``"all"`` (every
     position of the final layer, as a plain ``model(**inputs)``); ``image``: the
-    :class:`~learnpruner.adapters.base.ImageGeometry` of the image (default: the family's largest).
-    The vision tower and projector FLOPs come from the adapter (``vision_flops``, ``projector_flops``).
+    :class:`~learnpruner.adapters.base.ImageGeometry` of the image (default: the family's largest; Video-LLaVA:
+    an 8-frame video, its frames the crops). The vision tower and projector FLOPs come from the adapter
+    (``vision_flops``, ``projector_flops``).
     """
     if lm_head not in ("last", "all"):
         raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
@@ -404,7 +427,8 @@ _TEXT_INPUTS = ("input_ids", "attention_mask")
 
 def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dtype, seed: int = 0):
     """``variants`` input dicts of ``batch`` prompts ``<s> t*4 <image>*L t*rest`` with random images (the
-    adapter's ``random_images``, ``L`` its placeholders per image); and the index of the first placeholder."""
+    adapter's ``random_images``, ``L`` its placeholders per image; for a video family ``<video>*L`` and one
+    random video); and the index of the first placeholder."""
     from .adapters import adapter_for
 
     ad = adapter_for(model)
@@ -412,12 +436,12 @@ def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dty
     pre = min(4, text_tokens - 1)
     post = text_tokens - 1 - pre
     start = 1 + pre  # index of the first image placeholder
-    image_token, vocab = ad.image_token_id, ad.text_config.vocab_size
+    image_token, vocab = ad.bench_token_id, ad.text_config.vocab_size
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(variants):
         text = torch.randint(2, vocab, (batch, text_tokens - 1), generator=g)
-        text[text == image_token] = 2
+        text[ad.placeholders(text)] = 2  # no stray placeholder of any kind in the text
         ids = torch.cat([
             torch.ones(batch, 1, dtype=torch.long), text[:, :pre],
             torch.full((batch, slots), image_token, dtype=torch.long), text[:, pre:pre + post],
@@ -477,7 +501,7 @@ def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: 
     hidden = torch.cat(parts + [emb[:, start:]], dim=1)
     s = hidden.shape[1]
     pos = torch.arange(s, device=hidden.device)[None]
-    cos, sin = lm.rotary_emb(hidden, position_ids=pos)
+    cos, sin = lm.rotary_emb(hidden, position_ids=ad.decode_rope_positions(pos, None))
     cache = DynamicCache(config=ad.text_config)
     fixed = text_tokens + (structure.shape[0] if structure is not None else 0)
     lengths = [fixed + v for v in schedule.per_layer()]
@@ -588,10 +612,11 @@ def run_bench(
 ) -> list[dict]:
     """Measure every method x budget x batch size; returns one record per cell (see module doc).
 
-    ``model``: a loaded LLaVA or LLaVA-NeXT model, or a hub id / local folder / built-in name; or ``arch``:
-    a name from :data:`ARCHS` (random weights). ``methods``/``tokens``/``batch_sizes``: lists or
+    ``model``: a loaded LLaVA, LLaVA-NeXT or Video-LLaVA model, or a hub id / local folder / built-in name; or
+    ``arch``: a name from :data:`ARCHS` (random weights). ``methods``/``tokens``/``batch_sizes``: lists or
     comma-separated strings; ``tokens`` are visual tokens per image (average per LLM layer), by default the
-    family's (``adapter.bench_budgets()``: 576,192,64 for LLaVA-1.5, 2880,640,320,160 for LLaVA-NeXT).
+    family's (``adapter.bench_budgets()``: 576,192,64 for LLaVA-1.5, 2880,640,320,160 for LLaVA-NeXT,
+    2056,685,228 per 8-frame video for Video-LLaVA).
     ``none`` is measured once per batch size (its budget is every token).
     Budgets a method cannot reach give a record with ``skipped`` (the reason) and no measurements.
     With ``fast=True`` every method runs on the fast decode path (``apply(..., fast=True)``) and ``none``
@@ -671,7 +696,7 @@ def _environment(label: str, ad, dev: torch.device, dt: torch.dtype, settings: _
     cuda = dev.type == "cuda"
     image = ad.image_geometry()
     return {
-        "model": label, "family": ad.family,
+        "model": label, "family": ad.family, "item": ad.bench_kind,
         "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({_cpu_name()})",
         "device_type": dev.type, "dtype": str(dt).replace("torch.", ""), "torch": torch.__version__,
         "transformers": transformers.__version__, "cpu_threads": None if cuda else torch.get_num_threads(),
@@ -910,8 +935,12 @@ def _fmt(v, digits=1):
 
 
 def _image_note(r: dict) -> str:
-    """``576 visual tokens`` or, with crops and structure, the image's size, crops and newlines too."""
+    """``576 visual tokens`` or, with crops and structure, the image's size, crops and newlines too (a video: its
+    frames and their size)."""
     text = f"{r['visual_tokens']} visual tokens"
+    if r.get("item") == "video":
+        h, w = r["image_size"]
+        return f"one {r['crops']}-frame video ({h}x{w} frames): {text} (each frame's [CLS] row included)"
     if r.get("crops", 1) > 1 or r.get("structure_tokens"):
         h, w = r["image_size"]
         text = (f"one {h}x{w} image ({r['crops']} crops): {text} + {r['structure_tokens']} structure tokens "
@@ -1035,7 +1064,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default=None,
                    help="comma-separated budgets: visual tokens per image, average per LLM layer (default: every "
                    "token, then the family's papers' budgets: 576,192,64 for LLaVA-1.5, 2880,640,320,160 for "
-                   "LLaVA-NeXT at 672x672)")
+                   "LLaVA-NeXT at 672x672, 2056,685,228 per 8-frame video for Video-LLaVA)")
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for end-to-end and decode time")
     p.add_argument("--text-tokens", type=int, default=64, help="non-image prompt tokens per sample")

@@ -9,6 +9,8 @@ this follows the closest published recipe (Dynamic-LLaVA's learned predictor) an
   unpadded AnyRes grid; the row newlines are structure, filled with the adapter's embedding, never gated).
   Images of one batch may have different token counts: per-image tables are padded with a validity mask.
   Each image's target is the schedule inference gives an image of its count at the training budget.
+  Video-LLaVA: records with a ``video`` (frames sampled uniformly, 8 by default) and records with an image
+  may share a dataset and a batch; a video is one item of all its frames' rows (8 x 257 = 2056 at 224 px).
 * **Prompts from the processor's chat template.** Each record becomes chat messages; the processor's
   ``apply_chat_template`` formats them the family's way and the processor tokenizes them (expanding the
   image placeholder to the image's token count). Labels cover each assistant turn: the tokens between the
@@ -143,8 +145,14 @@ def _register_gated_attention() -> None:
 
 @dataclass
 class Example:
-    image: object  # PIL image
-    turns: list[tuple[str, str]]  # (human, gpt) pairs; the first human turn holds <image>
+    image: object  # PIL image (None for a video example)
+    turns: list[tuple[str, str]]  # (human, gpt) pairs; the first human turn holds <image> (a video's: <video>)
+    video: np.ndarray | None = None  # [T, H, W, 3] uint8 frames of a video example
+
+    @property
+    def tag(self) -> str:
+        """The placeholder of the example's media in its turns: ``<video>`` or ``<image>``."""
+        return "<image>" if self.video is None else "<video>"
 
 
 class _Records:
@@ -161,16 +169,21 @@ class _Records:
 
 
 class LlavaRecords(_Records):
-    """LLaVA instruction data: a JSON list or JSONL of ``{"image", "conversations"}`` records.
+    """LLaVA instruction data: a JSON list or JSONL of ``{"image" | "video", "conversations"}`` records.
 
-    ``image`` is relative to ``image_folder``; ``conversations`` alternates ``{"from": "human"}``
-    and ``{"from": "gpt"}`` turns, the first human turn containing ``<image>``. Records without an
-    image, with a missing or unreadable image, or without an ``<image>`` tag are skipped and
-    counted in ``skipped`` (reason -> count); they never stop a run.
+    ``image`` (or ``video``, a video file whose ``num_frames`` frames are sampled uniformly with
+    :func:`learnpruner.video.read_frames`) is relative to ``image_folder``; ``conversations`` alternates
+    ``{"from": "human"}`` and ``{"from": "gpt"}`` turns, the first human turn containing ``<image>`` (a video
+    record: ``<video>``, or ``<image>`` as LLaVA-Video data writes it). Images and videos may be mixed in one
+    file. Records without an image or video, with a missing or unreadable one, or without the tag are skipped
+    and counted in ``skipped`` (reason -> count); they never stop a run.
     """
 
-    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None = None, num_frames: int = 8):
         super().__init__()
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        self.num_frames = num_frames
         text = Path(path).read_text()
         try:
             data = json.loads(text)
@@ -187,6 +200,7 @@ class LlavaRecords(_Records):
         self.image_folder = Path(image_folder) if image_folder else Path(path).parent
         if not self.records:
             raise ValueError(f"no records in {str(path)!r}: expected a JSON list or JSONL of LLaVA records")
+        self.has_video = any(isinstance(r, dict) and r.get("video") for r in self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -204,7 +218,10 @@ class LlavaRecords(_Records):
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
             bad("malformed record")
             return None
-        if not rec.get("image"):
+        if rec.get("image") and rec.get("video"):
+            bad("both image and video")
+            return None
+        if not (rec.get("image") or rec.get("video")):
             bad("no image")
             return None
         conv = rec["conversations"]
@@ -216,6 +233,8 @@ class LlavaRecords(_Records):
         if not turns:
             bad("no human/gpt turn")
             return None
+        if rec.get("video"):
+            return self._video_example(index, rec["video"], turns)
         if "<image>" not in turns[0][0]:
             bad("no <image> tag")
             return None
@@ -229,6 +248,25 @@ class LlavaRecords(_Records):
             bad("missing or unreadable image")
             return None
         return Example(image, turns)
+
+    def _video_example(self, index: int, video: str, turns: list[tuple[str, str]]) -> Example | None:
+        """A video record: one ``<video>`` (or ``<image>``) tag, in the first human turn; its frames."""
+        from .video import read_frames
+
+        tags = sum(h.count("<video>") + h.count("<image>") for h, _ in turns)
+        if not ("<video>" in turns[0][0] or "<image>" in turns[0][0]):
+            self.skip(index, "no <video> tag")
+            return None
+        if tags > 1:
+            self.skip(index, "more than one <video> tag")
+            return None
+        try:
+            frames = read_frames(self.image_folder / video, self.num_frames)
+        except (OSError, ValueError, TypeError):
+            self.skip(index, "missing or unreadable video")
+            return None
+        turns = [(h.replace("<image>", "<video>"), g) for h, g in turns]
+        return Example(None, turns, video=frames)
 
 
 class ShapesRecords(_Records):
@@ -253,13 +291,14 @@ class ShapesRecords(_Records):
 
 
 def chat_messages(example: Example) -> list[dict]:
-    """The example as chat messages: the image where the first human turn has its ``<image>`` tag, text
-    around it, and each answer as an assistant turn."""
+    """The example as chat messages: the image (a video: ``{"type": "video"}``) where the first human turn has
+    its ``<image>`` (``<video>``) tag, text around it, and each answer as an assistant turn."""
     messages = []
+    kind = "image" if example.video is None else "video"
     for human, gpt in example.turns:
-        before, tag, after = human.partition("<image>")
+        before, tag, after = human.partition(example.tag)
         content = [{"type": "text", "text": before.strip()}] if before.strip() else []
-        content += [{"type": "image"}] if tag else []
+        content += [{"type": kind}] if tag else []
         content += [{"type": "text", "text": after.strip()}] if after.strip() else []
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": gpt.strip()}]})
@@ -288,7 +327,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _encode(example: Example, processor, ad: Adapter, max_length: int) -> Encoded:
     """Token ids, labels and visual inputs of ``example`` in the family's chat format.
 
-    The processor tokenizes the whole conversation with its image (``<image>`` expanded per image size).
+    The processor tokenizes the whole conversation with its image (``<image>`` expanded per image size) or
+    video (``videos=[frames]``, ``<video>`` expanded to every frame's tokens).
     Labels: for each assistant turn, the tokens after ``apply_chat_template(messages up to its question,
     add_generation_prompt=True)`` up to the end of ``apply_chat_template(messages up to its answer)``,
     located on the tokenizer's own ids of those texts (the same call the processor makes, placeholder not
@@ -297,7 +337,8 @@ def _encode(example: Example, processor, ad: Adapter, max_length: int) -> Encode
     """
     messages = chat_messages(example)
     text = processor.apply_chat_template(messages)
-    out = processor(images=[example.image], text=[text], return_tensors="pt")
+    media = {"images": [example.image]} if example.video is None else {"videos": [example.video]}
+    out = processor(text=[text], return_tensors="pt", **media)
     ids = out["input_ids"][0].tolist()
     if len(ids) > max_length:
         raise SkipRecord("too long")
@@ -340,7 +381,8 @@ def _stack_padded(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """A right-padded batch: ``input_ids``, ``labels``, ``attention_mask`` and the visual inputs."""
+    """A right-padded batch: ``input_ids``, ``labels``, ``attention_mask`` and the visual inputs (each one
+    stacked over the examples that have it, in order: images and videos may share a batch)."""
     width = max(len(e.input_ids) for e in examples)
     b = len(examples)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -351,8 +393,8 @@ def _collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.input_ids)] = 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-    for name in examples[0].visual:
-        batch[name] = _stack_padded([e.visual[name] for e in examples])
+    for name in dict.fromkeys(name for e in examples for name in e.visual):
+        batch[name] = _stack_padded([e.visual[name] for e in examples if name in e.visual])
     return batch
 
 
@@ -477,13 +519,21 @@ def _start_run(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig, devic
     return rt
 
 
-def _targets(ad: Adapter, cfg: TrainConfig) -> tuple[_Targets, int]:
-    """The per-count targets and the largest image's token count (refused when stage 1 keeps it whole)."""
+def _targets(ad: Adapter, cfg: TrainConfig, frames: int | None = None) -> tuple[_Targets, int]:
+    """The per-count targets and the largest item's token count (refused when stage 1 keeps it whole): the largest
+    image, or with ``frames`` (the data has videos; None: it has none) a video of that many frames."""
     n = ad.num_visual_tokens()
+    video = frames is not None and hasattr(ad, "video_tokens")
+    if video:
+        n = max(n, ad.video_tokens(frames))
     targets = _Targets(cfg.tokens, ad.text_config.num_hidden_layers)
     if targets.r1(n) is None:
         raise ValueError(f"tokens={cfg.tokens} keeps every one of the {n} visual tokens in stage 1: nothing to train")
-    if cfg.max_length <= n:
+    if cfg.max_length <= n and video:
+        logger.warning("max_length=%d cannot hold a %d-frame video's %d visual tokens: video records are skipped "
+                       "as too long (raise max_length, e.g. to 4096 for 8-frame Video-LLaVA videos)", cfg.max_length,
+                       frames, n)
+    elif cfg.max_length <= n:
         logger.warning("max_length=%d cannot hold the largest image's %d visual tokens: records with such images "
                        "are skipped as too long (raise max_length, e.g. to 4096 for LLaVA-NeXT)", cfg.max_length, n)
     return targets, n
@@ -570,7 +620,7 @@ def train_lpm(
     out = Path(out_dir)
     rt = _start_run(out, resume, overwrite, cfg, device)
     ad = adapter_for(model)
-    targets, n = _targets(ad, cfg)
+    targets, n = _targets(ad, cfg, data.num_frames if getattr(data, "has_video", False) else None)
     previous_impl = _freeze(model, ad, cfg, rt)
     try:
         lpm, opt, scheduler = _new_lpm(ad, cfg, targets, n, rt)
@@ -626,6 +676,8 @@ def _finish(trained: LearnablePruningModule, data, cfg: TrainConfig, rt: _Runtim
         logger.warning("skipped %d bad record(s): %s", sum(data.skipped.values()), data.skipped)
     if rt.is_main and step >= cfg.steps:
         trained.config.extra.update({"steps": step, "skipped": data.skipped, "train_config": asdict(cfg)})
+        if getattr(data, "has_video", False):
+            trained.config.extra["frames"] = data.num_frames
         trained.save(out)
     return trained
 

@@ -25,6 +25,7 @@ class Adapter:
     # forward keyword arguments that carry visual inputs (handed to ``encode``); the first ones that are pixel
     # tensors decide whether a forward has images at all
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
+    bench_kind: str = "image"  # what one benchmark sample holds ("image" or "video")
     visual_inputs: tuple[str, ...] = ("pixel_values",)
 
     def __init__(self, model: nn.Module):
@@ -175,6 +176,11 @@ class Adapter:
     def projector_flops(self, rows: int) -> int:
         """Analytic FLOPs of the projector on ``rows`` feature rows (2 per multiply-add)."""
         raise NotImplementedError
+
+    @property
+    def bench_token_id(self) -> int:
+        """The placeholder id of a benchmark sample's item (the image token; the video token for videos)."""
+        return self.image_token_id
 
     def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         """The 1-D text positions ``[b or 1, s]`` (for masks and layers) in a forward's ``position_ids``; None when

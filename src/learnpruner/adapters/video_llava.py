@@ -22,40 +22,22 @@ import sys
 import torch
 
 from ..engine.layout import VisualFeatures
-from .base import Adapter
+from .base import ImageGeometry
 from .clip import clip_features
+from .llava import LlavaAdapter
 
 
-class VideoLlavaAdapter(Adapter):
+class VideoLlavaAdapter(LlavaAdapter):
+    """Shares LLaVA's text model, projector, feature layer and CLIP FLOPs; adds the video tower and items."""
+
     family = "video_llava"
     model_classes = ("VideoLlavaForConditionalGeneration",)
     pixel_inputs = ("pixel_values_images", "pixel_values_videos")
     visual_inputs = ("pixel_values_images", "pixel_values_videos")
 
-    @property
-    def language_model(self):
-        return self.model.model.language_model
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
     def placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
         cfg = self.model.config
         return (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
-
-    def feature_layer(self):
-        return self.model.config.vision_feature_layer
-
-    def feature_dim(self) -> int:
-        layer = self.feature_layer()
-        width = self.model.config.vision_config.hidden_size
-        return width if isinstance(layer, int) else width * len(layer)
-
-    def num_visual_tokens(self) -> int:
-        """Visual tokens of an image (a video has ``frames x (patches + 1)``)."""
-        vc = self.model.config.vision_config
-        return (vc.image_size // vc.patch_size) ** 2 + (self.model.config.vision_feature_select_strategy == "full")
 
     def _features(self, tower, pixel_values, strategy: str, cls_attention: bool, layer):
         out = clip_features(tower, pixel_values, layer, strategy, cls_attention)
@@ -107,8 +89,44 @@ class VideoLlavaAdapter(Adapter):
         return [int(positions[j * per_item]) if j * per_item < positions.numel() else input_ids.numel() + j
                 for j in range(count)]
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)
-
     def output_class(self) -> type:
         return sys.modules[type(self.model).__module__].VideoLlavaCausalLMOutputWithPast
+
+    # --- benchmark helpers (learnpruner.bench): the bench's item is one video -------------------------
+    bench_kind = "video"  # what each bench sample holds (learnpruner.bench reads it)
+    bench_frames = 8  # frames per video, as Video-LLaVA's processor samples them
+
+    @property
+    def bench_token_id(self) -> int:
+        """The placeholder id of a bench item: the video token."""
+        return self.model.config.video_token_id
+
+    def video_tokens(self, frames: int | None = None) -> int:
+        """Visual tokens of a video of ``frames`` frames (default :attr:`bench_frames`): every frame's patches and
+        its [CLS] row, whatever the strategy (8 x 257 = 2056 at 224 px)."""
+        vc = self.model.config.vision_config
+        frames = self.bench_frames if frames is None else frames
+        return frames * ((vc.image_size // vc.patch_size) ** 2 + 1)
+
+    def vision_module(self):
+        """The video tower (the bench feeds videos only)."""
+        return self.model.model.video_tower
+
+    def image_geometry(self, image_size=None) -> ImageGeometry:
+        """One video of :attr:`bench_frames` frames, each resized to the tower's square input and encoded as one
+        crop: 8 crops, 2056 tokens at 224 px (``image_size`` is ignored: every frame enters at that size)."""
+        size = self.model.config.vision_config.image_size
+        return ImageGeometry(size=(size, size), crops=self.bench_frames, tokens=self.video_tokens())
+
+    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
+        """``pixel_values_videos`` ``[batch, frames, C, S, S]``: one random video per sample, as the processor
+        lays them out."""
+        vc = self.model.config.vision_config
+        shape = (batch, self.bench_frames, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
+        return {"pixel_values_videos": torch.randn(shape, generator=generator)}
+
+    def bench_budgets(self) -> list[int]:
+        """Every token of the video (2056), then the ratios of the paper's LLaVA-1.5 budgets, 1/3 and 1/9 (192 and
+        64 of 576): 685 and 228."""
+        n = self.video_tokens()
+        return [n, max(1, round(n / 3)), max(1, round(n / 9))]
