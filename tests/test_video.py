@@ -541,3 +541,39 @@ def test_video_llava_7b_arch_has_the_real_dims_and_2056_tokens_per_video():
     assert bench.analytic_kv_bytes(cfg, full, 1, 64) == 32 * 2 * 32 * 2120 * 128 * 2 == 1_111_490_560
     mid = bench.arch_adapter("video-llava-mid")
     assert mid.image_geometry().tokens == 2056 and mid.bench_budgets() == [2056, 685, 228]
+
+
+def test_eval_reads_video_records_from_jsonl(tmp_path):
+    import json
+
+    import numpy as np
+
+    from learnpruner.evaluate import evaluate, load_items
+    from learnpruner.testbed.model import build_tokenizer
+    from learnpruner.testbed.shapes import generate_item
+    from learnpruner.video import write_video
+
+    tok = build_tokenizer()
+    tok.add_tokens(["<video>"], special_tokens=True)
+    model = tiny_video_llava(image_token=tok.convert_tokens_to_ids("<image>"),
+                             video_token=tok.convert_tokens_to_ids("<video>"))
+    processor = FramesProcessor(tok, chat_template=VIDEO_CHAT_TEMPLATE)
+    frames = [np.asarray(generate_item("test", i).image.resize((112, 112))) for i in range(4)]
+    write_video(tmp_path / "a.mp4", frames)
+    generate_item("test", 9).image.save(tmp_path / "b.png")
+    records = [{"id": "v", "video": "a.mp4", "question": "how many squares ?", "answer": "2"},
+               {"id": "i", "image": "b.png", "question": "what colour is the circle ?", "answers": "red"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    items = load_items(str(data))
+    assert [it.kind for it in items] == ["video", "image"]
+    out = evaluate(model, processor, items, ["none", "learnpruner"], [30], tmp_path / "eval", max_new_tokens=2,
+                   method_options={"learnpruner": {"lpm": "random"}}, progress=False)
+    cell = next(r for r in out if r["method"] == "learnpruner")
+    assert cell["status"] == "ok" and cell["n"] == 2 and cell["avg_tokens"] < 68
+    (tmp_path / "a.mp4").write_bytes(b"broken")
+    (tmp_path / "b.png").unlink()
+    import pytest as _pytest
+
+    with _pytest.raises(FileNotFoundError, match=r"data.jsonl:2: item 'i': no image at"):
+        load_items(str(data))

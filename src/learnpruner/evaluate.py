@@ -370,7 +370,8 @@ def evaluate(
             except ValueError as e:
                 schedule, status, reason = None, "unreachable", str(e)
             reference = out / "preds" / f"{_cell_name('none', max(budgets))}.jsonl"
-            if todo and schedule is not None and schedule.is_noop and method != "none" and "none" in methods:
+            noop = schedule is not None and schedule.is_noop and ad.uniform_token_count  # ragged: per image
+            if todo and noop and method != "none" and "none" in methods:
                 # at a budget that keeps every token the method is the unpruned model (tested bit for bit):
                 # the reference's predictions are reused, not recomputed
                 reused = {i: r for i, r in _read_preds(reference).items()

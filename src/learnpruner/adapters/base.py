@@ -26,6 +26,8 @@ class Adapter:
     # tensors decide whether a forward has images at all
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
     bench_kind: str = "image"  # what one benchmark sample holds ("image" or "video")
+    # every image has num_visual_tokens() tokens (LLaVA-1.5); False where counts follow the input's size
+    uniform_token_count: bool = False
     visual_inputs: tuple[str, ...] = ("pixel_values",)
 
     def __init__(self, model: nn.Module):

@@ -19,6 +19,7 @@ from .clip import clip_features
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    uniform_token_count = True
 
     @property
     def language_model(self):

@@ -30,6 +30,7 @@ from .llava import LlavaAdapter
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    uniform_token_count = False  # base crop plus a grid chosen by the aspect ratio
     visual_inputs = ("pixel_values", "image_sizes")
 
     def _crop_tokens(self) -> int:
