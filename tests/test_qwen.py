@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import layer_lengths
-from helpers import qwen_inputs, qwen_single, qwen_tokenizer, tiny_qwen
+from helpers import make_inputs, qwen_inputs, qwen_single, qwen_tokenizer, tiny_llava, tiny_qwen
 
 import learnpruner
 from learnpruner.adapters import adapter_for
@@ -516,3 +516,77 @@ def test_bench_adapter_helpers_and_random_inputs():
     with torch.no_grad():
         model(**video)
     assert [im.count for im in learnpruner.stats(model).images] == [12, 12]
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% else %}"
+    "ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+class ImageProcessorStandIn:
+    """Qwen2.5-VL's processor for images only (the stock one needs torchvision for its video half): the PIL image
+    processor at 112 px (16 tokens), ``<|image_pad|>`` expanded per image grid, the chat template rendered by the
+    tokenizer."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self):
+        from transformers import Qwen2VLImageProcessorPil
+
+        self.tokenizer = qwen_tokenizer()
+        self.chat_template = QWEN_CHAT_TEMPLATE
+        self.images = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12544})
+
+    def __call__(self, text, images=None, return_tensors="pt", **kwargs):
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        out = {}
+        if images:
+            px = self.images(images=images if isinstance(images, list) else [images], return_tensors="pt")
+            out.update(px)
+            counts = iter((px["image_grid_thw"].prod(-1) // 4).tolist())
+            texts = [t.replace(self.image_token, "\0") for t in texts]
+            texts = ["".join(p + (self.image_token * next(counts) if k < t.count("\0") else "")
+                             for k, p in enumerate(t.split("\0"))) for t in texts]
+        out.update(self.tokenizer(texts, return_tensors=return_tensors, padding=True))
+        return BatchFeature(out)
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+
+def test_lpm_trains_on_qwen_images_and_apply_uses_it(tmp_path):
+    from learnpruner.lpm_train import ShapesRecords, TrainConfig, train_lpm
+
+    model, processor = tiny_qwen(layers=4), ImageProcessorStandIn()
+    cfg = TrainConfig(tokens=6, steps=3, batch_size=2, lr=3e-3, warmup=1, ckpt_every=3, hidden_dim=16, mask="topk")
+    trained = train_lpm(model, processor, ShapesRecords(), tmp_path, cfg, progress=False)
+    hist = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]
+    assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert trained.config.family == "qwen2_5_vl" and trained.config.feature_dim == 4 * 32
+    learnpruner.apply(model, "learnpruner", ratio=0.5, lpm=str(tmp_path))
+    inp = qwen_inputs(model, [["what", ("image", (4, 4)), "colour"]])
+    with torch.no_grad():
+        model(**inp)
+    im = learnpruner.stats(model).images[0]
+    assert im.count == 4 and im.stage1_kept is not None
+    assert torch.equal(next(model._learnpruner.lpm.parameters()).cpu(), next(trained.parameters()).cpu())
+
+
+def test_training_forwards_get_the_3d_positions_of_the_prompt():
+    from learnpruner.adapters import adapter_for
+    from learnpruner.lpm_train import rotary_positions
+
+    model = tiny_qwen(layers=2)
+    inp = qwen_inputs(model, [["a", ("image", (4, 6)), "b c"], [("image", (4, 4)), "d"]], padding="right")
+    expected, _ = model.model.get_rope_index(inp["input_ids"], inp["mm_token_type_ids"],
+                                             image_grid_thw=inp["image_grid_thw"], attention_mask=inp["attention_mask"])
+    got = rotary_positions(adapter_for(model), inp)["position_ids"]
+    assert torch.equal(got, expected)
+    llava = tiny_llava(layers=2)
+    assert rotary_positions(adapter_for(llava), make_inputs(llava)) == {}  # 1-D RoPE: the model's own default

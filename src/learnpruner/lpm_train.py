@@ -733,6 +733,17 @@ def _feature_table(visual: VisualFeatures) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def rotary_positions(ad: Adapter, batch: dict) -> dict:
+    """``{"position_ids": ...}`` for families whose rotary positions depend on the images (Qwen2.5-VL's 3-D
+    M-RoPE, computed on the prompt with the model's own rules), else ``{}`` (the model's default positions):
+    the forwards below take embeddings, from which such a model cannot recover them."""
+    input_ids = batch["input_ids"]
+    text = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+    visual = {k: batch[k] for k in ad.visual_inputs if k in batch}
+    rope = ad.rope_positions(input_ids, batch.get("attention_mask"), text, visual, None)
+    return {"position_ids": rope} if rope.dim() == 3 else {}
+
+
 def prompt_embeddings(model, ad: Adapter, batch: dict) -> tuple[torch.Tensor, VisualFeatures, Layout]:
     """The unpruned LLM input of a batch through the adapter: text embeddings, every image's projected rows at
     its placeholders, structure (LLaVA-NeXT's row newlines) filled with the adapter's embedding. Returns
@@ -766,11 +777,13 @@ def step_loss(model, ad, lpm, batch: dict, rho: float | Callable[[int], float | 
     target), and the per-image tables ``keep_prob`` ``[num_images, width]`` with ``valid`` (real tokens).
     """
     embeds, visual, layout = prompt_embeddings(model, ad, batch)
+    positions = rotary_positions(ad, batch)
     teacher = None
     if cfg.distill_weight > 0:
         with torch.no_grad():
             model.set_attn_implementation({"text_config": teacher_impl})
-            teacher = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
+            teacher = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False,
+                            **positions).logits
             model.set_attn_implementation({"text_config": GATED_ATTENTION})
     feats, valid = _feature_table(visual)
     counts = valid.sum(dim=1)
@@ -786,7 +799,7 @@ def step_loss(model, ad, lpm, batch: dict, rho: float | Callable[[int], float | 
     gate = torch.ones(token.shape, dtype=gate_vis.dtype, device=gate_vis.device)
     gate = gate.masked_scatter(token, gate_vis[layout.img[token], layout.vis[token]])
     out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                learnpruner_gate=gate, use_cache=False)
+                learnpruner_gate=gate, use_cache=False, **positions)
     kept_frac = (gate_vis * valid).sum(dim=1) / counts  # per image, through the STE
     zero = torch.zeros((), device=out.loss.device)
     ratio = ((kept_frac - target) ** 2)[gated].mean() if bool(gated.any()) else zero
