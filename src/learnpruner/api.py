@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
+from .adaptive import adaptive_threshold
 from .budget import check_budget, check_ratio, check_tokens, tokens_for
 from .engine import PruneState, Stats, pruned_forward
 from .lpm import LearnablePruningModule, LPMConfig
@@ -114,7 +115,10 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
             (the budget is split evenly over the crops of a LLaVA-NeXT image or the frames of a video, and the
             rule runs on each alone). Default: the method's own (``"crop"`` for VisionZip, as its official code
             runs LLaVA-NeXT; ``"image"`` otherwise).
-        budget: how ``tokens``/``ratio`` is read. ``"average"`` (default): the average number of visual tokens per
+        budget: ``"adaptive"``: methods with an LPM stage 1 (``learnpruner``, ``lpm-only``) let the LPM decide
+            how many tokens each image keeps (keep-probability above a threshold calibrated on validation data
+            so that the dataset average meets ``tokens``; see :mod:`learnpruner.adaptive`). Otherwise
+            how ``tokens``/``ratio`` is read. ``"average"`` (default): the average number of visual tokens per
             LLM layer, the FLOPs-matched convention of the LearnPruner, FastV and SparseVLM papers. ``"paper"``: the
             label of each method's published configuration, run exactly as its official code does for that label
             (e.g. DART keeps T + 4 tokens after layer 2; SparseVLM its per-layer lists plus recycled tokens), which
@@ -140,7 +144,8 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
         raise ValueError(f"give tokens= or ratio=, not both (got tokens={tokens!r}, ratio={ratio!r})")
     ratio = check_ratio(ratio) if ratio is not None else None
     tokens = check_tokens(tokens if tokens is not None else DEFAULT_TOKENS) if ratio is None else None
-    budget = check_budget(budget)
+    adaptive = budget == "adaptive"
+    budget = "average" if adaptive else check_budget(budget)
     opts = m.check_options(options)
     if stage1_unit not in (None, "image", "crop"):
         raise ValueError(f"stage1_unit must be 'image' or 'crop', got {stage1_unit!r}")
@@ -153,6 +158,7 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     needs_lpm = bool(getattr(STAGE1_RULES.get(m.stage1), "needs_lpm", False)) if m.stage1 else False
     lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if needs_lpm else None
     generator = torch.Generator().manual_seed(seed) if m.stage1 == "random" else None
+    threshold = adaptive_threshold(m, lpm, tokens, ratio) if adaptive else None
     if fast and adapter.text_config._attn_implementation not in ("sdpa", "eager"):
         raise ValueError(
             f"fast=True supports attn_implementation 'sdpa' and 'eager', not "
@@ -161,6 +167,7 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     state = PruneState(
         method=m, tokens=tokens, ratio=ratio, options=opts, adapter=adapter, base_class=type(model), lpm=lpm,
         generator=generator, fast=bool(fast), stage1_unit=stage1_unit or m.stage1_unit, budget=budget,
+        adaptive=threshold,
     )
     model.__class__ = _pruned_class(type(model))
     model._learnpruner = state

@@ -329,6 +329,56 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id, local folder or built-in name")
+    p.add_argument("--lpm", default=None, help="LPM folder to calibrate (default: the model's own learnpruner-lpm/)")
+    p.add_argument("--data", default="shapesvqa-val",
+                   help="validation data: 'shapesvqa-val' (the ShapesVQA validation split) or a JSONL of records")
+    p.add_argument("--tokens", default="192,128,64,32", help="comma-separated budgets to calibrate")
+    p.add_argument("--limit", type=int, default=None, help="first N items only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+
+
+@command("calibrate", "calibrate an LPM's adaptive-budget thresholds on validation data (budget='adaptive')",
+         _calibrate_args)
+def _calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .adaptive import calibrate, save_thresholds
+    from .evaluate import EvalItem, load_items
+    from .hub import format_prompt, load
+    from .lpm import LearnablePruningModule
+
+    tokens = _parse_list(args.tokens, int, "--tokens")
+    if any(t <= 0 for t in tokens) or args.batch_size <= 0:
+        raise ValueError(f"--tokens and --batch-size must be positive integers, got {args.tokens!r} and "
+                         f"{args.batch_size}")
+    if args.data == "shapesvqa-val":
+        from .testbed.shapes import load_split
+
+        split = load_split("val", args.limit)
+        items = [EvalItem(f"val-{it.index}", it.image, it.question, [it.answer]) for it in split]
+    else:
+        items = load_items(args.data, args.limit)
+    model, processor = load(args.model, device=args.device)
+    folder = Path(args.lpm) if args.lpm else Path(model.config._name_or_path) / "learnpruner-lpm"
+    lpm = LearnablePruningModule.load(folder).to(args.device).eval()
+
+    def batches():
+        for start in range(0, len(items), args.batch_size):
+            chunk = items[start:start + args.batch_size]
+            texts = [format_prompt(processor, it.question) for it in chunk]
+            yield processor(images=[it.pil() for it in chunk], text=texts, return_tensors="pt", padding=True)
+
+    thresholds = calibrate(model, lpm, batches(), tokens)
+    path = save_thresholds(folder, thresholds)
+    for t, v in thresholds.items():
+        print(f"tokens={t}: keep-probability threshold {v:.4f}")
+    print(f"{len(items)} items; thresholds written to {path}")
+    return 0
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="shapes-tiny", help="default: the shipped ShapesVQA model")
     p.add_argument("--images", type=int, default=4)

@@ -18,8 +18,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .. import selection as sel
+from ..budget import Schedule
 from ..methods import positions_for
-from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext
+from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext, lpm_of
 from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, pad_rows
 from .readout import Capture, layer_readout
 from .sequence import Seq, call_layer, causal_mask, keep_positions, take
@@ -82,6 +83,33 @@ def _replace_hidden(hidden: torch.Tensor, vis: torch.Tensor, img: torch.Tensor, 
 # step 1: vision
 
 
+def adaptive_schedule(base: Schedule, k: int) -> Schedule:
+    """An image's schedule under an adaptive budget: stage 1 keeps ``k`` (the LPM's own decision), stage 2 keeps
+    ``k`` times the base schedule's ``r2 / r1`` at the same layer (at least 1, at most ``k``)."""
+    if base.r1 is None:
+        return base
+    drops = tuple((layer, max(1, min(k, round(k * r / base.r1)))) for layer, r in base.drops)
+    return Schedule(n=base.n, num_layers=base.num_layers, r1=k if k < base.n else None, drops=drops)
+
+
+def _stage1_adaptive(state: PruneState, visual: VisualFeatures, layout: Layout, image: int, base: Schedule,
+                     pixel_values, input_ids, attention_mask):
+    """Stage 1 of one image under ``budget="adaptive"``: it keeps the tokens its LPM keep-probability puts
+    above the calibrated threshold (at least one), then the stage-1 rule runs with that count; returns the kept
+    indices, their rows and the image's own schedule."""
+    feats = visual.rows([image])
+    vis_g, img_g = layout.view(layout.vis, layout.img, [image])
+    ctx = VisionContext(feats, state, pixel_values, input_ids, vis_g, img_g, attention_mask=attention_mask)
+    ctx.cache.update({k: visual.rows([image], v) for k, v in visual.extras.items()})
+    k = int((lpm_of(ctx)(feats) > state.adaptive).sum().clamp(min=1))
+    schedule = adaptive_schedule(base, k)
+    if schedule.r1 is None:
+        return None, feats[0], schedule
+    selection = STAGE1_RULES[state.method.stage1](ctx, schedule.r1)
+    rows = _replace_rows(feats.gather(1, selection.kept[:, :, None].expand(-1, -1, feats.shape[-1])), selection)
+    return selection.kept[0], rows[0], schedule
+
+
 def split_evenly(total: int, sizes: list[int]) -> list[int]:
     """``total`` spread as evenly as possible over parts of capacity ``sizes`` (earlier parts first)."""
     share = [0] * len(sizes)
@@ -130,7 +158,7 @@ def _stage1_per_crop(state: PruneState, visual: VisualFeatures, layout: Layout, 
 class VisionResult:
     layout: Layout
     visual: VisualFeatures
-    schedules: dict  # token count -> Schedule
+    schedules: list  # per image: its Schedule (by its token count; adaptive budgets: by its own kept count)
     embeds: torch.Tensor  # the prompt embeddings with the kept visual rows written in
     keep: torch.Tensor | None  # [b, s] positions that survive stage 1 (None: all)
     kept1: torch.Tensor | None  # [num_images, k] stage-1 kept (-1 padded), None when stage 1 kept all
@@ -149,8 +177,9 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
         others = {k: v for k, v in visual_inputs.items() if k != "pixel_values"}
         visual = ad.encode(pixel_values, cls_attention=needs_cls, input_ids=input_ids, **others, **vision_kwargs)
     layout = Layout.build(ad.placeholders(input_ids), visual)
-    schedules = {n: state.schedule(n) for n in layout.groups}
-    if cache is not None and not isinstance(cache, DynamicCache) and not all(s.is_noop for s in schedules.values()):
+    by_count = {n: state.schedule(n) for n in layout.groups}
+    schedules = [by_count[n] for n in layout.counts]
+    if cache is not None and not isinstance(cache, DynamicCache) and not all(s.is_noop for s in schedules):
         raise ValueError(
             f"learnpruner needs a DynamicCache (its layers hold different lengths after pruning), got "
             f"{type(cache).__name__}; drop cache_implementation='static' or pass no cache"
@@ -167,10 +196,15 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
                     kept[i] = forced1[i][forced1[i] >= 0].to(feats.device)
                     rows[i] = feats[j, kept[i]]
                 continue
-            r1 = schedules[n].r1
+            r1 = by_count[n].r1
             if r1 is None:
                 for j, i in enumerate(images):
                     rows[i] = feats[j]
+                continue
+            if state.adaptive is not None:
+                for i in images:
+                    kept[i], rows[i], schedules[i] = _stage1_adaptive(state, visual, layout, i, by_count[n],
+                                                                      pixel_values, input_ids, attention_mask)
                 continue
             if per_crop:
                 for i in images:
@@ -220,14 +254,15 @@ class LLMResult:
     compacted: bool
 
 
-def _drop_plan(vision: VisionResult | None, forced_llm) -> dict[int, list[tuple[int, int]]]:
-    """``{layer: [(token count, kept), ...]}``: which image groups drop at which layer."""
-    plan: dict[int, list[tuple[int, int]]] = {}
+def _drop_plan(vision: VisionResult | None, forced_llm) -> dict[int, dict[tuple[int, int], list[int]]]:
+    """``{layer: {(token count, kept): [images]}}``: which images drop at which layer, grouped by equal count
+    and equal kept number (one rule call per group)."""
+    plan: dict[int, dict[tuple[int, int], list[int]]] = {}
     if vision is None:
         return plan
-    for n, sched in vision.schedules.items():
+    for i, sched in enumerate(vision.schedules):
         for layer, r in sched.drops:
-            plan.setdefault(layer, []).append((n, r))
+            plan.setdefault(layer, {}).setdefault((vision.layout.counts[i], r), []).append(i)
     if forced_llm is not None and len(forced_llm) != len(plan):
         raise ValueError(f"fixed_selection got {len(forced_llm)} LLM selection(s) for {len(plan)} drop(s)")
     return dict(sorted(plan.items()))
@@ -243,15 +278,15 @@ def _llm_select(state: PruneState, rule, vision: VisionResult, seq: Seq, hidden,
     if rule.query:
         scores = torch.full((num_images, width), float("-inf"), device=hidden.device)
     input_embeds = take(embeds0, seq.orig)
-    for n, r in groups:
-        images = layout.groups[n]
+    for (n, r), images in groups.items():
         vis_g, img_g = layout.view(seq.vis, seq.img, images)
         table = sel.per_image_scores(readout["scores"], vis_g, img_g, len(images), n) if rule.query else None
         ctx = LLMContext(
             hidden, vis_g, img_g, seq.mask, table, len(images), n, layer, state,
             input_embeds=input_embeds,
             attention=readout.get("attention"), query_index=readout.get("query_index"),
-            query_valid=readout.get("query_valid"), keys=readout.get("keys"), scratch=scratch.setdefault(n, {}),
+            query_valid=readout.get("query_valid"), keys=readout.get("keys"),
+            scratch=scratch.setdefault(tuple(images), {}),
         )
         selection = rule.fn(ctx, r)
         if selection.replace is not None:
@@ -331,7 +366,7 @@ def record_stats(state: PruneState, vision: VisionResult, llm: LLMResult) -> Sta
     for i, n in enumerate(layout.counts):
         images.append(ImageStats(
             count=n,
-            schedule=vision.schedules[n],
+            schedule=vision.schedules[i],
             tokens_per_layer=[c[i] for c in llm.counts],
             stage1_kept=vision.kept_per_image[i],
             llm_kept=[k[i][k[i] >= 0] for k in llm.llm_kept],
@@ -339,7 +374,7 @@ def record_stats(state: PruneState, vision: VisionResult, llm: LLMResult) -> Sta
             crops=None if vision.visual.crops is None else vision.visual.crops[i],
             patches=None if vision.visual.patches is None else vision.visual.patches[i],
         ))
-    schedules = set(vision.schedules.values())
+    schedules = set(vision.schedules)
     return Stats(
         method=state.method.name,
         schedule=schedules.pop() if len(schedules) == 1 else None,

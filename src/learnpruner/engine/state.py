@@ -106,6 +106,8 @@ class PruneState:
     # how ``tokens``/``ratio`` is read: "average" (visual tokens per LLM layer) or "paper" (the label of the
     # method's published configuration); see learnpruner.budget
     budget: str = "average"
+    # budget="adaptive": the LPM keep-probability above which stage 1 keeps a token (calibrated for ``tokens``)
+    adaptive: float | None = None
     _schedules: dict = field(default_factory=dict)
 
     def section(self, name: str):

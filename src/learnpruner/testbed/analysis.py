@@ -55,8 +55,9 @@ def survival(labels_id: np.ndarray, relevant: list[int], kept: torch.Tensor | No
 
 
 def analyse(model, processor, split: str, n: int | None, methods: dict[str, dict], tokens: list[int],
-            out: Path, batch_size: int = 16, device: str = "cpu") -> list[dict]:
-    """Run every (method, budget) cell over the split; append one record per item to ``records.jsonl``."""
+            out: Path, batch_size: int = 16, device: str = "cpu", budget: str = "average") -> list[dict]:
+    """Run every (method, budget) cell over the split; append one record per item to ``records.jsonl``.
+    With ``budget="adaptive"`` (or ``"paper"``) the cells are named ``METHOD[adaptive]``."""
     items = load_split(split, n)
     path = out / "records.jsonl"
     done = set()
@@ -67,13 +68,14 @@ def analyse(model, processor, split: str, n: int | None, methods: dict[str, dict
     out.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for method, opts in methods.items():
+            name = method if budget == "average" else f"{method}[{budget}]"
             for t in tokens:
-                todo = [it for it in items if (method, t, it.index) not in done]
+                todo = [it for it in items if (name, t, it.index) not in done]
                 if not todo:
                     continue
-                learnpruner.apply(model, method, tokens=t, **opts)
+                learnpruner.apply(model, method, tokens=t, budget=budget, **opts)
                 try:
-                    for start in tqdm(range(0, len(todo), batch_size), desc=f"{method}@{t}", leave=False):
+                    for start in tqdm(range(0, len(todo), batch_size), desc=f"{name}@{t}", leave=False):
                         batch = todo[start:start + batch_size]
                         evals = [EvalItem(str(it.index), it.image, it.question, [it.answer], it.qtype) for it in batch]
                         preds = _answer_batch(model, processor, evals, 8, device)
@@ -83,7 +85,7 @@ def analyse(model, processor, split: str, n: int | None, methods: dict[str, dict
                             rel = relevant_objects(it.question, objects, it.boxes)
                             s1 = survival(it.labels["id"], rel, im.stage1_kept)
                             fin = survival(it.labels["id"], rel, im.final_kept)
-                            rec = {"method": method, "tokens": t, "index": it.index, "qtype": it.qtype,
+                            rec = {"method": name, "tokens": t, "index": it.index, "qtype": it.qtype,
                                    "objects": len(it.objects), "correct": is_correct(pred, [it.answer]),
                                    "stage1_share": None if s1 is None else s1[0],
                                    "stage1_all": None if s1 is None else s1[1],
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lpm", default=None, help="LPM folder for learnpruner/lpm-only (default: the model's)")
     p.add_argument("--option", action="append", default=[], help="METHOD:KEY=VALUE")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--budget", choices=("average", "paper", "adaptive"), default="average")
     p.add_argument("--out", default="runs/analysis")
     args = p.parse_args(argv)
     methods = _parse_list(args.methods, str, "--methods")
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load(args.model)
     out = Path(args.out)
     records = analyse(model, processor, args.split, args.n, {m: opts.get(m, {}) for m in methods}, tokens, out,
-                      args.batch_size)
+                      args.batch_size, budget=args.budget)
     summary = summarize(records)
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     text = markdown(summary)

@@ -1,0 +1,84 @@
+"""Adaptive budgets: the LPM's own keep decisions set how many tokens each image keeps.
+
+LearnPruner's abstract calls the method adaptive: an image with few informative regions needs fewer
+tokens than a cluttered one. Under ``apply(..., budget="adaptive", tokens=T)`` stage 1 keeps, in every
+image, the tokens whose LPM keep-probability exceeds a threshold ``t_T`` (at least one); stage 2 keeps the
+same share of them as the fixed schedule's ``r2 / r1``. ``t_T`` is calibrated once on validation data so that
+the average stage-1 count over the data equals the fixed schedule's ``r1`` (so the average budget over a
+dataset is ``T``, while single images spend more or less), and it ships with the LPM (``lpm.json``,
+``extra["adaptive_thresholds"]``): ``learnpruner calibrate``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .utils import atomic_write
+
+__all__ = ["THRESHOLDS", "calibrate", "save_thresholds", "adaptive_threshold"]
+
+THRESHOLDS = "adaptive_thresholds"  # key in the LPM's lpm.json "extra": {"<tokens>": threshold}
+
+
+def adaptive_threshold(method, lpm, tokens: int | None, ratio: float | None) -> float:
+    """The calibrated threshold for ``tokens`` shipped with ``lpm``; ``ValueError`` saying what is missing."""
+    if lpm is None:
+        raise ValueError(f"budget='adaptive' needs a method whose stage 1 is a Learnable Pruning Module "
+                         f"(learnpruner, lpm-only); {method.name!r} has none")
+    if tokens is None or ratio is not None:
+        raise ValueError("budget='adaptive' takes tokens=T (the dataset average it was calibrated for), not ratio=")
+    table = lpm.config.extra.get(THRESHOLDS, {})
+    if str(tokens) not in table:
+        have = ", ".join(sorted(table, key=int)) or "none"
+        raise ValueError(f"this LPM has no adaptive threshold for tokens={tokens} (calibrated: {have}); run "
+                         f"`learnpruner calibrate --model ... --tokens {tokens}` on validation data first")
+    return float(table[str(tokens)])
+
+
+@torch.no_grad()
+def calibrate(model, lpm, batches: Iterable[dict], tokens: list[int], method: str = "learnpruner") -> dict[int, float]:
+    """Thresholds ``{T: t}`` such that over the images of ``batches`` (processor outputs) the stage-1 counts
+    ``max(1, #(p > t))`` add up to what the fixed schedule of ``method`` keeps at ``T`` (its ``r1``, or every
+    token where stage 1 keeps all)."""
+    from .adapters import adapter_for
+    from .methods import get_method
+
+    ad = adapter_for(model)
+    m, num_layers = get_method(method), ad.text_config.num_hidden_layers
+    probs = []
+    param = next(lpm.parameters())
+    for batch in batches:
+        inputs = {k: v.to(param.device) for k, v in batch.items() if k in ad.visual_inputs}
+        visual = ad.encode(inputs.pop("pixel_values", None), input_ids=batch["input_ids"].to(param.device), **inputs)
+        feats = visual.features if isinstance(visual.features, list) else list(visual.features)
+        probs += [lpm(f.to(param.dtype)).float().cpu() for f in feats]
+    if not probs:
+        raise ValueError("calibration needs at least one image")
+    out = {}
+    for t in tokens:
+        goal = 0
+        for p in probs:
+            r1 = m.schedule(t, p.numel(), num_layers, {}).r1
+            goal += p.numel() if r1 is None else r1
+        lo, hi = 0.0, 1.0
+        for _ in range(40):  # bisection: the kept count falls as the threshold rises
+            mid = (lo + hi) / 2
+            kept = sum(max(1, int((p > mid).sum())) for p in probs)
+            lo, hi = (mid, hi) if kept > goal else (lo, mid)
+        out[t] = (lo + hi) / 2
+    return out
+
+
+def save_thresholds(folder: str | os.PathLike, thresholds: dict[int, float]) -> Path:
+    """Merge ``thresholds`` into the ``lpm.json`` of the LPM folder (atomically); returns its path."""
+    path = Path(folder) / "lpm.json"
+    meta = json.loads(path.read_text())
+    table = meta.setdefault("extra", {}).setdefault(THRESHOLDS, {})
+    table.update({str(t): float(v) for t, v in thresholds.items()})
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return path
