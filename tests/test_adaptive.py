@@ -7,8 +7,8 @@ import torch
 from helpers import make_inputs, n_visual, tiny_llava
 
 import learnpruner
-from learnpruner.adaptive import THRESHOLDS, adaptive_threshold, calibrate, save_thresholds
 from learnpruner.adapters import adapter_for
+from learnpruner.adaptive import THRESHOLDS, adaptive_threshold, calibrate, save_thresholds
 from learnpruner.engine.prefill import adaptive_schedule
 
 torch.set_num_threads(1)

@@ -433,3 +433,23 @@ def test_lpm_lpm_ranks_the_stage1_tokens_again_by_the_keep_probability():
     # a fixed stage-1 selection leaves stage 2 without this forward's keep-probabilities: refused clearly
     with learnpruner.fixed_selection(model, st.stage1_kept), pytest.raises(ValueError, match="lpm-lpm's stage 2"):
         model(**inp)
+
+
+def test_cdpruner_uniform_fallback_is_the_dpp_on_similarity_alone():
+    from learnpruner.peers import vision_select as vs
+
+    model = tiny_llava(layers=4, seed=2)
+    inp = make_inputs(model)
+    learnpruner.apply(model, "cdpruner", tokens=12, fallback="uniform")
+    try:
+        with torch.no_grad():
+            model(**inp)
+            kept = learnpruner.stats(model).stage1_kept
+            ad = model._learnpruner.adapter
+            projected = ad.project(ad.encode(inp["pixel_values"]).features)
+            expected = vs.dpp_greedy(vs.conditional_kernel(projected, torch.ones(projected.shape[:2])), 12)
+        assert torch.equal(kept, expected)
+    finally:
+        learnpruner.remove(model)
+    with pytest.raises(ValueError, match=r"option fallback must be one of \('instruction', 'uniform'\), got 'x'"):
+        learnpruner.apply(model, "cdpruner", tokens=12, fallback="x")

@@ -320,6 +320,8 @@ def _cdpruner(ctx: VisionContext, k: int) -> Selection:
         projected = _projected(ctx)
         if ctx.options.get("text_model") is not None:
             raw = clip_text_relevance(ctx)
+        elif ctx.options.get("fallback", "instruction") == "uniform":  # no relevance: the DPP on similarity alone
+            raw = torch.ones(projected.shape[:2], device=projected.device)
         else:
             raw = _relevance(ctx, projected)
         relevance = vs.normalize_relevance(raw, ctx.options.get("theta"))
@@ -329,6 +331,7 @@ def _cdpruner(ctx: VisionContext, k: int) -> Selection:
 
 def _cdpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
     _check_ratio(options, "theta", hi_open=True)
+    _check_choice(options, "fallback", ("instruction", "uniform"))
     tm = options.get("text_model")
     if tm is not None and not isinstance(tm, (str, os.PathLike, nn.Module, ct.ClipText)):
         raise ValueError(f"option text_model must be a path, a hub id or a CLIP module, got {type(tm).__name__}")
@@ -347,7 +350,7 @@ register(Method(
     stage2=None,
     schedule_fn=_cdpruner_schedule,
     positions="contiguous",
-    options=("theta", "text_model", "text_tokenizer", "tokenizer"),
+    options=("theta", "text_model", "text_tokenizer", "tokenizer", "fallback"),
     doc=(
         "CDPruner (Zhang et al., 'Beyond Attention or Similarity: Maximizing Conditional Diversity for Token "
         "Pruning in MLLMs', 2025). Conditional DPP: kernel L = diag(r) S diag(r), S the cosine similarity of the "
