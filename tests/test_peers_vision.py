@@ -224,7 +224,7 @@ def test_batched_equals_per_sample(model, method, opts):
 def test_cdpruner_follows_the_instruction_and_ignores_right_padding():
     model = tiny_llava(seed=3)
     inp = make_inputs(model, prompts_len=(4, 11), after=(6, 2), padding="right")
-    _apply(model, "cdpruner", {"tokens": 8})
+    _apply(model, "cdpruner", {"tokens": 8, "fallback": "instruction"})  # the relevance path
     model(**inp)
     batched = learnpruner.stats(model).stage1_kept
     kept = []
