@@ -247,17 +247,22 @@ class LearnPrunerLMM(lmms):
         pad = self.tokenizer.pad_token_id
         return answers, int((new != pad).sum()) if pad is not None else new.numel()
 
-    def generate_until(self, requests) -> list[str]:
-        if not requests:
-            return []
+    def _collate(self, requests):
+        """lmms-eval's collator (longest context first, grouped by generation arguments) and a progress bar."""
 
         def order(args):
             return -len(self.tok_encode(args[0])), args[0]
 
         reorder = lmms_utils.Collator([r.args for r in requests], order, grouping=True)
+        return reorder, tqdm(total=len(requests), disable=self._rank != 0, desc="Model Responding")
+
+    def generate_until(self, requests) -> list[str]:
+        if not requests:
+            return []
+
+        reorder, bar = self._collate(requests)
         res = []
         t0, new_tokens = time.perf_counter(), 0
-        bar = tqdm(total=len(requests), disable=self._rank != 0, desc="Model Responding")
         for chunk in reorder.get_batched(n=self.batch_size, batch_fn=None):
             contexts, all_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
             images = [self._visuals(f, t, s, d) for f, t, s, d in zip(doc_to_visual, tasks, splits, doc_ids)]
@@ -279,13 +284,9 @@ class LearnPrunerLMM(lmms):
         if not requests:
             return []
 
-        def order(args):
-            return -len(self.tok_encode(args[0])), args[0]
-
-        reorder = lmms_utils.Collator([r.args for r in requests], order, grouping=True)
+        reorder, bar = self._collate(requests)
         res = []
         t0, new_tokens = time.perf_counter(), 0
-        bar = tqdm(total=len(requests), disable=self._rank != 0, desc="Model Responding")
         for chunk in reorder.get_batched(n=self.batch_size, batch_fn=None):
             contexts, all_kwargs, doc_to_visual, doc_to_text, doc_ids, tasks, splits = zip(*chunk)
             docs = [self.task_dict[t][s][d] for t, s, d in zip(tasks, splits, doc_ids)]
