@@ -169,8 +169,10 @@ def _fastv_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Sche
 
 
 def _fastv_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    """FastV's own parametrisation: K=2, ATTENTION_RANK = T tokens kept from layer K on (R = 1 - T / n)."""
-    layer = _check_layer(options.get("layer", default_layer(num_layers, 2)), num_layers)
+    """FastV's own parametrisation: K=2, ATTENTION_RANK = T tokens kept from layer K on (R = 1 - T / n). K is the
+    paper's layer 2 at any depth, as in the average convention (not scaled: on a shallow LLM a drop after
+    layer 1 keeps little of the signal FastV relies on)."""
+    layer = _check_layer(options.get("layer", 2), num_layers)
     r = options.get("r2", tokens)
     return Schedule(n=n, num_layers=num_layers, drops=((layer, r),) if r < n else ())
 
