@@ -80,6 +80,13 @@ def overlay_kept(image, panels: list[tuple[str, object, object]], grid: int, pat
             caption += f", stage 2 (red): {len(np.asarray(stage2_kept))}"
         ax.set_title(f"{label}\n{caption}", fontsize=8)
         ax.axis("off")
+    _save(fig, path, title)
+
+
+def _save(fig, path, title: str = "") -> None:
+    """Title, layout, an atomic PNG write (the folder made if needed), and the figure closed."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -142,9 +149,4 @@ def overlay_image_stats(im, pixels: list[np.ndarray], path: str | os.PathLike, t
             caption += f", red {int((mine & final).sum())}"
         ax.set_title(caption, fontsize=8)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    _save(fig, path, title)
