@@ -229,6 +229,16 @@ def _layers_option(options: dict, num_layers: int, default_of_32: tuple[int, ...
     return layers
 
 
+def lambda_schedule(n: int, num_layers: int, layers, lam: float) -> Schedule:
+    """PyramidDrop's stages: after the j-th of ``layers`` keep ``int(n * lam ** (j + 1))`` tokens (at least 1)."""
+    counts, current = [], n
+    for j in range(len(layers)):
+        current = max(1, min(current, int(n * lam ** (j + 1))))
+        counts.append(current)
+    drops = tuple((layer, c) for layer, c in zip(layers, counts) if c < n)
+    return Schedule(n=n, num_layers=num_layers, drops=drops)
+
+
 def staged_schedule(
     tokens: int, n: int, num_layers: int, layers: tuple[int, ...], profile: list[float], method: str
 ) -> Schedule:
@@ -275,12 +285,7 @@ def _pdrop_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Sche
     if lam is not None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 < lam <= 1.0:
             raise ValueError(f"option lam must be a number in (0, 1], got {lam!r}")
-        counts, current = [], n
-        for j in range(len(layers)):
-            current = max(1, min(current, int(n * lam ** (j + 1))))
-            counts.append(current)
-        drops = tuple((layer, c) for layer, c in zip(layers, counts) if c < n)
-        return Schedule(n=n, num_layers=num_layers, drops=drops)
+        return lambda_schedule(n, num_layers, layers, lam)
     if tokens >= n:
         return Schedule(n=n, num_layers=num_layers)
     bounds = list(layers) + [num_layers]
@@ -337,12 +342,7 @@ def _pdrop_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedul
             )
         lam = _PDROP_PAPER_LAMBDA.get(tokens) if (n, num_layers, layers) == (576, 32, _PDROP_PAPER_LAYERS) else None
         lam = lam if lam is not None else pdrop_paper_lambda(tokens, n, num_layers, layers)
-    counts, current = [], n
-    for j in range(len(layers)):
-        current = max(1, min(current, int(n * lam ** (j + 1))))
-        counts.append(current)
-    drops = tuple((layer, c) for layer, c in zip(layers, counts) if c < n)
-    return Schedule(n=n, num_layers=num_layers, drops=drops)
+    return lambda_schedule(n, num_layers, layers, lam)
 
 
 register(Method(
