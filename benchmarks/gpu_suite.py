@@ -2,7 +2,8 @@
 
 Full run (one H100-class GPU, bf16, random weights, no network; about 8 minutes): LLaVA-1.5-7B at batch 1
 and 16 with 576/192/64/32 visual tokens, methods none/fastv/learnpruner, on the plain and the fast path;
-LLaVA-NeXT-7B (a 672x672 image) at 2880 and 160. ``--smoke`` runs the same code on tiny architectures on
+LLaVA-NeXT-7B (a 672x672 image) at 2880 and 160; Qwen2.5-VL-7B with an 896x1120 image (1280 -> 142) and an
+8-frame 448x448 video (1024 -> 114) at batch 1. ``--smoke`` runs the same code on tiny architectures on
 the CPU in seconds (CI runs it). Writes ``results.json``, ``table.md`` and the plots into ``--out`` and
 prints the table, with the card (device, dtype, versions, command) and the issue's targets checked.
 """
@@ -23,13 +24,16 @@ import transformers
 from learnpruner import bench
 from learnpruner.utils import atomic_write
 
-FULL = [  # (arch, methods, tokens, batch sizes)
-    ("llava-1.5-7b", "none,fastv,learnpruner", "576,192,64,32", "1,16"),
-    ("llava-next-7b", "none,learnpruner", "2880,160", "1"),
+FULL = [  # (arch, methods, tokens, batch sizes, item: None for the family's own)
+    ("llava-1.5-7b", "none,fastv,learnpruner", "576,192,64,32", "1,16", None),
+    ("llava-next-7b", "none,learnpruner", "2880,160", "1", None),
+    ("qwen2.5-vl-7b", "none,learnpruner", "1280,142", "1", "image"),
+    ("qwen2.5-vl-7b", "none,learnpruner", "1024,114", "1", "video"),
 ]
 SMOKE = [
-    ("llava-tiny", "none,fastv,learnpruner", "64,32,16", "1,2"),
-    ("llava-next-tiny", "none,learnpruner", "80,20", "1"),
+    ("llava-tiny", "none,fastv,learnpruner", "64,32,16", "1,2", None),
+    ("llava-next-tiny", "none,learnpruner", "80,20", "1", None),
+    ("qwen2.5-vl-tiny", "none,learnpruner", "1024,114", "1", "video"),
 ]
 
 
@@ -45,21 +49,23 @@ def run(smoke: bool, out: Path, argv: list[str], repeats: int | None = None) -> 
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     records = []
-    for arch, methods, tokens, batches in (SMOKE if smoke else FULL):
-        model = bench.build_arch(arch, dtype, device)
+    model, built = None, None
+    for arch, methods, tokens, batches, item in (SMOKE if smoke else FULL):
+        if built != arch:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model, built = bench.build_arch(arch, dtype, device), arch
         for fast in (False, True):
             recs = bench.run_bench(model, methods=methods, tokens=tokens, batch_sizes=batches, new_tokens=8,
                                    text_tokens=64, repeats=repeats or (1 if smoke else 5), warmup=0 if smoke else 2,
-                                   device=str(device), dtype=dtype, progress=not smoke, fast=fast)
+                                   device=str(device), dtype=dtype, progress=not smoke, fast=fast, item=item)
             for r in recs:
-                r["arch"] = arch
+                r["arch"] = arch if item is None else f"{arch}-{item}"
                 r["path"] = "fast" if r.get("fast") else "plain"
                 if r.get("prefill_ms") and r.get("stage1_ms") is not None:
                     r["selection_share"] = ((r.get("stage1_ms") or 0) + (r.get("llm_select_ms") or 0)) / r["prefill_ms"]
             records += [r for r in recs if not (fast and r["method"] == "none" and not r.get("fast"))]
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     card = _card(device, dtype, argv)
     for r in records:
         r["card"] = card

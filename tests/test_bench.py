@@ -373,3 +373,30 @@ def test_bench_runs_on_a_tiny_qwen_arch():
     lp = next(r for r in records if r["method"] == "learnpruner")
     assert lp["family"] == "qwen2_5_vl" and lp["flops"] < next(r for r in records if r["method"] == "none")["flops"]
     assert abs(lp["avg_visual_tokens"] - 64) <= 1
+
+
+def test_bench_measures_a_qwen_video_item():
+    from learnpruner import bench_qwen as bq
+    from learnpruner.budget import Schedule
+
+    records = bench.run_bench(arch="qwen2.5-vl-tiny", methods="none,learnpruner", tokens="114", batch_sizes="1",
+                              new_tokens=2, repeats=1, warmup=0, progress=False, item="video")
+    none = next(r for r in records if r["method"] == "none")
+    lp = next(r for r in records if r["method"] == "learnpruner")
+    cfg = bq.QWEN_ARCHS["qwen2.5-vl-tiny"]()
+    grid = bq.video_grid(cfg, *bq.BENCH_VIDEO)
+    assert lp["item"] == "video" and lp["visual_tokens"] == bq.grid_tokens(cfg, grid) == 1024 and lp["crops"] == 4
+    assert abs(lp["avg_visual_tokens"] - 114) <= 1
+    # analytic figures of the video, and the measured cache equal to the analytic one
+    assert none["flops_breakdown"]["vision"] == bq.vision_flops(cfg, grid)
+    full = Schedule(n=1024, num_layers=cfg.text_config.num_hidden_layers)
+    assert none["kv_cache_bytes"] == bq.analytic_kv_bytes(cfg, [full], 64, dtype=torch.float32)
+    assert lp["kv_cache_bytes"] < none["kv_cache_bytes"]
+    assert "8-frame video (448x448 frames, 4 temporal groups)" in bench.markdown_table(records)
+
+
+@pytest.mark.parametrize("arch,item,needle", [("llava-tiny", "video", "llava benchmarks hold image samples"),
+                                              ("qwen2.5-vl-tiny", "audio", "'image' or 'video'")])
+def test_bench_refuses_an_item_the_family_cannot_hold(arch, item, needle):
+    with pytest.raises(ValueError, match=needle):
+        bench.run_bench(arch=arch, item=item, progress=False)

@@ -427,11 +427,10 @@ _TEXT_INPUTS = ("input_ids", "attention_mask")
 
 def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dtype, seed: int = 0):
     """``variants`` input dicts of ``batch`` prompts ``<s> t*4 <image>*L t*rest`` with random images (the
-    adapter's ``random_images``, ``L`` its placeholders per image; for a video family ``<video>*L`` and one
-    random video); and the index of the first placeholder."""
-    from .adapters import adapter_for
-
-    ad = adapter_for(model)
+    adapter's ``random_images``, ``L`` its placeholders per image; for a video item ``<video>*L`` and one
+    random video); and the index of the first placeholder. ``model``: a model or its adapter (whose
+    ``bench_item`` chose the item)."""
+    ad = _adapter(model)
     slots = ad.image_geometry().placeholders
     pre = min(4, text_tokens - 1)
     post = text_tokens - 1 - pre
@@ -470,7 +469,7 @@ class _Batch:
 def _prepare_batch(model, ad, size: int, text_tokens: int, variants: int, device, dtype, seed: int) -> _Batch:
     from .engine import STRUCTURE
 
-    inputs, start = _make_inputs(model, size, text_tokens, variants, device, dtype, seed)
+    inputs, start = _make_inputs(ad, size, text_tokens, variants, device, dtype, seed)
     slots = ad.image_geometry().placeholders
     feats, structure = [], None
     with torch.inference_mode():
@@ -609,6 +608,7 @@ def run_bench(
     progress: bool = True,
     seed: int = 0,
     fast: bool = False,
+    item: str | None = None,
 ) -> list[dict]:
     """Measure every method x budget x batch size; returns one record per cell (see module doc).
 
@@ -622,16 +622,18 @@ def run_bench(
     With ``fast=True`` every method runs on the fast decode path (``apply(..., fast=True)``) and ``none``
     is measured twice: as users run it today (plain transformers, the baseline of ``prefill_speedup`` and
     ``e2e_speedup``) and on the fast path (the baseline of ``like_for_like_e2e_speedup``).
+    ``item``: what each sample holds, ``"image"`` or ``"video"``, where the family takes both (Qwen2.5-VL:
+    an 896x1120 px image of 1280 tokens, or 8 frames of 448x448 px, 1024 tokens); default the family's own.
     """
     from .adapters import adapter_for
 
-    methods, tokens, batch_sizes = _check_args(model, arch, methods, tokens, batch_sizes, new_tokens=new_tokens,
+    methods, tokens, batch_sizes = _check_args(model, arch, methods, tokens, batch_sizes, item, new_tokens=new_tokens,
                                                text_tokens=text_tokens, repeats=repeats, warmup=warmup,
                                                variants=variants)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = _resolve_dtype(dtype, dev)
     model, label = _load_model(model, arch, dev, dt, seed)
-    ad = adapter_for(model)
+    ad = adapter_for(model).bench_item(item)
     model.generation_config.pad_token_id = ad.text_config.pad_token_id or 0
     if tokens is None:
         tokens = ad.bench_budgets()
@@ -645,7 +647,7 @@ def run_bench(
     return records
 
 
-def _check_args(model, arch, methods, tokens, batch_sizes, **counts):
+def _check_args(model, arch, methods, tokens, batch_sizes, item=None, **counts):
     """Step 1: validate every argument before any work; ``(methods, tokens or None, batch sizes)``."""
     from .budget import check_tokens
     from .methods import get_method
@@ -664,8 +666,10 @@ def _check_args(model, arch, methods, tokens, batch_sizes, **counts):
     if (model is None) == (arch is None):
         raise ValueError("give exactly one of model (id, path or instance) and arch "
                          f"(accepted: {', '.join(ARCHS)})")
+    if item not in (None, "image", "video"):
+        raise ValueError(f"item must be 'image' or 'video' (or None: the family's own), got {item!r}")
     if arch is not None:
-        arch_config(arch)  # fail early on a bad name
+        arch_adapter(arch).bench_item(item)  # fail early on a bad name, or an item the family cannot hold
     return methods, tokens, batch_sizes
 
 
@@ -704,6 +708,7 @@ def _environment(label: str, ad, dev: torch.device, dt: torch.dtype, settings: _
         "warmup": settings.warmup, "variants": settings.variants,
         "image_size": list(image.size), "crops": image.crops, "visual_tokens": image.tokens,
         "structure_tokens": image.structure, "num_layers": ad.text_config.num_hidden_layers,
+        "item_note": ad.bench_note(image),
     }
 
 
@@ -937,6 +942,8 @@ def _fmt(v, digits=1):
 def _image_note(r: dict) -> str:
     """``576 visual tokens`` or, with crops and structure, the image's size, crops and newlines too (a video: its
     frames and their size)."""
+    if r.get("item_note"):
+        return r["item_note"]
     text = f"{r['visual_tokens']} visual tokens"
     if r.get("item") == "video":
         h, w = r["image_size"]
@@ -1078,6 +1085,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fast", action="store_true",
                    help="run every method on the fast decode path (static KV buffers; CUDA graphs on GPU)")
+    p.add_argument("--item", choices=("image", "video"), default=None,
+                   help="what each sample holds where the family takes both (Qwen2.5-VL: an image of 1280 tokens "
+                   "or an 8-frame 448x448 video of 1024; default: the family's own, image except Video-LLaVA)")
 
 
 @command("bench", "measure speed, memory and FLOPs of pruning methods", _bench_args)
@@ -1090,7 +1100,7 @@ def _bench(args: argparse.Namespace) -> int:
         model=args.model, arch=args.arch, methods=args.methods, tokens=args.tokens, batch_sizes=args.batch_sizes,
         new_tokens=args.new_tokens, text_tokens=args.text_tokens, repeats=args.repeats, warmup=args.warmup,
         device=args.device, dtype=args.dtype, variants=args.variants, progress=not args.no_progress,
-        fast=args.fast,
+        fast=args.fast, item=args.item,
     )
     print(markdown_table(records))
     path = write_results(records, args.out)

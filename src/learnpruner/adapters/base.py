@@ -25,7 +25,8 @@ class Adapter:
     # forward keyword arguments that carry visual inputs (handed to ``encode``); the first ones that are pixel
     # tensors decide whether a forward has images at all
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
-    bench_kind: str = "image"  # what one benchmark sample holds ("image" or "video")
+    bench_kind: str = "image"  # what one benchmark sample holds ("image" or "video"); see bench_item
+    bench_kinds: tuple[str, ...] = ("image",)  # the kinds of benchmark sample the family can hold
     # every image has num_visual_tokens() tokens (LLaVA-1.5); False where counts follow the input's size
     uniform_token_count: bool = False
     visual_inputs: tuple[str, ...] = ("pixel_values",)
@@ -164,6 +165,31 @@ class Adapter:
         """Forward arguments for ``batch`` random images (one per sample) of ``image_size`` (default as in
         :meth:`image_geometry`): ``pixel_values`` as the processor lays them out, plus the family's extras."""
         raise NotImplementedError
+
+    def graph_modules(self) -> list[nn.Module]:
+        """The vision modules the fast prefill may capture as CUDA graphs: their forward has static shapes for
+        given input shapes and no host synchronisation (none by default)."""
+        return []
+
+    def bench_item(self, kind: str | None) -> Adapter:
+        """Select what one benchmark sample holds (``None``: the family's default, :attr:`bench_kind`); the
+        benchmark helpers below then describe that item. Returns ``self``; ``ValueError`` naming the kinds
+        the family accepts otherwise."""
+        if kind is not None:
+            if kind not in self.bench_kinds:
+                raise ValueError(f"{self.family} benchmarks hold {' or '.join(self.bench_kinds)} samples, "
+                                 f"not {kind!r}")
+            self.bench_kind = kind
+        return self
+
+    def bench_note(self, image: ImageGeometry) -> str:
+        """How ``learnpruner bench`` describes one sample's item of geometry ``image`` under its table."""
+        text = f"{image.tokens} visual tokens"
+        if image.crops > 1 or image.structure:
+            h, w = image.size
+            text = (f"one {h}x{w} image ({image.crops} crops): {text} + {image.structure} structure tokens "
+                    f"(row newlines, kept, outside the budget)")
+        return text
 
     def bench_budgets(self) -> list[int]:
         """The budgets (visual tokens per image, averaged over LLM layers) ``learnpruner bench`` measures by

@@ -67,6 +67,10 @@ class LlavaAdapter(Adapter):
     def output_class(self) -> type:
         return sys.modules[type(self.model).__module__].LlavaCausalLMOutputWithPast
 
+    def graph_modules(self) -> list:
+        """The CLIP tower (a plain ViT: static shapes, no host synchronisation)."""
+        return [self.model.model.vision_tower]
+
     # --- benchmark helpers ------------------------------------------------------------------------
     def vision_module(self):
         return self.model.model.vision_tower

@@ -270,31 +270,67 @@ class Qwen2_5_VLAdapter(Adapter):
     def vision_module(self):
         return self._visual
 
+    bench_kinds = ("image", "video")
+
+    @property
+    def bench_token_id(self) -> int:
+        """The placeholder id of a bench item: the image token, or the video token for a video."""
+        return self.video_token_id if self.bench_kind == "video" else self.image_token_id
+
     def image_geometry(self, image_size=None):
-        """One image of ``image_size`` ``(height, width)`` px (default :data:`~learnpruner.bench_qwen.BENCH_IMAGE`,
-        1280 tokens) after the processor's resize: one pass of the tower, ``h * w / 4`` tokens, no structure."""
+        """One bench item after the processor's resize. An image of ``image_size`` ``(height, width)`` px (default
+        :data:`~learnpruner.bench_qwen.BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens.
+        With ``bench_item("video")``, a video of ``image_size`` ``(frames, height, width)`` (default
+        :data:`~learnpruner.bench_qwen.BENCH_VIDEO`, 4 temporal groups of 256 tokens): its temporal groups are
+        the crops. No structure either way."""
         from .. import bench_qwen as bq
         from .base import ImageGeometry
 
-        vc = self.model.config.vision_config
-        t, h, w = bq.image_grid(self.model.config, *(image_size or bq.BENCH_IMAGE))
-        return ImageGeometry(size=(h * vc.patch_size, w * vc.patch_size), crops=1,
-                             tokens=bq.grid_tokens(self.model.config, (t, h, w)))
+        cfg = self.model.config
+        if self.bench_kind == "video":
+            grid = bq.video_grid(cfg, *(image_size or bq.BENCH_VIDEO))
+        else:
+            grid = bq.image_grid(cfg, *(image_size or bq.BENCH_IMAGE))
+        t, h, w = grid
+        patch = cfg.vision_config.patch_size
+        return ImageGeometry(size=(h * patch, w * patch), crops=t, tokens=bq.grid_tokens(cfg, grid))
+
+    def bench_note(self, image) -> str:
+        h, w = image.size
+        if self.bench_kind == "video":
+            frames = image.crops * self.model.config.vision_config.temporal_patch_size
+            return (f"one {frames}-frame video ({h}x{w} frames, {image.crops} temporal groups): "
+                    f"{image.tokens} visual tokens")
+        return f"one {h}x{w} image: {image.tokens} visual tokens"
+
+    def bench_budgets(self) -> list[int]:
+        """Every token of the bench item, then 1/3 and 1/9 of them (the ratios of LLaVA-1.5's 192 and 64 of 576):
+        1280, 427, 142 for the image, 1024, 341, 114 for the video."""
+        n = self.image_geometry().tokens
+        return [n, max(1, round(n / 3)), max(1, round(n / 9))]
 
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
-        """``pixel_values`` (one row per patch, as the processor lays them out) and ``image_grid_thw`` for ``batch``
-        random images of one size."""
+        """Forward arguments of ``batch`` random items of one size, as the processor lays them out: one row per
+        patch in ``pixel_values`` and ``image_grid_thw``, or for a video ``pixel_values_videos``,
+        ``video_grid_thw`` and ``second_per_grid_ts``."""
         from .. import bench_qwen as bq
 
-        inputs = bq.random_inputs(self.model.config, batch, image=image_size or bq.BENCH_IMAGE, generator=generator)
+        cfg = self.model.config
+        if self.bench_kind == "video":
+            inputs = bq.random_inputs(cfg, batch, video=image_size or bq.BENCH_VIDEO, generator=generator)
+            return {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
+        inputs = bq.random_inputs(cfg, batch, image=image_size or bq.BENCH_IMAGE, generator=generator)
         return {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
 
     def vision_flops(self, image=None) -> int:
-        """The windowed tower for one image (merger excluded: :meth:`projector_flops`)."""
+        """The windowed tower for one bench item, every temporal group of a video (merger excluded:
+        :meth:`projector_flops`)."""
         from .. import bench_qwen as bq
 
-        size = image.size if image is not None else bq.BENCH_IMAGE
-        return bq.vision_flops(self.model.config, bq.image_grid(self.model.config, *size))
+        image = image if image is not None else self.image_geometry()
+        patch = self.model.config.vision_config.patch_size
+        grid = (image.crops, image.size[0] // patch, image.size[1] // patch)
+        return bq.vision_flops(self.model.config, grid)
 
     def projector_flops(self, rows: int) -> int:
         from .. import bench_qwen as bq

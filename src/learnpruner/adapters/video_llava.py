@@ -95,6 +95,7 @@ class VideoLlavaAdapter(LlavaAdapter):
 
     # --- benchmark helpers (learnpruner.bench): the bench's item is one video -------------------------
     bench_kind = "video"  # what each bench sample holds (learnpruner.bench reads it)
+    bench_kinds = ("video",)
     bench_frames = 8  # frames per video, as Video-LLaVA's processor samples them
 
     @property
@@ -108,6 +109,10 @@ class VideoLlavaAdapter(LlavaAdapter):
         vc = self.model.config.vision_config
         frames = self.bench_frames if frames is None else frames
         return frames * ((vc.image_size // vc.patch_size) ** 2 + 1)
+
+    def graph_modules(self) -> list:
+        """The image and the video towers (plain CLIP ViTs)."""
+        return [self.model.model.image_tower, self.model.model.video_tower]
 
     def vision_module(self):
         """The video tower (the bench feeds videos only)."""
@@ -125,6 +130,11 @@ class VideoLlavaAdapter(LlavaAdapter):
         vc = self.model.config.vision_config
         shape = (batch, self.bench_frames, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
         return {"pixel_values_videos": torch.randn(shape, generator=generator)}
+
+    def bench_note(self, image) -> str:
+        h, w = image.size
+        return (f"one {image.crops}-frame video ({h}x{w} frames): {image.tokens} visual tokens "
+                f"(each frame's [CLS] row included)")
 
     def bench_budgets(self) -> list[int]:
         """Every token of the video (2056), then the ratios of the paper's LLaVA-1.5 budgets, 1/3 and 1/9 (192 and
