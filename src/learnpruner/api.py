@@ -13,6 +13,7 @@ from .adapters import adapter_for
 from .adaptive import adaptive_threshold
 from .budget import check_budget, check_ratio, check_tokens, tokens_for
 from .engine import PruneState, Stats, pruned_forward
+from .engine.graphs import GraphCache
 from .lpm import LearnablePruningModule, LPMConfig
 from .methods import get_method
 from .rules import STAGE1_RULES
@@ -167,7 +168,7 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     state = PruneState(
         method=m, tokens=tokens, ratio=ratio, options=opts, adapter=adapter, base_class=type(model), lpm=lpm,
         generator=generator, fast=bool(fast), stage1_unit=stage1_unit or m.stage1_unit, budget=budget,
-        adaptive=threshold,
+        adaptive=threshold, graphs=GraphCache() if fast else None,
     )
     model.__class__ = _pruned_class(type(model))
     model._learnpruner = state

@@ -21,10 +21,12 @@ from .. import selection as sel
 from ..budget import Schedule
 from ..methods import positions_for
 from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext, lpm_of
+from .graphs import graphed_modules
 from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, pad_rows
 from .readout import Capture, layer_readout
 from .sequence import Seq, call_layer, causal_mask, keep_positions, take
 from .state import ImageStats, PruneState, Stats
+from .static import pad_to_bucket, run_segment, unpad
 
 __all__ = ["prefill", "SEGMENTS_ATTR"]
 
@@ -173,7 +175,8 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
         raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
     rule1 = STAGE1_RULES.get(state.method.stage1) if state.method.stage1 else None
     needs_cls = bool(getattr(rule1, "needs_cls", False)) and forced1 is None
-    with state.section("vision"):
+    graphed = ad.graph_modules() if state.graphs is not None and not needs_cls else []
+    with state.section("vision"), graphed_modules(state.graphs, graphed):
         others = {k: v for k, v in visual_inputs.items() if k != "pixel_values"}
         visual = ad.encode(pixel_values, cls_attention=needs_cls, input_ids=input_ids, **others, **vision_kwargs)
     layout = Layout.build(ad.placeholders(input_ids), visual)
@@ -298,9 +301,16 @@ def _llm_select(state: PruneState, rule, vision: VisionResult, seq: Seq, hidden,
     return chosen, hidden, scores
 
 
+def _static_prefill(state: PruneState, cache, use_cache, kwargs) -> bool:
+    """Whether the decoder layers run on the fast prefill's static shapes (:mod:`learnpruner.engine.static`)."""
+    return bool(state.fast and use_cache and isinstance(cache, DynamicCache) and not kwargs
+                and state.graphs is not None)
+
+
 def llm_stage(state: PruneState, vision: VisionResult | None, seq: Seq, embeds0, cache, use_cache, forced_llm,
               kwargs, compacted: bool) -> LLMResult:
-    """The decoder layers; ``embeds0`` is the LLM input at full length (for rules that read it)."""
+    """The decoder layers, in segments between the drops; ``embeds0`` is the LLM input at full length (for rules
+    that read it). On the fast path each segment runs on static shapes (see :mod:`learnpruner.engine.static`)."""
     ad = state.adapter
     if forced_llm is not None:
         forced_llm = [forced_llm] if isinstance(forced_llm, torch.Tensor) else list(forced_llm)
@@ -308,46 +318,65 @@ def llm_stage(state: PruneState, vision: VisionResult | None, seq: Seq, embeds0,
     rule = LLM_RULES[state.method.stage2] if plan and state.method.stage2 and forced_llm is None else None
     wants = rule is not None and (rule.query is not None or rule.keys)
     num_images = vision.layout.num_images if vision is not None else 0
+    static = _static_prefill(state, cache, use_cache, kwargs)
+    pad = 0
+    if static:
+        seq, pad = pad_to_bucket(seq)
     segments = [(0, seq.mask)]
-    masks = [causal_mask(ad, seq.hidden, seq.mask, cache, seq.pos)]
     llm_kept, counts_per_layer, readout, scores = [], [], {}, None
     scratch: dict = {}  # per image group, shared by the LLM drops of this forward
     counts = seq.visual_counts(num_images) if num_images else []
-    hidden = seq.hidden
-    for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):
-        if i in plan:
+    num_layers = ad.text_config.num_hidden_layers
+    bounds = [0, *[layer for layer in plan if 0 < layer < num_layers], num_layers]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a in plan:
             with state.section("llm_select"):
                 width = vision.layout.width
                 present = present_table(seq.vis, seq.img, num_images, width)
                 if forced_llm is not None:
-                    chosen = kept_table(forced_llm[len(llm_kept)].to(hidden.device), num_images, width)
+                    chosen = kept_table(forced_llm[len(llm_kept)].to(seq.hidden.device), num_images, width)
                 else:
-                    chosen, hidden, table = _llm_select(state, rule, vision, seq, hidden, i, plan[i], readout,
-                                                        embeds0, scratch)
+                    chosen, seq.hidden, table = _llm_select(state, rule, vision, seq, seq.hidden, a, plan[a],
+                                                            readout, embeds0, scratch)
                     scores = table if scores is None else scores
                 chosen = chosen & present
                 llm_kept.append(table_kept(chosen))
-                seq.hidden = hidden
                 keep = keep_positions(seq.vis, seq.img, chosen)
                 if not bool(keep.all()):
                     seq = seq.drop(keep)
                     compacted = True
-                hidden = seq.hidden
-                segments.append((i, seq.mask))
-                masks.append(causal_mask(ad, hidden, seq.mask, cache, seq.pos, i))
+                segments.append((a, seq.mask))
                 counts = seq.visual_counts(num_images)
-        counts_per_layer.append(counts)
-        cap = Capture(ad.attention(i)) if (i + 1) in plan and wants else None
+        counts_per_layer += [counts] * (b - a)
+        readout_layer = b - 1 if b in plan and wants else None
+        if static:
+            seq.hidden, qk = run_segment(state, a, b, seq, cache, readout_layer)
+        else:
+            seq.hidden, qk = _eager_segment(state, a, b, seq, cache, use_cache, kwargs, readout_layer)
+        if readout_layer is not None:
+            with state.section("llm_select"):
+                readout = layer_readout(ad, readout_layer, qk, seq, rule.query, rule.keys)
+    seq = unpad(seq, pad)
+    return LLMResult(seq.hidden, seq, segments, llm_kept, counts_per_layer, scores, compacted)
+
+
+def _eager_segment(state: PruneState, start: int, stop: int, seq: Seq, cache, use_cache, kwargs,
+                   readout_layer: int | None):
+    """Decoder layers ``[start, stop)`` one call at a time (the plain path); returns the hidden states and the
+    q/k projection outputs of ``readout_layer`` (captured by hooks), if given."""
+    ad = state.adapter
+    mask = causal_mask(ad, seq.hidden, seq.mask, cache, seq.pos, start if start else None)
+    hidden, qk = seq.hidden, {}
+    for i in range(start, stop):
+        cap = Capture(ad.attention(i)) if i == readout_layer else None
         try:
-            hidden = call_layer(ad, layer, hidden, masks[-1], seq.cos_sin, seq.pos, cache, use_cache, kwargs)
+            hidden = call_layer(ad, ad.layers[i], hidden, mask, seq.cos_sin, seq.pos, cache, use_cache, kwargs)
         finally:
             if cap is not None:
                 cap.close()
         if cap is not None:
-            seq.hidden = hidden
-            with state.section("llm_select"):
-                readout = layer_readout(ad, i, cap.out, seq, rule.query, rule.keys)
-    return LLMResult(hidden, seq, segments, llm_kept, counts_per_layer, scores, compacted)
+            qk = cap.out
+    return hidden, qk
 
 
 # --------------------------------------------------------------------------------------------------

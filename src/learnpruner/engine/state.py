@@ -108,6 +108,8 @@ class PruneState:
     budget: str = "average"
     # budget="adaptive": the LPM keep-probability above which stage 1 keeps a token (calibrated for ``tokens``)
     adaptive: float | None = None
+    # fast=True: the CUDA graphs of the fast prefill (vision passes, LLM segments); see learnpruner.engine.graphs
+    graphs: object | None = None
     _schedules: dict = field(default_factory=dict)
 
     def section(self, name: str):
