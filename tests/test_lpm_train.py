@@ -385,3 +385,46 @@ def test_budget_range_samples_each_steps_budget_and_trains_toward_it(processor, 
     torch.testing.assert_close(torch.tensor([h["target"] for h in hist]), torch.tensor(expected, dtype=torch.float32))
     assert json.loads((tmp_path / "lpm.json").read_text())["extra"]["budget_range"] == [16, 192]
     assert _cfg().step_tokens(7) == 64  # without a range: always --tokens
+
+
+def test_stage2_in_the_training_forward_is_the_inference_forward(processor):
+    """With ``stage2=True`` the training forward (top-k stage 1) picks the tokens the engine's stage 2 picks for
+    the same stage-1 set, and its answer loss equals the pruned model's."""
+    from learnpruner.engine.prefill import table_kept
+
+    model, ad, batch, lpm = _gated_setup(processor)
+    targets = _Targets(32, model.config.text_config.num_hidden_layers)
+    with torch.no_grad():
+        _, parts = step_loss(model, ad, lpm, batch, targets, TrainConfig(mask="topk", stage2=True, ratio_weight=0.0))
+        _, alone = step_loss(model, ad, lpm, batch, targets, TrainConfig(mask="topk", ratio_weight=0.0))
+    chosen = parts["stage2_chosen"]
+    assert chosen.sum(dim=1).tolist() == [targets.drop(576)[1]] * 2  # r2 per image, from the kept stage-1 set
+    assert not bool((chosen & ~parts["hard"].bool()).any())
+    assert not torch.isclose(parts["ce"], alone["ce"])  # stage 2 changes the forward
+    model.set_attn_implementation({"text_config": "eager"})
+    kept1 = table_kept(parts["hard"].bool())
+    learnpruner.apply(model, "learnpruner", tokens=32, lpm=lpm)
+    try:
+        with torch.no_grad():
+            for i in range(2):  # inference: sample i's prompt alone (up to its first answer token), same stage-1 set
+                end = int((batch["labels"][i] != -100).nonzero()[0])
+                prompt = {"input_ids": batch["input_ids"][i:i + 1, :end],
+                          "pixel_values": batch["pixel_values"][i:i + 1]}
+                with learnpruner.fixed_selection(model, kept1[i:i + 1]):
+                    model(**prompt)
+                assert torch.equal(learnpruner.stats(model).llm_kept[0][0], table_kept(chosen)[i])
+            # and the answer loss of the whole batch through the engine with both kept sets equals training's
+            with learnpruner.fixed_selection(model, kept1, table_kept(chosen)):
+                out = model(**batch)
+    finally:
+        learnpruner.remove(model)
+    torch.testing.assert_close(out.loss, parts["ce"], atol=1e-5, rtol=1e-5)
+
+
+def test_stage2_flag_trains_and_is_recorded(processor, tmp_path, capsys):
+    cfg = _cfg(steps=2, mask="topk", stage2=True, tokens=32)
+    train_lpm(_model(processor), processor, ShapesRecords(), tmp_path, cfg, progress=False)
+    assert json.loads((tmp_path / "lpm.json").read_text())["extra"]["train_config"]["stage2"] is True
+    with pytest.raises(ValueError, match="stage2=True needs the per-count training targets"):
+        model, ad, batch, lpm = _gated_setup(processor)
+        step_loss(model, ad, lpm, batch, 0.2, TrainConfig(stage2=True))

@@ -32,6 +32,13 @@ this follows the closest published recipe (Dynamic-LLaVA's learned predictor) an
   renormalises, which equals removing the dropped keys in the forward pass and still passes a
   gradient to the gates of dropped tokens (a gate of 0 on an additive mask would pass none).
   At inference the engine physically keeps the top ``r1`` by keep-probability.
+* **Stage 2 in the training forward** (``stage2``, off by default). Inference drops visual tokens a second
+  time, in the LLM (the text-attention drop of layer ``K``). With ``stage2=True`` the training forward does the
+  same: the instruction's attention in layer ``K - 1`` (over the stage-1 set, as at inference) picks each
+  image's ``r2`` tokens, and from layer ``K`` on the others are gated out too. The answer loss then reflects the
+  whole two-stage pipeline, so the LPM learns which tokens serve the layers before the drop and which survive
+  it. The stage-2 pick is a hard, non-differentiable selection (as at inference); the LPM's gradient reaches it
+  through the gates of the tokens in each layer.
 * **Loss** = next-token cross-entropy on answer tokens + ``ratio_weight * (kept fraction - rho)^2``
   (per image, the kept fraction through the STE, so the forward value is the real hard fraction; the
   mean over images) with ``rho = r1 / n`` for the target budget (64 tokens -> r1 = 111 of 576 for
@@ -90,6 +97,7 @@ class TrainConfig:
     ratio_weight: float = 4.0
     mask: str = "threshold"
     distill_weight: float = 0.0
+    stage2: bool = False  # run stage 2 (the text-attention drop in the LLM) in the training forward
     hidden_dim: int = 512
     seed: int = 0
     ckpt_every: int = 100
@@ -124,11 +132,64 @@ def gated_attention(module, query, key, value, attention_mask, scaling, dropout=
     if attention_mask is not None:
         weights = weights + attention_mask[:, :, :, : key.shape[-2]]
     probs = torch.softmax(weights.float(), dim=-1)
-    if learnpruner_gate is not None:
-        probs = probs * learnpruner_gate[:, None, None, : key.shape[-2]].float()
+    stage2 = learnpruner_gate if isinstance(learnpruner_gate, Stage2Gate) else None
+    gate = stage2.gate(module.layer_idx) if stage2 is not None else learnpruner_gate
+    if gate is not None:
+        probs = probs * gate[:, None, None, : key.shape[-2]].float()
         probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    if stage2 is not None:
+        stage2.observe(module.layer_idx, probs)
     out = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
     return out, probs
+
+
+class Stage2Gate:
+    """Every layer's key gate when stage 2 runs in the training forward (``TrainConfig.stage2``).
+
+    Layers before ``layer`` use the stage-1 gate ``base`` ``[b, s]`` (straight-through). Layer ``layer - 1``
+    reports its gated attention probabilities: the instruction rows' mean attention (over heads and rows, as
+    :func:`~learnpruner.selection.aggregate_scores` at inference) ranks each image's stage-1 tokens, and the top
+    ``r2[image]`` stay. From ``layer`` on the gate is ``base`` times that 0/1 choice. ``vis``/``img``: the
+    layout's token index and image of each position; ``query_index``/``query_valid``: the instruction rows
+    (:func:`~learnpruner.engine.readout.query_rows`)."""
+
+    def __init__(self, base, layer: int, vis, img, r2: list[int], widths: list[int], query_index, query_valid):
+        self.base, self.layer, self.vis, self.img = base, layer, vis, img
+        self.r2, self.widths = r2, widths
+        self.query_index, self.query_valid = query_index, query_valid
+        self.chosen: torch.Tensor | None = None  # [num_images, width] bool: stage 2's pick
+        self.keep: torch.Tensor | None = None  # [b, s]: 0 where stage 2 drops a visual token
+
+    def gate(self, layer_idx: int) -> torch.Tensor:
+        if layer_idx < self.layer:
+            return self.base
+        if self.keep is None:
+            raise RuntimeError(f"stage 2 gates layer {layer_idx} before layer {self.layer - 1} chose its tokens")
+        return self.base * self.keep
+
+    @torch.no_grad()
+    def observe(self, layer_idx: int, probs: torch.Tensor) -> None:
+        if layer_idx != self.layer - 1:
+            return
+        from . import selection as sel
+        from .engine.sequence import keep_positions
+
+        b, h, _, s = probs.shape
+        idx = self.query_index[:, None, :, None].expand(b, h, -1, s)
+        scores = sel.aggregate_scores(probs.gather(2, idx), self.query_valid)
+        kept1 = self.base.detach() > 0
+        vis = torch.where(kept1, self.vis, -1)  # tokens stage 1 dropped are absent: they score -inf
+        width = max(self.widths)
+        table = sel.per_image_scores(scores, vis, self.img, len(self.r2), width)
+        chosen = torch.zeros(table.shape, dtype=torch.bool, device=table.device)
+        for r in sorted(set(self.r2)):
+            rows = torch.tensor([i for i, x in enumerate(self.r2) if x == r], device=table.device)
+            finite = torch.isfinite(table[rows]).sum(dim=1)
+            picked = sel.topk_sorted(table[rows], min(r, width))
+            ok = torch.arange(picked.shape[1], device=table.device)[None] < finite[:, None]
+            chosen[rows[:, None].expand_as(picked)[ok], picked[ok]] = True
+        self.chosen = chosen
+        self.keep = keep_positions(self.vis, self.img, chosen).to(self.base.dtype)
 
 
 def _register_gated_attention() -> None:
@@ -486,13 +547,22 @@ class _Targets:
 
     def __init__(self, tokens: int, num_layers: int):
         self.tokens, self.num_layers = tokens, num_layers
-        self._r1: dict[int, int | None] = {}
+        self._schedules: dict = {}
+
+    def schedule(self, n: int):
+        """The :class:`~learnpruner.budget.Schedule` inference gives an image of ``n`` tokens."""
+        if n not in self._schedules:
+            budget = tokens_for(n, self.tokens, None)
+            self._schedules[n] = get_method("learnpruner").schedule(budget, n, self.num_layers, {})
+        return self._schedules[n]
 
     def r1(self, n: int) -> int | None:
-        if n not in self._r1:
-            budget = tokens_for(n, self.tokens, None)
-            self._r1[n] = get_method("learnpruner").schedule(budget, n, self.num_layers, {}).r1
-        return self._r1[n]
+        return self.schedule(n).r1
+
+    def drop(self, n: int) -> tuple[int, int] | None:
+        """Stage 2 of an image of ``n`` tokens: ``(layer, r2)``, or None where it keeps the stage-1 set."""
+        drops = self.schedule(n).drops
+        return tuple(drops[0]) if drops else None
 
     def __call__(self, n: int) -> float | None:
         r1 = self.r1(n)
@@ -798,8 +868,9 @@ def step_loss(model, ad, lpm, batch: dict, rho: float | Callable[[int], float | 
     token = layout.vis >= 0
     gate = torch.ones(token.shape, dtype=gate_vis.dtype, device=gate_vis.device)
     gate = gate.masked_scatter(token, gate_vis[layout.img[token], layout.vis[token]])
+    stage2 = _stage2_gate(gate, rho, layout, visual, batch) if cfg.stage2 else None
     out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                learnpruner_gate=gate, use_cache=False, **positions)
+                learnpruner_gate=stage2 if stage2 is not None else gate, use_cache=False, **positions)
     kept_frac = (gate_vis * valid).sum(dim=1) / counts  # per image, through the STE
     zero = torch.zeros((), device=out.loss.device)
     ratio = ((kept_frac - target) ** 2)[gated].mean() if bool(gated.any()) else zero
@@ -813,9 +884,35 @@ def step_loss(model, ad, lpm, batch: dict, rho: float | Callable[[int], float | 
         loss = loss + cfg.distill_weight * kl
     hard_frac = (hard * valid).sum(dim=1) / counts
     kept = hard_frac[gated].mean() if bool(gated.any()) else hard_frac.mean()
-    return loss, {"ce": out.loss.detach(), "ratio": ratio.detach(), "kl": kl.detach(), "kept": kept.detach(),
-                  "target": target[gated].mean() if bool(gated.any()) else target.mean(),
-                  "keep_prob": keep_prob, "valid": valid}
+    parts = {"ce": out.loss.detach(), "ratio": ratio.detach(), "kl": kl.detach(), "kept": kept.detach(),
+             "target": target[gated].mean() if bool(gated.any()) else target.mean(),
+             "keep_prob": keep_prob, "valid": valid, "hard": hard.detach()}
+    if stage2 is not None:
+        parts["stage2_chosen"] = stage2.chosen
+    return loss, parts
+
+
+def _stage2_gate(gate, targets, layout: Layout, visual: VisualFeatures, batch: dict) -> Stage2Gate | None:
+    """The :class:`Stage2Gate` of a batch: each image's stage-2 layer and ``r2`` from the per-count
+    ``targets``; the instruction rows are the prompt's (before the first answer token), as at inference."""
+    from .engine.readout import query_rows
+
+    if not isinstance(targets, _Targets):
+        raise ValueError("stage2=True needs the per-count training targets (a _Targets), not a fixed fraction")
+    counts = visual.counts()
+    drops = [targets.drop(n) for n in counts]
+    layers = {d[0] for d in drops if d is not None}
+    if not layers:
+        return None
+    if len(layers) > 1:
+        raise ValueError(f"images of one batch drop at different LLM layers {sorted(layers)}")
+    r2 = [n if d is None else d[1] for n, d in zip(counts, drops)]
+    labels = batch["labels"]
+    ar = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    first_answer = torch.where(labels != -100, ar, labels.shape[1]).amin(dim=1, keepdim=True)
+    prompt = batch["attention_mask"].bool() & (ar < first_answer)
+    qidx, qvalid = query_rows(layout.vis, prompt, "text")
+    return Stage2Gate(gate, layers.pop(), layout.vis, layout.img, r2, counts, qidx, qvalid)
 
 
 def _order(length: int, seed: int) -> np.ndarray:
