@@ -523,18 +523,20 @@ def test_bench_adapter_helpers_and_random_inputs():
 
 QWEN_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% else %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% else %}"
     "ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
 
 class ImageProcessorStandIn:
-    """Qwen2.5-VL's processor for images only (the stock one needs torchvision for its video half): the PIL image
-    processor at 112 px (16 tokens), ``<|image_pad|>`` expanded per image grid, the chat template rendered by the
+    """Qwen2.5-VL's processor without torchvision (the stock one needs it for its video half): the PIL image
+    processor at 112 px (16 tokens), ``<|image_pad|>`` expanded per image grid; videos laid out as the stock video
+    processor does, from the same image processor (:meth:`_video`); the chat template rendered by the
     tokenizer."""
 
-    image_token = "<|image_pad|>"
+    image_token, video_token = "<|image_pad|>", "<|video_pad|>"
 
     def __init__(self):
         from transformers import Qwen2VLImageProcessorPil
@@ -543,7 +545,7 @@ class ImageProcessorStandIn:
         self.chat_template = QWEN_CHAT_TEMPLATE
         self.images = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12544})
 
-    def __call__(self, text, images=None, return_tensors="pt", **kwargs):
+    def __call__(self, text, images=None, videos=None, return_tensors="pt", **kwargs):
         from transformers import BatchFeature
 
         texts = [text] if isinstance(text, str) else list(text)
@@ -551,12 +553,34 @@ class ImageProcessorStandIn:
         if images:
             px = self.images(images=images if isinstance(images, list) else [images], return_tensors="pt")
             out.update(px)
-            counts = iter((px["image_grid_thw"].prod(-1) // 4).tolist())
-            texts = [t.replace(self.image_token, "\0") for t in texts]
-            texts = ["".join(p + (self.image_token * next(counts) if k < t.count("\0") else "")
-                             for k, p in enumerate(t.split("\0"))) for t in texts]
+            texts = self._expand(texts, self.image_token, (px["image_grid_thw"].prod(-1) // 4).tolist())
+        if videos:
+            rows, grids = zip(*(self._video(frames) for frames in videos))
+            out.update(pixel_values_videos=torch.cat(rows), video_grid_thw=torch.stack(grids),
+                       second_per_grid_ts=torch.ones(len(videos)))
+            texts = self._expand(texts, self.video_token, [int(g.prod()) // 4 for g in grids])
         out.update(self.tokenizer(texts, return_tensors=return_tensors, padding=True))
         return BatchFeature(out)
+
+    @staticmethod
+    def _expand(texts, token, counts):
+        counts = iter(counts)
+        texts = [t.replace(token, "\0") for t in texts]
+        return ["".join(p + (token * next(counts) if k < t.count("\0") else "") for k, p in enumerate(t.split("\0")))
+                for t in texts]
+
+    def _video(self, frames):
+        """A video's pixel rows as the stock video processor lays them out, from the image processor: each frame
+        alone gives its patch rows (``[n, C, 2, 14, 14]`` with the frame repeated over the temporal patch); frame
+        pairs ``2g, 2g + 1`` fill temporal group ``g``'s two slots. Returns the rows and the grid ``(t, h, w)``."""
+        from PIL import Image
+
+        per_frame = self.images(images=[Image.fromarray(f) for f in frames], return_tensors="pt")
+        n = int(per_frame["image_grid_thw"][0].prod())
+        single = per_frame["pixel_values"].view(len(frames), n, 3, 2, 14, 14)[:, :, :, 0]  # [T, n, C, 14, 14]
+        pairs = single.view(len(frames) // 2, 2, n, 3, 14, 14).permute(0, 2, 3, 1, 4, 5)  # [t, n, C, 2, 14, 14]
+        t, h, w = len(frames) // 2, *per_frame["image_grid_thw"][0, 1:].tolist()
+        return pairs.reshape(t * n, -1), torch.tensor([t, h, w])
 
     def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
@@ -593,3 +617,47 @@ def test_training_forwards_get_the_3d_positions_of_the_prompt():
     assert torch.equal(got, expected)
     llava = tiny_llava(layers=2)
     assert rotary_positions(adapter_for(llava), make_inputs(llava)) == {}  # 1-D RoPE: the model's own default
+
+
+def test_video_stand_in_lays_out_pixels_as_the_model_reads_them():
+    """The stand-in's video rows: a video of one frame repeated is the image of that frame, row for row."""
+    import numpy as np
+    from PIL import Image
+
+    proc = ImageProcessorStandIn()
+    frame = np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    rows, grid = proc._video(np.stack([frame, frame]))
+    image = proc.images(images=[Image.fromarray(frame)], return_tensors="pt")
+    assert grid.tolist() == image["image_grid_thw"][0].tolist()
+    torch.testing.assert_close(rows, image["pixel_values"])
+
+
+def test_lpm_trains_on_qwen_video_records(tmp_path):
+    """Video records (frames from a file) train an LPM on Qwen2.5-VL: each video is one item of all its temporal
+    groups, placeholders expanded through the chat template, 3-D positions from the model's own rules."""
+    import json
+
+    import numpy as np
+
+    from learnpruner.adapters import adapter_for
+    from learnpruner.lpm_train import LlavaRecords, TrainConfig, _collate, _encode, prompt_embeddings, train_lpm
+    from learnpruner.testbed.shapes import generate_item
+    from learnpruner.video import write_video
+
+    pytest.importorskip("av")
+    model, processor = tiny_qwen(layers=4), ImageProcessorStandIn()
+    write_video(tmp_path / "clip.mp4", [np.asarray(generate_item("test", i).image.resize((112, 112)))
+                                        for i in range(4)])
+    conv = [{"from": "human", "value": "<video>\nhow many squares ?"}, {"from": "gpt", "value": "two"}]
+    (tmp_path / "data.jsonl").write_text(json.dumps({"video": "clip.mp4", "conversations": conv}) + "\n")
+    data = LlavaRecords(tmp_path / "data.jsonl", num_frames=4)
+    ad = adapter_for(model)
+    enc = _encode(data.get(0), processor, ad, 4096)
+    assert enc.visual["video_grid_thw"].tolist() == [[2, 8, 8]]  # 4 frames: 2 temporal groups of 4x4 tokens
+    _, visual, _ = prompt_embeddings(model, ad, _collate([enc], 0))
+    assert visual.counts() == [32]
+    cfg = TrainConfig(tokens=8, steps=2, batch_size=1, lr=3e-3, warmup=1, ckpt_every=2, hidden_dim=16, mask="topk")
+    trained = train_lpm(model, processor, data, tmp_path / "run", cfg, progress=False)
+    hist = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"]
+    assert len(hist) == 2 and all(np.isfinite(h["loss"]) for h in hist)
+    assert trained.config.family == "qwen2_5_vl"
