@@ -89,7 +89,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlay", default=None, metavar="FILE.png",
                    help="write a picture of the patches each stage kept, one panel per crop")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--fast", action="store_true", help="fast decode path (static KV buffers; CUDA graphs on GPU)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast path: static-shape prefill and decode (CUDA graphs on GPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
 
