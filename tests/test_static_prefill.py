@@ -205,3 +205,21 @@ def test_replayed_segments_and_vision_give_the_second_prompt_its_own_answer(simu
         learnpruner.remove(model)
         torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)
         assert torch.equal(kept, kept_plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_prefill_equals_the_plain_path():
+    model = tiny_llava(seed=5).cuda()
+    inputs = [{k: v.cuda() for k, v in make_inputs(model, seed=s).items()} for s in (0, 1)]
+    opts = {"tokens": 16, "lpm": "random"}
+    learnpruner.apply(model, "learnpruner", fast=True, **opts)
+    with torch.no_grad():
+        quick = [model(**inp, use_cache=True, logits_to_keep=1).logits for inp in inputs]  # capture, then replay
+    captures = model._learnpruner.graphs.captures
+    learnpruner.remove(model)
+    assert captures == 3  # the vision tower and the two LLM segments, captured once for both prompts
+    learnpruner.apply(model, "learnpruner", **opts)
+    with torch.no_grad():
+        for inp, q in zip(inputs, quick):
+            torch.testing.assert_close(q, model(**inp, use_cache=True, logits_to_keep=1).logits, atol=1e-4, rtol=1e-4)
+    learnpruner.remove(model)
