@@ -59,7 +59,8 @@ class GraphCache:
         and no host synchronisation. Returns ``fn``'s output (a pytree of tensors), cloned out of the graph."""
         if not self._capturable([a for a in args if isinstance(a, torch.Tensor)]):
             return fn(*args)
-        full_key = (key, tuple(_signature(a) for a in args))
+        # inference-mode tensors cannot be written outside inference mode: one graph per mode
+        full_key = (key, torch.is_inference_mode_enabled(), tuple(_signature(a) for a in args))
         entry = self._graphs.get(full_key)
         if entry is None:
             entry = self._capture(fn, args)
