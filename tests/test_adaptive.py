@@ -85,3 +85,26 @@ def test_adaptive_budget_refuses_what_it_cannot_do(setup):
     with pytest.raises(ValueError, match="takes tokens=T .* not ratio="):
         adaptive_threshold(learnpruner.get_method("learnpruner"), lpm, None, 0.5)
     assert not learnpruner.is_pruned(model)
+
+
+def test_options_shipped_with_the_lpm_are_its_defaults(tmp_path):
+    from learnpruner.adaptive import save_lpm_options
+
+    model = tiny_llava(layers=8, seed=3)
+    learnpruner.LearnablePruningModule(learnpruner.LPMConfig(feature_dim=32, hidden_dim=8)).save(tmp_path)
+    n = n_visual(model)
+
+    def drop_layer(method, **options):
+        learnpruner.apply(model, method, tokens=8, lpm=str(tmp_path), **options)
+        try:
+            return model._learnpruner.schedule(n).drops
+        finally:
+            learnpruner.remove(model)
+
+    assert drop_layer("learnpruner")[0][0] == 3  # round(12 * 8 / 32)
+    save_lpm_options(tmp_path, {"layer": 5})
+    assert drop_layer("learnpruner")[0][0] == 5  # the shipped setting
+    assert drop_layer("learnpruner", layer=2)[0][0] == 2  # an explicit option wins
+    assert drop_layer("lpm-only") == ()  # a method without that option ignores it
+    with pytest.raises(ValueError, match="LPM options must be plain values"):
+        save_lpm_options(tmp_path, {"lpm": "elsewhere"})

@@ -428,3 +428,20 @@ def test_stage2_flag_trains_and_is_recorded(processor, tmp_path, capsys):
     with pytest.raises(ValueError, match="stage2=True needs the per-count training targets"):
         model, ad, batch, lpm = _gated_setup(processor)
         step_loss(model, ad, lpm, batch, 0.2, TrainConfig(stage2=True))
+
+
+def test_layer_flag_sets_the_stage2_layer_and_the_lpm_ships_it(processor, tmp_path):
+    assert _Targets(32, 8).drop(576)[0] == 3 and _Targets(32, 8, 5).drop(576)[0] == 5
+
+    def model():  # a 4-layer text model: K = round(12 * 4 / 32) = 2 by default
+        return build_model(processor.tokenizer, text={"num_hidden_layers": 4}, tiny=True, seed=0).eval()
+
+    cfg = _cfg(steps=1, mask="topk", stage2=True, layer=3, tokens=32, ckpt_every=1)
+    train_lpm(model(), processor, ShapesRecords(), tmp_path / "run", cfg, progress=False)
+    assert json.loads((tmp_path / "run" / "lpm.json").read_text())["extra"]["options"] == {"layer": 3}
+    m = model()
+    learnpruner.apply(m, "learnpruner", tokens=32, lpm=str(tmp_path / "run"))
+    assert m._learnpruner.schedule(576).drops[0][0] == 3  # apply uses the K the LPM was trained for
+    learnpruner.remove(m)
+    with pytest.raises(ValueError, match=r"layer must lie in 1..3 \(the LLM's layers after the first\), got 4"):
+        train_lpm(m, processor, ShapesRecords(), tmp_path / "bad", _cfg(layer=4), progress=False)

@@ -7,6 +7,10 @@ same share of them as the fixed schedule's ``r2 / r1``. ``t_T`` is calibrated on
 the average stage-1 count over the data equals the fixed schedule's ``r1`` (so the average budget over a
 dataset is ``T``, while single images spend more or less), and it ships with the LPM (``lpm.json``,
 ``extra["adaptive_thresholds"]``): ``learnpruner calibrate``.
+
+An LPM also ships the method options chosen with it on validation data (``extra["options"]``, e.g. the
+stage-2 layer of the model it was trained for): :func:`save_lpm_options` writes them, and ``apply`` uses them
+for every option the caller does not give (:func:`lpm_options`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,17 @@ import torch
 
 from .utils import atomic_write
 
-__all__ = ["THRESHOLDS", "calibrate", "save_thresholds", "adaptive_threshold"]
+__all__ = ["THRESHOLDS", "OPTIONS", "calibrate", "save_thresholds", "save_lpm_options", "lpm_options",
+           "adaptive_threshold"]
 
 THRESHOLDS = "adaptive_thresholds"  # key in the LPM's lpm.json "extra": {"<tokens>": threshold}
+OPTIONS = "options"  # key in the LPM's lpm.json "extra": method options validated with this LPM
+
+
+def lpm_options(lpm, method) -> dict:
+    """The options shipped with ``lpm`` that ``method`` accepts (the others are for other methods)."""
+    shipped = lpm.config.extra.get(OPTIONS, {}) if lpm is not None else {}
+    return {k: v for k, v in shipped.items() if k in method.options and k != "lpm"}
 
 
 def adaptive_threshold(method, lpm, tokens: int | None, ratio: float | None) -> float:
@@ -74,11 +86,24 @@ def calibrate(model, lpm, batches: Iterable[dict], tokens: list[int], method: st
     return out
 
 
-def save_thresholds(folder: str | os.PathLike, thresholds: dict[int, float]) -> Path:
-    """Merge ``thresholds`` into the ``lpm.json`` of the LPM folder (atomically); returns its path."""
+def _merge_extra(folder: str | os.PathLike, key: str, values: dict) -> Path:
+    """Merge ``values`` into ``extra[key]`` of the ``lpm.json`` in ``folder`` (atomically); returns its path."""
     path = Path(folder) / "lpm.json"
     meta = json.loads(path.read_text())
-    table = meta.setdefault("extra", {}).setdefault(THRESHOLDS, {})
-    table.update({str(t): float(v) for t, v in thresholds.items()})
+    meta.setdefault("extra", {}).setdefault(key, {}).update(values)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return path
+
+
+def save_thresholds(folder: str | os.PathLike, thresholds: dict[int, float]) -> Path:
+    """Merge ``thresholds`` into the ``lpm.json`` of the LPM folder (atomically); returns its path."""
+    return _merge_extra(folder, THRESHOLDS, {str(t): float(v) for t, v in thresholds.items()})
+
+
+def save_lpm_options(folder: str | os.PathLike, options: dict) -> Path:
+    """Ship method options with the LPM in ``folder`` (merged into its ``lpm.json``, atomically): ``apply`` uses
+    them whenever the caller does not give that option. Values must be JSON numbers, strings or booleans."""
+    bad = {k: v for k, v in options.items() if k == "lpm" or not isinstance(v, (int, float, str, bool))}
+    if bad:
+        raise ValueError(f"LPM options must be plain values (not 'lpm'), got {bad!r}")
+    return _merge_extra(folder, OPTIONS, dict(options))

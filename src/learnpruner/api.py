@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .adaptive import adaptive_threshold
+from .adaptive import adaptive_threshold, lpm_options
 from .budget import check_budget, check_ratio, check_tokens, tokens_for
 from .engine import PruneState, Stats, pruned_forward
 from .engine.graphs import GraphCache
@@ -160,6 +160,8 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     seed = opts.get("seed", 0)
     needs_lpm = bool(getattr(STAGE1_RULES.get(m.stage1), "needs_lpm", False)) if m.stage1 else False
     lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if needs_lpm else None
+    if lpm is not None:  # settings validated with this LPM (lpm.json), for the options the caller left out
+        opts = m.check_options({**lpm_options(lpm, m), **opts})
     generator = torch.Generator().manual_seed(seed) if m.stage1 == "random" else None
     threshold = adaptive_threshold(m, lpm, tokens, ratio) if adaptive else None
     if fast and adapter.text_config._attn_implementation not in ("sdpa", "eager"):

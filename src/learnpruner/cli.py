@@ -214,6 +214,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="weight of KL distillation toward the unpruned model (0: off)")
     p.add_argument("--stage2", action="store_true",
                    help="run stage 2 (the text-attention drop in the LLM) in the training forward, as inference does")
+    p.add_argument("--layer", type=int, default=None,
+                   help="stage-2 layer K of the schedules trained for (default: the method's, round(12 L / 32)); "
+                   "the LPM ships it, so `apply` uses it unless given another")
     p.add_argument("--budget-range", default=None, metavar="LO,HI",
                    help="sample each step's budget log-uniformly in [LO, HI] tokens (one LPM for every budget); "
                    "default: always --tokens")
@@ -254,7 +257,7 @@ def _train(args: argparse.Namespace) -> int:
                       ratio_weight=args.ratio_weight, mask=args.mask, distill_weight=args.distill_weight,
                       hidden_dim=args.hidden_dim, ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16,
                       grad_ckpt=args.grad_ckpt, max_length=args.max_length, budget_range=budget_range,
-                      stage2=args.stage2)
+                      stage2=args.stage2, layer=args.layer)
     train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device,
               overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process under torchrun/accelerate

@@ -98,6 +98,9 @@ class TrainConfig:
     mask: str = "threshold"
     distill_weight: float = 0.0
     stage2: bool = False  # run stage 2 (the text-attention drop in the LLM) in the training forward
+    # the stage-2 layer K of the schedules the targets follow (None: the method's default); the LPM ships it as
+    # its ``layer`` option (lpm.json ``extra["options"]``), so ``apply`` uses the K it was trained for
+    layer: int | None = None
     hidden_dim: int = 512
     seed: int = 0
     ckpt_every: int = 100
@@ -545,15 +548,16 @@ class _Targets:
     """Per token count ``n``: the stage-1 budget ``r1`` inference gives an image of ``n`` tokens at the training
     budget, and the target kept fraction ``r1 / n`` (None where stage 1 keeps every token)."""
 
-    def __init__(self, tokens: int, num_layers: int):
-        self.tokens, self.num_layers = tokens, num_layers
+    def __init__(self, tokens: int, num_layers: int, layer: int | None = None):
+        self.tokens, self.num_layers, self.layer = tokens, num_layers, layer
         self._schedules: dict = {}
 
     def schedule(self, n: int):
         """The :class:`~learnpruner.budget.Schedule` inference gives an image of ``n`` tokens."""
         if n not in self._schedules:
             budget = tokens_for(n, self.tokens, None)
-            self._schedules[n] = get_method("learnpruner").schedule(budget, n, self.num_layers, {})
+            options = {} if self.layer is None else {"layer": self.layer}
+            self._schedules[n] = get_method("learnpruner").schedule(budget, n, self.num_layers, options)
         return self._schedules[n]
 
     def r1(self, n: int) -> int | None:
@@ -596,7 +600,10 @@ def _targets(ad: Adapter, cfg: TrainConfig, frames: int | None = None) -> tuple[
     video = frames is not None and hasattr(ad, "video_tokens")
     if video:
         n = max(n, ad.video_tokens(frames))
-    targets = _Targets(cfg.tokens, ad.text_config.num_hidden_layers)
+    if cfg.layer is not None and not 0 < cfg.layer < ad.text_config.num_hidden_layers:
+        raise ValueError(f"layer must lie in 1..{ad.text_config.num_hidden_layers - 1} (the LLM's layers after the "
+                         f"first), got {cfg.layer}")
+    targets = _Targets(cfg.tokens, ad.text_config.num_hidden_layers, cfg.layer)
     if targets.r1(n) is None:
         raise ValueError(f"tokens={cfg.tokens} keeps every one of the {n} visual tokens in stage 1: nothing to train")
     if cfg.max_length <= n and video:
@@ -634,7 +641,8 @@ def _new_lpm(ad: Adapter, cfg: TrainConfig, targets: _Targets, n: int, rt: _Runt
         feature_dim=ad.feature_dim(), hidden_dim=cfg.hidden_dim, family=ad.family,
         feature_layer=ad.feature_layer(), num_tokens=n,
         extra={"trained_tokens": cfg.tokens, "r1": r1, "keep_ratio": r1 / n,
-               **({"budget_range": list(cfg.budget_range)} if cfg.budget_range else {})},
+               **({"budget_range": list(cfg.budget_range)} if cfg.budget_range else {}),
+               **({"options": {"layer": cfg.layer}} if cfg.layer is not None else {})},
     )).to(rt.device)
     opt = torch.optim.AdamW(lpm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -717,7 +725,7 @@ def _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches: _Batches, tar
         batch = {k: v.to(rt.device) for k, v in batches.next().items()}
         tokens = cfg.step_tokens(step)
         if tokens not in per_budget:
-            per_budget[tokens] = _Targets(tokens, targets.num_layers)
+            per_budget[tokens] = _Targets(tokens, targets.num_layers, targets.layer)
         loss, parts = step_loss(model, ad, lpm_t, batch, per_budget[tokens], cfg, previous_impl)
         opt_t.zero_grad(set_to_none=True)
         rt.backward(loss)
