@@ -56,7 +56,7 @@ def adaptive_threshold(method, lpm, tokens: int | None, ratio: float | None) -> 
 def calibrate(model, lpm, batches: Iterable[dict], tokens: list[int], method: str = "learnpruner") -> dict[int, float]:
     """Thresholds ``{T: t}`` such that over the images of ``batches`` (processor outputs) the stage-1 counts
     ``max(1, #(p > t))`` add up to what the fixed schedule of ``method`` keeps at ``T`` (its ``r1``, or every
-    token where stage 1 keeps all)."""
+    token where stage 1 keeps all), with the options shipped with ``lpm`` (its stage-2 layer moves ``r1``)."""
     from .adapters import adapter_for
     from .methods import get_method
 
@@ -75,7 +75,7 @@ def calibrate(model, lpm, batches: Iterable[dict], tokens: list[int], method: st
     for t in tokens:
         goal = 0
         for p in probs:
-            r1 = m.schedule(t, p.numel(), num_layers, {}).r1
+            r1 = m.schedule(t, p.numel(), num_layers, lpm_options(lpm, m)).r1
             goal += p.numel() if r1 is None else r1
         lo, hi = 0.0, 1.0
         for _ in range(40):  # bisection: the kept count falls as the threshold rises
