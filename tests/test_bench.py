@@ -186,8 +186,8 @@ def test_fast_flag_measures_the_fast_path_and_both_baselines(tmp_path):
                      repeats=1, warmup=0, variants=1, progress=False, device="cpu", fast=True)
     rows = [(r["method"], r["fast"], r["path"]) for r in recs]
     assert rows == [("none", False, "plain transformers (unpatched)"),
-                    ("none", True, "learnpruner engine, fast decode path"),
-                    ("learnpruner", True, "learnpruner engine, fast decode path")]
+                    ("none", True, "learnpruner engine, fast path (static prefill and decode)"),
+                    ("learnpruner", True, "learnpruner engine, fast path (static prefill and decode)")]
     assert recs[2]["like_for_like_e2e_speedup"] == pytest.approx(recs[1]["e2e_ms"] / recs[2]["e2e_ms"])
     assert recs[2]["e2e_speedup"] == pytest.approx(recs[0]["e2e_ms"] / recs[2]["e2e_ms"])
 
