@@ -445,3 +445,19 @@ def test_layer_flag_sets_the_stage2_layer_and_the_lpm_ships_it(processor, tmp_pa
     learnpruner.remove(m)
     with pytest.raises(ValueError, match=r"layer must lie in 1..3 \(the LLM's layers after the first\), got 4"):
         train_lpm(m, processor, ShapesRecords(), tmp_path / "bad", _cfg(layer=4), progress=False)
+
+
+def test_distillation_term_is_the_kl_to_the_unpruned_model(processor):
+    """``distill_weight``: KL(unpruned || pruned) on the answer tokens, zero when nothing is pruned, and part of
+    the loss with its weight (it reaches the LPM's parameters)."""
+    model, ad, batch, lpm = _gated_setup(processor)
+    cfg = TrainConfig(mask="topk", ratio_weight=0.0, distill_weight=0.5)
+    with torch.no_grad():
+        _, whole = step_loss(model, ad, lpm, batch, 1.0, cfg)  # keeps every token: the student is the teacher
+    loss, parts = step_loss(model, ad, lpm, batch, 0.1, cfg)
+    # (sdpa teacher against eager student: a KL of about 5e-8 when nothing is pruned, 3e-4 at 10% kept)
+    assert whole["kl"].abs() < 1e-6 and parts["kl"] > 1e-5
+    torch.testing.assert_close(loss.detach(), parts["ce"] + 0.5 * parts["kl"])
+    (loss - parts["ce"]).backward()  # the KL term alone
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lpm.parameters())
+    assert parts["kl"] == pytest.approx(float(step_loss(model, ad, lpm, batch, 0.1, cfg)[1]["kl"]), rel=1e-5)
