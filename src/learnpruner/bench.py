@@ -946,19 +946,9 @@ def _fmt(v, digits=1):
 
 
 def _image_note(r: dict) -> str:
-    """``576 visual tokens`` or, with crops and structure, the image's size, crops and newlines too (a video: its
-    frames and their size)."""
-    if r.get("item_note"):
-        return r["item_note"]
-    text = f"{r['visual_tokens']} visual tokens"
-    if r.get("item") == "video":
-        h, w = r["image_size"]
-        return f"one {r['crops']}-frame video ({h}x{w} frames): {text} (each frame's [CLS] row included)"
-    if r.get("crops", 1) > 1 or r.get("structure_tokens"):
-        h, w = r["image_size"]
-        text = (f"one {h}x{w} image ({r['crops']} crops): {text} + {r['structure_tokens']} structure tokens "
-                f"(row newlines, kept, outside the budget)")
-    return text
+    """How one sample's item is described under the table: the adapter's ``bench_note`` the record carries
+    (records of older runs without it: the token count)."""
+    return r.get("item_note") or f"{r['visual_tokens']} visual tokens"
 
 
 def markdown_table(records: list[dict]) -> str:

@@ -193,8 +193,9 @@ class Adapter:
 
     def bench_budgets(self) -> list[int]:
         """The budgets (visual tokens per image, averaged over LLM layers) ``learnpruner bench`` measures by
-        default: every token, then the family's papers' budgets."""
-        n = self.num_visual_tokens()
+        default: every token of the bench item (:meth:`image_geometry`), then 1/3 and 1/9 of them (the ratios of
+        LLaVA-1.5's 192 and 64 of 576)."""
+        n = self.image_geometry().tokens
         return [n, max(1, round(n / 3)), max(1, round(n / 9))]
 
     def vision_flops(self, image: ImageGeometry | None = None) -> int:

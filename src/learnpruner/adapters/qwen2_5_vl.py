@@ -303,12 +303,6 @@ class Qwen2_5_VLAdapter(Adapter):
                     f"{image.tokens} visual tokens")
         return f"one {h}x{w} image: {image.tokens} visual tokens"
 
-    def bench_budgets(self) -> list[int]:
-        """Every token of the bench item, then 1/3 and 1/9 of them (the ratios of LLaVA-1.5's 192 and 64 of 576):
-        1280, 427, 142 for the image, 1024, 341, 114 for the video."""
-        n = self.image_geometry().tokens
-        return [n, max(1, round(n / 3)), max(1, round(n / 9))]
-
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
         """Forward arguments of ``batch`` random items of one size, as the processor lays them out: one row per
         patch in ``pixel_values`` and ``image_grid_thw``, or for a video ``pixel_values_videos``,

@@ -135,9 +135,3 @@ class VideoLlavaAdapter(LlavaAdapter):
         h, w = image.size
         return (f"one {image.crops}-frame video ({h}x{w} frames): {image.tokens} visual tokens "
                 f"(each frame's [CLS] row included)")
-
-    def bench_budgets(self) -> list[int]:
-        """Every token of the video (2056), then the ratios of the paper's LLaVA-1.5 budgets, 1/3 and 1/9 (192 and
-        64 of 576): 685 and 228."""
-        n = self.video_tokens()
-        return [n, max(1, round(n / 3)), max(1, round(n / 9))]
