@@ -292,3 +292,90 @@ def test_cli_generate_and_eval_accept_a_next_model(model, processor, tmp_path, c
     rc = main(["eval", "--model", str(folder), "--data", "shapesvqa", "--limit", "2", "--methods", "none,fastv",
                "--tokens", "40", "--out", str(tmp_path / "eval")])
     assert rc == 0 and (tmp_path / "eval" / "results.json").is_file()
+
+
+@torch.no_grad()
+def test_layout_view_hides_other_groups_images_as_structure():
+    """A rule running on one group of images sees the other groups' visual rows as structure: never selectable,
+    never instruction (text after the last image)."""
+    from learnpruner.engine import TEXT
+    from learnpruner.engine.layout import Layout, instruction_rows
+
+    # one sample: image 0 (3 tokens), image 1 (5 tokens), then 3 instruction tokens
+    vis = torch.tensor([[TEXT, 0, 1, 2, TEXT, 0, 1, 2, 3, 4, TEXT, TEXT, TEXT]])
+    img = torch.tensor([[-1, 0, 0, 0, -1, 1, 1, 1, 1, 1, -1, -1, -1]])
+    layout = Layout(vis=vis, img=img, counts=[3, 5], groups={3: [0], 5: [1]})
+    vis_g, img_g = layout.view(vis, img, [0])
+    assert vis_g[0, 5:10].eq(STRUCTURE).all() and img_g[0, 5:10].eq(-1).all()
+    assert torch.equal(vis_g[0, :5], vis[0, :5]) and torch.equal(img_g[0, 1:4], torch.zeros(3, dtype=torch.long))
+    assert torch.equal(instruction_rows(vis_g, None), instruction_rows(vis, None))
+    vis_1, img_1 = layout.view(vis, img, [1])
+    assert vis_1[0, 1:4].eq(STRUCTURE).all() and img_1[0, 5:10].eq(0).all()
+    assert torch.equal(instruction_rows(vis_1, None), instruction_rows(vis, None))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["learnpruner", "sparsevlm"])
+def test_stage2_of_images_of_two_sizes_in_one_prompt_equals_eager_attention(processor, method):
+    """Two images of different token counts (two groups) in one prompt: each image's stage-2 scores are the
+    eager attention of the instruction (the text after the second image) to its kept rows, and each kept set is
+    the top of its scores."""
+    model, ref = tiny_llava_next(attn="sdpa", seed=1), tiny_llava_next(attn="eager", seed=1)
+    inp = next_inputs(processor, sizes=((112, 112), (60, 150)), images_per_prompt=[2])
+    layer = 3
+    opts = {"lpm": "random", "r1": 40, "r2": 6} if method == "learnpruner" else {}
+    learnpruner.apply(model, method, tokens=24, layer=layer, **opts) if method == "learnpruner" else \
+        learnpruner.apply(model, method, tokens=24)
+    model(**inp)
+    st = learnpruner.stats(model)
+    assert [im.count for im in st.images] == [80, 48]
+    visual = adapter_for(model).encode(inp["pixel_values"], image_sizes=inp["image_sizes"])
+    ids = inp["input_ids"][0]
+    image_id = model.config.image_token_id
+    placeholder = (ids == image_id).nonzero()[:, 0]
+    slots = torch.cat(visual.slots)
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(visual.slots)])
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    for i, im in enumerate(st.images):
+        if im.stage1_kept is not None:
+            mine = owner == i
+            dropped = mine & (slots >= 0) & ~torch.isin(slots, im.stage1_kept)
+            keep[placeholder[dropped]] = False
+    packed = torch.cat(list(model.model.get_image_features(inp["pixel_values"], inp["image_sizes"]).pooler_output))
+    embeds = ref.model.language_model.embed_tokens(ids[None])
+    embeds[0, placeholder] = packed.to(embeds.dtype)
+    pos = torch.arange(ids.shape[0])[None]
+    drop_layer = st.images[0].schedule.drops[0][0]
+    out = ref.model.language_model(inputs_embeds=embeds[:, keep], position_ids=pos[:, keep],
+                                   attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+                                   output_attentions=True)
+    probs = out.attentions[drop_layer - 1][0].float()
+    kept_ids = ids[keep]
+    kept_slots, kept_owner = torch.full_like(ids, -1), torch.full_like(ids, -1)
+    kept_slots[placeholder], kept_owner[placeholder] = slots, owner
+    kept_slots, kept_owner = kept_slots[keep], kept_owner[keep]
+    last_image = int((kept_ids == image_id).nonzero().max())
+    q = torch.arange(kept_ids.shape[0]) > last_image
+    for i, im in enumerate(st.images):
+        cols = (kept_owner == i) & (kept_slots >= 0)
+        expected = probs[:, q][:, :, cols].mean(dim=(0, 1))
+        torch.testing.assert_close(st.stage2_scores[i, kept_slots[cols]], expected, atol=1e-6, rtol=1e-5)
+        if method == "learnpruner":  # text attention: the kept set is the top-r2 of those scores
+            r2 = len(im.llm_kept[0])
+            top = kept_slots[cols][expected.topk(r2).indices].sort().values
+            assert torch.equal(im.llm_kept[0].sort().values, top)
+
+
+@torch.no_grad()
+def test_token_counts_the_adapter_reports_are_the_ones_it_encodes(model, processor):
+    """``num_visual_tokens`` (the largest image) and ``image_geometry`` (per size: tokens, row newlines, crops)
+    equal what ``encode`` gives for images of those sizes, as the budgets and the benchmark rely on them."""
+    ad = adapter_for(model)
+    sizes = ((112, 112), (60, 150), (150, 60), ad.largest_image_size())
+    inp = next_inputs(processor, sizes=sizes, images_per_prompt=[1, 1, 1, 1])
+    visual = ad.encode(inp["pixel_values"], image_sizes=inp["image_sizes"])
+    assert visual.counts()[:2] == [80, 48]
+    for size, count, slots in zip(sizes, visual.counts(), visual.slots):
+        geo = ad.image_geometry(size)
+        assert (geo.tokens, geo.structure) == (count, int((slots == STRUCTURE).sum())), size
+    assert ad.num_visual_tokens() == visual.counts()[-1] == max(visual.counts())

@@ -661,3 +661,43 @@ def test_lpm_trains_on_qwen_video_records(tmp_path):
     hist = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"]
     assert len(hist) == 2 and all(np.isfinite(h["loss"]) for h in hist)
     assert trained.config.family == "qwen2_5_vl"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("form", ["none", "3d", "4d"])
+def test_decode_after_a_prefill_given_3d_positions_continues_where_the_unpruned_model_does(model, batches, form):
+    """A pruned prefill caches ``rope_deltas`` (for a hand-written decode loop that gives 2-D or no position ids):
+    whatever position ids the prefill got, they equal the unpruned model's own (``get_rope_index``), and the decode
+    steps give the same logits."""
+    inp = batches["mixed"]  # left-padded: the deltas differ per row
+    rope, deltas = model.model.get_rope_index(inp["input_ids"], inp["mm_token_type_ids"],
+                                              image_grid_thw=inp["image_grid_thw"],
+                                              video_grid_thw=inp["video_grid_thw"],
+                                              second_per_grid_ts=inp["second_per_grid_ts"],
+                                              attention_mask=inp["attention_mask"])
+    mask = inp["attention_mask"]
+    text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    given = {"none": {}, "3d": {"position_ids": rope}, "4d": {"position_ids": torch.cat([text[None], rope])}}[form]
+
+    def run(prefill_kwargs):
+        learnpruner.apply(model, "learnpruner", ratio=RATIO, lpm="random")
+        try:
+            out = model(**inp, use_cache=True, **prefill_kwargs)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            cached = getattr(cache, ROPE_DELTAS_ATTR).clone()
+            logits, m = [out.logits[:, -1]], mask
+            nxt = torch.full((mask.shape[0], 1), 5)
+            for t in range(3):
+                m = torch.cat([m, torch.ones_like(nxt)], dim=1)
+                step = {} if t % 2 == 0 else {"position_ids": text[:, -1:] + 1 + t}  # no ids, then 2-D ids
+                out = model(input_ids=nxt, attention_mask=m, cache=cache, use_cache=True, **step)
+                logits.append(out.logits[:, -1])
+        finally:
+            learnpruner.remove(model)
+        return cached, logits
+
+    cached, logits = run(given)
+    assert torch.equal(cached.view(-1), deltas.view(-1).to(cached.dtype))
+    _, reference = run({})
+    for a, b in zip(logits, reference, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

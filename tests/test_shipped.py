@@ -45,3 +45,27 @@ def test_shipped_lpm_is_the_default_and_beats_random_pruning(shipped, tmp_path):
     recs = evaluate(model, processor, items, ["learnpruner", "random"], [32], tmp_path, batch_size=16, progress=False)
     acc = {r["method"]: r["accuracy"] for r in recs}
     assert acc["learnpruner"] - acc["random"] >= 0.2, acc  # about 40 points on the full test split (README)
+
+
+@torch.no_grad()
+def test_shipped_lpm_keeps_the_foreground(shipped):
+    """The shipped LPM's keep-probability ranks object and character patches above background ones (the
+    ground truth of each scene): an LPM whose keep class were inverted would rank them below."""
+    import numpy as np
+
+    from learnpruner.adapters import adapter_for
+    from learnpruner.lpm import LearnablePruningModule
+    from learnpruner.testbed.shapes import load_split
+
+    model, processor = shipped
+    lpm = LearnablePruningModule.load(SHIPPED / "learnpruner-lpm").eval()
+    items = load_split("val", 8)
+    pixels = processor.image_processor([it.image for it in items], return_tensors="pt")["pixel_values"]
+    feats = adapter_for(model).encode(pixels).features  # [8, 576, d] before the projector
+    prob = lpm(feats).numpy()
+    fg = np.stack([(it.labels["kind"] > 0).reshape(-1) for it in items])
+    # AUROC: how often a foreground patch outranks a background patch of the same image
+    auroc = np.mean([(p[f][:, None] > p[~f][None, :]).mean() for p, f in zip(prob, fg)])
+    assert auroc > 0.8, auroc
+    top = np.argsort(-prob, axis=1)[:, :32]
+    assert np.mean([f[t].mean() for f, t in zip(fg, top)]) > 0.5 > fg.mean()

@@ -223,3 +223,43 @@ def test_cuda_graph_prefill_equals_the_plain_path():
         for inp, q in zip(inputs, quick):
             torch.testing.assert_close(q, model(**inp, use_cache=True, logits_to_keep=1).logits, atol=1e-4, rtol=1e-4)
     learnpruner.remove(model)
+
+
+@pytest.mark.parametrize("method,opts", REPLAY_CASES)
+def test_graph_keys_tell_a_fixed_selection_from_a_readout(simulated_capture, monkeypatch, method, opts):
+    """A segment that ends at a readout layer returns that layer's q/k; under a fixed selection no readout runs.
+    Each must have its own graph: keys are unique per schedule and readout. A forward under a fixed selection
+    first, then a normal one (the order in which a shared key would replay the wrong graph), give the plain
+    path's answer."""
+    seen: dict = {}
+    real_run = GraphCache.run
+
+    def recording_run(self, key, fn, *args):
+        out = real_run(self, key, fn, *args)
+        sig = (key, tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args))
+        shape = pytree.tree_structure(out)
+        assert seen.setdefault(sig, shape) == shape, f"graph key {key} serves two different segments"
+        return out
+
+    monkeypatch.setattr(GraphCache, "run", recording_run)
+    model = tiny_llava(seed=2)
+    inp = make_inputs(model, seed=0)
+    learnpruner.apply(model, method, **opts)
+    with torch.no_grad():
+        plain = model(**inp, use_cache=True, logits_to_keep=1).logits
+    st = learnpruner.stats(model)
+    learnpruner.remove(model)
+    learnpruner.apply(model, method, fast=True, **opts)
+    try:
+        with torch.no_grad(), learnpruner.fixed_selection(model, st.stage1_kept, st.llm_kept):
+            fixed = model(**inp, use_cache=True, logits_to_keep=1).logits
+        with torch.no_grad():
+            normal = model(**inp, use_cache=True, logits_to_keep=1).logits
+        kept = learnpruner.stats(model).kept_positions
+    finally:
+        learnpruner.remove(model)
+    torch.testing.assert_close(fixed, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normal, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(kept, st.kept_positions)
+    readout_keys = {k[0] for k in seen if k[0][0] == "llm"}
+    assert any(k[3] is None for k in readout_keys) and any(k[3] is not None for k in readout_keys)

@@ -11,6 +11,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 import learnpruner
+from learnpruner.adapters import adapter_for
 from learnpruner.engine.prefill import split_evenly
 
 torch.set_num_threads(1)
@@ -577,3 +578,16 @@ def test_eval_reads_video_records_from_jsonl(tmp_path):
 
     with _pytest.raises(FileNotFoundError, match=r"data.jsonl:2: item 'i': no image at"):
         load_items(str(data))
+
+
+@torch.no_grad()
+def test_token_counts_the_adapter_reports_are_the_ones_it_encodes(model):
+    """``video_tokens(frames)`` (the training and benchmark sizes), ``num_visual_tokens`` and the benchmark
+    geometry equal what ``encode`` gives for an image and for videos of 2 and 4 frames."""
+    ad = adapter_for(model)
+    for frames in (2, FRAMES):
+        pix = torch.randn(1, frames, 3, 56, 56)
+        assert ad.video_tokens(frames) == ad.encode(pixel_values_videos=pix).counts()[0] == frames * PER_FRAME
+    assert ad.encode(pixel_values_images=torch.randn(1, 3, 56, 56)).counts() == [PER_IMAGE]
+    geo = ad.image_geometry()
+    assert geo.tokens == ad.video_tokens() == ad.bench_frames * PER_FRAME and geo.crops == ad.bench_frames

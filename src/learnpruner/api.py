@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .adaptive import adaptive_threshold, lpm_options
-from .budget import check_budget, check_ratio, check_tokens, tokens_for
+from .budget import BUDGETS, check_budget, check_ratio, check_tokens, tokens_for
 from .engine import PruneState, Stats, pruned_forward
 from .engine.graphs import GraphCache
 from .lpm import LearnablePruningModule, LPMConfig
@@ -148,11 +148,16 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     ratio = check_ratio(ratio) if ratio is not None else None
     tokens = check_tokens(tokens if tokens is not None else DEFAULT_TOKENS) if ratio is None else None
     adaptive = budget == "adaptive"
+    if not adaptive and budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(repr(b) for b in (*BUDGETS, 'adaptive'))} (average "
+                         "visual tokens per LLM layer, the label of each method's published configuration, or a "
+                         f"per-image count the LPM decides), got {budget!r}")
     budget = "average" if adaptive else check_budget(budget)
     opts = m.check_options(options)
     if stage1_unit not in (None, "image", "crop"):
         raise ValueError(f"stage1_unit must be 'image' or 'crop', got {stage1_unit!r}")
     adapter.check_method(m)
+    adapter.check_options(m, opts)
     n = adapter.num_visual_tokens()
     num_layers = adapter.text_config.num_hidden_layers
     m.schedule(tokens_for(n, tokens, ratio), n, num_layers, {k: v for k, v in opts.items() if k != "lpm"},  # early

@@ -148,10 +148,10 @@ def single_drop(tokens: int, n: int, num_layers: int, layer: int, method: str) -
     r = round((tokens * num_layers - layer * n) / (num_layers - layer))
     if r < 1:
         lowest = -(-(layer * n + (num_layers - layer)) // num_layers)
+        earlier = " or an earlier layer (layer=1)" if layer > 1 else ""
         raise ValueError(
             f"{method} prunes at LLM layer {layer} of {num_layers}, so its average budget is at least "
-            f"{lowest} visual tokens for {n}-token images; got tokens={tokens}. Use tokens >= {lowest} "
-            f"or an earlier layer (layer=1)."
+            f"{lowest} visual tokens for {n}-token images; got tokens={tokens}. Use tokens >= {lowest}{earlier}."
         )
     return Schedule(n=n, num_layers=num_layers, drops=((layer, r),))
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .commands import COMMANDS, command
 
@@ -101,7 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import learnpruner
 
-    from .hub import format_prompt, load
+    from .hub import check_context, format_prompt, load
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
@@ -112,22 +113,31 @@ def _generate(args: argparse.Namespace) -> int:
         learnpruner.get_method(args.method).check_options(options)
     except ValueError as e:
         raise ValueError(f"--option: {e}") from None
+    if args.overlay:
+        check_output_file(args.overlay, "--overlay")
+    if args.video is not None and args.prompt is None:
+        raise ValueError("--prompt is required with --video")
+    if args.video is not None and args.frames <= 0:
+        raise ValueError(f"--frames must be a positive integer, got {args.frames}")
+    image, prompt = _image_and_prompt(args.image, args.prompt) if args.video is None else (None, args.prompt)
+    kind = "image" if args.video is None else "video"
+    model, processor = load(args.model, device=args.device, dtype=args.dtype)
+    from .adapters import adapter_for
+
+    adapter_for(model).check_media(kind)  # a video on an image-only family is refused, not dropped
     if args.video is not None:
         from .video import read_frames
 
-        if args.prompt is None:
-            raise ValueError("--prompt is required with --video")
-        media, prompt, kind = {"videos": [read_frames(args.video, args.frames)]}, args.prompt, "video"
+        media = {"videos": [read_frames(args.video, args.frames)]}
     else:
-        image, prompt = _image_and_prompt(args.image, args.prompt)
-        media, kind = {"images": image}, "image"
-    model, processor = load(args.model, device=args.device, dtype=args.dtype)
+        media = {"images": image}
     learnpruner.apply(model, args.method, tokens=args.tokens, ratio=args.ratio, fast=args.fast, budget=args.budget,
                       **options)
     text = format_prompt(processor, prompt, kind)
     inputs = processor(text=text, return_tensors="pt", **media).to(args.device)
     for key in [k for k in inputs if k.startswith("pixel_values")]:
         inputs[key] = inputs[key].to(model.dtype)
+    check_context(model, [inputs["input_ids"].shape[1]], args.max_new_tokens, ["the prompt"])
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -154,22 +164,32 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _image_and_prompt(image: str, prompt: str | None):
     """Open ``image`` (a file or ``shapesvqa:N``); the prompt defaults to the ShapesVQA item's question."""
-    from PIL import Image
-
     if image.startswith("shapesvqa:"):
-        from .testbed.shapes import generate_item
+        from .testbed.shapes import SPLIT_SIZES, generate_item
 
         index = image.split(":", 1)[1]
-        if not index.isdigit():
-            raise ValueError(f"shapesvqa:N takes a non-negative integer N, got {image!r}")
+        if not index.isdigit() or int(index) >= SPLIT_SIZES["test"]:
+            raise ValueError(f"shapesvqa:N takes a non-negative integer N below {SPLIT_SIZES['test']} (the test "
+                             f"split's size), got {image!r}")
         item = generate_item("test", int(index))
         return item.image, prompt or item.question
     if prompt is None:
         raise ValueError("--prompt is required with an image file")
-    try:
-        return Image.open(image).convert("RGB"), prompt
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {image!r}: {e}") from None
+    from .media import read_image
+
+    return read_image(image), prompt
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a folder, or a file in a folder
+    that does not exist."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name such as {os.path.join(path, 'kept.png')!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path!r}: its folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path!r}: its folder {parent!r} is not writable")
 
 
 def describe_stats(st) -> str:
@@ -339,6 +359,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id, local folder or built-in name")
     p.add_argument("--lpm", default=None, help="LPM folder to calibrate (default: the model's own learnpruner-lpm/)")
+    p.add_argument("--out", required=True,
+                   help="folder for the calibrated LPM (a copy of --lpm with the thresholds in its lpm.json); new or "
+                   "empty, or --lpm itself to calibrate your own LPM in place (a shipped LPM is never overwritten)")
     p.add_argument("--data", default="shapesvqa-val",
                    help="validation data: 'shapesvqa-val' (the ShapesVQA validation split) or a JSONL of records")
     p.add_argument("--tokens", default="192,128,64,32", help="comma-separated budgets to calibrate")
@@ -350,8 +373,6 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 @command("calibrate", "calibrate an LPM's adaptive-budget thresholds on validation data (budget='adaptive')",
          _calibrate_args)
 def _calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .adaptive import calibrate, save_thresholds
     from .evaluate import EvalItem, load_items
     from .hub import format_prompt, load
@@ -361,6 +382,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     if any(t <= 0 for t in tokens) or args.batch_size <= 0:
         raise ValueError(f"--tokens and --batch-size must be positive integers, got {args.tokens!r} and "
                          f"{args.batch_size}")
+    if args.data == "shapesvqa":
+        raise ValueError("--data 'shapesvqa' is the ShapesVQA test split; calibrate on validation data: "
+                         "'shapesvqa-val' or a JSONL of records")
+    if args.data != "shapesvqa-val" and not os.path.isfile(args.data):
+        raise FileNotFoundError(f"no data at {args.data!r}: pass 'shapesvqa-val' (the ShapesVQA validation split) "
+                                "or a JSONL file of records")
+    if args.lpm is not None:
+        _check_calibrate_out(Path(args.lpm), Path(args.out))
     if args.data == "shapesvqa-val":
         from .testbed.shapes import load_split
 
@@ -370,6 +399,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         items = load_items(args.data, args.limit)
     model, processor = load(args.model, device=args.device)
     folder = Path(args.lpm) if args.lpm else Path(model.config._name_or_path) / "learnpruner-lpm"
+    _check_calibrate_out(folder, Path(args.out))
     lpm = LearnablePruningModule.load(folder).to(args.device).eval()
 
     def batches():
@@ -379,11 +409,30 @@ def _calibrate(args: argparse.Namespace) -> int:
             yield processor(images=[it.pil() for it in chunk], text=texts, return_tensors="pt", padding=True)
 
     thresholds = calibrate(model, lpm, batches(), tokens)
-    path = save_thresholds(folder, thresholds)
+    out = Path(args.out)
+    if out.resolve() != folder.resolve():
+        from .utils import atomic_write
+
+        for name in ("lpm.safetensors", "lpm.json"):
+            atomic_write(out / name, lambda tmp, name=name: Path(tmp).write_bytes((folder / name).read_bytes()))
+    path = save_thresholds(out, thresholds)
     for t, v in thresholds.items():
         print(f"tokens={t}: keep-probability threshold {v:.4f}")
     print(f"{len(items)} items; thresholds written to {path}")
     return 0
+
+
+def _check_calibrate_out(lpm: Path, out: Path) -> None:
+    """``--out`` of calibrate: never inside the installed package; new, empty, or the (user's own) ``--lpm``."""
+    package = Path(__file__).resolve().parent
+    if out.resolve() == package or package in out.resolve().parents:
+        raise ValueError(f"--out {str(out)!r} lies inside the installed learnpruner package; a shipped LPM is never "
+                         "overwritten: give a folder of your own")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and out.resolve() != lpm.resolve():
+        raise ValueError(f"--out {str(out)!r} is not empty; give a new or empty folder, or --lpm's own folder to "
+                         "calibrate that LPM in place")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

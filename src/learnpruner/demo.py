@@ -32,12 +32,15 @@ def run_demo(model_name: str = "shapes-tiny", images: int = 4, budgets=(64, 32),
     """Answer ``images`` test questions with the unpruned model and LearnPruner at each budget; write overlays."""
     if images <= 0:
         raise ValueError(f"--images must be a positive integer, got {images}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out_dir!r} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)  # fails now, not after the work, where it cannot be written
     model, processor = load(model_name, device=device)
     options = {} if lpm is None else {"lpm": lpm}
     if lpm is None and model_name == "tiny-random-llava":
         options["lpm"] = "random"
         print_fn("note: tiny-random-llava has random weights and an untrained LPM; its answers are noise")
-    out = Path(out_dir)
     written = []
     for item in load_split("test", images):
         print_fn(f"\n[{item.qtype}] {item.question}   (answer: {item.answer})")

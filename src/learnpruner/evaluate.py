@@ -53,14 +53,14 @@ class EvalItem:
             raise ValueError(f"{self.where()}: {e}") from None
 
     def pil(self):
-        from PIL import Image
+        """The item's image, RGB and upright (read by :func:`learnpruner.media.read_image`)."""
+        from .media import read_image
 
         if isinstance(self.image, (str, os.PathLike)):
             try:
-                with Image.open(self.image) as im:
-                    return im.convert("RGB")
+                return read_image(self.image)
             except (OSError, ValueError) as e:
-                raise ValueError(f"{self.where()}: cannot read image {os.fspath(self.image)}: {e}") from None
+                raise ValueError(f"{self.where()}: {e}") from None
         return self.image
 
     def where(self) -> str:
@@ -69,18 +69,29 @@ class EvalItem:
         return f"{line}: item {self.id!r}" if line else f"item {self.id!r}"
 
     def fingerprint(self) -> str:
-        """A hash of the item: id, question, answers, qtype and image (its pixels, or its path and size)."""
+        """A hash of the item: id, question, answers, qtype, kind and the image or video (its pixels, or the
+        bytes of its file: another file of the same name and size is other data)."""
         h = hashlib.sha256(json.dumps([self.id, self.question, list(self.answers), self.qtype]).encode())
+        if self.kind != "image":
+            h.update(self.kind.encode())
         if isinstance(self.image, (str, os.PathLike)):
             try:
-                size = os.path.getsize(self.image)
+                h.update(_file_digest(self.image).encode())
             except OSError:
-                raise FileNotFoundError(f"{self.where()}: no image at {os.fspath(self.image)}") from None
-            h.update(json.dumps([str(self.extra.get("image", os.fspath(self.image))), size]).encode())
+                raise FileNotFoundError(f"{self.where()}: no {self.kind} at {os.fspath(self.image)}") from None
         else:
             h.update(f"{self.image.mode} {self.image.size}".encode())
             h.update(self.image.tobytes())
         return h.hexdigest()[:16]
+
+
+def _file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in chunks (bounded memory for a large video)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def normalize(text: str) -> str:
@@ -112,7 +123,12 @@ def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
         raise FileNotFoundError(f"no data at {data!r}: pass 'shapesvqa' or a JSONL file of LLaVA-style records")
     items: list[EvalItem] = []
     lines: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{data}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                             "save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -120,6 +136,9 @@ def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
             answers = rec["answers"] if "answers" in rec else [rec["answer"]]
             if isinstance(answers, (str, int, float)):
                 answers = [answers]  # one answer, not a sequence of characters
+            if "video" in rec and "image" in rec:
+                raise ValueError(f"{data}:{lineno}: the record has both image ({rec['image']!r}) and video "
+                                 f"({rec['video']!r}); a record holds one of them")
             kind = "video" if "video" in rec else "image"
             item = EvalItem(str(rec.get("id", lineno)), path.parent / rec[kind], rec["question"],
                             [str(a) for a in answers], str(rec.get("qtype", "all")),
@@ -251,36 +270,47 @@ def _lock_holder(lock: Path) -> str | None:
     return f"pid {pid}"
 
 
-def _cell_setup(model, options: dict, max_new_tokens: int) -> dict:
+def _cell_setup(model, options: dict, max_new_tokens: int, device: str = "cpu", num_frames: int = 8) -> dict:
+    """Every setting that changes a cell's answers: the model (name, configuration and weights), its dtype, the
+    device type, the method options, the generation length and the frames sampled from a video."""
     opts = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)) for k, v in options.items()}
-    return {"model": str(getattr(model, "name_or_path", "") or type(model).__name__), "options": opts,
-            "max_new_tokens": max_new_tokens}
+    from .hub import model_fingerprint
+
+    return {**model_fingerprint(model), "options": opts, "max_new_tokens": max_new_tokens,
+            "dtype": str(model.dtype).removeprefix("torch."), "device": torch.device(device).type,
+            "frames": num_frames}
 
 
-def _check_cell_setup(path: Path, model, options: dict, max_new_tokens: int) -> None:
-    """Refuse to resume a cell whose saved predictions came from another model or other options.
+def _check_cell_setup(path: Path, model, options: dict, max_new_tokens: int, device: str = "cpu",
+                      num_frames: int = 8) -> None:
+    """Refuse to resume a cell whose saved predictions came from another setup (:func:`_cell_setup`).
 
     The setup is written beside the predictions (``<cell>.setup.json``) before the first of them; a
-    cell with predictions but no setup file (an older run) adopts the current setup.
+    cell with predictions but no setup file (an older run) adopts the current setup, and a setup file of an
+    older learnpruner (fewer settings) is checked on the settings it holds, then completed.
     """
-    setup = _cell_setup(model, options, max_new_tokens)
+    setup = _cell_setup(model, options, max_new_tokens, device, num_frames)
     meta = path.with_suffix(".setup.json")
     if meta.is_file():
         saved = json.loads(meta.read_text())
-        if saved != setup:
+        differ = {k: (saved[k], setup[k]) for k in setup if k in saved and saved[k] != setup[k]}
+        if differ or not set(saved) <= set(setup):
+            what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items()) or \
+                f"settings {sorted(set(saved) - set(setup))} this learnpruner does not know"
             raise ValueError(
-                f"{path} holds predictions made with {saved}, but this run asks for {setup}; "
+                f"{path} holds predictions made with another setup ({what}); "
                 "pass another --out (or delete that cell's files) to evaluate a different setup"
             )
-        return
+        if saved == setup:
+            return
     atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(setup, indent=1)))
 
 
 def _answer_batch(model, processor, items: list[EvalItem], max_new_tokens: int, device: str,
                   num_frames: int = 8) -> list[str]:
-    from .hub import format_prompt
+    from .hub import check_context, format_turn
 
-    texts = [format_prompt(processor, it.question, it.kind) for it in items]
+    texts = [format_turn(processor, it.question, it.kind) for it in items]
     media = {}
     if any(it.kind == "image" for it in items):
         media["images"] = [it.pil() for it in items if it.kind == "image"]
@@ -289,6 +319,7 @@ def _answer_batch(model, processor, items: list[EvalItem], max_new_tokens: int, 
     inputs = processor(text=texts, return_tensors="pt", padding=True, **media).to(device)
     for key in [k for k in inputs if k.startswith("pixel_values")]:
         inputs[key] = inputs[key].to(model.dtype)
+    check_context(model, inputs["attention_mask"].sum(1).tolist(), max_new_tokens, [it.where() for it in items])
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
@@ -330,6 +361,12 @@ def evaluate(
     from .adapters import adapter_for
 
     ad = adapter_for(model)
+    for kind in dict.fromkeys(it.kind for it in items):
+        try:
+            ad.check_media(kind)
+        except ValueError as e:
+            first = next(it for it in items if it.kind == kind)
+            raise ValueError(f"{first.where()}: {e}") from None
     n, num_layers = ad.num_visual_tokens(), ad.text_config.num_hidden_layers
     method_options = method_options or {}
     for m in dict.fromkeys(methods):
@@ -356,7 +393,7 @@ def evaluate(
         for method, tokens in cells:
             opts = method_options.get(method, {})
             path = out / "preds" / f"{_cell_name(method, tokens, budget)}.jsonl"
-            _check_cell_setup(path, model, opts, max_new_tokens)
+            _check_cell_setup(path, model, opts, max_new_tokens, device)
             _repair_tail(path)
             done = _read_preds(path)
             _check_data(out, path, done, hashes)

@@ -9,6 +9,7 @@ Built-in names need no network:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -80,6 +81,25 @@ def resolve(name: str) -> str:
     return name
 
 
+def load_config(name: str):
+    """The configuration of a hub id, local folder or built-in name; ``FileNotFoundError`` naming ``name`` and
+    what is accepted when it is none of them (a local folder without ``config.json``, or an id neither in the
+    local Hugging Face cache nor reachable)."""
+    from transformers import AutoConfig
+
+    path = resolve(name)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model {name!r}: the folder {path} holds no config.json (not a saved model)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError:
+        builtin = ", ".join(BUILTIN_MODELS)
+        raise FileNotFoundError(
+            f"model {name!r} is not a local folder, a built-in name ({builtin}), nor a hub id in the local Hugging "
+            "Face cache or reachable online; pass a folder saved with save_pretrained or a downloaded hub id"
+        ) from None
+
+
 def load(name: str, device: str = "cpu", dtype: str = "auto"):
     """``(model, processor)`` for a hub id, a local folder or a built-in name, in eval mode on ``device``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -96,6 +116,7 @@ def load(name: str, device: str = "cpu", dtype: str = "auto"):
         model = model.to(device, torch.float32 if torch_dtype == "auto" else torch_dtype)
         return model.eval(), processor
     path = resolve(name)
+    load_config(name)  # a name that is nowhere: the project's message, not transformers' repo-id one
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     processor = AutoProcessor.from_pretrained(path)
     return model.to(device).eval(), processor
@@ -115,3 +136,72 @@ def format_prompt(processor, prompt: str, kind: str = "image") -> str:
         f"the processor has no chat template, so the prompt must place the image itself: put {image_token!r} "
         f"in the prompt (e.g. 'USER: {image_token}\\n{prompt} ASSISTANT:' for LLaVA-1.5), got {prompt!r}"
     )
+
+
+def format_turn(processor, text: str, kind: str = "image") -> str:
+    """The text to feed the processor for one user turn of LLaVA-format data (an eval question): an
+    ``<image>`` (``<video>``) tag in ``text`` marks where the media goes, as LLaVA data writes it, and the turn
+    goes through the processor's chat template either way. A processor without a chat template gets
+    :func:`format_prompt`'s rule (the text as it is if it holds the processor's own placeholder)."""
+    from .media import TAGS, turn_content
+
+    if not getattr(processor, "chat_template", None):
+        return format_prompt(processor, text, kind)
+    own = getattr(processor, f"{kind}_token", None)
+    tag = TAGS[kind] if TAGS[kind] in text or not own else own
+    messages = [{"role": "user", "content": turn_content(text, kind, tag)}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's text model takes (``max_position_embeddings``), or None if unknown."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(model, lengths, max_new_tokens: int, names) -> None:
+    """Refuse prompts that do not fit the model's context: ``ValueError`` naming the first that does not, its
+    length (visual tokens included) and the limit, before any generation runs. ``lengths``: tokens per prompt
+    (padding excluded); ``names``: how each prompt is named in the message."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    for n, name in zip(lengths, names):
+        if int(n) + max_new_tokens > limit:
+            raise ValueError(
+                f"{name}: the prompt is {int(n)} tokens (visual tokens included), and {max_new_tokens} new tokens "
+                f"would pass the model's context of {limit} (max_position_embeddings); shorten the question or "
+                "lower --max-new-tokens (nothing is truncated silently)"
+            )
+
+
+def _config_dict(config) -> dict:
+    """A model configuration without what does not change the model's answers (versions, paths, the dtype it
+    was saved in: the dtype it runs in is recorded apart)."""
+    volatile = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"}
+
+    def clean(d):
+        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if k not in volatile}
+
+    return clean(config.to_dict())
+
+
+def model_fingerprint(model) -> dict:
+    """``{"model": name, "fingerprint": hash}``: the name it was loaded from, and a hash of its configuration and
+    of a strided sample of every weight (64 values a tensor, in float64), so another model, or the same folder
+    retrained, is told apart without reading every weight."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(_config_dict(model.config), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                continue
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float64)
+            h.update(f"{name} {tuple(p.shape)}".encode())
+            h.update(sample.numpy().tobytes())
+    return {"model": str(getattr(model, "name_or_path", "") or type(model).__name__),
+            "fingerprint": h.hexdigest()[:16]}

@@ -70,7 +70,9 @@ from torch import nn
 from .adapters import Adapter, adapter_for
 from .budget import tokens_for
 from .engine.layout import STRUCTURE, Layout, VisualFeatures
+from .hub import model_fingerprint
 from .lpm import LearnablePruningModule, LPMConfig
+from .media import read_image, turn_content
 from .methods import get_method
 from .utils import atomic_torch_save, read_checkpoint, rng_state, set_rng_state
 from .utils import check_out_dir as _check_out_dir
@@ -220,11 +222,13 @@ class Example:
 
 
 class _Records:
-    """Bad-record bookkeeping shared by the data sources: each bad record is counted once."""
+    """Bad-record bookkeeping shared by the data sources: each bad record is counted once. ``identity`` says
+    which data this is (recorded with a run, checked on resume)."""
 
     def __init__(self):
         self.skipped: dict[str, int] = {}
         self._bad: set[int] = set()
+        self.identity: dict = {}
 
     def skip(self, index: int, reason: str) -> None:
         if index not in self._bad:
@@ -248,7 +252,15 @@ class LlavaRecords(_Records):
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
         self.num_frames = num_frames
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        import hashlib
+
+        self.identity = {"data": str(Path(path).resolve()), "sha256": hashlib.sha256(raw).hexdigest()[:16]}
         try:
             data = json.loads(text)
             records = data if isinstance(data, list) else [data]
@@ -270,8 +282,6 @@ class LlavaRecords(_Records):
         return len(self.records)
 
     def get(self, index: int) -> Example | None:
-        from PIL import Image
-
         if index in self._bad:
             return None
 
@@ -297,6 +307,9 @@ class LlavaRecords(_Records):
         if not turns:
             bad("no human/gpt turn")
             return None
+        if rec.get("video") and rec.get("image"):
+            bad("both image and video (a record holds one of them)")
+            return None
         if rec.get("video"):
             return self._video_example(index, rec["video"], turns)
         if "<image>" not in turns[0][0]:
@@ -306,8 +319,7 @@ class LlavaRecords(_Records):
             bad("more than one <image> tag")
             return None
         try:
-            with Image.open(self.image_folder / rec["image"]) as im:
-                image = im.convert("RGB")
+            image = read_image(self.image_folder / rec["image"])
         except (OSError, ValueError):
             bad("missing or unreadable image")
             return None
@@ -339,6 +351,7 @@ class ShapesRecords(_Records):
     def __init__(self, seed: int = 0):
         super().__init__()
         self.seed = seed
+        self.identity = {"data": "shapesvqa", "seed": seed}
 
     def __len__(self) -> int:
         return 10**9
@@ -357,13 +370,11 @@ class ShapesRecords(_Records):
 def chat_messages(example: Example) -> list[dict]:
     """The example as chat messages: the image (a video: ``{"type": "video"}``) where the first human turn has
     its ``<image>`` (``<video>``) tag, text around it, and each answer as an assistant turn."""
-    messages = []
     kind = "image" if example.video is None else "video"
+    messages = []
     for human, gpt in example.turns:
-        before, tag, after = human.partition(example.tag)
-        content = [{"type": "text", "text": before.strip()}] if before.strip() else []
-        content += [{"type": kind}] if tag else []
-        content += [{"type": "text", "text": after.strip()}] if after.strip() else []
+        content = (turn_content(human, kind, example.tag) if example.tag in human else
+                   [{"type": "text", "text": human.strip()}] if human.strip() else [])
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": gpt.strip()}]})
     return messages
@@ -654,11 +665,13 @@ def _new_lpm(ad: Adapter, cfg: TrainConfig, targets: _Targets, n: int, rt: _Runt
     return lpm, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
-def _restore(ckpt_path: Path, resume: bool, cfg: TrainConfig, lpm, opt, scheduler, batches: _Batches, data):
+def _restore(ckpt_path: Path, resume: bool, cfg: TrainConfig, lpm, opt, scheduler, batches: _Batches, data,
+             trained_on: dict):
     """Load a run's checkpoint to continue it exactly; returns ``(step, history)`` (``(0, [])`` when new)."""
     if resume and ckpt_path.is_file():
         state = read_checkpoint(ckpt_path, ("lpm", "opt", "sched", "step", "pos", "history", "rng"))
         _check_resume_config(state.get("config", {}), asdict(cfg), ckpt_path)
+        _check_trained_on(state.get("trained_on"), trained_on, ckpt_path)
         lpm.load_state_dict(state["lpm"])
         opt.load_state_dict(state["opt"])
         scheduler.load_state_dict(state["sched"])
@@ -703,7 +716,9 @@ def train_lpm(
     try:
         lpm, opt, scheduler = _new_lpm(ad, cfg, targets, n, rt)
         batches = _Batches(data, processor, ad, cfg, rt)
-        step, history = _restore(out / "checkpoint.pt", resume, cfg, lpm, opt, scheduler, batches, data)
+        trained_on = {**model_fingerprint(model), **data.identity}
+        step, history = _restore(out / "checkpoint.pt", resume, cfg, lpm, opt, scheduler, batches, data, trained_on)
+        lpm.config.extra["trained_on"] = trained_on
         lpm_t, opt_t = rt.prepare(lpm, opt)
         step = _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches, targets, cfg, rt, out, step, history,
                             stop_after, progress, previous_impl)
@@ -767,6 +782,18 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: b
 
 
 RESUME_MAY_CHANGE = ("steps", "ckpt_every")
+
+
+def _check_trained_on(saved: dict | None, now: dict, path: Path) -> None:
+    """Refuse to resume a run made for another model or other data, naming both (a checkpoint of an older
+    learnpruner, which recorded neither, resumes as before)."""
+    if saved is None:
+        return
+    for what, keys in (("model", ("model", "fingerprint")), ("data", ("data", "sha256", "seed"))):
+        if any(saved.get(k) != now.get(k) for k in keys):
+            there, here = (", ".join(f"{k}={d.get(k)}" for k in keys if d.get(k) is not None) for d in (saved, now))
+            raise ValueError(f"cannot resume {path}: it was trained on another {what} ({there}), this run "
+                             f"has {here}; resume with the checkpoint's {what} or use another --out")
 
 
 def _check_resume_config(saved: dict, now: dict, path: Path) -> None:
@@ -930,7 +957,7 @@ def _order(length: int, seed: int) -> np.ndarray:
 def _save_checkpoint(path: Path, lpm: nn.Module, opt, scheduler, step, pos, history, data, cfg) -> None:
     state = {"lpm": lpm.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict(), "step": step,
              "pos": pos, "history": history, "skipped": dict(data.skipped), "bad": sorted(data._bad),
-             "rng": rng_state(), "config": asdict(cfg)}
+             "rng": rng_state(), "config": asdict(cfg), "trained_on": lpm.config.extra.get("trained_on")}
     atomic_torch_save(state, path)
 
 

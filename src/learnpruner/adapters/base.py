@@ -30,6 +30,8 @@ class Adapter:
     # every image has num_visual_tokens() tokens (LLaVA-1.5); False where counts follow the input's size
     uniform_token_count: bool = False
     visual_inputs: tuple[str, ...] = ("pixel_values",)
+    media: tuple[str, ...] = ("image",)  # what a prompt may hold: "image", "video"
+    mrope: bool = False  # multi-dimensional rotary positions (M-RoPE): kept tokens cannot be renumbered
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -44,6 +46,23 @@ class Adapter:
                 f"method {method.name!r} reads the vision encoder's [CLS] attention, but {self.family} has no "
                 f"[CLS] token; methods that run on {self.family}: {', '.join(self.supported_methods())}"
             )
+
+    def check_options(self, method, options: dict) -> None:
+        """``ValueError`` naming the option when this family cannot honour it (checked at ``apply``)."""
+        from ..methods import positions_for
+
+        positions, explicit = positions_for(method, options)
+        if explicit and positions == "contiguous" and self.mrope:
+            raise ValueError(
+                f"positions='contiguous' is not available for {self.family}: its rotary positions are "
+                f"multi-dimensional (M-RoPE), so kept tokens keep their original ones; use positions='original'"
+            )
+
+    def check_media(self, kind: str) -> None:
+        """``ValueError`` naming the kind when a prompt of this family cannot hold it (e.g. a video on LLaVA-1.5)."""
+        if kind not in self.media:
+            raise ValueError(f"{self.family} takes no {kind} input (it takes: {', '.join(self.media)}); "
+                             f"families that take a {kind}: {', '.join(families_with(kind))}")
 
     def supported_methods(self) -> list[str]:
         """The registered methods this family runs."""
@@ -233,3 +252,10 @@ class ImageGeometry:
     def placeholders(self) -> int:
         """Image placeholder positions in the prompt (tokens plus structure)."""
         return self.tokens + self.structure
+
+
+def families_with(kind: str) -> list[str]:
+    """The registered families whose prompts may hold ``kind`` ("image" or "video")."""
+    from . import ADAPTERS
+
+    return [a.family for a in ADAPTERS if kind in a.media]

@@ -83,6 +83,8 @@ class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     has_cls = False
+    media = ("image", "video")
+    mrope = True
     pixel_inputs = ("pixel_values", "pixel_values_videos")
     visual_inputs = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts",
                      "mm_token_type_ids")

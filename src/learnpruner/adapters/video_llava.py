@@ -33,6 +33,7 @@ class VideoLlavaAdapter(LlavaAdapter):
     family = "video_llava"
     model_classes = ("VideoLlavaForConditionalGeneration",)
     uniform_token_count = False  # images have 256 tokens, videos frames x 257
+    media = ("image", "video")
     pixel_inputs = ("pixel_values_images", "pixel_values_videos")
     visual_inputs = ("pixel_values_images", "pixel_values_videos")
 

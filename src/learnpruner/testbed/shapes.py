@@ -496,7 +496,10 @@ def generate_item(split: str, index: int, seed: int = 0, qtypes: Sequence[str] |
 def load_split(split: str, n: int | None = None) -> list[VQAItem]:
     """The fixed ``val`` (500) or ``test`` (1200) split, or its first ``n`` items. Deterministic."""
     if split not in SPLIT_SIZES:
-        raise ValueError(f"split must be one of {tuple(SPLIT_SIZES)}")
+        raise ValueError(f"split must be one of {', '.join(map(repr, SPLIT_SIZES))}, got {split!r}")
+    if n is not None and not 0 <= n <= SPLIT_SIZES[split]:
+        raise ValueError(f"the {split} split has {SPLIT_SIZES[split]} items; got n={n} (--limit): give at most "
+                         f"{SPLIT_SIZES[split]}")
     n = SPLIT_SIZES[split] if n is None else n
     return [generate_item(split, i) for i in range(n)]
 

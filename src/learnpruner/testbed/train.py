@@ -101,6 +101,7 @@ class TrainConfig:
     align_weight: float = 0.0  # stage (b): weight of the word-alignment loss on projected object/text patches
     whiten_projector: bool = False  # stage (b) start: fold feature standardisation into the projector's first layer
     vision_from: str | None = None  # skip stage (a): take the vision tower from this run's checkpoint.pt
+    init_from: str | None = None  # skip stage (a): start stage (b) from every weight of this saved model (a folder)
     device: str = "cpu"  # "cuda" on a GPU (TF32 matmuls allowed)
     workers: int = 0  # processes generating training images ahead of the trainer (0: in the main process)
     weight_decay: float = 0.01
@@ -422,8 +423,13 @@ class Trainer:
         self.history: list[dict] = []
         self._setup_stage()
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+        if cfg.vision_from and cfg.init_from:
+            raise ValueError(f"--vision-from {cfg.vision_from!r} and --init-from {cfg.init_from!r} both set the "
+                             "starting weights: give one of them")
         if cfg.vision_from:
             self._take_vision(cfg.vision_from)
+        if cfg.init_from:
+            self._take_model(cfg.init_from)
 
     def _take_vision(self, run_dir: str) -> None:
         """Start at stage (b) with the vision tower (and stage-(a) heads) of another run. Valid only when that
@@ -444,6 +450,28 @@ class Trainer:
         self.history.append({"stage": "a", "vision_from": os.path.abspath(path),
                              "config": {k: src.get(k) for k in ("steps_a", "batch_size_a", "lr_a",
                                                                 "position_weight", "seed")}})
+        self._next_stage()
+
+    def _take_model(self, model_dir: str) -> None:
+        """Start at stage (b) from every weight of a saved testbed model (``save_pretrained`` folder or a
+        ``learnpruner.hub`` name such as ``shapes-tiny``): a fine-tuning run. The model's architecture and
+        vocabulary must be this configuration's."""
+        from transformers import LlavaForConditionalGeneration
+
+        from ..hub import resolve
+
+        path = resolve(model_dir)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"--init-from {model_dir!r}: no saved model (config.json) in {path}")
+        state = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).state_dict()
+        own = self.model.state_dict()
+        bad = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+        if bad:
+            raise ValueError(f"--init-from {model_dir!r} is not this testbed architecture: {len(bad)} weights "
+                             f"missing or of another shape, e.g. {bad[:3]}")
+        self.model.load_state_dict({k: state[k] for k in own})
+        self.model.tie_weights()
+        self.history.append({"stage": "a", "init_from": os.path.abspath(path)})
         self._next_stage()
 
     # stage setup -------------------------------------------------------------------------------------

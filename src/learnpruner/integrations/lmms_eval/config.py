@@ -135,15 +135,16 @@ def default_device() -> str:
 
 def _skeleton(args: ModelArgs):
     """The model without its weights (parameters on the ``meta`` device), from its config alone."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     from ...adapters import ADAPTERS
+    from ...hub import load_config
 
     if args.pretrained in BUILTIN_MODELS and BUILTIN_MODELS[args.pretrained] is None:
         from ...hub import load
 
         return load(args.pretrained)[0]  # built in code with random weights: nothing to download or read
-    config = AutoConfig.from_pretrained(resolve(args.pretrained))
+    config = load_config(args.pretrained)
     kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     try:
         with torch.device("meta"):

@@ -46,6 +46,7 @@ def write_task(out: str | Path, split: str = "test", limit: int | None = None, n
     if not name or not all(c.isalnum() or c in "_-" for c in name):
         raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
     folder = Path(out).resolve()
+    _check_folder(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records, qtypes = [], []
     for index in range(limit or SPLIT_SIZES[split]):
@@ -67,7 +68,49 @@ def write_task(out: str | Path, split: str = "test", limit: int | None = None, n
     atomic_write(folder / "utils.py", lambda tmp: Path(tmp).write_text(utils))
     path = folder / f"{name}.yaml"
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml))
+    written = {f"images/{r['id']}.png" for r in records} | {data.name, "utils.py", path.name}
+    old = _manifest(folder)
+    manifest = {**{k: v for k, v in old.items() if (folder / k).is_file()},
+                **{rel: _digest(folder / rel) for rel in sorted(written)}}
+    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=0) + "\n"))
     return path
+
+
+MANIFEST = ".learnpruner-task.json"  # what lmms-task wrote into the folder: relative path -> SHA-256
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder holding anything this command did not write (or wrote and someone changed since): the
+    task's files would overwrite a user's own ``utils.py`` or YAML."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {str(folder)!r} is a file, not a folder")
+    if not folder.is_dir():
+        return
+    manifest = _manifest(folder)
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_dir() or rel == MANIFEST:
+            continue
+        if rel not in manifest:
+            raise ValueError(f"--out {str(folder)!r} holds {rel!r}, which learnpruner lmms-task did not write; "
+                             "give a new or empty folder (or one an earlier lmms-task wrote)")
+        if _digest(path) != manifest[rel]:
+            raise ValueError(f"--out {str(folder)!r}: {rel!r} was changed since learnpruner lmms-task wrote it; "
+                             "give a new or empty folder so your edits are not overwritten")
 
 
 def _args(p: argparse.ArgumentParser) -> None:
