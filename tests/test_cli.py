@@ -53,7 +53,7 @@ def test_eval_all_methods(capsys, tmp_path):
     assert rc == 0
     recs = json.load(open(tmp_path / "results.json"))
     assert sorted({r["method"] for r in recs}) == sorted(learnpruner.METHODS)
-    assert re.search(r"^\| none \(all tokens\) \| [\d.]+ \(100%\)", capsys.readouterr().out, re.M)
+    assert re.search(r"^\| none \(all tokens\) \| [\d.]+ \[[\d.]+, [\d.]+\] \(100%\)", capsys.readouterr().out, re.M)
 
 
 def test_eval_method_options(tmp_path, capsys):

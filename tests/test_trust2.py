@@ -260,6 +260,9 @@ def test_calibrate_writes_to_the_users_out_and_never_into_the_package(tmp_path, 
     assert rc == 2 and "is not empty" in capsys.readouterr().err
     rc = main(["calibrate", "--model", "shapes-tiny", "--data", "shapesvqa", "--tokens", "64", "--out", str(out)])
     assert rc == 2 and "'shapesvqa-val'" in capsys.readouterr().err
+    rc = main(["calibrate", "--model", "shapes-tiny", "--data", "nope.jsonl", "--tokens", "64", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pass 'shapesvqa-val'" in err and "'shapesvqa' or" not in err
 
 
 # --- 11. lmms-task never overwrites a user's files -----------------------------------------------------------------

@@ -356,6 +356,53 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="method A (e.g. learnpruner)")
+    p.add_argument("b", nargs="?", default=None, help="method B; default: every other method of the folder")
+    p.add_argument("--out", default="learnpruner-eval", help="the eval folder (learnpruner eval --out)")
+    p.add_argument("--tokens", default=None, help="comma-separated budgets (default: every budget of the folder)")
+    p.add_argument("--budget", choices=("average", "paper"), default="average")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the comparisons to FILE")
+
+
+@command("compare", "paired comparison of methods in an eval folder (interval of the difference, McNemar)",
+         _compare_args)
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import _all_cells, compare_cells
+    from .intervals import LEVEL
+
+    out = Path(args.out)
+    if not (out / "preds").is_dir():
+        raise FileNotFoundError(f"--out {args.out!r} holds no eval results (no preds/ folder)")
+    cells = [r for r in _all_cells(out) if r.get("status") == "ok"]
+    budgets = (_parse_list(args.tokens, int, "--tokens") if args.tokens else
+               sorted({r["tokens"] for r in cells if r["method"] != "none"}, reverse=True))
+    others = [args.b] if args.b else sorted({r["method"] for r in cells} - {args.a})
+    have = {(r["method"], r["tokens"]) for r in cells} | {("none", t) for r in cells if r["method"] == "none"
+                                                          for t in budgets}
+    rows = []
+    for t in budgets:
+        for b in others:
+            if args.b or ((b, t) in have and (args.a, t) in have):  # without B: the cells the folder holds
+                rows.append(compare_cells(out, args.a, b, t, args.budget))
+    print(f"| tokens | A | B | n | A | B | A - B | {int(100 * LEVEL)}% interval | McNemar p | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        verdict = {"A better": f"{r['a']} better", "B better": f"{r['b']} better"}.get(r["verdict"], "level")
+        print(f"| {r['tokens']} | {r['a']} | {r['b']} | {r['n']} | {100 * r['accuracy_a']:.1f} | "
+              f"{100 * r['accuracy_b']:.1f} | {100 * r['difference']:+.1f} | [{100 * r['ci'][0]:+.1f}, "
+              f"{100 * r['ci'][1]:+.1f}] | {r['mcnemar_p']:.3g} | {verdict} |")
+    if not rows:
+        print(f"no pair to compare: {args.a} has no answered cell beside another method's in {args.out}")
+    if args.json:
+        from .utils import atomic_write
+
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1) + "\n"))
+    return 0
+
+
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id, local folder or built-in name")
     p.add_argument("--lpm", default=None, help="LPM folder to calibrate (default: the model's own learnpruner-lpm/)")

@@ -28,9 +28,11 @@ import torch
 
 import learnpruner
 
+from .intervals import LEVEL
 from .utils import atomic_write
 
-__all__ = ["EvalItem", "load_items", "normalize", "is_correct", "evaluate", "summarize", "markdown_table"]
+__all__ = ["EvalItem", "load_items", "normalize", "is_correct", "evaluate", "summarize", "markdown_table",
+           "paired_table"]
 
 
 @dataclass
@@ -387,6 +389,7 @@ def evaluate(
     cells.sort(key=lambda c: c[0] != "none")  # the reference first: no-op cells reuse its predictions
     by_id = {it.id: it for it in items}
     records = []
+    correct: dict[str, dict[str, bool]] = {}  # cell -> item -> answered right, this run's answered cells
     total = len(cells) * len(items)
     bar = tqdm(total=total, desc="eval", disable=not progress, dynamic_ncols=True)
     with _out_lock(out), contextlib.closing(bar):
@@ -444,10 +447,39 @@ def evaluate(
             rec = _cell_record(method, tokens, [done[i] for i in by_id if i in done], status, reason)
             rec["run"], rec["budget"] = run, budget
             records.append(rec)
+            if status == "ok":
+                correct[_cell_name(method, tokens, budget)] = {i: bool(done[i]["correct"]) for i in by_id
+                                                               if i in done}
             atomic_write(path.with_suffix(".result.json"),
                          lambda tmp, rec=rec: Path(tmp).write_text(json.dumps(rec, indent=1) + "\n"))
             _write_results(out)
+        _add_pairs(records, correct, budget)
+        for rec in records:
+            path = out / "preds" / f"{_cell_name(rec['method'], rec['tokens'], budget)}.result.json"
+            atomic_write(path, lambda tmp, rec=rec: Path(tmp).write_text(json.dumps(rec, indent=1) + "\n"))
+        _write_results(out)
     return summarize(records)
+
+
+def _add_pairs(records: list[dict], correct: dict[str, dict[str, bool]], budget: str) -> None:
+    """Give each answered cell ``paired``: its comparison with every other method at the same budget and with
+    ``none``, over the items both answered in this run (:func:`learnpruner.intervals.paired`, A = this cell)."""
+    from .intervals import paired
+
+    for rec in records:
+        mine = correct.get(_cell_name(rec["method"], rec["tokens"], budget))
+        if mine is None:
+            continue
+        rec["paired"] = {}
+        for other in records:
+            label = _cell_name(other["method"], other["tokens"], budget)
+            theirs = correct.get(label)
+            if other is rec or theirs is None or not (other["tokens"] == rec["tokens"] or "none" in
+                                                      (other["method"], rec["method"])):
+                continue
+            shared = [i for i in mine if i in theirs]
+            if shared:
+                rec["paired"][label] = paired([mine[i] for i in shared], [theirs[i] for i in shared]).as_dict()
 
 
 def _cell_record(method, tokens, preds, status, reason) -> dict:
@@ -456,6 +488,10 @@ def _cell_record(method, tokens, preds, status, reason) -> dict:
         rec["reason"] = reason
     if preds:
         rec["accuracy"] = sum(p["correct"] for p in preds) / len(preds)
+        from .intervals import bootstrap_interval
+
+        rec["ci"] = list(bootstrap_interval([float(p["correct"]) for p in preds]))
+        rec["ci_level"] = LEVEL
         by_type: dict[str, list[bool]] = {}
         for p in preds:
             by_type.setdefault(p["qtype"], []).append(p["correct"])
@@ -526,7 +562,8 @@ def markdown_table(records: list[dict]) -> str:
     lines = ["| method | " + " | ".join(f"{t} tokens" for t in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     if none is not None and none.get("accuracy") is not None:
-        lines.append(f"| none (all tokens) | {100 * none['accuracy']:.1f} (100%) |" + " |" * (len(budgets) - 1))
+        lines.append(f"| none (all tokens) | {100 * none['accuracy']:.1f}{_ci_text(none)} (100%) |"
+                     + " |" * (len(budgets) - 1))
     def row(r: dict) -> str:  # cells of the paper convention get rows of their own
         return r["method"] + (" [paper budgets]" if r.get("budget") == "paper" else "")
 
@@ -545,7 +582,7 @@ def markdown_table(records: list[dict]) -> str:
                 rel = f" ({r['relative']:.1f}%)" if "relative" in r else ""
                 avg = r.get("avg_tokens")
                 off = avg is not None and abs(avg - t) > max(1.0, 0.01 * t)
-                cells.append(f"{100 * r['accuracy']:.1f}{rel}" + (f" [reached {avg:.1f}]" if off else ""))
+                cells.append(f"{100 * r['accuracy']:.1f}{_ci_text(r)}{rel}" + (f" [reached {avg:.1f}]" if off else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     qtypes = sorted({q for r in records for q in r.get("per_qtype", {})})
     if len(qtypes) > 1:
@@ -555,4 +592,83 @@ def markdown_table(records: list[dict]) -> str:
                 vals = " | ".join(f"{100 * r['per_qtype'].get(q, float('nan')):.1f}" for q in qtypes)
                 tokens = "all" if r["method"] == "none" else r["tokens"]
                 lines.append(f"| {r['method']} | {tokens} | {vals} |")
+    pairs = paired_table(records)
+    if pairs:
+        lines += ["", pairs]
     return "\n".join(lines)
+
+
+def _ci_text(r: dict) -> str:
+    ci = r.get("ci")
+    return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+
+
+def paired_table(records: list[dict], against: str | None = None) -> str:
+    """Paired comparisons at each budget: every method against ``against`` (default: the most accurate method
+    at that budget), on the items both answered: A - B in points with its 95% interval, the exact McNemar
+    p-value, and the verdict ("better" only where the interval excludes zero, else "level")."""
+    lines = []
+    budgets = sorted({r["tokens"] for r in records if r["method"] != "none"}, reverse=True)
+    for t in budgets:
+        cells = [r for r in records if r["tokens"] == t and r["method"] != "none" and r.get("paired")]
+        if len(cells) < 2:
+            continue
+        label = {id(r): _cell_name(r["method"], r["tokens"], r.get("budget", "average")) for r in cells}
+        ref = (next((r for r in cells if r["method"] == against), None) if against else
+               max(cells, key=lambda r: r.get("accuracy", -1)))
+        if ref is None:
+            continue
+        for r in cells:
+            if r is ref or label[id(ref)] not in r["paired"]:
+                continue
+            pr = r["paired"][label[id(ref)]]
+            if not lines:
+                lines = [f"Paired on the same items (A - B, points, {int(100 * LEVEL)}% interval; better only "
+                         "where it excludes 0):", "", "| tokens | A | B | A - B | interval | McNemar p | verdict |",
+                         "|---|---|---|---|---|---|---|"]
+            verdict = {"A better": f"{r['method']} better", "B better": f"{ref['method']} better"}.get(
+                pr["verdict"], "level")
+            lines.append(f"| {t} | {r['method']} | {ref['method']} | {100 * pr['difference']:+.1f} | "
+                         f"[{100 * pr['ci'][0]:+.1f}, {100 * pr['ci'][1]:+.1f}] | {pr['mcnemar_p']:.3g} | {verdict} |")
+    return "\n".join(lines)
+
+
+def compare_cells(out_dir: str | os.PathLike, a: str, b: str, tokens: int, budget: str = "average") -> dict:
+    """The paired comparison of method ``a`` with method ``b`` at ``tokens`` in the eval folder ``out_dir``
+    (``none`` for the unpruned cell), computed from their saved predictions: A - B with its interval, the
+    McNemar p-value and the verdict (see :func:`learnpruner.intervals.paired`). Cells evaluated on different
+    data, or over items the other does not hold, are refused, naming what differs."""
+    from .intervals import paired
+
+    out = Path(out_dir)
+    records = {(r["method"], r["tokens"] if r["method"] != "none" else None, r.get("budget", "average")): r
+               for r in _all_cells(out) if r.get("status") == "ok"}
+    cells = []
+    for m in (a, b):
+        key = (m, None, "average") if m == "none" else (m, tokens, budget)
+        rec = records.get(key) or (records.get((m, None, budget)) if m == "none" else None)
+        if rec is None:
+            have = sorted({f"{k[0]}@{k[1]}" for k in records if k[1] is not None} | {"none" for k in records
+                                                                                    if k[0] == "none"})
+            raise ValueError(f"{out} has no answered cell {m}@{tokens} ({budget} budgets); it has: "
+                             f"{', '.join(have) or 'none'}")
+        cells.append(rec)
+    data = [(r.get("run") or {}).get("data") for r in cells]
+    if data[0] != data[1] or None in data:
+        n = [(r.get("run") or {}).get("items", r.get("n")) for r in cells]
+        raise ValueError(f"{a} and {b} were evaluated on different data ({n[0]} items, data {data[0]} against "
+                         f"{n[1]} items, data {data[1]}); a paired comparison needs the same items: rerun one of "
+                         "them on the other's data")
+    preds = [_read_preds(out / "preds" / f"{_cell_name(r['method'], r['tokens'], r.get('budget', 'average'))}.jsonl")
+             for r in cells]
+    ids = [i for i in preds[0] if i in preds[1]]
+    differ = [i for i in ids if preds[0][i].get("item") != preds[1][i].get("item")]
+    if differ:
+        raise ValueError(f"{a} and {b} answered item {differ[0]!r} for different data (its fingerprints differ); "
+                         "no interval is computed over items the two do not share")
+    n_expected = max(cells[0]["n"], cells[1]["n"])
+    if len(ids) < n_expected:
+        raise ValueError(f"{a} and {b} share {len(ids)} answered items of {n_expected}; evaluate both on every "
+                         "item first (rerun the eval into the same --out to finish them)")
+    result = paired([bool(preds[0][i]["correct"]) for i in ids], [bool(preds[1][i]["correct"]) for i in ids])
+    return {"a": a, "b": b, "tokens": tokens, "budget": budget, **result.as_dict()}
