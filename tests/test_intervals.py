@@ -115,3 +115,19 @@ def test_compare_refuses_cells_over_different_data(tmp_path, monkeypatch, capsys
     assert "different data" in capsys.readouterr().err
     assert main(["compare", "random", "vispruner", "--out", str(out)]) == 2
     assert "no answered cell vispruner@64" in capsys.readouterr().err
+
+
+def test_test_large_split_is_deterministic_and_apart_from_test_and_val():
+    from learnpruner.testbed.shapes import SPLIT_SIZES, generate_item
+
+    assert SPLIT_SIZES["test-large"] >= 5000
+    a, b = generate_item("test-large", 7), generate_item("test-large", 7)
+    assert a.question == b.question and a.image.tobytes() == b.image.tobytes()
+    for split in ("test", "val"):
+        assert generate_item(split, 7).image.tobytes() != a.image.tobytes()
+    items = ev.load_items("shapesvqa:test-large", 3)
+    assert [it.id for it in items] == ["test-large-0", "test-large-1", "test-large-2"]
+    with pytest.raises(ValueError, match=r"no split 'large'; accepted: shapesvqa:val, shapesvqa:test, "):
+        ev.load_items("shapesvqa:large")
+    with pytest.raises(ValueError, match=r"the test-large split has 6000 items; got n=6001"):
+        ev.load_items("shapesvqa:test-large", 6001)

@@ -299,7 +299,8 @@ def _parse_list(text: str, cast, what: str) -> list:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id, local folder or built-in name")
-    p.add_argument("--data", default="shapesvqa", help="'shapesvqa' (its test split) or a JSONL of records")
+    p.add_argument("--data", default="shapesvqa", help="'shapesvqa' (its test split), shapesvqa:test-large (6000 "
+                   "items), shapesvqa:val, or a JSONL of records")
     p.add_argument("--methods", default="none,random,fastv,learnpruner",
                    help="comma-separated method names, or 'all' (every registered method)")
     p.add_argument("--tokens", default="576,192,128,64,32", help="comma-separated budgets")

@@ -108,21 +108,26 @@ def is_correct(prediction: str, answers: Sequence[str]) -> bool:
 
 
 def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
-    """``shapesvqa`` (its fixed test split) or a JSONL of ``{image|video, question, answer|answers[, id, qtype]}``.
+    """``shapesvqa`` (its fixed test split; ``shapesvqa:SPLIT`` for ``val``, ``test`` or ``test-large``) or a JSONL of ``{image|video, question, answer|answers[, id, qtype]}``.
 
     Image and video paths are relative to the JSONL file's folder and must exist; ``answers`` is a list or
     one string; ``id`` defaults to the line number and must be unique; an empty file is refused.
     """
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be a positive integer, got {limit}")
-    if data == "shapesvqa":
-        from .testbed.shapes import load_split
+    if data == "shapesvqa" or data.startswith("shapesvqa:"):
+        from .testbed.shapes import SPLIT_SIZES, load_split
 
-        return [EvalItem(f"test-{it.index}", it.image, it.question, [it.answer], it.qtype)
-                for it in load_split("test", limit)]
+        split = data.partition(":")[2] or "test"
+        if split not in SPLIT_SIZES:
+            raise ValueError(f"--data {data!r}: ShapesVQA has no split {split!r}; accepted: "
+                             f"{', '.join('shapesvqa:' + s for s in SPLIT_SIZES)} ('shapesvqa' is shapesvqa:test)")
+        return [EvalItem(f"{split}-{it.index}", it.image, it.question, [it.answer], it.qtype)
+                for it in load_split(split, limit)]
     path = Path(data)
     if not path.is_file():
-        raise FileNotFoundError(f"no data at {data!r}: pass 'shapesvqa' or a JSONL file of LLaVA-style records")
+        raise FileNotFoundError(f"no data at {data!r}: pass 'shapesvqa' (its test split; shapesvqa:test-large, "
+                                "shapesvqa:val) or a JSONL file of LLaVA-style records")
     items: list[EvalItem] = []
     lines: dict[str, int] = {}
     for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
