@@ -108,7 +108,8 @@ def is_correct(prediction: str, answers: Sequence[str]) -> bool:
 
 
 def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
-    """``shapesvqa`` (its fixed test split; ``shapesvqa:SPLIT`` for ``val``, ``test`` or ``test-large``) or a JSONL of ``{image|video, question, answer|answers[, id, qtype]}``.
+    """``shapesvqa`` (its fixed test split; ``shapesvqa:SPLIT`` for ``val``, ``test`` or ``test-large``) or a JSONL
+    of ``{image|video, question, answer|answers[, id, qtype]}``.
 
     Image and video paths are relative to the JSONL file's folder and must exist; ``answers`` is a list or
     one string; ``id`` defaults to the line number and must be unique; an empty file is refused.

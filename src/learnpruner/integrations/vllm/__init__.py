@@ -1,0 +1,63 @@
+"""learnpruner's stage 1 inside vLLM: pruned variants of vLLM's model classes, chosen without code.
+
+``register()`` is the ``vllm.general_plugins`` entry point (vLLM calls it in every process); it registers the
+pruned classes under their own architecture names. A served model picks one with ``hf_overrides``, whose
+``learnpruner`` entry carries the method, the budget and the options; :func:`overrides` builds that dict
+(``json.dumps`` it for ``vllm serve --hf-overrides``)::
+
+    from vllm import LLM
+    from learnpruner.integrations.vllm import overrides
+    llm = LLM("llava-hf/llava-1.5-7b-hf", hf_overrides=overrides("llava", "learnpruner", tokens=64))
+
+What runs, and the price of what does not, is in docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["register", "overrides", "ARCHITECTURES", "TESTED_VLLM"]
+
+# family -> (vLLM's architecture, the pruned one, the module holding it)
+ARCHITECTURES = {
+    "llava": ("LlavaForConditionalGeneration", "LearnPrunerLlavaForConditionalGeneration", "llava:PrunedLlava"),
+}
+TESTED_VLLM = ("0.32.",)  # the plugin uses private vLLM interfaces: the versions it is tested on
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Refuse a vLLM version the plugin was not tested on, naming both."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if not version.startswith(TESTED_VLLM):
+        raise RuntimeError(f"learnpruner's vLLM plugin is tested on vLLM {', '.join(v + 'x' for v in TESTED_VLLM)}; "
+                           f"this is vLLM {version} (it uses vLLM's internal model interfaces): install "
+                           "learnpruner[vllm]")
+
+
+def register() -> None:
+    """Register the pruned model classes with vLLM (the ``vllm.general_plugins`` entry point)."""
+    from vllm import ModelRegistry
+
+    check_vllm_version()
+    for _, arch, target in ARCHITECTURES.values():
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, f"{__name__}.{target}")
+
+
+def overrides(family: str, method: str = "learnpruner", tokens: int | None = None, *, ratio: float | None = None,
+              as_json: bool = False, **options) -> dict | str:
+    """The ``hf_overrides`` that serve a ``family`` model ("llava", ...) with ``method`` at a budget of
+    ``tokens`` (or ``ratio``) visual tokens per image in every layer; ``options`` are the method's options
+    (``lpm=PATH`` among them). Checked now as ``learnpruner.apply`` checks them; ``as_json`` for the command
+    line's ``--hf-overrides``."""
+    from .stage1 import CONFIG_KEY, Stage1Spec
+
+    if family not in ARCHITECTURES:
+        raise ValueError(f"family {family!r} has no vLLM integration; accepted: {', '.join(ARCHITECTURES)}")
+    spec = Stage1Spec.check(method, tokens, ratio, options)
+    entry = {"method": spec.method, "tokens": spec.tokens, "ratio": spec.ratio, "options": spec.options}
+    result = {"architectures": [ARCHITECTURES[family][1]], CONFIG_KEY: entry}
+    return json.dumps(result) if as_json else result

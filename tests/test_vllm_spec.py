@@ -1,0 +1,77 @@
+"""The vLLM integration's settings, checked without vLLM (they run in the main test environment too)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from learnpruner.integrations.vllm import ARCHITECTURES, check_vllm_version, overrides
+from learnpruner.integrations.vllm.stage1 import Stage1Runner, Stage1Spec, supported_methods
+
+
+def test_overrides_name_the_pruned_architecture_and_carry_the_spec():
+    ov = overrides("llava", "learnpruner", 64, lpm="/some/lpm")
+    assert ov == {"architectures": ["LearnPrunerLlavaForConditionalGeneration"],
+                  "learnpruner": {"method": "learnpruner", "tokens": 64, "ratio": None,
+                                  "options": {"lpm": "/some/lpm"}}}
+    assert json.loads(overrides("llava", "divprune", ratio=0.25, as_json=True))["learnpruner"]["ratio"] == 0.25
+    spec = Stage1Spec.from_config(ov["learnpruner"])
+    assert spec.runs_as == "lpm-only" and spec.kept(576) == 64 and "stage 1 only" in spec.describe()
+    assert Stage1Spec.check("divprune", ratio=0.25).kept(2880) == 720
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"family": "blip"}, r"family 'blip' has no vLLM integration; accepted: llava"),
+    ({"method": "nope"}, r"unknown method 'nope'"),
+    ({"method": "fastv"}, r"'fastv' drops visual tokens inside the LLM, which vLLM cannot run"),
+    ({"method": "sparsevlm"}, r"inside the LLM"),
+    ({"method": "visionzip"}, r"'visionzip' reads the vision encoder's \[CLS\] attention"),
+    ({"method": "cdpruner", "fallback": "instruction"}, r"reads the prompt"),
+    ({"tokens": 0}, r"tokens"),
+    ({"tokens": 8, "ratio": 0.5}, r"give tokens= or ratio=, not both"),
+    ({"positions": "original"}, r"only positions='contiguous'"),
+    ({"diversity": 2.0}, r"diversity"),
+])
+def test_bad_settings_are_refused_naming_the_value(kwargs, match):
+    kw = {"family": "llava", "method": "learnpruner", "tokens": 32, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        overrides(kw.pop("family"), kw.pop("method"), kw.pop("tokens"), **kw)
+
+
+def test_supported_methods_are_the_stage1_ones_without_cls():
+    names = supported_methods()
+    assert {"learnpruner", "divprune", "random", "cdpruner", "none"} <= set(names)
+    assert not {"fastv", "visionzip", "vispruner", "pyramiddrop", "dart", "sparsevlm"} & set(names)
+
+
+def test_spec_in_the_config_is_checked():
+    with pytest.raises(ValueError, match=r"unknown keys \['budget'\]"):
+        Stage1Spec.from_config({"method": "learnpruner", "budget": "paper"})
+    with pytest.raises(ValueError, match="must be a dict"):
+        Stage1Spec.from_config("learnpruner")
+    assert Stage1Spec.from_config(None) is None
+
+
+def test_untested_vllm_versions_are_refused():
+    check_vllm_version("0.32.0")
+    with pytest.raises(RuntimeError, match=r"tested on vLLM 0.32.x; this is vLLM 0.40.1"):
+        check_vllm_version("0.40.1")
+    assert set(ARCHITECTURES) >= {"llava"}
+
+
+def test_runner_runs_the_registered_rule_itself():
+    """The runner's kept set is the rule's own (the transformers engine's) for the same features and LPM."""
+    from learnpruner import selection as sel
+    from learnpruner.lpm import LearnablePruningModule, LPMConfig
+
+    torch.manual_seed(0)
+    lpm = LearnablePruningModule(LPMConfig(feature_dim=16, family="llava", feature_layer=-2)).eval()
+    feats = torch.randn(3, 40, 16)
+    runner = Stage1Runner(Stage1Spec.check("learnpruner", 10), lpm, project=lambda x: x)
+    kept = runner.select(feats)
+    assert torch.equal(kept, sel.lpm_select(lpm(feats), feats, 10, 0.1))
+    div = Stage1Runner(Stage1Spec.check("divprune", 12), None, project=lambda x: x * 2).select(feats)
+    assert div.shape == (3, 12) and torch.all(div[:, 1:] > div[:, :-1])
+    assert Stage1Runner(Stage1Spec.check("divprune", 40), None, project=lambda x: x).select(feats) is None
