@@ -42,6 +42,10 @@ def stock_layout(tmp_path_factory):
                for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     STOCK_LAYOUT.append(str(folder))
     yield
+    _ENGINES.clear()  # the engines go with the module (the server test starts its own)
+    import gc
+
+    gc.collect()
 
 
 STOCK_LAYOUT: list[str] = []
@@ -53,7 +57,7 @@ def engine(hf_overrides: dict | None):
         path = MODEL if hf_overrides is not None else STOCK_LAYOUT[0]
         _ENGINES[key] = vllm.LLM(path, dtype="float32", enforce_eager=True, max_model_len=1024,
                                  mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 1},
-                                 hf_overrides=hf_overrides, seed=0)
+                                 gpu_memory_utilization=0.1, hf_overrides=hf_overrides, seed=0)
     return _ENGINES[key]
 
 
@@ -115,4 +119,20 @@ def test_a_method_vllm_cannot_run_is_refused_when_the_engine_starts():
            "learnpruner": {"method": "fastv", "tokens": 64}}
     with pytest.raises(ValueError, match=r"method 'fastv' drops visual tokens inside the LLM, which vLLM cannot run"):
         vllm.LLM(MODEL, dtype="float32", enforce_eager=True, max_model_len=1024, mm_processor_cache_gb=0,
-                 hf_overrides=bad)
+                 gpu_memory_utilization=0.1, hf_overrides=bad)
+
+
+def test_vllm_bench_measures_stock_and_pruned_serving(tmp_path):
+    import json
+
+    from learnpruner.integrations.vllm.bench import run_vllm_bench, table
+
+    records = run_vllm_bench(None, "llava-tiny", [("none", None), ("learnpruner", 16)], requests=4, new_tokens=2,
+                             repeats=2, out_dir=str(tmp_path), engine_kwargs={"gpu_memory_utilization": 0.1},
+                             print_fn=lambda *a: None)
+    none, pruned = records
+    assert none["prompt_tokens"] - pruned["prompt_tokens"] == 64 - 16  # llava-tiny: 64 visual tokens per image
+    assert all(r["ttft_ms"] > 0 and r["requests_per_s"] > 0 and r["card"].startswith(("cpu", "NVIDIA"))
+               for r in records)
+    assert json.loads((tmp_path / "vllm-bench.json").read_text()) == records
+    assert "| learnpruner | 16 |" in table(records)

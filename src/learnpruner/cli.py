@@ -530,6 +530,7 @@ BUDGET_NOTE = (
 def build_parser() -> argparse.ArgumentParser:
     from . import bench  # noqa: F401  (registers the `bench` subcommand)
     from .integrations.lmms_eval import task  # noqa: F401  (registers the `lmms-task` subcommand)
+    from .integrations.vllm import bench as vllm_bench  # noqa: F401  (registers `vllm-bench`; imports vLLM lazily)
     parser = argparse.ArgumentParser(prog="learnpruner", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help) in COMMANDS.items():

@@ -1,0 +1,177 @@
+"""``learnpruner vllm-bench``: vLLM serving unpruned against pruned, on one stream of image requests.
+
+For each setting (``none`` is stock vLLM's model class run through the plugin with nothing pruned) an offline
+engine (``vllm.LLM``) starts once, then:
+
+- time to first token: the median over ``--repeats`` single requests of one image and a question, generating
+  one token (the prefill, vision tower included, and vLLM's scheduling);
+- throughput: ``--requests`` requests submitted together (continuous batching), ``--new-tokens`` each, as
+  requests per second and generated tokens per second.
+
+``--model`` takes a LLaVA-1.5 folder (``shapes-tiny``: ShapesVQA images and questions); ``--arch llava-1.5-7b``
+writes a folder holding that architecture's config and the testbed's processor, and vLLM runs it with random
+weights (``load_format="dummy"``: nothing to download; the speed is the architecture's). Results go to
+``OUT/vllm-bench.json`` with the card they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from ...commands import command
+
+__all__ = ["run_vllm_bench"]
+
+
+def _arch_folder(arch: str, out: Path) -> Path:
+    """A model folder for ``arch`` (config, word-level tokenizer and 336 px processor; no weights)."""
+    from ...bench import arch_config
+    from ...testbed.model import build_processor
+
+    config = arch_config(arch)
+    if type(config).__name__ != "LlavaConfig":
+        raise ValueError(f"--arch {arch!r}: the vLLM integration serves LLaVA-1.5 architectures so far")
+    folder = out / f"arch-{arch}"
+    processor = build_processor()
+    size, patch = config.vision_config.image_size, config.vision_config.patch_size
+    processor.image_processor.size = {"shortest_edge": size}
+    processor.image_processor.crop_size = {"height": size, "width": size}
+    processor.patch_size = patch
+    config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
+    config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _requests(n: int, seed: int = 0) -> list[dict]:
+    from ...testbed.shapes import generate_item
+
+    items = [generate_item("test", seed + i) for i in range(n)]
+    return [{"prompt": f"USER: <image>\n{it.question} ASSISTANT:", "multi_modal_data": {"image": it.image}}
+            for it in items]
+
+
+def _card() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    from ...bench import _cpu_name
+
+    return f"cpu ({_cpu_name()})"
+
+
+def run_vllm_bench(model: str | None, arch: str | None, settings: list[tuple[str, int | None]], requests: int = 32,
+                   new_tokens: int = 8, repeats: int = 5, out_dir: str = "learnpruner-vllm-bench",
+                   engine_kwargs: dict | None = None, lpm: str | None = None, print_fn=print) -> list[dict]:
+    """Measure every ``(method, tokens)`` setting; returns the records (also written to ``OUT/vllm-bench.json``).
+    ``lpm``: the LPM of the LPM methods (default: the model folder's own; with ``arch``: an untrained one, as the
+    speed does not depend on its weights)."""
+    import vllm
+
+    from ...hub import resolve
+    from ...utils import atomic_write
+    from . import overrides
+    from .stage1 import Stage1Spec
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    cuda = torch.cuda.is_available()  # on a GPU: bfloat16 and vLLM's CUDA graphs; on a CPU: float32, eager
+    kwargs = {"dtype": "bfloat16" if cuda else "float32", "enforce_eager": not cuda, "mm_processor_cache_gb": 0,
+              "limit_mm_per_prompt": {"image": 1}, **(engine_kwargs or {})}
+    if arch is not None:
+        path, kwargs["load_format"] = str(_arch_folder(arch, out)), "dummy"
+    else:
+        path = resolve(model)
+    stream, single = _requests(requests), _requests(repeats, seed=requests)
+    records = []
+    for method, tokens in settings:
+        options = {}
+        if Stage1Spec.check(method, tokens).needs_lpm() and (lpm or arch):
+            options["lpm"] = lpm or "random"
+        llm = vllm.LLM(path, hf_overrides=overrides("llava", method, tokens, **options), **kwargs)
+        first = vllm.SamplingParams(max_tokens=1, temperature=0)
+        llm.generate(single[:1], first, use_tqdm=False)  # warm-up
+        ttft = []
+        for req in single:
+            t0 = time.perf_counter()
+            o = llm.generate([req], first, use_tqdm=False)[0]
+            ttft.append(time.perf_counter() - t0)
+        params = vllm.SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0)
+        t0 = time.perf_counter()
+        outs = llm.generate(stream, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        rec = {"method": method, "tokens": tokens, "prompt_tokens": len(o.prompt_token_ids),
+               "ttft_ms": 1000 * statistics.median(ttft), "requests_per_s": requests / wall,
+               "generated_tokens_per_s": sum(len(x.outputs[0].token_ids) for x in outs) / wall,
+               "requests": requests, "new_tokens": new_tokens, "card": _card(), "model": arch or model}
+        records.append(rec)
+        print_fn(f"{method}@{tokens}: {rec['prompt_tokens']} prompt tokens, TTFT {rec['ttft_ms']:.0f} ms, "
+                 f"{rec['requests_per_s']:.2f} req/s")
+        del llm
+        import gc
+
+        gc.collect()
+    base = next((r for r in records if r["method"] == "none"), None)
+    for r in records:
+        if base is not None:
+            r["ttft_speedup"] = base["ttft_ms"] / r["ttft_ms"]
+            r["throughput_speedup"] = r["requests_per_s"] / base["requests_per_s"]
+    atomic_write(out / "vllm-bench.json", lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1) + "\n"))
+    return records
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| method | visual tokens | prompt tokens | TTFT ms | vs none | req/s | vs none |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        visual = "all" if r["method"] == "none" else r["tokens"]
+        lines.append(f"| {r['method']} | {visual} | {r['prompt_tokens']} | {r['ttft_ms']:.0f} | "
+                     f"{r.get('ttft_speedup', 1):.2f}x | {r['requests_per_s']:.2f} | "
+                     f"{r.get('throughput_speedup', 1):.2f}x |")
+    return "\n".join(lines)
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="a LLaVA-1.5 folder or built-in name (shapes-tiny)")
+    what.add_argument("--arch", help="llava-1.5-7b, llava-1.5-13b, llava-mid: that architecture, random weights")
+    p.add_argument("--methods", default="none,learnpruner,divprune", help="comma-separated stage-1 methods")
+    p.add_argument("--tokens", default="64,32", help="comma-separated budgets (visual tokens per image)")
+    p.add_argument("--requests", type=int, default=32, help="requests in the throughput stream")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5, help="single requests timed for the time to first token")
+    p.add_argument("--lpm", default=None, help="LPM folder (default: the model's own; with --arch: an untrained one)")
+    p.add_argument("--out", default="learnpruner-vllm-bench")
+
+
+@command("vllm-bench", "vLLM serving, unpruned against pruned: time to first token and requests per second", _args)
+def _vllm_bench(args: argparse.Namespace) -> int:
+    from ...cli import _parse_list
+
+    methods = _parse_list(args.methods, str, "--methods")
+    budgets = _parse_list(args.tokens, int, "--tokens")
+    for name, value in (("requests", args.requests), ("new_tokens", args.new_tokens), ("repeats", args.repeats)):
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    from . import overrides
+
+    settings = [("none", None)] if "none" in methods else []
+    settings += [(m, t) for m in methods if m != "none" for t in budgets]
+    for m, t in settings:
+        overrides("llava", m, t)  # every setting checked before the first engine starts
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    records = run_vllm_bench(args.model, args.arch, settings, args.requests, args.new_tokens, args.repeats, args.out,
+                             lpm=args.lpm)
+    print(f"\n{records[0]['model']} on {records[0]['card']}; {args.requests} requests x {args.new_tokens} new tokens; "
+          "TTFT: median of single requests")
+    print(table(records))
+    return 0
