@@ -16,7 +16,6 @@ from .engine import PruneState, Stats, pruned_forward
 from .engine.graphs import GraphCache
 from .lpm import LearnablePruningModule, LPMConfig
 from .methods import get_method
-from .rules import STAGE1_RULES
 
 __all__ = ["apply", "remove", "stats", "is_pruned"]
 
@@ -163,8 +162,7 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     m.schedule(tokens_for(n, tokens, ratio), n, num_layers, {k: v for k, v in opts.items() if k != "lpm"},  # early
                budget)
     seed = opts.get("seed", 0)
-    needs_lpm = bool(getattr(STAGE1_RULES.get(m.stage1), "needs_lpm", False)) if m.stage1 else False
-    lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if needs_lpm else None
+    lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if m.needs_lpm else None
     if lpm is not None:  # settings validated with this LPM (lpm.json), for the options the caller left out
         opts = m.check_options({**lpm_options(lpm, m), **opts})
     generator = torch.Generator().manual_seed(seed) if m.stage1 == "random" else None

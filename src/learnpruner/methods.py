@@ -60,6 +60,21 @@ class Method:
         if "positions" not in self.options:  # every method takes it
             object.__setattr__(self, "options", (*self.options, "positions"))
 
+    @property
+    def needs_cls(self) -> bool:
+        """Whether its stage-1 rule reads the vision encoder's [CLS] attention (families without one refuse it)."""
+        return self._stage1_flag("needs_cls")
+
+    @property
+    def needs_lpm(self) -> bool:
+        """Whether its stage-1 rule reads a Learnable Pruning Module (option ``lpm``)."""
+        return self._stage1_flag("needs_lpm")
+
+    def _stage1_flag(self, name: str) -> bool:
+        from .rules import STAGE1_RULES
+
+        return bool(getattr(STAGE1_RULES.get(self.stage1), name, False)) if self.stage1 else False
+
     def schedule(self, tokens: int, n: int, num_layers: int, options: dict, budget: str = "average") -> Schedule:
         """The token schedule for a budget, ``n`` visual tokens per image and ``num_layers`` layers.
 

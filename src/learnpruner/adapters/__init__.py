@@ -26,7 +26,4 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 def families_of(method) -> list[str]:
     """The model families (adapter ``family`` names) a registered method runs on."""
-    from ..rules import STAGE1_RULES
-
-    needs_cls = getattr(STAGE1_RULES.get(method.stage1), "needs_cls", False) if method.stage1 else False
-    return [a.family for a in ADAPTERS if a.has_cls or not needs_cls]
+    return [a.family for a in ADAPTERS if a.has_cls or not method.needs_cls]

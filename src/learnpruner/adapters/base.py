@@ -38,10 +38,7 @@ class Adapter:
 
     def check_method(self, method) -> None:
         """``ValueError`` naming the method and the family when the method needs what this family lacks."""
-        from ..rules import STAGE1_RULES
-
-        rule = STAGE1_RULES.get(method.stage1) if method.stage1 else None
-        if getattr(rule, "needs_cls", False) and not self.has_cls:
+        if method.needs_cls and not self.has_cls:
             raise ValueError(
                 f"method {method.name!r} reads the vision encoder's [CLS] attention, but {self.family} has no "
                 f"[CLS] token; methods that run on {self.family}: {', '.join(self.supported_methods())}"
@@ -67,10 +64,8 @@ class Adapter:
     def supported_methods(self) -> list[str]:
         """The registered methods this family runs."""
         from ..methods import METHODS
-        from ..rules import STAGE1_RULES
 
-        return [name for name, m in sorted(METHODS.items())
-                if self.has_cls or not getattr(STAGE1_RULES.get(m.stage1), "needs_cls", False)]
+        return [name for name, m in sorted(METHODS.items()) if self.has_cls or not m.needs_cls]
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

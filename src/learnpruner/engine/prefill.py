@@ -173,8 +173,7 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
     pixel_values = visual_inputs.get("pixel_values")
     if input_ids is None:
         raise ValueError("learnpruner needs input_ids (not inputs_embeds) to locate the image tokens")
-    rule1 = STAGE1_RULES.get(state.method.stage1) if state.method.stage1 else None
-    needs_cls = bool(getattr(rule1, "needs_cls", False)) and forced1 is None
+    needs_cls = state.method.needs_cls and forced1 is None
     graphed = ad.graph_modules() if state.graphs is not None and not needs_cls else []
     with state.section("vision"), graphed_modules(state.graphs, graphed):
         others = {k: v for k, v in visual_inputs.items() if k != "pixel_values"}

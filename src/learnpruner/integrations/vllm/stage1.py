@@ -92,8 +92,7 @@ class Stage1Spec:
                 "gives every layer the same tokens); in vLLM run a stage-1 method: "
                 f"{', '.join(supported_methods())}"
             )
-        rule = STAGE1_RULES.get(rm.stage1) if rm.stage1 else None
-        if getattr(rule, "needs_cls", False):
+        if rm.needs_cls:
             raise ValueError(
                 f"method {m.name!r} reads the vision encoder's [CLS] attention, which vLLM's vision towers do not "
                 f"return; in vLLM run: {', '.join(supported_methods())}"
@@ -126,8 +125,7 @@ class Stage1Spec:
         return {k: v for k, v in self.options.items() if k != "lpm"}
 
     def needs_lpm(self) -> bool:
-        rule = STAGE1_RULES.get(get_method(self.runs_as).stage1 or "")
-        return bool(getattr(rule, "needs_lpm", False))
+        return get_method(self.runs_as).needs_lpm
 
     def load_lpm(self, model_path: str | os.PathLike | None, family: str, feature_dim: int,
                  feature_layer) -> LearnablePruningModule | None:
@@ -196,7 +194,6 @@ def supported_methods() -> list[str]:
     out = []
     for name in sorted(METHODS):
         m = get_method(STAGE1_ONLY.get(name, name))
-        rule = STAGE1_RULES.get(m.stage1) if m.stage1 else None
-        if m.stage2 is None and (m.stage1 is not None or m.name == "none") and not getattr(rule, "needs_cls", False):
+        if m.stage2 is None and (m.stage1 is not None or m.name == "none") and not m.needs_cls:
             out.append(name)
     return out
