@@ -21,6 +21,8 @@ __all__ = ["register", "overrides", "ARCHITECTURES", "TESTED_VLLM"]
 # family -> (vLLM's architecture, the pruned one, the module holding it)
 ARCHITECTURES = {
     "llava": ("LlavaForConditionalGeneration", "LearnPrunerLlavaForConditionalGeneration", "llava:PrunedLlava"),
+    "llava_next": ("LlavaNextForConditionalGeneration", "LearnPrunerLlavaNextForConditionalGeneration",
+                   "llava_next:PrunedLlavaNext"),
 }
 TESTED_VLLM = ("0.32.",)  # the plugin uses private vLLM interfaces: the versions it is tested on
 

@@ -32,8 +32,8 @@ ARCHITECTURE = "LearnPrunerLlavaForConditionalGeneration"
 def _spec(config) -> Stage1Spec:
     spec = Stage1Spec.from_config(getattr(config, CONFIG_KEY, None))
     if spec is None:
-        raise ValueError(f"{ARCHITECTURE} needs hf_overrides[{CONFIG_KEY!r}] (learnpruner.integrations.vllm."
-                         "overrides builds it)")
+        raise ValueError(f"learnpruner's vLLM architectures need hf_overrides[{CONFIG_KEY!r}] "
+                         "(learnpruner.integrations.vllm.overrides builds it)")
     return spec
 
 
@@ -45,23 +45,47 @@ class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
         return _spec(self.get_hf_config()).kept(n)
 
 
+# transformers 5 saves the CLIP tower without its ``vision_model`` level; vLLM 0.32's loaders expect it
+CLIP_LAYOUT = WeightsMapper(
+    orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."})
+
+
+def stage1_for(model, vllm_config, family: str) -> None:
+    """Give a vLLM LLaVA-like ``model`` its checked spec (``model.learnpruner``) and stage-1 runner."""
+    config = vllm_config.model_config.hf_config
+    model.learnpruner = _spec(config)
+    layer = config.vision_feature_layer
+    width = config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
+    lpm = model.learnpruner.load_lpm(vllm_config.model_config.model, family, width, layer)
+    model._stage1 = Stage1Runner(model.learnpruner, lpm, model.multi_modal_projector)
+    model.__dict__["_lpm"] = lpm  # not a submodule: vLLM's weight loading and checks never see it
+
+
+def select_kept(model, features: torch.Tensor) -> torch.Tensor | None:
+    """``[g, k]``: stage 1's kept indices of ``features`` (``[g, n, d]``, one image each), None to keep all."""
+    if model._lpm is not None:
+        model._lpm.to(features.device, features.dtype)
+    return model._stage1.select(features)
+
+
+def select_rows(model, features: torch.Tensor) -> torch.Tensor:
+    """``[g, k, d]``: the rows of ``features`` (``[g, n, d]``, one image each) that stage 1 keeps."""
+    kept = select_kept(model, features)
+    if kept is None:
+        return features
+    return features.gather(1, kept.to(features.device)[..., None].expand(-1, -1, features.shape[-1]))
+
+
 @MULTIMODAL_REGISTRY.register_processor(_build_llava_or_pixtral_hf_processor, info=PrunedLlavaProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class PrunedLlava(LlavaForConditionalGeneration):
     """vLLM's LLaVA with learnpruner's stage 1 between the vision tower and the projector."""
 
-    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-        orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."})
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | CLIP_LAYOUT
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = vllm_config.model_config.hf_config
-        self.learnpruner = _spec(config)
-        layer = config.vision_feature_layer
-        width = config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
-        lpm = self.learnpruner.load_lpm(vllm_config.model_config.model, FAMILY, width, layer)
-        self._stage1 = Stage1Runner(self.learnpruner, lpm, self.multi_modal_projector)
-        self.__dict__["_lpm"] = lpm  # not a submodule: vLLM's weight loading and checks never see it
+        stage1_for(self, vllm_config, FAMILY)
 
     def _process_image_input(self, image_input):
         if isinstance(image_input, LlavaImageEmbeddingInputs):
@@ -69,9 +93,4 @@ class PrunedLlava(LlavaForConditionalGeneration):
         features = self._process_image_pixels(image_input)
         if not isinstance(features, torch.Tensor):  # ragged images (Pixtral towers): not a LLaVA-1.5 model
             raise ValueError(f"{ARCHITECTURE} runs CLIP/SigLIP LLaVA-1.5 models")
-        if self._lpm is not None:
-            self._lpm.to(features.device, features.dtype)
-        kept = self._stage1.select(features)
-        if kept is not None:
-            features = features.gather(1, kept.to(features.device)[..., None].expand(-1, -1, features.shape[-1]))
-        return self.multi_modal_projector(features)
+        return self.multi_modal_projector(select_rows(self, features))
