@@ -69,3 +69,21 @@ def test_shipped_lpm_keeps_the_foreground(shipped):
     assert auroc > 0.8, auroc
     top = np.argsort(-prob, axis=1)[:, :32]
     assert np.mean([f[t].mean() for f, t in zip(fg, top)]) > 0.5 > fg.mean()
+
+
+FULL = BUILTIN_MODELS["shapes-tiny-full"]
+
+
+@pytest.mark.skipif(not (FULL / "config.json").is_file(), reason="shapes-tiny-full is not shipped")
+def test_shapes_tiny_full_loads_in_float32_on_cpu_answers_and_pruning_matters(tmp_path):
+    from learnpruner.evaluate import evaluate, load_items
+    from learnpruner.hub import load
+
+    model, processor = load("shapes-tiny-full")
+    assert model.dtype == torch.float32  # stored in float16, computed in float32 on a CPU
+    assert load("shapes-tiny-full", dtype="float16")[0].dtype == torch.float16
+    recs = evaluate(model, processor, load_items("shapesvqa", 48), ["none", "random"], [32], tmp_path,
+                    batch_size=16, progress=False)
+    acc = {r["method"]: r["accuracy"] for r in recs}
+    assert acc["none"] >= 0.75, acc  # 89.0% on the full test split (its README)
+    assert acc["none"] - acc["random"] >= 0.25, acc  # 51.7 points on the full test split

@@ -3,6 +3,8 @@
 Built-in names need no network:
 
 - ``shapes-tiny``: the small LLaVA trained on ShapesVQA that ships inside the package (with its LPM).
+- ``shapes-tiny-full``: the same architecture fine-tuned with every visual token in every step (no token
+  dropping), shipped in half precision and loaded in float32 on a CPU.
 - ``tiny-random-llava``: the ShapesVQA architecture with random weights (answers are noise), for
   checking the pipeline end to end on a fresh machine.
 """
@@ -19,6 +21,7 @@ __all__ = ["BUILTIN_MODELS", "load", "resolve", "format_prompt", "parse_dtype", 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_MODELS = {
     "shapes-tiny": ASSETS / "shapes-tiny",
+    "shapes-tiny-full": ASSETS / "shapes-tiny-full",
     "tiny-random-llava": None,
 }
 
@@ -116,7 +119,10 @@ def load(name: str, device: str = "cpu", dtype: str = "auto"):
         model = model.to(device, torch.float32 if torch_dtype == "auto" else torch_dtype)
         return model.eval(), processor
     path = resolve(name)
-    load_config(name)  # a name that is nowhere: the project's message, not transformers' repo-id one
+    config = load_config(name)  # a name that is nowhere: the project's message, not transformers' repo-id one
+    if torch_dtype == "auto" and name in BUILTIN_MODELS and torch.device(device).type == "cpu" and \
+            getattr(config, "dtype", None) in (torch.float16, torch.bfloat16, "float16", "bfloat16"):
+        torch_dtype = torch.float32  # a built-in model stored in half precision: CPUs compute float32 faster
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     processor = AutoProcessor.from_pretrained(path)
     return model.to(device).eval(), processor
