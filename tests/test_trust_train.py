@@ -199,3 +199,25 @@ def test_interrupted_run_keeps_a_whole_checkpoint_and_resumes_exactly(processor,
                         progress=False)
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_testbed_init_from_starts_stage_b_from_a_saved_model(tmp_path):
+    """``--init-from`` fine-tunes a saved model: stage (b) from its every weight, stage (a) skipped."""
+    from learnpruner.testbed.model import save
+
+    processor = build_processor()
+    source = build_model(processor.tokenizer, tiny=True, seed=7)
+    save(source, processor, str(tmp_path / "src"))
+    trainer = tb.Trainer(_tb_cfg(tmp_path / "run", init_from=str(tmp_path / "src")))
+    assert trainer.stage == "b" and trainer.step == 0
+    assert trainer.history[0]["init_from"] == str((tmp_path / "src").resolve())
+    for (k, a), (_, b) in zip(trainer.model.state_dict().items(), source.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=r"--init-from .* no saved model \(config.json\)"):
+        tb.Trainer(_tb_cfg(tmp_path / "run2", init_from=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"--vision-from .* and --init-from .* both set the starting weights"):
+        tb.Trainer(_tb_cfg(tmp_path / "run3", init_from=str(tmp_path / "src"), vision_from=str(tmp_path / "src")))
+    bigger = build_model(processor.tokenizer, tiny=False, seed=7)
+    save(bigger, processor, str(tmp_path / "big"))
+    with pytest.raises(ValueError, match=r"is not this testbed architecture"):
+        tb.Trainer(_tb_cfg(tmp_path / "run4", init_from=str(tmp_path / "big")))
