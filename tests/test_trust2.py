@@ -23,19 +23,6 @@ def tiny():
     return load("tiny-random-llava")
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Answers "blue" without a forward and records each batch's items."""
-    asked = []
-
-    def answer(model, processor, items, max_new_tokens, device):
-        asked.extend(items)
-        return ["blue"] * len(items)
-
-    monkeypatch.setattr(ev, "_answer_batch", answer)
-    return asked
-
-
 def _jsonl(folder, records, name="d.jsonl"):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -46,7 +33,7 @@ def _jsonl(folder, records, name="d.jsonl"):
 # --- 1. an image replaced by another of the same size -------------------------------------------------------------
 
 
-def test_fingerprint_covers_the_image_content_not_its_size(tiny, tmp_path, recorded):
+def test_fingerprint_covers_the_image_content_not_its_size(tiny, tmp_path, always_blue):
     model, processor = tiny
     data = tmp_path / "data"
     data.mkdir()
@@ -103,13 +90,13 @@ def test_generate_refuses_a_video_on_an_image_only_family(tmp_path, capsys):
     assert rc == 2 and "llava takes no video input" in err and "video_llava" in err
 
 
-def test_eval_refuses_video_records_on_an_image_only_family(tiny, tmp_path, recorded):
+def test_eval_refuses_video_records_on_an_image_only_family(tiny, tmp_path, always_blue):
     model, processor = tiny
     (tmp_path / "v.mp4").write_bytes(b"x")
     path = _jsonl(tmp_path, [{"video": "v.mp4", "question": "q", "answer": "a"}])
     with pytest.raises(ValueError, match=r"d.jsonl:1: item '1': llava takes no video input"):
         ev.evaluate(model, processor, ev.load_items(path), ["random"], [64], tmp_path / "out", progress=False)
-    assert not recorded
+    assert not always_blue
 
 
 def test_a_record_with_both_image_and_video_is_refused(tmp_path):
@@ -175,7 +162,7 @@ def test_a_question_past_the_context_is_refused_before_generating(tiny, tmp_path
 # --- 7. a rerun with another setting -------------------------------------------------------------------------------
 
 
-def test_a_rerun_with_another_dtype_or_model_weights_is_refused(tiny, tmp_path, recorded):
+def test_a_rerun_with_another_dtype_or_model_weights_is_refused(tiny, tmp_path, always_blue):
     model, processor = tiny
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     path = _jsonl(tmp_path, [{"image": "a.png", "question": "q", "answer": "blue"}])

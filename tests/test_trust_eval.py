@@ -24,19 +24,6 @@ def tiny():
     return load("tiny-random-llava")
 
 
-@pytest.fixture
-def always_blue(monkeypatch):
-    """Answers "blue" to everything (no model forward), and counts the items asked."""
-    asked = []
-
-    def answer(model, processor, items, max_new_tokens, device):
-        asked.extend(it.id for it in items)
-        return ["blue"] * len(items)
-
-    monkeypatch.setattr(ev, "_answer_batch", answer)
-    return asked
-
-
 def _jsonl(folder, name, records, image="a.png"):
     folder.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (20, 20)).save(folder / image)

@@ -278,26 +278,30 @@ def _lock_holder(lock: Path) -> str | None:
     return f"pid {pid}"
 
 
-def _cell_setup(model, options: dict, max_new_tokens: int, device: str = "cpu", num_frames: int = 8) -> dict:
+def _cell_setup(model, options: dict, max_new_tokens: int, device: str = "cpu", num_frames: int = 8,
+                fingerprint: dict | None = None) -> dict:
     """Every setting that changes a cell's answers: the model (name, configuration and weights), its dtype, the
-    device type, the method options, the generation length and the frames sampled from a video."""
+    device type, the method options, the generation length and the frames sampled from a video.
+    ``fingerprint``: the model's :func:`~learnpruner.hub.model_fingerprint`, if already computed."""
     opts = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)) for k, v in options.items()}
-    from .hub import model_fingerprint
+    if fingerprint is None:
+        from .hub import model_fingerprint
 
-    return {**model_fingerprint(model), "options": opts, "max_new_tokens": max_new_tokens,
+        fingerprint = model_fingerprint(model)
+    return {**fingerprint, "options": opts, "max_new_tokens": max_new_tokens,
             "dtype": str(model.dtype).removeprefix("torch."), "device": torch.device(device).type,
             "frames": num_frames}
 
 
 def _check_cell_setup(path: Path, model, options: dict, max_new_tokens: int, device: str = "cpu",
-                      num_frames: int = 8) -> None:
+                      num_frames: int = 8, fingerprint: dict | None = None) -> None:
     """Refuse to resume a cell whose saved predictions came from another setup (:func:`_cell_setup`).
 
     The setup is written beside the predictions (``<cell>.setup.json``) before the first of them; a
     cell with predictions but no setup file (an older run) adopts the current setup, and a setup file of an
     older learnpruner (fewer settings) is checked on the settings it holds, then completed.
     """
-    setup = _cell_setup(model, options, max_new_tokens, device, num_frames)
+    setup = _cell_setup(model, options, max_new_tokens, device, num_frames, fingerprint)
     meta = path.with_suffix(".setup.json")
     if meta.is_file():
         saved = json.loads(meta.read_text())
@@ -394,6 +398,9 @@ def evaluate(
     cells = [(m, t) for m in methods for t in (budgets if m != "none" else [max(budgets)])]
     cells.sort(key=lambda c: c[0] != "none")  # the reference first: no-op cells reuse its predictions
     by_id = {it.id: it for it in items}
+    from .hub import model_fingerprint
+
+    fingerprint = model_fingerprint(model)  # once: the model does not change between cells
     records = []
     correct: dict[str, dict[str, bool]] = {}  # cell -> item -> answered right, this run's answered cells
     total = len(cells) * len(items)
@@ -402,7 +409,7 @@ def evaluate(
         for method, tokens in cells:
             opts = method_options.get(method, {})
             path = out / "preds" / f"{_cell_name(method, tokens, budget)}.jsonl"
-            _check_cell_setup(path, model, opts, max_new_tokens, device)
+            _check_cell_setup(path, model, opts, max_new_tokens, device, fingerprint=fingerprint)
             _repair_tail(path)
             done = _read_preds(path)
             _check_data(out, path, done, hashes)

@@ -56,11 +56,19 @@ class PrunedLlavaNext(LlavaNextForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         stage1_for(self, vllm_config, FAMILY)
+        self._orders: dict[tuple, torch.Tensor] = {}  # packed order per (image size, crops, patches): a request
+        # stream holds few distinct sizes, and the order depends on nothing else
+
+    def packed_order(self, image_size: torch.Tensor, crops: int, per_crop: int) -> torch.Tensor:
+        """``[L]``: for each placeholder of one image, ``crop * per_crop + patch``, or -1 for a newline."""
+        key = (*(int(v) for v in image_size.tolist()), crops, per_crop)
+        if key not in self._orders:
+            self._orders[key] = self._packed_order(image_size, crops, per_crop)
+        return self._orders[key]
 
     @torch.no_grad()
-    def packed_order(self, image_size: torch.Tensor, crops: int, per_crop: int) -> torch.Tensor:
-        """``[L]``: for each placeholder of one image, ``crop * per_crop + patch``, or -1 for a newline: vLLM's
-        own packing run on an index tensor (its newline embedding set to -1 meanwhile)."""
+    def _packed_order(self, image_size: torch.Tensor, crops: int, per_crop: int) -> torch.Tensor:
+        """vLLM's own packing run on an index tensor (its newline embedding set to -1 meanwhile)."""
         index = torch.arange(crops * per_crop, dtype=torch.float32).view(crops, per_crop, 1)
         saved = self.image_newline.data
         self.image_newline.data = torch.full((1,), -1.0)
