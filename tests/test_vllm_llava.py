@@ -136,3 +136,24 @@ def test_vllm_bench_measures_stock_and_pruned_serving(tmp_path):
                for r in records)
     assert json.loads((tmp_path / "vllm-bench.json").read_text()) == records
     assert "| learnpruner | 16 |" in table(records)
+
+
+def test_tensor_parallel_ranks_select_alike(transformers_model, monkeypatch):
+    """TP=2 on the CPU backend (one core per rank): every rank runs stage 1 on the full projector input and
+    must keep the same rows, so the answer equals the transformers engine's as at TP=1."""
+    vllm.envs.disable_envs_cache()  # an earlier engine froze vLLM's environment variables
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's CPU workers bind one NUMA node each otherwise
+    llm = vllm.LLM(MODEL, dtype="float32", enforce_eager=True, max_model_len=1024, mm_processor_cache_gb=0,
+                   limit_mm_per_prompt={"image": 1}, gpu_memory_utilization=0.1, seed=0, tensor_parallel_size=2,
+                   distributed_executor_backend="mp", hf_overrides=overrides("llava", "learnpruner", 64))
+    try:
+        params = vllm.SamplingParams(max_tokens=4, temperature=0, logprobs=5)
+        out = llm.generate([{"prompt": p, "multi_modal_data": {"image": it.image}} for p, it in zip(PROMPTS, ITEMS)],
+                           params, use_tqdm=False)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    for o, (ref_toks, ref_lp) in zip(out, reference(transformers_model, "lpm-only", 64)):
+        assert list(o.outputs[0].token_ids) == ref_toks
+        for t, lp in o.outputs[0].logprobs[0].items():
+            assert abs(lp.logprob - ref_lp[t].item()) < 1e-4

@@ -32,6 +32,8 @@ def test_overrides_name_the_pruned_architecture_and_carry_the_spec():
     ({"tokens": 0}, r"tokens"),
     ({"tokens": 8, "ratio": 0.5}, r"give tokens= or ratio=, not both"),
     ({"positions": "original"}, r"only positions='contiguous'"),
+    ({"family": "qwen2_5_vl", "positions": "contiguous"}, r"original 3-D \(M-RoPE\) positions; only "
+                                                          r"positions='original'"),
     ({"diversity": 2.0}, r"diversity"),
 ])
 def test_bad_settings_are_refused_naming_the_value(kwargs, match):
@@ -75,3 +77,13 @@ def test_runner_runs_the_registered_rule_itself():
     div = Stage1Runner(Stage1Spec.check("divprune", 12), None, project=lambda x: x * 2).select(feats)
     assert div.shape == (3, 12) and torch.all(div[:, 1:] > div[:, :-1])
     assert Stage1Runner(Stage1Spec.check("divprune", 40), None, project=lambda x: x).select(feats) is None
+
+
+def test_qwen_keeps_original_positions_and_budgets_per_item():
+    ov = overrides("qwen2_5_vl", "learnpruner", 142, lpm="/some/lpm")
+    assert ov["architectures"] == ["LearnPrunerQwen2_5_VLForConditionalGeneration"]
+    spec = Stage1Spec.from_config(ov["learnpruner"], positions="original")
+    assert spec.positions == "original" and "3-D M-RoPE" in spec.describe()
+    assert [spec.kept(n) for n in (1280, 142, 60)] == [142, 142, 60]  # an item below the budget keeps all
+    assert overrides("qwen2_5_vl", "divprune", 64, positions="original")["learnpruner"]["options"] == {
+        "positions": "original"}

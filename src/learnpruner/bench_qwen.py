@@ -66,12 +66,12 @@ def qwen_config(vision: dict | None = None, text: dict | None = None, token_ids:
 
 
 def _tiny():
-    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
-    return qwen_config(
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}
+    return qwen_config(  # head size 32: the smallest vLLM's CPU attention takes
         vision=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
                     fullatt_block_indexes=[1], out_hidden_size=64),
-        text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=4096, rope_parameters=rope, bos_token_id=1,
+        text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=4096, rope_parameters=rope, bos_token_id=1,
                   eos_token_id=2, pad_token_id=0),
         token_ids=dict(image_token_id=511, video_token_id=510, vision_start_token_id=509, vision_end_token_id=508),
     )

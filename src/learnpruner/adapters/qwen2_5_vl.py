@@ -50,7 +50,7 @@ import torch
 from ..engine.layout import VisualFeatures
 from .base import Adapter
 
-__all__ = ["Qwen2_5_VLAdapter", "ROPE_DELTAS_ATTR"]
+__all__ = ["Qwen2_5_VLAdapter", "ROPE_DELTAS_ATTR", "merge_rows", "grid_offsets", "grid_extent"]
 
 ROPE_DELTAS_ATTR = "_learnpruner_rope_deltas"  # on the cache: [b, 1] rope_deltas of the unpruned prompt
 
@@ -77,6 +77,33 @@ def _merger_input(visual):
             del merger.forward
         else:
             merger.forward = saved
+
+
+def merge_rows(merger, features: torch.Tensor) -> torch.Tensor:
+    """The tower's ``PatchMerger`` on grouped rows (:func:`_merger_input`'s output, all or some of them):
+    ``[..., 4 * hidden] -> [..., out_hidden]``, ``ln_q`` per patch and then the MLP. Works on transformers' merger
+    and on vLLM's (same parts: ``ln_q``, ``mlp``, ``hidden_size``)."""
+    lead = features.shape[:-1]
+    x = merger.ln_q(features.reshape(-1, merger.ln_q.weight.shape[-1]))
+    return merger.mlp(x.reshape(-1, merger.hidden_size)).reshape(*lead, -1)
+
+
+def grid_offsets(index: torch.Tensor, grid: tuple[int, int, int], t_factor: float = 1.0) -> torch.Tensor:
+    """``[3, k]``: the M-RoPE position of each token ``index`` (raster order, frame group by frame group) of an
+    item with LLM grid ``grid`` = ``(t, h, w)`` (after the 2x2 merge), relative to the item's first position:
+    ``(floor(t_i * t_factor), h_i, w_i)``, as ``get_rope_index`` numbers them (``t_factor``: a video's
+    ``second_per_grid_t * tokens_per_second``; 1 for images)."""
+    _, h, w = grid
+    t_i = torch.div(index, h * w, rounding_mode="floor")
+    h_i = torch.div(index, w, rounding_mode="floor") % h
+    return torch.stack([(t_i.double() * t_factor).long(), h_i, index % w])
+
+
+def grid_extent(grid: tuple[int, int, int], t_factor: float = 1.0) -> int:
+    """How many positions an item of LLM grid ``(t, h, w)`` takes: its largest offset + 1 (the text after it
+    starts there)."""
+    t, h, w = grid
+    return max(int((t - 1) * t_factor), h - 1, w - 1) + 1
 
 
 class Qwen2_5_VLAdapter(Adapter):
@@ -203,10 +230,7 @@ class Qwen2_5_VLAdapter(Adapter):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The merger on (kept) rows: ``[..., 4 * hidden] -> [..., out_hidden]`` (``ln_q`` per patch, then the MLP)."""
-        merger = self._visual.merger
-        lead = features.shape[:-1]
-        x = merger.ln_q(features.reshape(-1, features.shape[-1] // self._visual.spatial_merge_unit))
-        return merger.mlp(x.reshape(-1, merger.hidden_size)).reshape(*lead, -1)
+        return merge_rows(self._visual.merger, features)
 
     # --- positions ------------------------------------------------------------------------------------
     def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor | None:

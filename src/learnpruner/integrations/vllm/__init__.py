@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["register", "overrides", "ARCHITECTURES", "TESTED_VLLM"]
+__all__ = ["register", "overrides", "model_class", "ARCHITECTURES", "POSITIONS", "TESTED_VLLM"]
 
 # family -> (vLLM's architecture, the pruned one, the module holding it)
 ARCHITECTURES = {
     "llava": ("LlavaForConditionalGeneration", "LearnPrunerLlavaForConditionalGeneration", "llava:PrunedLlava"),
     "llava_next": ("LlavaNextForConditionalGeneration", "LearnPrunerLlavaNextForConditionalGeneration",
                    "llava_next:PrunedLlavaNext"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "LearnPrunerQwen2_5_VLForConditionalGeneration",
+                   "qwen2_5_vl:PrunedQwen2_5_VL"),
 }
+# how each family's vLLM model numbers the kept tokens: LLaVA's 1-D positions run on over the shortened prompt;
+# M-RoPE families keep the kept tokens' original 3-D positions (as the transformers engine does)
+POSITIONS = {"llava": "contiguous", "llava_next": "contiguous", "qwen2_5_vl": "original"}
 TESTED_VLLM = ("0.32.",)  # the plugin uses private vLLM interfaces: the versions it is tested on
 
 
@@ -49,6 +54,14 @@ def register() -> None:
             ModelRegistry.register_model(arch, f"{__name__}.{target}")
 
 
+def model_class(family: str):
+    """The pruned vLLM model class of ``family`` (imports vLLM)."""
+    import importlib
+
+    module, name = ARCHITECTURES[family][2].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
 def overrides(family: str, method: str = "learnpruner", tokens: int | None = None, *, ratio: float | None = None,
               as_json: bool = False, **options) -> dict | str:
     """The ``hf_overrides`` that serve a ``family`` model ("llava", ...) with ``method`` at a budget of
@@ -59,7 +72,7 @@ def overrides(family: str, method: str = "learnpruner", tokens: int | None = Non
 
     if family not in ARCHITECTURES:
         raise ValueError(f"family {family!r} has no vLLM integration; accepted: {', '.join(ARCHITECTURES)}")
-    spec = Stage1Spec.check(method, tokens, ratio, options)
+    spec = Stage1Spec.check(method, tokens, ratio, options, positions=POSITIONS[family])
     entry = {"method": spec.method, "tokens": spec.tokens, "ratio": spec.ratio, "options": spec.options}
     result = {"architectures": [ARCHITECTURES[family][1]], CONFIG_KEY: entry}
     return json.dumps(result) if as_json else result

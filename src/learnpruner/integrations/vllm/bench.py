@@ -8,10 +8,11 @@ engine (``vllm.LLM``) starts once, then:
 - throughput: ``--requests`` requests submitted together (continuous batching), ``--new-tokens`` each, as
   requests per second and generated tokens per second.
 
-``--model`` takes a LLaVA-1.5 folder (``shapes-tiny``: ShapesVQA images and questions); ``--arch llava-1.5-7b``
-writes a folder holding that architecture's config and the testbed's processor, and vLLM runs it with random
-weights (``load_format="dummy"``: nothing to download; the speed is the architecture's). Results go to
-``OUT/vllm-bench.json`` with the card they were measured on.
+``--model`` takes a LLaVA-1.5 or Qwen2.5-VL folder (``shapes-tiny``: ShapesVQA images and questions);
+``--arch llava-1.5-7b`` (or ``qwen2.5-vl-7b``, ...) writes a folder holding that architecture's config and the
+testbed's processor, and vLLM runs it with random weights (``load_format="dummy"``: nothing to download; the speed
+is the architecture's) on ShapesVQA images resized to the architecture's bench image (896x1120 px, 1280 tokens, on
+Qwen2.5-VL). Results go to ``OUT/vllm-bench.json`` with the card they were measured on.
 """
 
 from __future__ import annotations
@@ -28,32 +29,46 @@ from ...commands import command
 __all__ = ["run_vllm_bench"]
 
 
-def _arch_folder(arch: str, out: Path) -> Path:
-    """A model folder for ``arch`` (config, word-level tokenizer and 336 px processor; no weights)."""
+def _arch_folder(arch: str, out: Path) -> tuple[Path, str]:
+    """A model folder for ``arch`` (config, word-level tokenizer and processor; no weights) and its family."""
     from ...bench import arch_config
-    from ...testbed.model import build_processor
+    from ...testbed.model import build_processor, build_qwen_processor, qwen_token_ids
+    from . import ARCHITECTURES
 
     config = arch_config(arch)
-    if type(config).__name__ != "LlavaConfig":
-        raise ValueError(f"--arch {arch!r}: the vLLM integration serves LLaVA-1.5 architectures so far")
+    family = config.model_type
+    if family not in ARCHITECTURES or family == "llava_next":
+        raise ValueError(f"--arch {arch!r}: vllm-bench runs LLaVA-1.5 and Qwen2.5-VL architectures")
     folder = out / f"arch-{arch}"
-    processor = build_processor()
-    size, patch = config.vision_config.image_size, config.vision_config.patch_size
-    processor.image_processor.size = {"shortest_edge": size}
-    processor.image_processor.crop_size = {"height": size, "width": size}
-    processor.patch_size = patch
-    config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
-    config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
+    if family == "llava":
+        processor = build_processor()
+        size, patch = config.vision_config.image_size, config.vision_config.patch_size
+        processor.image_processor.size = {"shortest_edge": size}
+        processor.image_processor.crop_size = {"height": size, "width": size}
+        processor.patch_size = patch
+        config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+        text = config.text_config
+    else:
+        processor = build_qwen_processor()
+        for key, value in qwen_token_ids(processor.tokenizer).items():
+            setattr(config, key, value)
+        text = config.text_config
+    text.vocab_size = max(text.vocab_size, len(processor.tokenizer))
     config.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return folder
+    return folder, family
 
 
-def _requests(n: int, seed: int = 0) -> list[dict]:
+def _requests(n: int, family: str, size: tuple[int, int] | None = None, seed: int = 0) -> list[dict]:
+    """``n`` ShapesVQA questions with their images (resized to ``size`` (h, w) px if given), in the prompt form
+    of ``family``'s vLLM model (its own image placeholder)."""
     from ...testbed.shapes import generate_item
+    from . import model_class
 
+    placeholder = model_class(family).get_placeholder_str("image", 1)
     items = [generate_item("test", seed + i) for i in range(n)]
-    return [{"prompt": f"USER: <image>\n{it.question} ASSISTANT:", "multi_modal_data": {"image": it.image}}
+    return [{"prompt": f"USER: {placeholder}\n{it.question} ASSISTANT:",
+             "multi_modal_data": {"image": it.image if size is None else it.image.resize(size[::-1])}}
             for it in items]
 
 
@@ -87,17 +102,25 @@ def run_vllm_bench(model: str | None, arch: str | None, settings: list[tuple[str
     cuda = torch.cuda.is_available()  # on a GPU: bfloat16 and vLLM's CUDA graphs; on a CPU: float32, eager
     kwargs = {"dtype": "bfloat16" if cuda else "float32", "enforce_eager": not cuda, "mm_processor_cache_gb": 0,
               "limit_mm_per_prompt": {"image": 1}, **(engine_kwargs or {})}
+    size = None
     if arch is not None:
-        path, kwargs["load_format"] = str(_arch_folder(arch, out)), "dummy"
+        from ...bench import arch_adapter
+
+        folder, family = _arch_folder(arch, out)
+        path, kwargs["load_format"] = str(folder), "dummy"
+        size = arch_adapter(arch).image_geometry().size  # the architecture's bench image (1280 tokens on Qwen)
     else:
         path = resolve(model)
-    stream, single = _requests(requests), _requests(repeats, seed=requests)
+        from ...hub import load_config
+
+        family = load_config(path).model_type
+    stream, single = _requests(requests, family, size), _requests(repeats, family, size, seed=requests)
     records = []
     for method, tokens in settings:
         options = {}
         if Stage1Spec.check(method, tokens).needs_lpm() and (lpm or arch):
             options["lpm"] = lpm or "random"
-        llm = vllm.LLM(path, hf_overrides=overrides("llava", method, tokens, **options), **kwargs)
+        llm = vllm.LLM(path, hf_overrides=overrides(family, method, tokens, **options), **kwargs)
         first = vllm.SamplingParams(max_tokens=1, temperature=0)
         llm.generate(single[:1], first, use_tqdm=False)  # warm-up
         ttft = []
@@ -142,8 +165,9 @@ def table(records: list[dict]) -> str:
 
 def _args(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="a LLaVA-1.5 folder or built-in name (shapes-tiny)")
-    what.add_argument("--arch", help="llava-1.5-7b, llava-1.5-13b, llava-mid: that architecture, random weights")
+    what.add_argument("--model", help="a LLaVA-1.5 or Qwen2.5-VL folder, or a built-in name (shapes-tiny)")
+    what.add_argument("--arch", help="llava-1.5-7b, llava-1.5-13b, llava-mid, qwen2.5-vl-7b, qwen2.5-vl-mid: that "
+                      "architecture, random weights")
     p.add_argument("--methods", default="none,learnpruner,divprune", help="comma-separated stage-1 methods")
     p.add_argument("--tokens", default="64,32", help="comma-separated budgets (visual tokens per image)")
     p.add_argument("--requests", type=int, default=32, help="requests in the throughput stream")
@@ -167,7 +191,7 @@ def _vllm_bench(args: argparse.Namespace) -> int:
     settings = [("none", None)] if "none" in methods else []
     settings += [(m, t) for m in methods if m != "none" for t in budgets]
     for m, t in settings:
-        overrides("llava", m, t)  # every setting checked before the first engine starts
+        overrides("llava", m, t)  # every setting checked (alike for every family) before the first engine starts
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     records = run_vllm_bench(args.model, args.arch, settings, args.requests, args.new_tokens, args.repeats, args.out,
                              lpm=args.lpm)

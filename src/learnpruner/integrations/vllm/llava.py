@@ -23,18 +23,10 @@ from vllm.model_executor.models.llava import (
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .stage1 import CONFIG_KEY, Stage1Runner, Stage1Spec
+from .stage1 import attach, select_kept, spec_of
 
 FAMILY = "llava"  # the LPM family (as learnpruner.adapters names it)
 ARCHITECTURE = "LearnPrunerLlavaForConditionalGeneration"
-
-
-def _spec(config) -> Stage1Spec:
-    spec = Stage1Spec.from_config(getattr(config, CONFIG_KEY, None))
-    if spec is None:
-        raise ValueError(f"learnpruner's vLLM architectures need hf_overrides[{CONFIG_KEY!r}] "
-                         "(learnpruner.integrations.vllm.overrides builds it)")
-    return spec
 
 
 class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
@@ -42,7 +34,7 @@ class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return _spec(self.get_hf_config()).kept(n)
+        return spec_of(self.get_hf_config()).kept(n)
 
 
 # transformers 5 saves the CLIP tower without its ``vision_model`` level; vLLM 0.32's loaders expect it
@@ -53,19 +45,11 @@ CLIP_LAYOUT = WeightsMapper(
 def stage1_for(model, vllm_config, family: str) -> None:
     """Give a vLLM LLaVA-like ``model`` its checked spec (``model.learnpruner``) and stage-1 runner."""
     config = vllm_config.model_config.hf_config
-    model.learnpruner = _spec(config)
+    spec = spec_of(config)
     layer = config.vision_feature_layer
     width = config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
-    lpm = model.learnpruner.load_lpm(vllm_config.model_config.model, family, width, layer)
-    model._stage1 = Stage1Runner(model.learnpruner, lpm, model.multi_modal_projector)
-    model.__dict__["_lpm"] = lpm  # not a submodule: vLLM's weight loading and checks never see it
-
-
-def select_kept(model, features: torch.Tensor) -> torch.Tensor | None:
-    """``[g, k]``: stage 1's kept indices of ``features`` (``[g, n, d]``, one image each), None to keep all."""
-    if model._lpm is not None:
-        model._lpm.to(features.device, features.dtype)
-    return model._stage1.select(features)
+    lpm = spec.load_lpm(vllm_config.model_config.model, family, width, layer)
+    attach(model, spec, lpm, model.multi_modal_projector)
 
 
 def select_rows(model, features: torch.Tensor) -> torch.Tensor:

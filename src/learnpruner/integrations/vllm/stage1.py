@@ -25,7 +25,7 @@ from ...lpm import LearnablePruningModule
 from ...methods import get_method
 from ...rules import STAGE1_RULES, VisionContext
 
-__all__ = ["Stage1Spec", "STAGE1_ONLY", "CONFIG_KEY"]
+__all__ = ["Stage1Spec", "Stage1Runner", "STAGE1_ONLY", "CONFIG_KEY", "spec_of", "attach", "select_kept"]
 
 CONFIG_KEY = "learnpruner"  # the key of hf_overrides (and so of the HF config) holding the spec
 # what a method runs as in vLLM, where it differs from its name
@@ -58,10 +58,12 @@ class Stage1Spec:
     tokens: int | None
     ratio: float | None
     options: dict = field(default_factory=dict)
+    positions: str = "contiguous"
 
     @classmethod
-    def from_config(cls, spec: dict | None) -> Stage1Spec | None:
-        """The spec in an HF config's ``learnpruner`` entry (from ``hf_overrides``), checked; None when absent."""
+    def from_config(cls, spec: dict | None, positions: str = "contiguous") -> Stage1Spec | None:
+        """The spec in an HF config's ``learnpruner`` entry (from ``hf_overrides``), checked; None when absent.
+        ``positions``: how the family's vLLM model numbers the kept tokens (see :meth:`check`)."""
         if spec is None:
             return None
         if not isinstance(spec, dict):
@@ -72,12 +74,15 @@ class Stage1Spec:
         if unknown:
             raise ValueError(f"hf_overrides[{CONFIG_KEY!r}] has unknown keys {unknown}; accepted: {sorted(known)}")
         return cls.check(spec.get("method", "learnpruner"), spec.get("tokens"), spec.get("ratio"),
-                         dict(spec.get("options") or {}))
+                         dict(spec.get("options") or {}), positions=positions)
 
     @classmethod
     def check(cls, method: str, tokens: int | None = None, ratio: float | None = None,
-              options: dict | None = None) -> Stage1Spec:
-        """Validate as :func:`learnpruner.apply` does, plus what vLLM cannot run; ``ValueError`` naming it."""
+              options: dict | None = None, positions: str = "contiguous") -> Stage1Spec:
+        """Validate as :func:`learnpruner.apply` does, plus what vLLM cannot run; ``ValueError`` naming it.
+        ``positions`` is the family's numbering in vLLM: ``"contiguous"`` (LLaVA: vLLM numbers the kept tokens
+        one after another) or ``"original"`` (M-RoPE families: the kept tokens keep their 3-D positions); a
+        ``positions`` option must name it."""
         options = dict(options or {})
         m = get_method(method)
         runs_as = STAGE1_ONLY.get(m.name, m.name)
@@ -102,16 +107,18 @@ class Stage1Spec:
             raise ValueError("cdpruner's text relevance (text_model=, fallback='instruction') reads the prompt, "
                              "which vLLM's image embedding step does not see; in vLLM cdpruner runs with "
                              "fallback='uniform' (the DPP on similarity alone)")
-        if options.get("positions") not in (None, "contiguous"):
-            raise ValueError(f"positions={options['positions']!r}: vLLM numbers the kept tokens' positions "
-                             "contiguously; only positions='contiguous' is available")
+        if options.get("positions") not in (None, positions):
+            how = ("numbers the kept tokens one after another" if positions == "contiguous" else
+                   "keeps the kept tokens' original 3-D (M-RoPE) positions")
+            raise ValueError(f"positions={options['positions']!r}: for this family vLLM {how}; only "
+                             f"positions={positions!r} is available")
         lpm = options.pop("lpm", None)
         rm.check_options(options)
         n = 576  # any count: stage-1 schedules read only the budget (checked again per image)
         rm.schedule(tokens_for(n, tokens, ratio), n, 2, options)
         if lpm is not None:
             options["lpm"] = lpm if lpm == "random" else os.fspath(lpm)
-        return cls(m.name, runs_as, tokens, ratio, options)
+        return cls(m.name, runs_as, tokens, ratio, options, positions)
 
     # --- per image -----------------------------------------------------------------------------------
     def kept(self, n: int) -> int:
@@ -155,8 +162,9 @@ class Stage1Spec:
     def describe(self) -> str:
         budget = f"tokens={self.tokens}" if self.ratio is None else f"ratio={self.ratio}"
         runs = f" (runs as {self.runs_as}: stage 1 only)" if self.runs_as != self.method else ""
-        return (f"learnpruner {self.method}{runs}, {budget} visual tokens per image in every layer; "
-                "positions contiguous (vLLM's)")
+        where = ("contiguous (vLLM's numbering)" if self.positions == "contiguous" else
+                 "original (kept tokens keep their 3-D M-RoPE positions)")
+        return f"learnpruner {self.method}{runs}, {budget} visual tokens per item in every layer; positions {where}"
 
 
 class Stage1Runner:
@@ -197,3 +205,27 @@ def supported_methods() -> list[str]:
         if m.stage2 is None and (m.stage1 is not None or m.name == "none") and not m.needs_cls:
             out.append(name)
     return out
+
+
+def spec_of(config, positions: str = "contiguous") -> Stage1Spec:
+    """The checked spec of a served model's HF ``config`` (its ``learnpruner`` entry, from ``hf_overrides``)."""
+    spec = Stage1Spec.from_config(getattr(config, CONFIG_KEY, None), positions=positions)
+    if spec is None:
+        raise ValueError(f"learnpruner's vLLM architectures need hf_overrides[{CONFIG_KEY!r}] "
+                         "(learnpruner.integrations.vllm.overrides builds it)")
+    return spec
+
+
+def attach(model, spec: Stage1Spec, lpm: LearnablePruningModule | None, project) -> None:
+    """Give a vLLM ``model`` its spec (``model.learnpruner``) and a stage-1 runner; ``project`` maps kept
+    feature rows to LLM embeddings (the rules that read projected tokens call it)."""
+    model.learnpruner = spec
+    model._stage1 = Stage1Runner(spec, lpm, project)
+    model.__dict__["_lpm"] = lpm  # not a submodule: vLLM's weight loading and checks never see it
+
+
+def select_kept(model, features: torch.Tensor) -> torch.Tensor | None:
+    """``[g, k]``: stage 1's kept indices of ``features`` (``[g, n, d]``, one item each), None to keep all."""
+    if model._lpm is not None:
+        model._lpm.to(features.device, features.dtype)
+    return model._stage1.select(features)

@@ -1,0 +1,205 @@
+"""Qwen2.5-VL in vLLM with learnpruner's stage 1 (vLLM's ``Qwen2_5_VLForConditionalGeneration``, subclassed).
+
+Images and videos, each one item with its own budget (``tokens=`` per image and per video, or ``ratio=`` of its
+own count). What changes:
+
+* **Placeholders.** The processor emits each item's kept count of ``<|image_pad|>`` / ``<|video_pad|>``, so vLLM
+  schedules, caches and bills that many tokens.
+* **Stage 1.** The tower runs with its merger swapped for the grouping alone (the transformers adapter's own
+  helper), the package's stage-1 rule picks each item's kept rows on the merger's input, and the merger runs on
+  the kept rows only (:func:`learnpruner.adapters.qwen2_5_vl.merge_rows`).
+* **Positions.** The kept tokens keep their original 3-D M-RoPE positions, and the text after an item starts
+  where it would after the unpruned item, as in the transformers engine. vLLM numbers a prompt before its
+  images are encoded, when the kept tokens are not known yet: :meth:`get_mrope_input_positions` numbers the
+  text exactly and gives every visual row its item's first position; the encoder appends each kept token's
+  offset within its item (``(t, h, w)``, 6 channels, each offset split into two bytes so it is exact in
+  bfloat16) to its embedding; :meth:`embed_input_ids` strips those channels and :meth:`forward` adds the
+  offsets to the visual rows it is given. This is vLLM's own device for pruned M-RoPE models (its EVS appends
+  positions to the embeddings the same way) without the model runner's pruning switch, which vLLM's CPU runner
+  never turns on; it does not depend on the runner, the batch or the rank.
+
+Not served: precomputed image or video embeddings (nothing to prune from), EVS (``video_pruning_rate``) on top
+of a learnpruner budget, the encoder's data-parallel mode and encoder CUDA graphs (both bypass this embedding
+step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+
+from ...adapters.qwen2_5_vl import _merger_input, grid_extent, grid_offsets, merge_rows
+from . import POSITIONS
+from .stage1 import attach, select_kept, spec_of
+
+FAMILY = "qwen2_5_vl"
+ARCHITECTURE = "LearnPrunerQwen2_5_VLForConditionalGeneration"
+OFFSET_CHANNELS = 6  # (t, h, w) offsets, each as (high byte, low byte): exact in bfloat16 up to 65535
+_BYTE = 256
+
+
+def _spec(config):
+    return spec_of(config, positions=POSITIONS[FAMILY])
+
+
+def encode_offsets(offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[k, 6]`` channels carrying ``offsets`` (``[3, k]``, non-negative integers below 65536) exactly in
+    ``dtype``: each offset as its high and low byte."""
+    if offsets.numel() and int(offsets.max()) >= _BYTE * _BYTE:
+        raise ValueError(f"an M-RoPE offset of {int(offsets.max())} does not fit the 16 bits the vLLM plugin "
+                         "carries per offset")
+    parts = torch.stack([torch.div(offsets, _BYTE, rounding_mode="floor"), offsets % _BYTE], dim=1)  # [3, 2, k]
+    return parts.reshape(OFFSET_CHANNELS, -1).T.to(dtype)
+
+
+def decode_offsets(channels: torch.Tensor) -> torch.Tensor:
+    """``[3, k]`` offsets from :func:`encode_offsets`' channels (``[k, 6]``)."""
+    parts = channels.float().round().long().T.reshape(3, 2, -1)
+    return parts[:, 0] * _BYTE + parts[:, 1]
+
+
+class PrunedQwenProcessingInfo(Qwen2_5_VLProcessingInfo):
+    """Each image's and each video's placeholders: the tokens it keeps."""
+
+    def get_num_image_tokens(self, **kwargs) -> int:
+        return _spec(self.get_hf_config()).kept(super().get_num_image_tokens(**kwargs))
+
+    def get_num_video_tokens(self, **kwargs) -> int:
+        return _spec(self.get_hf_config()).kept(super().get_num_video_tokens(**kwargs))
+
+    def _get_max_video_frames(self, max_tokens: int, start_num_frames: int = 1) -> int:
+        """The most frames whose UNPRUNED tokens fit ``max_tokens`` (a kept count may stay constant as frames
+        grow, so the search runs on the tower's own count: the profiled encoder work is the unpruned one)."""
+        width, height = self.get_image_size_with_most_features()
+        processor = self.get_image_processor()
+        frames = start_num_frames
+        while Qwen2_5_VLProcessingInfo.get_num_video_tokens(
+                self, image_width=width, image_height=height, num_frames=frames + 1, image_processor=processor,
+                mm_kwargs={}) <= max_tokens:
+            frames += 1
+        return frames
+
+
+class PrunedQwenProcessor(Qwen2_5_VLMultiModalProcessor):
+    """Qwen's prompt updates with each item's placeholder run cut to its kept count."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:
+        if (self.info.ctx.get_mm_config().video_pruning_rate or 0) > 0:
+            raise ValueError("video_pruning_rate (vLLM's EVS) and a learnpruner budget both prune videos: use one")
+        spec = _spec(self.info.get_hf_config())
+        updates = []
+        for update in super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            def kept(item_idx: int, _full=update.replacement) -> list[int]:
+                full = _full(item_idx)
+                return full[:spec.kept(len(full))]
+
+            updates.append(PromptReplacement(modality=update.modality, target=update.target, replacement=kept))
+        return updates
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedQwenProcessor, info=PrunedQwenProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with learnpruner's stage 1 between the vision blocks and the merger."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.is_multimodal_pruning_enabled:
+            raise ValueError("video_pruning_rate (vLLM's EVS) and a learnpruner budget both prune videos: use one")
+        if self.use_data_parallel:
+            raise ValueError("mm_encoder_tp_mode='data' runs the vision tower outside learnpruner's stage 1; "
+                             "serve with the default mm_encoder_tp_mode")
+        if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+            raise ValueError("cudagraph_mm_encoder replays the vision tower outside learnpruner's stage 1; "
+                             "serve without it")
+        config = vllm_config.model_config.hf_config
+        spec = _spec(config)
+        vc = config.vision_config
+        lpm = spec.load_lpm(vllm_config.model_config.model, FAMILY, vc.hidden_size * vc.spatial_merge_size ** 2, -1)
+        attach(self, spec, lpm, lambda rows: merge_rows(self.visual.merger, rows))
+        self._pending_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- the encoder: stage 1 on the merger's input, offsets appended -------------------------------------------
+    def _pruned(self, pixels: torch.Tensor, grid_thw: torch.Tensor, t_factors: list[float]) -> tuple[torch.Tensor, ...]:
+        grids = grid_thw.tolist()
+        with _merger_input(self.visual):
+            rows = self.visual(pixels, grid_thw=grids)  # [N / 4, 4 * hidden], raster order
+        merge = self.visual.spatial_merge_size
+        sizes = (grid_thw.prod(-1) // merge ** 2).tolist()
+        out = []
+        for features, (t, h, w), factor in zip(rows.split(sizes), grids, t_factors):
+            kept = select_kept(self, features[None])
+            index = (torch.arange(features.shape[0], device=features.device) if kept is None
+                     else kept[0].to(features.device))
+            embeds = merge_rows(self.visual.merger, features[index])
+            offsets = grid_offsets(index, (t, h // merge, w // merge), factor)
+            out.append(torch.cat([embeds, encode_offsets(offsets, embeds.dtype)], dim=1))
+        return tuple(out)
+
+    def _process_image_input(self, image_input) -> tuple[torch.Tensor, ...]:
+        if image_input["type"] == "image_embeds":
+            raise ValueError("learnpruner prunes pixels, not precomputed image embeddings")
+        grid = image_input["image_grid_thw"]
+        return self._pruned(image_input["pixel_values"], grid, [1.0] * grid.shape[0])
+
+    def _process_video_input(self, video_input) -> tuple[torch.Tensor, ...]:
+        if video_input["type"] == "video_embeds":
+            raise ValueError("learnpruner prunes pixels, not precomputed video embeddings")
+        grid = video_input["video_grid_thw"]
+        return self._pruned(video_input["pixel_values_videos"], grid, self._t_factors(
+            video_input.get("second_per_grid_ts"), grid.shape[0]))
+
+    def _t_factors(self, seconds, count: int) -> list[float]:
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        if seconds is None:
+            return [float(per_second)] * count
+        return [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()]
+
+    # --- positions ----------------------------------------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        """``[3, len(input_tokens)]`` positions of the pruned prompt: its text exactly as in the unpruned prompt,
+        each visual row its item's first position (:meth:`forward` adds the kept token's offset); and the
+        ``mrope_position_delta`` decode steps continue with (the unpruned prompt's)."""
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        parts, start, nxt = [], 0, 0
+        for offset, t, h, w, factor in self.iter_mm_grid_thw(features):
+            kept = self.learnpruner.kept(t * h * w)
+            text = offset - start
+            parts += [torch.arange(text).expand(3, text) + nxt, torch.full((3, kept), nxt + text)]
+            nxt += text + grid_extent((t, h, w), factor)
+            start = offset + kept
+        tail = len(input_tokens) - start
+        parts.append(torch.arange(tail).expand(3, tail) + nxt)
+        positions = torch.cat(parts, dim=1).long()
+        return positions, nxt + tail - len(input_tokens)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        """The LLM's input embeddings, the encoder's offset channels stripped and kept for :meth:`forward`."""
+        self._pending_offsets = None
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        embeds = [e[:, :-OFFSET_CHANNELS] for e in multimodal_embeddings]
+        offsets = decode_offsets(torch.cat([e[:, -OFFSET_CHANNELS:] for e in multimodal_embeddings]))
+        rows = torch.nonzero(is_multimodal.flatten()).flatten()
+        if rows.numel() != offsets.shape[1]:
+            raise RuntimeError(f"{rows.numel()} visual rows for {offsets.shape[1]} visual embeddings")
+        self._pending_offsets = (rows, offsets.to(rows.device))
+        return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        pending, self._pending_offsets = self._pending_offsets, None
+        if pending is not None and positions.dim() == 2:
+            rows, offsets = pending
+            # in place: ``positions`` is this step's slice of the runner's buffer, rebuilt every step from the
+            # request's own positions; a copy would move the input of captured (piecewise) CUDA graphs
+            positions[:, rows] += offsets.to(positions.device, positions.dtype)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
