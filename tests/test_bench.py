@@ -376,7 +376,7 @@ def test_bench_runs_on_a_tiny_qwen_arch():
 
 
 def test_bench_measures_a_qwen_video_item():
-    from learnpruner import bench_qwen as bq
+    from learnpruner.adapters import qwen2_5_vl_bench as bq
     from learnpruner.budget import Schedule
 
     records = bench.run_bench(arch="qwen2.5-vl-tiny", methods="none,learnpruner", tokens="114", batch_sizes="1",

@@ -59,10 +59,10 @@ def test_eval_all_methods(capsys, tmp_path):
 def test_eval_method_options(tmp_path, capsys):
     import json
 
-    from learnpruner.cli import _option_value
+    from learnpruner.options import option_value
 
-    assert _option_value("false") is False and _option_value("2,8,16") == (2, 8, 16)
-    assert _option_value("0.5") == 0.5 and _option_value("x") == "x"
+    assert option_value("false") is False and option_value("2,8,16") == (2, 8, 16)
+    assert option_value("0.5") == 0.5 and option_value("x") == "x"
     base = ["eval", "--model", "tiny-random-llava", "--methods", "fastv", "--tokens", "96", "--limit", "1",
             "--max-new-tokens", "1", "--out"]
     # at its paper layer FastV cannot average 96 tokens in 8 layers; --option moves the drop

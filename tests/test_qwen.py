@@ -419,11 +419,11 @@ def test_images_from_the_pil_image_processor(model):
 
 
 # --------------------------------------------------------------------------------------------------
-# benchmark pieces (learnpruner.bench_qwen)
+# benchmark pieces (learnpruner.adapters.qwen2_5_vl_bench)
 
 
 def test_bench_7b_architecture_geometry_flops_and_cache_written_out():
-    from learnpruner import bench_qwen as bq
+    from learnpruner.adapters import qwen2_5_vl_bench as bq
     from learnpruner.budget import Schedule
 
     cfg = bq.qwen_config()
@@ -453,7 +453,7 @@ def test_bench_7b_architecture_geometry_flops_and_cache_written_out():
 
 
 def test_bench_tiny_window_lengths_and_flops_written_out():
-    from learnpruner import bench_qwen as bq
+    from learnpruner.adapters import qwen2_5_vl_bench as bq
 
     cfg = tiny_qwen().config  # 56 px windows (2x2 merged tokens = 16 patches), blocks 0 and 2 windowed, 1 full
     # 10x24 patches: 5x12 merged tokens -> windows of 2 rows (x2) and 1 row (x1) by 6 columns of 2
@@ -472,7 +472,7 @@ def test_bench_analytic_flops_and_kv_bytes_equal_the_measured(method):
     plus a video (window edges included); the cache after the pruned prefill holds the analytic bytes."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from learnpruner import bench_qwen as bq
+    from learnpruner.adapters import qwen2_5_vl_bench as bq
 
     model = tiny_qwen(attn="eager")
     inp = qwen_single(qwen_inputs(model, [["user :", ("video", (2, 8, 12)), "how many", ("image", (10, 24)),
@@ -502,7 +502,7 @@ def transformers_below(version: str) -> bool:
 
 
 def test_bench_adapter_helpers_and_random_inputs():
-    from learnpruner import bench_qwen as bq
+    from learnpruner.adapters import qwen2_5_vl_bench as bq
 
     model = tiny_qwen()
     ad = adapter_for(model)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_qwen import QWEN_ARCHS
+from .adapters.qwen2_5_vl_bench import QWEN_ARCHS
 from .commands import command
 from .engine.graphs import GraphCache
 from .utils import atomic_write
@@ -156,7 +156,7 @@ ARCHS = {
     "video-llava-tiny": lambda: _video_llava(_clip(64, 2, 4, 128, image_size=56),
                                              _llama(128, 8, 4, 256, vocab=512, kv_heads=2), 510, 511),
 }
-ARCHS.update(QWEN_ARCHS)  # qwen2.5-vl-7b / -mid / -tiny (learnpruner.bench_qwen)
+ARCHS.update(QWEN_ARCHS)  # qwen2.5-vl-7b / -mid / -tiny (learnpruner.adapters.qwen2_5_vl_bench)
 
 
 def arch_config(name: str):
@@ -521,24 +521,6 @@ def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: 
 # the benchmark
 
 
-def _parse_list(value, what: str, cast=int) -> list:
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    elif isinstance(value, int):
-        items = [value]
-    else:
-        items = list(value)
-    if not items:
-        raise ValueError(f"{what}: give at least one value")
-    out = []
-    for item in items:
-        try:
-            out.append(cast(item))
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}: {item!r} is not a valid value") from None
-    return out
-
-
 def _check_positive(values, what: str, accepted: str) -> list[int]:
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -652,13 +634,14 @@ def _check_args(model, arch, methods, tokens, batch_sizes, item=None, **counts):
     """Step 1: validate every argument before any work; ``(methods, tokens or None, batch sizes)``."""
     from .budget import check_tokens
     from .methods import get_method
+    from .options import parse_list
 
-    methods = _parse_list(methods, "methods", str)
+    methods = parse_list(methods, str, "methods")
     for name in methods:
         get_method(name)
     if tokens is not None:
-        tokens = [check_tokens(t) for t in _parse_list(tokens, "tokens", _int_like)]
-    batch_sizes = _check_positive(_parse_list(batch_sizes, "batch sizes", _int_like), "batch sizes",
+        tokens = [check_tokens(t) for t in parse_list(tokens, _int_like, "tokens")]
+    batch_sizes = _check_positive(parse_list(batch_sizes, _int_like, "batch sizes"), "batch sizes",
                                   "positive integers")
     lows = {"new_tokens": 1, "text_tokens": 2, "repeats": 1, "warmup": 0, "variants": 1}
     for what, v in counts.items():

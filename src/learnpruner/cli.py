@@ -13,59 +13,9 @@ import time
 from pathlib import Path
 
 from .commands import COMMANDS, command
+from .options import method_options, parse_list, per_method_options
 
 __all__ = ["main", "COMMANDS"]
-
-
-def _option_value(text: str):
-    """``3`` -> int, ``0.5`` -> float, ``true``/``false`` -> bool, ``2,8,16`` -> tuple of those; else text."""
-    if "," in text:
-        return tuple(_option_value(t) for t in text.split(",") if t)
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _method_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` options for ``apply`` (values parsed by :func:`_option_value`)."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--option takes KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = _option_value(value)
-    return out
-
-
-def _per_method_options(pairs: list[str], methods: list[str]) -> dict[str, dict]:
-    """``METHOD:KEY=VALUE`` pairs -> ``{method: {key: value}}``; the method must be one being evaluated."""
-    import learnpruner
-
-    out: dict[str, dict] = {}
-    for pair in pairs or []:
-        method, sep, rest = pair.partition(":")
-        if not sep or "=" not in rest:
-            raise ValueError(f"--option takes METHOD:KEY=VALUE (e.g. fastv:layer=1), got {pair!r}")
-        if method not in methods:
-            raise ValueError(f"--option {pair!r} names method {method!r}, which is not among --methods "
-                             f"({', '.join(methods)})")
-        option = _method_options([rest])
-        accepted = learnpruner.get_method(method).options
-        for key in option:
-            if key not in accepted:
-                raise ValueError(f"--option {pair!r}: {method} has no option {key!r}; accepted: "
-                                 f"{', '.join(accepted) or 'none'}")
-        try:  # the value's type and range, as apply() will check them
-            learnpruner.get_method(method).check_options(option)
-        except ValueError as e:
-            raise ValueError(f"--option {pair!r}: {e}") from None
-        out.setdefault(method, {}).update(option)
-    return out
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-    options = _method_options(args.option)
+    options = method_options(args.option)
     if args.lpm is not None:
         options["lpm"] = args.lpm
     try:  # refuse bad options before loading the model
@@ -266,7 +216,7 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     budget_range = None
     if args.budget_range is not None:
-        budget_range = tuple(_parse_list(args.budget_range, int, "--budget-range"))
+        budget_range = tuple(parse_list(args.budget_range, int, "--budget-range"))
         if len(budget_range) != 2 or not 0 < budget_range[0] <= budget_range[1]:
             raise ValueError(f"--budget-range takes LO,HI with 0 < LO <= HI, got {args.budget_range!r}")
     check_out_dir(args.out, args.resume, args.overwrite)  # refuse a used --out before loading anything
@@ -285,16 +235,6 @@ def _train(args: argparse.Namespace) -> int:
             print(f"skipped {sum(data.skipped.values())} bad record(s): {data.skipped}")
         print(f"LPM written to {args.out}")
     return 0
-
-
-def _parse_list(text: str, cast, what: str) -> list:
-    try:
-        values = [cast(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be a comma-separated list, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{what} is empty")
-    return values
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -326,10 +266,10 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, load_items, markdown_table
     from .hub import load
 
-    methods = list(learnpruner.METHODS) if args.methods == "all" else _parse_list(args.methods, str, "--methods")
+    methods = list(learnpruner.METHODS) if args.methods == "all" else parse_list(args.methods, str, "--methods")
     for m in methods:
         learnpruner.get_method(m)
-    budgets = _parse_list(args.tokens, int, "--tokens")
+    budgets = parse_list(args.tokens, int, "--tokens")
     for t in budgets:
         if t <= 0:
             raise ValueError(f"--tokens values must be positive integers, got {t}")
@@ -337,7 +277,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-    extra_opts = _per_method_options(args.option, methods)
+    extra_opts = per_method_options(args.option, methods)
     items = load_items(args.data, args.limit)
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
     lpm_methods = ("learnpruner", "lpm-only", "lpm-lpm")
@@ -378,7 +318,7 @@ def _compare(args: argparse.Namespace) -> int:
     if not (out / "preds").is_dir():
         raise FileNotFoundError(f"--out {args.out!r} holds no eval results (no preds/ folder)")
     cells = [r for r in _all_cells(out) if r.get("status") == "ok"]
-    budgets = (_parse_list(args.tokens, int, "--tokens") if args.tokens else
+    budgets = (parse_list(args.tokens, int, "--tokens") if args.tokens else
                sorted({r["tokens"] for r in cells if r["method"] != "none"}, reverse=True))
     others = [args.b] if args.b else sorted({r["method"] for r in cells} - {args.a})
     have = {(r["method"], r["tokens"]) for r in cells} | {("none", t) for r in cells if r["method"] == "none"
@@ -426,7 +366,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .hub import format_prompt, load
     from .lpm import LearnablePruningModule
 
-    tokens = _parse_list(args.tokens, int, "--tokens")
+    tokens = parse_list(args.tokens, int, "--tokens")
     if any(t <= 0 for t in tokens) or args.batch_size <= 0:
         raise ValueError(f"--tokens and --batch-size must be positive integers, got {args.tokens!r} and "
                          f"{args.batch_size}")

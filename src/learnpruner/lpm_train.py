@@ -608,7 +608,7 @@ def _targets(ad: Adapter, cfg: TrainConfig, frames: int | None = None) -> tuple[
     """The per-count targets and the largest item's token count (refused when stage 1 keeps it whole): the largest
     image, or with ``frames`` (the data has videos; None: it has none) a video of that many frames."""
     n = ad.num_visual_tokens()
-    video = frames is not None and hasattr(ad, "video_tokens")
+    video = frames is not None and ad.video_tokens(frames) is not None
     if video:
         n = max(n, ad.video_tokens(frames))
     if cfg.layer is not None and not 0 < cfg.layer < ad.text_config.num_hidden_layers:

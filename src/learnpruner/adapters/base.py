@@ -30,6 +30,8 @@ class Adapter:
     # every image has num_visual_tokens() tokens (LLaVA-1.5); False where counts follow the input's size
     uniform_token_count: bool = False
     visual_inputs: tuple[str, ...] = ("pixel_values",)
+    # forward keyword arguments that steer the vision tower (handed to ``encode`` as given, None when absent)
+    vision_options: tuple[str, ...] = ()
     media: tuple[str, ...] = ("image",)  # what a prompt may hold: "image", "video"
     mrope: bool = False  # multi-dimensional rotary positions (M-RoPE): kept tokens cannot be renumbered
 
@@ -118,6 +120,11 @@ class Adapter:
 
     def feature_dim(self) -> int:
         raise NotImplementedError
+
+    def video_tokens(self, frames: int | None = None) -> int | None:
+        """Visual tokens of a video of ``frames`` frames, where that count is fixed by the frame count alone (None:
+        the family takes no video, or a video's count follows its size too, as on Qwen2.5-VL)."""
+        return None
 
     def cls_row_in_features(self) -> bool:
         """Whether token 0 of the features is the encoder's [CLS] row (kept as a visual token)."""

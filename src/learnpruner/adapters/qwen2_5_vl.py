@@ -292,7 +292,7 @@ class Qwen2_5_VLAdapter(Adapter):
         rope = positions if deltas is None else positions + deltas.to(positions.device)
         return rope[None].expand(3, *rope.shape)
 
-    # --- benchmark helpers (learnpruner.bench; geometry and FLOPs in learnpruner.bench_qwen) ----------------
+    # --- benchmark helpers (learnpruner.bench; geometry and FLOPs in qwen2_5_vl_bench) ------------------------
     def vision_module(self):
         return self._visual
 
@@ -305,11 +305,11 @@ class Qwen2_5_VLAdapter(Adapter):
 
     def image_geometry(self, image_size=None):
         """One bench item after the processor's resize. An image of ``image_size`` ``(height, width)`` px (default
-        :data:`~learnpruner.bench_qwen.BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens.
+        :data:`~.qwen2_5_vl_bench.BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens.
         With ``bench_item("video")``, a video of ``image_size`` ``(frames, height, width)`` (default
-        :data:`~learnpruner.bench_qwen.BENCH_VIDEO`, 4 temporal groups of 256 tokens): its temporal groups are
+        :data:`~.qwen2_5_vl_bench.BENCH_VIDEO`, 4 temporal groups of 256 tokens): its temporal groups are
         the crops. No structure either way."""
-        from .. import bench_qwen as bq
+        from . import qwen2_5_vl_bench as bq
         from .base import ImageGeometry
 
         cfg = self.model.config
@@ -333,7 +333,7 @@ class Qwen2_5_VLAdapter(Adapter):
         """Forward arguments of ``batch`` random items of one size, as the processor lays them out: one row per
         patch in ``pixel_values`` and ``image_grid_thw``, or for a video ``pixel_values_videos``,
         ``video_grid_thw`` and ``second_per_grid_ts``."""
-        from .. import bench_qwen as bq
+        from . import qwen2_5_vl_bench as bq
 
         cfg = self.model.config
         if self.bench_kind == "video":
@@ -345,7 +345,7 @@ class Qwen2_5_VLAdapter(Adapter):
     def vision_flops(self, image=None) -> int:
         """The windowed tower for one bench item, every temporal group of a video (merger excluded:
         :meth:`projector_flops`)."""
-        from .. import bench_qwen as bq
+        from . import qwen2_5_vl_bench as bq
 
         image = image if image is not None else self.image_geometry()
         patch = self.model.config.vision_config.patch_size
@@ -353,6 +353,6 @@ class Qwen2_5_VLAdapter(Adapter):
         return bq.vision_flops(self.model.config, grid)
 
     def projector_flops(self, rows: int) -> int:
-        from .. import bench_qwen as bq
+        from . import qwen2_5_vl_bench as bq
 
         return bq.merger_flops(self.model.config, rows)

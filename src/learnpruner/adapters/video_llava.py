@@ -36,6 +36,7 @@ class VideoLlavaAdapter(LlavaAdapter):
     media = ("image", "video")
     pixel_inputs = ("pixel_values_images", "pixel_values_videos")
     visual_inputs = ("pixel_values_images", "pixel_values_videos")
+    vision_options = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
         cfg = self.model.config

@@ -16,7 +16,6 @@ __all__ = ["pruned_forward"]
 def pruned_forward(
     self,
     input_ids: torch.LongTensor | None = None,
-    pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
     cache=None,
@@ -25,15 +24,14 @@ def pruned_forward(
     labels: torch.LongTensor | None = None,
     use_cache: bool | None = None,
     logits_to_keep: int | torch.Tensor = 0,
-    vision_feature_layer=None,
-    vision_feature_select_strategy: str | None = None,
-    image_sizes=None,
     return_dict: bool | None = None,
     output_attentions: bool | None = None,
     output_hidden_states: bool | None = None,
     **kwargs,
 ):
-    """Forward of a model patched by :func:`learnpruner.apply`; same arguments as the original."""
+    """Forward of a model patched by :func:`learnpruner.apply`; same arguments as the original. The family's
+    visual inputs (``adapter.visual_inputs``) and vision-tower options (``adapter.vision_options``) arrive by name
+    in ``kwargs``; the rest goes to the decoder layers."""
     state: PruneState = self._learnpruner
     ad = state.adapter
     if output_attentions or output_hidden_states:
@@ -42,9 +40,9 @@ def pruned_forward(
             "different sequences); call learnpruner.remove(model) first"
         )
     kwargs.pop("mm_encoder_outputs", None)
-    explicit = {"pixel_values": pixel_values, "image_sizes": image_sizes}
-    visual = {name: explicit[name] if name in explicit else kwargs.pop(name, None) for name in ad.visual_inputs}
+    visual = {name: kwargs.pop(name, None) for name in ad.visual_inputs}
     visual = {name: value for name, value in visual.items() if value is not None}
+    vision_kwargs = {name: kwargs.pop(name, None) for name in ad.vision_options}
     has_pixels = any(visual.get(name) is not None for name in ad.pixel_inputs)
     cache = cache if cache is not None else past_key_values
     cfg = ad.text_config
@@ -68,8 +66,6 @@ def pruned_forward(
         hidden = decode(ad, segments, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs)
         final_orig = None
     else:
-        vision_kwargs = {"vision_feature_layer": vision_feature_layer,
-                         "vision_feature_select_strategy": vision_feature_select_strategy}
         hidden, final_orig = prefill(state, inputs_embeds, input_ids, visual if has_pixels else None, attention_mask,
                                      position_ids, cache, use_cache, past, vision_kwargs, kwargs)
 

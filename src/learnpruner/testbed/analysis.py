@@ -192,8 +192,8 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import _parse_list, _per_method_options
     from ..hub import load
+    from ..options import parse_list, per_method_options
 
     p = argparse.ArgumentParser(prog="python -m learnpruner.testbed.analysis", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="shapes-tiny")
@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", choices=("average", "paper", "adaptive"), default="average")
     p.add_argument("--out", default="runs/analysis")
     args = p.parse_args(argv)
-    methods = _parse_list(args.methods, str, "--methods")
-    tokens = _parse_list(args.tokens, int, "--tokens")
-    opts = _per_method_options(args.option, methods)
+    methods = parse_list(args.methods, str, "--methods")
+    tokens = parse_list(args.tokens, int, "--tokens")
+    opts = per_method_options(args.option, methods)
     for m in ("learnpruner", "lpm-only"):
         if m in methods and args.lpm:
             opts.setdefault(m, {})["lpm"] = args.lpm

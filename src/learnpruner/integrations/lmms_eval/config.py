@@ -26,8 +26,8 @@ import learnpruner
 
 from ...api import DEFAULT_TOKENS
 from ...budget import check_ratio, check_tokens
-from ...cli import _option_value
 from ...hub import BUILTIN_MODELS, check_device, parse_dtype, resolve
+from ...options import option_value
 
 __all__ = ["ModelArgs", "APPLY_KEYWORDS", "parse_model_args", "parse_option", "check_model", "load_model",
            "default_device"]
@@ -77,10 +77,10 @@ def parse_option(value):
         return value
     text = value.strip()
     if len(text) >= 2 and text[0] + text[-1] in ("[]", "()"):
-        return tuple(_option_value(t.strip()) for t in text[1:-1].split(",") if t.strip())
+        return tuple(option_value(t.strip()) for t in text[1:-1].split(",") if t.strip())
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1].strip()
-    return _option_value(text)
+    return option_value(text)
 
 
 def _flag(name: str, value) -> bool:

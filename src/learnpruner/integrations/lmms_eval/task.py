@@ -20,7 +20,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from ...cli import command
+from ...commands import command
 from ...utils import atomic_write
 
 __all__ = ["write_task"]

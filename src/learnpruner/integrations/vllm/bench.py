@@ -179,10 +179,10 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 @command("vllm-bench", "vLLM serving, unpruned against pruned: time to first token and requests per second", _args)
 def _vllm_bench(args: argparse.Namespace) -> int:
-    from ...cli import _parse_list
+    from ...options import parse_list
 
-    methods = _parse_list(args.methods, str, "--methods")
-    budgets = _parse_list(args.tokens, int, "--tokens")
+    methods = parse_list(args.methods, str, "--methods")
+    budgets = parse_list(args.tokens, int, "--tokens")
     for name, value in (("requests", args.requests), ("new_tokens", args.new_tokens), ("repeats", args.repeats)):
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
