@@ -87,3 +87,32 @@ def test_shapes_tiny_full_loads_in_float32_on_cpu_answers_and_pruning_matters(tm
     acc = {r["method"]: r["accuracy"] for r in recs}
     assert acc["none"] >= 0.75, acc  # 89.0% on the full test split (its README)
     assert acc["none"] - acc["random"] >= 0.25, acc  # 51.7 points on the full test split
+
+
+@pytest.mark.skipif(not (FULL / "learnpruner-lpm" / "lpm.json").is_file(), reason="no LPM shipped")
+def test_shapes_tiny_full_ships_its_own_lpm_trained_on_it():
+    """The LPM in shapes-tiny-full's folder fits it, records the model it was trained on, and ranks foreground
+    patches (objects and characters) above background ones, as a useful stage 1 must."""
+    import json
+
+    import numpy as np
+
+    from learnpruner.adapters import adapter_for
+    from learnpruner.hub import load, model_fingerprint
+    from learnpruner.lpm import LearnablePruningModule
+    from learnpruner.testbed.shapes import load_split
+
+    model, processor = load("shapes-tiny-full")
+    meta = json.loads((FULL / "learnpruner-lpm" / "lpm.json").read_text())["extra"]
+    assert meta["trained_on"]["model"] == "shapes-tiny-full"
+    assert meta["trained_on"]["fingerprint"] == model_fingerprint(model)["fingerprint"]
+    lpm = LearnablePruningModule.load(FULL / "learnpruner-lpm").eval()
+    ad = adapter_for(model)
+    lpm.check_compatible("llava", ad.feature_dim(), ad.feature_layer())
+    items = load_split("val", 8)
+    pixels = processor.image_processor([it.image for it in items], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        prob = lpm(ad.encode(pixels).features).numpy()
+    fg = np.stack([(it.labels["kind"] > 0).reshape(-1) for it in items])
+    auroc = np.mean([(p[f][:, None] > p[~f][None, :]).mean() for p, f in zip(prob, fg)])
+    assert auroc > 0.8, auroc

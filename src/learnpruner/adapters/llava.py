@@ -18,7 +18,6 @@ from .clip import clip_features
 
 class LlavaAdapter(Adapter):
     family = "llava"
-    visual_inputs = ("pixel_values", "image_sizes")
     vision_options = ("vision_feature_layer", "vision_feature_select_strategy")
     model_classes = ("LlavaForConditionalGeneration",)
     uniform_token_count = True
