@@ -194,8 +194,9 @@ def test_fast_flag_measures_the_fast_path_and_both_baselines(tmp_path):
 
 def test_an_arch_too_large_for_the_device_fails_before_allocating(monkeypatch):
     from learnpruner import bench
+    from learnpruner.bench import archs
 
-    monkeypatch.setattr(bench, "_available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(archs, "_available_bytes", lambda device: 2**30)
     with pytest.raises(ValueError, match=r"--arch llava-1.5-7b needs 2\d\.\d GiB .* has 1.0 GiB free"):
         bench.build_arch("llava-1.5-7b", torch.float32, "cpu")
 

@@ -6,13 +6,27 @@ from torch import nn
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_bench import LLAVA_ARCHS
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen2_5_vl_bench import QWEN_ARCHS
 from .video_llava import VideoLlavaAdapter
 
-__all__ = ["Adapter", "ADAPTERS", "adapter_for", "families_of"]
+__all__ = ["Adapter", "ADAPTERS", "BENCH_ARCHS", "adapter_for", "families_of", "register_adapter"]
 
 ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter, Qwen2_5_VLAdapter, VideoLlavaAdapter]
+# the benchmark's named architectures (random weights), each family's from its own module
+BENCH_ARCHS = {**LLAVA_ARCHS, **QWEN_ARCHS}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Add a family's adapter (a subclass of :class:`Adapter`; usable as a class decorator). It is tried before
+    the built-in ones, so a subclass of a supported model class can get an adapter of its own."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise TypeError(f"register_adapter takes a subclass of learnpruner.adapters.Adapter, got {cls!r}")
+    if cls not in ADAPTERS:
+        ADAPTERS.insert(0, cls)
+    return cls
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -172,6 +172,16 @@ class Adapter:
     def output_class(self) -> type:
         raise NotImplementedError
 
+    def model_module_attr(self, *names: str):
+        """The first of ``names`` defined in the module of the model's class or of a base class (the transformers
+        modeling module, also for a subclass defined elsewhere); ``TypeError`` naming them otherwise."""
+        for cls in type(self.model).__mro__:
+            mod = sys.modules.get(cls.__module__)
+            for name in names:
+                if mod is not None and hasattr(mod, name):
+                    return getattr(mod, name)
+        raise TypeError(f"none of {', '.join(names)} is defined next to {type(self.model).__name__} or its bases")
+
     # --- benchmark helpers (learnpruner.bench) --------------------------------------------------
     def vision_module(self) -> nn.Module:
         """The module whose forward runs the vision encoder (timed with hooks on an unpatched model)."""

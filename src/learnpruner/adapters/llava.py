@@ -7,8 +7,6 @@ and kept under ``"full"``; the projector is ``model.model.multi_modal_projector`
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ..engine.layout import VisualFeatures
@@ -66,7 +64,7 @@ class LlavaAdapter(Adapter):
         return self.model.model.multi_modal_projector(features)
 
     def output_class(self) -> type:
-        return sys.modules[type(self.model).__module__].LlavaCausalLMOutputWithPast
+        return self.model_module_attr("LlavaCausalLMOutputWithPast")
 
     def graph_modules(self) -> list:
         """The CLIP tower (a plain ViT: static shapes, no host synchronisation)."""

@@ -18,8 +18,6 @@ the kept rows only. [CLS]-based rules read, for each token, the [CLS] attention 
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ..engine.layout import STRUCTURE, VisualFeatures
@@ -92,7 +90,7 @@ class LlavaNextAdapter(LlavaAdapter):
                               extras=per_image_extras, crops=crop_of, patches=patch_of)
 
     def output_class(self) -> type:
-        return sys.modules[type(self.model).__module__].LlavaNextCausalLMOutputWithPast
+        return self.model_module_attr("LlavaNextCausalLMOutputWithPast")
 
     # --- benchmark helpers ------------------------------------------------------------------------
     def largest_image_size(self) -> tuple[int, int]:

@@ -42,7 +42,6 @@ sync), and fed to the captured step as a static input next to the text positions
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 
 import torch
@@ -149,9 +148,8 @@ class Qwen2_5_VLAdapter(Adapter):
         return NOMINAL_TOKENS
 
     def output_class(self) -> type:
-        mod = sys.modules[type(self.model).__module__]
-        cls = getattr(mod, "Qwen2_5_VLCausalLMOutputWithPast", None)  # transformers < 5.18
-        return cls if cls is not None else mod.MultimodalCausalLMOutputWithPast
+        # Qwen2_5_VLCausalLMOutputWithPast before transformers 5.18
+        return self.model_module_attr("Qwen2_5_VLCausalLMOutputWithPast", "MultimodalCausalLMOutputWithPast")
 
     # --- vision -------------------------------------------------------------------------------------
     def tokens_per_item(self, grid_thw: torch.Tensor | None) -> list[int]:

@@ -17,8 +17,6 @@ feeds it to the LLM).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ..engine.layout import VisualFeatures
@@ -93,7 +91,7 @@ class VideoLlavaAdapter(LlavaAdapter):
                 for j in range(count)]
 
     def output_class(self) -> type:
-        return sys.modules[type(self.model).__module__].VideoLlavaCausalLMOutputWithPast
+        return self.model_module_attr("VideoLlavaCausalLMOutputWithPast")
 
     # --- benchmark helpers (learnpruner.bench): the bench's item is one video -------------------------
     bench_kind = "video"  # what each bench sample holds (learnpruner.bench reads it)

@@ -1,0 +1,119 @@
+"""Analytic prefill FLOPs and KV-cache bytes, and the cache bytes a forward really left."""
+
+from __future__ import annotations
+
+import torch
+
+from .archs import _adapter
+
+FLOPS_CONVENTION = (
+    "FLOPs: analytic, prefill only, 2 FLOPs per multiply-add; vision tower (patch conv + every encoder "
+    "layer, as HF runs them, on every crop of the image or frame of the video) + projector (kept rows) + LLM "
+    "(q/k/v/o, SwiGLU MLP with 3 matrices, attention scores and weighted values counted full non-causal q x kv like "
+    "FlopCounterMode counts SDPA; per layer the text tokens, the structure tokens (LLaVA-NeXT row newlines) "
+    "and the visual tokens of Schedule.per_layer()) + lm_head on the last position; selection work not "
+    "counted"
+)
+
+
+def _text_dims(tc):
+    heads = tc.num_attention_heads
+    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    return tc.hidden_size, heads, kv, hd, tc.intermediate_size
+
+
+def _image_for(ad, schedule, image):
+    image = image if image is not None else ad.image_geometry()
+    if schedule.n != image.tokens:
+        raise ValueError(f"the schedule is for {schedule.n}-token images, the image has {image.tokens} visual "
+                         f"tokens; pass image=adapter.image_geometry(image_size) for that image's size")
+    return image
+
+
+def flops_breakdown(model, schedule, batch: int, text_tokens: int, lm_head: str = "last", image=None) -> dict:
+    """Analytic prefill FLOPs by part: ``vision``, ``projector``, ``llm``, ``lm_head`` (see FLOPS_CONVENTION).
+
+    ``model``: a model, its adapter, its config or an :data:`ARCHS` name (LLaVA, LLaVA-NeXT, Video-LLaVA; configs
+    and names through a weightless meta-device model); ``schedule``: the method's
+    :class:`~learnpruner.budget.Schedule` (one image, or video, per sample); ``text_tokens``: non-image tokens per
+    sample; ``lm_head``: ``"last"`` (one position per sample, as in generate) or ``"all"`` (every
+    position of the final layer, as a plain ``model(**inputs)``); ``image``: the
+    :class:`~learnpruner.adapters.base.ImageGeometry` of the image (default: the family's largest; Video-LLaVA:
+    an 8-frame video, its frames the crops). The vision tower and projector FLOPs come from the adapter
+    (``vision_flops``, ``projector_flops``).
+    """
+    if lm_head not in ("last", "all"):
+        raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
+    ad = _adapter(model)
+    image = _image_for(ad, schedule, image)
+    h, heads, kv, hd, ffn = _text_dims(ad.text_config)
+    rows = schedule.r1 if schedule.r1 is not None else schedule.n
+    fixed = text_tokens + image.structure  # text and structure: in every layer, outside the budget
+    llm = 0
+    for v in schedule.per_layer():
+        n_tok = fixed + v
+        llm += 2 * n_tok * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * ffn)
+        llm += 4 * n_tok * n_tok * heads * hd
+    positions = 1 if lm_head == "last" else fixed + schedule.per_layer()[-1]
+    head = 2 * positions * h * ad.text_config.vocab_size
+    parts = {"vision": ad.vision_flops(image), "projector": ad.projector_flops(rows), "llm": llm, "lm_head": head}
+    return {k: batch * v for k, v in parts.items()}
+
+
+def analytic_flops(model, schedule, batch: int, text_tokens: int, lm_head: str = "last", image=None) -> int:
+    """Total analytic prefill FLOPs (sum of :func:`flops_breakdown`)."""
+    return int(sum(flops_breakdown(model, schedule, batch, text_tokens, lm_head, image).values()))
+
+
+def analytic_kv_bytes(model, schedule, batch: int, text_tokens: int, dtype=torch.bfloat16, image=None) -> int:
+    """Bytes of the KV cache after a prefill under ``schedule``: per layer keys and values of the text, structure
+    and that layer's visual tokens (what :func:`kv_cache_bytes` measures on the real cache)."""
+    ad = _adapter(model)
+    image = _image_for(ad, schedule, image)
+    _, _, kv, hd, _ = _text_dims(ad.text_config)
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * batch * kv * (text_tokens + image.structure + v) * hd * size for v in schedule.per_layer())
+
+
+def _cache_tensors(cache):
+    if cache is None:
+        return
+    if isinstance(cache, torch.Tensor):
+        yield cache
+        return
+    if isinstance(cache, (tuple, list)):
+        for item in cache:
+            yield from _cache_tensors(item)
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    yield t
+        return
+    for name in ("key_cache", "value_cache"):
+        yield from _cache_tensors(getattr(cache, name, None))
+
+
+def _output_cache(out):
+    """The cache of a model output: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    cache = out.get("cache", None)
+    return cache if cache is not None else out.get("past_key_values", None)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the key/value tensors of ``cache`` (a transformers Cache or nested tuples).
+
+    The sum of the tensors' ``nbytes`` (each tensor counted once), i.e. the size of the real tensors:
+    after a pruned prefill, layers before a drop hold more tokens than layers after it.
+    """
+    seen, total = set(), 0
+    for t in _cache_tensors(cache):
+        key = (t.data_ptr(), t.nbytes)
+        if t.numel() and key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
