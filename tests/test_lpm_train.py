@@ -13,7 +13,8 @@ from PIL import Image
 
 import learnpruner
 from learnpruner.adapters import adapter_for
-from learnpruner.lpm_train import (
+from learnpruner.testbed.model import build_model, build_processor
+from learnpruner.training import (
     GATED_ATTENTION,
     LlavaRecords,
     ShapesRecords,
@@ -28,7 +29,6 @@ from learnpruner.lpm_train import (
     step_loss,
     train_lpm,
 )
-from learnpruner.testbed.model import build_model, build_processor
 
 torch.set_num_threads(1)
 

@@ -588,7 +588,7 @@ class ImageProcessorStandIn:
 
 
 def test_lpm_trains_on_qwen_images_and_apply_uses_it(tmp_path):
-    from learnpruner.lpm_train import ShapesRecords, TrainConfig, train_lpm
+    from learnpruner.training import ShapesRecords, TrainConfig, train_lpm
 
     model, processor = tiny_qwen(layers=4), ImageProcessorStandIn()
     cfg = TrainConfig(tokens=6, steps=3, batch_size=2, lr=3e-3, warmup=1, ckpt_every=3, hidden_dim=16, mask="topk")
@@ -607,7 +607,7 @@ def test_lpm_trains_on_qwen_images_and_apply_uses_it(tmp_path):
 
 def test_training_forwards_get_the_3d_positions_of_the_prompt():
     from learnpruner.adapters import adapter_for
-    from learnpruner.lpm_train import rotary_positions
+    from learnpruner.training import rotary_positions
 
     model = tiny_qwen(layers=2)
     inp = qwen_inputs(model, [["a", ("image", (4, 6)), "b c"], [("image", (4, 4)), "d"]], padding="right")
@@ -640,8 +640,8 @@ def test_lpm_trains_on_qwen_video_records(tmp_path):
     import numpy as np
 
     from learnpruner.adapters import adapter_for
-    from learnpruner.lpm_train import LlavaRecords, TrainConfig, _collate, _encode, prompt_embeddings, train_lpm
     from learnpruner.testbed.shapes import generate_item
+    from learnpruner.training import LlavaRecords, TrainConfig, _collate, _encode, prompt_embeddings, train_lpm
     from learnpruner.video import write_video
 
     pytest.importorskip("av")

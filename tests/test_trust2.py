@@ -183,8 +183,8 @@ def test_a_rerun_with_another_dtype_or_model_weights_is_refused(tiny, tmp_path, 
 
 
 def test_train_resume_refuses_another_model_or_data(tmp_path):
-    from learnpruner.lpm_train import ShapesRecords, TrainConfig, train_lpm
     from learnpruner.testbed.model import build_model, build_processor
+    from learnpruner.training import ShapesRecords, TrainConfig, train_lpm
 
     processor = build_processor()
     cfg = TrainConfig(tokens=64, steps=4, batch_size=2, lr=3e-3, warmup=1, ckpt_every=2, hidden_dim=16, seed=0)

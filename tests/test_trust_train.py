@@ -13,9 +13,9 @@ import torch
 
 import learnpruner
 from learnpruner import cli
-from learnpruner.lpm_train import ShapesRecords, TrainConfig, iter_history, train_lpm
 from learnpruner.testbed import train as tb
 from learnpruner.testbed.model import build_model, build_processor
+from learnpruner.training import ShapesRecords, TrainConfig, iter_history, train_lpm
 from learnpruner.utils import atomic_torch_save, atomic_write, rng_state, set_rng_state
 
 torch.set_num_threads(1)
@@ -164,7 +164,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
 def test_interrupted_run_keeps_a_whole_checkpoint_and_resumes_exactly(processor, tmp_path, monkeypatch):
     """Regression check (this already held): Ctrl-C during a step or during a checkpoint write leaves the
     last whole checkpoint and no temporary file; --resume then ends with the uninterrupted run's weights."""
-    from learnpruner import lpm_train
+    from learnpruner.training import loop as lpm_train
 
     full = train_lpm(_model(processor), processor, ShapesRecords(), tmp_path / "a", _cfg(), progress=False)
     real_save, calls = torch.save, []

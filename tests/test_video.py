@@ -319,7 +319,7 @@ def test_video_records_go_through_the_chat_template_and_the_adapter(tmp_path):
     import numpy as np
 
     from learnpruner.adapters import adapter_for
-    from learnpruner.lpm_train import LlavaRecords, _collate, _encode, chat_messages, prompt_embeddings
+    from learnpruner.training import LlavaRecords, _collate, _encode, chat_messages, prompt_embeddings
 
     model, proc = _training_setup(tmp_path)
     ad = adapter_for(model)
@@ -356,7 +356,7 @@ def test_lpm_trains_on_images_and_videos_and_apply_uses_it(tmp_path):
     import json
     import math
 
-    from learnpruner.lpm_train import LlavaRecords, TrainConfig, train_lpm
+    from learnpruner.training import LlavaRecords, TrainConfig, train_lpm
 
     model, proc = _training_setup(tmp_path)
     data = LlavaRecords(tmp_path / "data.jsonl", num_frames=FRAMES)

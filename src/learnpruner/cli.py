@@ -161,7 +161,7 @@ def describe_stats(st) -> str:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from .lpm_train import TrainConfig
+    from .training import TrainConfig
 
     d = TrainConfig()
     p.add_argument("--model", required=True,
@@ -209,7 +209,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
          _train_args)
 def _train(args: argparse.Namespace) -> int:
     from .hub import load
-    from .lpm_train import LlavaRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
+    from .training import LlavaRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
 
     for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every", "max_length", "frames"):
         if getattr(args, name) <= 0:

@@ -1,0 +1,53 @@
+"""The training settings (:class:`TrainConfig`) and the names a run uses."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger("learnpruner.training")
+
+
+GATED_ATTENTION = "learnpruner_gated"
+MASKS = ("threshold", "topk")
+RUN_FILES = ("lpm.safetensors", "lpm.json", "checkpoint.pt")  # what a run writes into its out_dir
+
+
+@dataclass
+class TrainConfig:
+    """Defaults for LPM training; every weight is configurable."""
+
+    tokens: int = 64
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 20
+    ratio_weight: float = 4.0
+    mask: str = "threshold"
+    distill_weight: float = 0.0
+    stage2: bool = False  # run stage 2 (the text-attention drop in the LLM) in the training forward
+    # the stage-2 layer K of the schedules the targets follow (None: the method's default); the LPM ships it as
+    # its ``layer`` option (lpm.json ``extra["options"]``), so ``apply`` uses the K it was trained for
+    layer: int | None = None
+    hidden_dim: int = 512
+    seed: int = 0
+    ckpt_every: int = 100
+    grad_ckpt: bool = False
+    bf16: bool = False
+    max_length: int = 2048
+    # sample the training budget per step, log-uniformly in [lo, hi] (seeded by step: resumable), so one LPM
+    # ranks tokens for every budget it will be used at; None: always ``tokens``
+    budget_range: tuple[int, int] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def step_tokens(self, step: int) -> int:
+        """The training budget of optimisation step ``step``."""
+        if self.budget_range is None:
+            return self.tokens
+        lo, hi = self.budget_range
+        u = np.random.default_rng([self.seed, step]).uniform()
+        return int(round(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
