@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def always_blue(monkeypatch):
     """``evaluate`` answers "blue" to everything (no model forward) and records the ids asked."""
-    from learnpruner import evaluate as ev
+    from learnpruner import evaluation as ev
 
     asked = []
 
@@ -18,5 +18,5 @@ def always_blue(monkeypatch):
         asked.extend(it.id for it in items)
         return ["blue"] * len(items)
 
-    monkeypatch.setattr(ev, "_answer_batch", answer)
+    monkeypatch.setattr(ev.runner, "answer_batch", answer)
     return asked

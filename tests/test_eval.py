@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from learnpruner import evaluate as ev
+from learnpruner import evaluation as ev
 from learnpruner.demo import run_demo
 from learnpruner.hub import load
 from learnpruner.viz import overlay_kept, plot_accuracy
@@ -55,22 +55,22 @@ def test_eval_writes_results_and_resumes_without_recomputing(tiny, tmp_path, mon
     items = ev.load_items("shapesvqa", limit=3)
     opts = {"learnpruner": {"lpm": "random"}}
     calls = []
-    real = ev._answer_batch
-    monkeypatch.setattr(ev, "_answer_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    real = ev.runner.answer_batch
+    monkeypatch.setattr(ev.runner, "answer_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     # interrupt the run during the second batch of learnpruner@64 (its first batch is already written)
-    original = ev.learnpruner.stats
+    original = ev.runner.learnpruner.stats
 
     def stats_then_crash(m):
         if len(calls) == 4:
             raise KeyboardInterrupt
         return original(m)
 
-    monkeypatch.setattr(ev.learnpruner, "stats", stats_then_crash)
+    monkeypatch.setattr(ev.runner.learnpruner, "stats", stats_then_crash)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(model, processor, items, ["none", "learnpruner"], [64, 32], tmp_path, batch_size=2,
                     method_options=opts, progress=False)
-    assert not ev.learnpruner.is_pruned(model)
-    monkeypatch.setattr(ev.learnpruner, "stats", original)
+    assert not ev.runner.learnpruner.is_pruned(model)
+    monkeypatch.setattr(ev.runner.learnpruner, "stats", original)
     before = (tmp_path / "preds" / "none@64.jsonl").read_text()
     partial = (tmp_path / "preds" / "learnpruner@64.jsonl").read_text().splitlines()
     assert len(partial) == 2
@@ -149,8 +149,8 @@ def test_noop_budgets_reuse_the_reference_predictions(tiny, tmp_path, monkeypatc
     model, processor = tiny
     items = ev.load_items("shapesvqa", limit=2)
     calls = []
-    real = ev._answer_batch
-    monkeypatch.setattr(ev, "_answer_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    real = ev.runner.answer_batch
+    monkeypatch.setattr(ev.runner, "answer_batch", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     recs = ev.evaluate(model, processor, items, ["random", "none"], [576, 64], tmp_path, progress=False)
     assert calls == [2, 2]  # none@576 and random@64; random@576 keeps every token and reuses none's answers
     cell = next(r for r in recs if r["method"] == "random" and r["tokens"] == 576)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from learnpruner import evaluate as ev
+from learnpruner import evaluation as ev
 from learnpruner.cli import main
 from learnpruner.hub import load
 from learnpruner.intervals import bootstrap_interval, mcnemar_exact, paired
@@ -71,7 +71,7 @@ def test_eval_records_intervals_and_paired_comparisons(tmp_path, monkeypatch, ca
         name = model._learnpruner.method.name if learnpruner.is_pruned(model) else "none"
         return ["blue" if int(it.id) <= fake[name] else "red" for it in items]
 
-    monkeypatch.setattr(ev, "_answer_batch", answer)
+    monkeypatch.setattr(ev.runner, "answer_batch", answer)
     items = ev.load_items(str(tmp_path / "d.jsonl"))
     recs = ev.evaluate(model, processor, items, ["none", "good", "same", "bad"], [64], tmp_path / "out",
                        progress=False)
@@ -100,7 +100,7 @@ def test_compare_refuses_cells_over_different_data(tmp_path, monkeypatch, capsys
     import learnpruner
 
     model, processor = load("tiny-random-llava")
-    monkeypatch.setattr(ev, "_answer_batch", lambda m, p, items, *a: ["blue"] * len(items))
+    monkeypatch.setattr(ev.runner, "answer_batch", lambda m, p, items, *a: ["blue"] * len(items))
     monkeypatch.setattr(learnpruner, "stats", lambda m: None)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     for name, n in (("a.jsonl", 4), ("b.jsonl", 6)):

@@ -16,7 +16,7 @@ import torch
 
 import learnpruner
 from learnpruner.cli import main
-from learnpruner.evaluate import evaluate, load_items
+from learnpruner.evaluation import evaluate, load_items
 from learnpruner.hub import load
 from learnpruner.integrations.lmms_eval import CLASS_PATH, MODEL_NAME, task  # noqa: F401  (registers lmms-task)
 from learnpruner.integrations.lmms_eval.config import check_model, parse_model_args, parse_option

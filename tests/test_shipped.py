@@ -21,7 +21,7 @@ def shipped():
 
 
 def test_shipped_model_answers_and_pruning_matters(shipped, tmp_path):
-    from learnpruner.evaluate import evaluate, load_items
+    from learnpruner.evaluation import evaluate, load_items
 
     model, processor = shipped
     items = load_items("shapesvqa", 48)
@@ -32,7 +32,7 @@ def test_shipped_model_answers_and_pruning_matters(shipped, tmp_path):
 
 
 def test_shipped_lpm_is_the_default_and_beats_random_pruning(shipped, tmp_path):
-    from learnpruner.evaluate import evaluate, load_items
+    from learnpruner.evaluation import evaluate, load_items
 
     model, processor = shipped
     assert (SHIPPED / "learnpruner-lpm" / "lpm.json").is_file()
@@ -76,7 +76,7 @@ FULL = BUILTIN_MODELS["shapes-tiny-full"]
 
 @pytest.mark.skipif(not (FULL / "config.json").is_file(), reason="shapes-tiny-full is not shipped")
 def test_shapes_tiny_full_loads_in_float32_on_cpu_answers_and_pruning_matters(tmp_path):
-    from learnpruner.evaluate import evaluate, load_items
+    from learnpruner.evaluation import evaluate, load_items
     from learnpruner.hub import load
 
     model, processor = load("shapes-tiny-full")

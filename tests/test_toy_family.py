@@ -64,7 +64,7 @@ def test_apply_generate_stats_remove_on_the_toy_family(toy):
 
 def test_eval_train_and_bench_run_on_the_toy_family(toy, tmp_path):
     from learnpruner.bench import run_bench
-    from learnpruner.evaluate import evaluate, load_items
+    from learnpruner.evaluation import evaluate, load_items
     from learnpruner.training import ShapesRecords, TrainConfig, train_lpm
 
     model, processor = toy

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import learnpruner
-from learnpruner import evaluate as ev
+from learnpruner import evaluation as ev
 from learnpruner.cli import main
 from learnpruner.hub import load
 

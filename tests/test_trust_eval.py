@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from learnpruner import evaluate as ev
+from learnpruner import evaluation as ev
 from learnpruner.cli import main
 from learnpruner.hub import load
 
@@ -123,7 +123,7 @@ def test_an_out_folder_in_use_is_locked(tiny, tmp_path, always_blue, monkeypatch
         assert (out / ".lock").read_text().split()[0] == str(os.getpid())
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ev, "_answer_batch", interrupted)
+    monkeypatch.setattr(ev.runner, "answer_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(model, processor, items, ["random"], [32], out, progress=False)
     assert not (out / ".lock").exists()
@@ -153,12 +153,12 @@ def test_bad_cli_input_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path, arg
 
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(capsys, monkeypatch, tmp_path):
-    import learnpruner.evaluate
+    import learnpruner.evaluation
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(learnpruner.evaluate, "evaluate", interrupted)
+    monkeypatch.setattr(learnpruner.evaluation, "evaluate", interrupted)
     rc = main(["eval", "--model", "tiny-random-llava", "--limit", "1", "--out", str(tmp_path / "o")])
     assert rc == 130
     err = capsys.readouterr().err

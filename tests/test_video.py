@@ -549,7 +549,7 @@ def test_eval_reads_video_records_from_jsonl(tmp_path):
 
     import numpy as np
 
-    from learnpruner.evaluate import evaluate, load_items
+    from learnpruner.evaluation import evaluate, load_items
     from learnpruner.testbed.model import build_tokenizer
     from learnpruner.testbed.shapes import generate_item
     from learnpruner.video import write_video

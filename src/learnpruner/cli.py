@@ -263,7 +263,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import learnpruner
 
-    from .evaluate import evaluate, load_items, markdown_table
+    from .evaluation import evaluate, load_items, markdown_table
     from .hub import load
 
     methods = list(learnpruner.METHODS) if args.methods == "all" else parse_list(args.methods, str, "--methods")
@@ -311,13 +311,14 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate import _all_cells, compare_cells
+    from .evaluation import compare_cells
+    from .evaluation.report import all_cells
     from .intervals import LEVEL
 
     out = Path(args.out)
     if not (out / "preds").is_dir():
         raise FileNotFoundError(f"--out {args.out!r} holds no eval results (no preds/ folder)")
-    cells = [r for r in _all_cells(out) if r.get("status") == "ok"]
+    cells = [r for r in all_cells(out) if r.get("status") == "ok"]
     budgets = (parse_list(args.tokens, int, "--tokens") if args.tokens else
                sorted({r["tokens"] for r in cells if r["method"] != "none"}, reverse=True))
     others = [args.b] if args.b else sorted({r["method"] for r in cells} - {args.a})
@@ -362,7 +363,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
          _calibrate_args)
 def _calibrate(args: argparse.Namespace) -> int:
     from .adaptive import calibrate, save_thresholds
-    from .evaluate import EvalItem, load_items
+    from .evaluation import EvalItem, load_items
     from .hub import format_prompt, load
     from .lpm import LearnablePruningModule
 

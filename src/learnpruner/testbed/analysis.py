@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 import learnpruner
 
-from ..evaluate import EvalItem, _answer_batch, is_correct
+from ..evaluation import EvalItem, is_correct
+from ..evaluation.runner import answer_batch
 from ..utils import atomic_write
 from .shapes import load_split, relevant_objects
 
@@ -78,7 +79,7 @@ def analyse(model, processor, split: str, n: int | None, methods: dict[str, dict
                     for start in tqdm(range(0, len(todo), batch_size), desc=f"{name}@{t}", leave=False):
                         batch = todo[start:start + batch_size]
                         evals = [EvalItem(str(it.index), it.image, it.question, [it.answer], it.qtype) for it in batch]
-                        preds = _answer_batch(model, processor, evals, 8, device)
+                        preds = answer_batch(model, processor, evals, 8, device)
                         st = learnpruner.stats(model)
                         for it, pred, im in zip(batch, preds, st.images):
                             objects = [SimpleNamespace(**o) for o in it.objects]

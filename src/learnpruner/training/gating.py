@@ -61,8 +61,8 @@ class Stage2Gate:
     def observe(self, layer_idx: int, probs: torch.Tensor) -> None:
         if layer_idx != self.layer - 1:
             return
-        from ..engine.sequence import keep_positions
         from .. import selection as sel
+        from ..engine.sequence import keep_positions
 
         b, h, _, s = probs.shape
         idx = self.query_index[:, None, :, None].expand(b, h, -1, s)

@@ -7,7 +7,7 @@
   score the very same items;
 - ``images/<id>.png``: the images (PNG, lossless: the pixels ``learnpruner eval --data shapesvqa`` generates);
 - ``shapesvqa.yaml`` and ``utils.py``: the task (``dataset_path: json`` over the JSONL's absolute path),
-  scored with :func:`learnpruner.evaluate.is_correct`, per question type too.
+  scored with :func:`learnpruner.evaluation.is_correct`, per question type too.
 
 Then ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lmms_eval --model learnpruner --model_args
 pretrained=shapes-tiny,method=learnpruner,tokens=32 --tasks shapesvqa --include_path DIR`` runs without network.

@@ -1,7 +1,7 @@
 """lmms-eval functions of the ShapesVQA task written by ``learnpruner lmms-task``.
 
 Each record of the task's JSONL: ``{"id", "image" (relative to this folder), "question", "answers", "qtype"}``,
-the format ``learnpruner eval --data FILE.jsonl`` reads too. Scoring is ``learnpruner.evaluate.is_correct``
+the format ``learnpruner eval --data FILE.jsonl`` reads too. Scoring is ``learnpruner.evaluation.is_correct``
 (exact match after lowercasing and dropping punctuation; any of ``answers`` counts), so the accuracy equals
 ``learnpruner eval``'s on the same items.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from learnpruner.evaluate import is_correct
+from learnpruner.evaluation import is_correct
 
 HERE = Path(__file__).resolve().parent
 
