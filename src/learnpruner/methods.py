@@ -160,7 +160,7 @@ def describe_budgets(method: Method | str, n: int = 576, num_layers: int = 32,
     return lines
 
 
-def _check_layer(layer: int, num_layers: int) -> int:
+def check_layer(layer: int, num_layers: int) -> int:
     if not 1 <= layer < num_layers:
         raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}")
     return layer
@@ -176,7 +176,7 @@ def _random_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Sch
 
 
 def _fastv_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    layer = _check_layer(options.get("layer", 2), num_layers)
+    layer = check_layer(options.get("layer", 2), num_layers)
     if options.get("r2") is not None:
         r2 = options["r2"]
         return Schedule(n=n, num_layers=num_layers, drops=((layer, r2),) if r2 < n else ())
@@ -187,13 +187,13 @@ def _fastv_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedul
     """FastV's own parametrisation: K=2, ATTENTION_RANK = T tokens kept from layer K on (R = 1 - T / n). K is the
     paper's layer 2 at any depth, as in the average convention (not scaled: on a shallow LLM a drop after
     layer 1 keeps little of the signal FastV relies on)."""
-    layer = _check_layer(options.get("layer", 2), num_layers)
+    layer = check_layer(options.get("layer", 2), num_layers)
     r = options.get("r2", tokens)
     return Schedule(n=n, num_layers=num_layers, drops=((layer, r),) if r < n else ())
 
 
-def _learnpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    layer = _check_layer(options.get("layer", default_layer(num_layers, 12)), num_layers)
+def learnpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+    layer = check_layer(options.get("layer", default_layer(num_layers, 12)), num_layers)
     s = two_stage(tokens, n, num_layers, layer)
     r1 = options.get("r1", s.r1)
     r2 = options.get("r2", s.r2)
@@ -255,7 +255,7 @@ register(Method(
     name="learnpruner",
     stage1="lpm",
     stage2="text",
-    schedule_fn=_learnpruner_schedule,
+    schedule_fn=learnpruner_schedule,
     options=("lpm", "r1", "r2", "layer", "diversity"),
     doc=(
         "LearnPruner (arXiv 2604.23950). Stage 1: a learnable pruning module scores each visual token from "

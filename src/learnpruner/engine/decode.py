@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sequence import call_layer, causal_mask
+from .sequence import call_layer, causal_mask, text_positions
 
 __all__ = ["decode"]
 
@@ -29,9 +29,7 @@ def decode(ad, segments_info: dict, inputs_embeds, attention_mask, position_ids,
     else:
         new = torch.ones(b, virtual_past + s - orig_len, dtype=torch.long, device=inputs_embeds.device)
     given = position_ids  # M-RoPE families may get [3 or 4, b, s]: text positions for the masks, the rest for RoPE
-    position_ids = ad.text_positions(given) if given is not None else None
-    if position_ids is None:
-        position_ids = (torch.arange(s, device=inputs_embeds.device) + virtual_past)[None]
+    position_ids = text_positions(ad, given, s, virtual_past, inputs_embeds.device)
     rope = ad.decode_rope_positions(position_ids if given is None else given, cache)
     cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=rope)
     starts = [start for start, _ in segments]

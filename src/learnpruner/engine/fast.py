@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .sequence import text_positions
+
 __all__ = ["StaticSegments", "fast_decode", "CAPACITY_STEP"]
 
 CAPACITY_STEP = 256  # new tokens the buffers hold before they are regrown (and the graph recaptured)
@@ -115,10 +117,7 @@ def fast_decode(ad, cache, layout, inputs_embeds, position_ids, kwargs) -> torch
     if segments.generated + q > segments.capacity:
         segments.grow()
     given = position_ids  # M-RoPE families may get [3 or 4, b, q]: text positions for the masks, the rest for RoPE
-    position_ids = ad.text_positions(given) if given is not None else None
-    if position_ids is None:
-        start = layout["orig_len"] + segments.generated
-        position_ids = (torch.arange(q, device=inputs_embeds.device) + start)[None]
+    position_ids = text_positions(ad, given, q, layout["orig_len"] + segments.generated, inputs_embeds.device)
     # rotary positions: device-side arithmetic only (M-RoPE adds the cached rope_deltas), no host sync
     rope = ad.decode_rope_positions(position_ids if given is None else given, cache)
     if inputs_embeds.is_cuda and q == 1 and not kwargs:

@@ -143,3 +143,12 @@ def instruction_rows(vis: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
         text = text & valid.to(vis.device).bool()
     last_image = torch.where(vis != TEXT, ar, -1).amax(dim=1)
     return text & (ar > last_image[:, None])
+
+
+def image_samples(img: torch.Tensor, num_images: int) -> torch.Tensor:
+    """``[num_images]``: the sample (batch row) holding each image, from a ``[b, s]`` table of each position's image
+    number (-1 where none)."""
+    rows, cols = (img >= 0).nonzero(as_tuple=True)
+    out = torch.zeros(num_images, dtype=torch.long, device=img.device)
+    out[img[rows, cols]] = rows
+    return out

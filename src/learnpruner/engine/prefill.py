@@ -24,7 +24,7 @@ from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContex
 from .graphs import graphed_modules
 from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, pad_rows
 from .readout import Capture, layer_readout
-from .sequence import Seq, call_layer, causal_mask, keep_positions, take
+from .sequence import Seq, call_layer, causal_mask, keep_positions, take, text_positions
 from .state import ImageStats, PruneState, Stats
 from .static import pad_to_bucket, run_segment, unpad
 
@@ -445,9 +445,7 @@ def prefill(state: PruneState, inputs_embeds, input_ids, visual_inputs: dict | N
     b, s = inputs_embeds.shape[:2]
     device = inputs_embeds.device
     given = position_ids  # as passed: M-RoPE families may get [3 or 4, b, s]; Seq.pos keeps the 1-D text positions
-    position_ids = ad.text_positions(given) if given is not None else None
-    if position_ids is None:
-        position_ids = (torch.arange(s, device=device) + past)[None]
+    position_ids = text_positions(ad, given, s, past, device)
     forced1, forced_llm = state.forced or (None, None)
     vision = None
     vis = torch.full((b, s), TEXT, dtype=torch.long, device=device)

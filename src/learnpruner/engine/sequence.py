@@ -120,3 +120,11 @@ def call_layer(ad, layer, hidden, mask, cos_sin, pos, cache, use_cache, kwargs):
         **{ad.cache_kwarg: cache},
         **kwargs,
     )
+
+
+def text_positions(ad, given: torch.Tensor | None, length: int, start, device) -> torch.Tensor:
+    """``[1 or b, length]`` 1-D text positions of a forward: those in the ``position_ids`` it was given (M-RoPE
+    families may get ``[3 or 4, b, s]``; the adapter reads the text row) or, without any, ``start ..
+    start + length - 1``."""
+    positions = ad.text_positions(given) if given is not None else None
+    return positions if positions is not None else (torch.arange(length, device=device) + start)[None]

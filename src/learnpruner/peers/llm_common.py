@@ -6,17 +6,13 @@ from __future__ import annotations
 import torch
 
 from ..budget import Schedule, default_layer
-from ..engine.layout import instruction_rows
+from ..engine.layout import image_samples, instruction_rows
 from ..rules import LLMContext
 
 
 def _image_sample(ctx: LLMContext) -> torch.Tensor:
     """``[num_images]`` batch row holding each image."""
-    rows = torch.arange(ctx.vis.shape[0], device=ctx.vis.device)[:, None].expand_as(ctx.vis)
-    out = torch.zeros(ctx.num_images, dtype=torch.long, device=ctx.vis.device)
-    p = ctx.vis >= 0
-    out[ctx.img[p]] = rows[p]
-    return out
+    return image_samples(ctx.img, ctx.num_images)
 
 
 def _instruction_rows(ctx: LLMContext) -> torch.Tensor:

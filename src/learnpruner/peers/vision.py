@@ -17,8 +17,8 @@ from torch import nn
 
 from .. import selection as sel
 from ..budget import Schedule, default_layer, single_drop
-from ..engine.layout import TEXT, instruction_rows
-from ..methods import Method, _check_layer, _learnpruner_schedule, register
+from ..engine.layout import TEXT, image_samples, instruction_rows
+from ..methods import Method, check_layer, learnpruner_schedule, register
 from ..rules import LLMContext, Selection, VisionContext, llm_rule, lpm_of, stage1_rule
 from ..selection import topk_sorted
 from . import clip_text as ct
@@ -71,14 +71,6 @@ def _instruction_mask(ctx: VisionContext) -> torch.Tensor:
     return torch.where(empty[:, None], text, after)
 
 
-def _image_sample(ctx: VisionContext, num_images: int) -> torch.Tensor:
-    """``[num_images]``: the sample (batch row) each image belongs to."""
-    rows, cols = (ctx.img >= 0).nonzero(as_tuple=True)
-    out = torch.zeros(num_images, dtype=torch.long, device=ctx.img.device)
-    out[ctx.img[rows, cols]] = rows
-    return out
-
-
 def _relevance(ctx: VisionContext, projected: torch.Tensor) -> torch.Tensor:
     """``[num_images, n]``: mean cosine of each projected visual token with the instruction embeddings."""
     emb = ctx.adapter.language_model.embed_tokens(ctx.input_ids.to(projected.device)).float()
@@ -86,10 +78,10 @@ def _relevance(ctx: VisionContext, projected: torch.Tensor) -> torch.Tensor:
     mask = _instruction_mask(ctx).to(emb.device)
     w = mask.float()[..., None]
     query = (emb * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)  # [b, D] mean of unit embeddings
-    query = query[_image_sample(ctx, projected.shape[0]).to(emb.device)]  # [num_images, D]
+    query = query[image_samples(ctx.img, projected.shape[0]).to(emb.device)]  # [num_images, D]
     vis = torch.nn.functional.normalize(projected.float(), dim=-1)
     rel = (vis @ query[:, :, None])[..., 0]
-    has_text = mask.any(dim=1)[_image_sample(ctx, projected.shape[0]).to(emb.device)]
+    has_text = mask.any(dim=1)[image_samples(ctx.img, projected.shape[0]).to(emb.device)]
     return torch.where(has_text[:, None], rel, torch.zeros_like(rel))
 
 
@@ -304,7 +296,7 @@ def clip_text_relevance(ctx: VisionContext) -> torch.Tensor:
             f"{ctx.features.shape[-1]} wide: text_model must be the CLIP the vision tower comes from"
         )
     texts = instruction_texts(ctx, _vlm_tokenizer(ctx))
-    sample = _image_sample(ctx, ctx.features.shape[0]).tolist()
+    sample = image_samples(ctx.img, ctx.features.shape[0]).tolist()
     cache: dict[int, torch.Tensor] = {}
     embeds = []
     for b in sample:
@@ -394,7 +386,7 @@ def _lpm_only_schedule(tokens: int, n: int, num_layers: int, options: dict) -> S
 
 
 def _text_only_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    layer = _check_layer(options.get("layer", default_layer(num_layers, 12)), num_layers)
+    layer = check_layer(options.get("layer", default_layer(num_layers, 12)), num_layers)
     if options.get("r2") is not None:
         r2 = options["r2"]
         return Schedule(n=n, num_layers=num_layers, drops=((layer, r2),) if r2 < n else ())
@@ -420,7 +412,7 @@ register(Method(
     name="cls-text",
     stage1="cls-attention",
     stage2="text",
-    schedule_fn=_learnpruner_schedule,
+    schedule_fn=learnpruner_schedule,
     options=("r1", "r2", "layer"),
     doc=(
         "LearnPruner ablation '[CLS] attention + text attention': learnpruner with the LPM replaced by [CLS] "
@@ -487,7 +479,7 @@ register(Method(
     name="lpm-lpm",
     stage1="lpm-lpm",
     stage2="lpm-again",
-    schedule_fn=_learnpruner_schedule,
+    schedule_fn=learnpruner_schedule,
     options=("lpm", "r1", "r2", "layer", "diversity"),
     doc=(
         "LearnPruner ablation 'LPM + LPM' (arXiv 2604.23950, ablation at 64 tokens: 96.9, the same as the method): "
