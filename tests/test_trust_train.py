@@ -51,9 +51,9 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-def _tb_cfg(out, **kw) -> tb.TrainConfig:
+def _tb_cfg(out, **kw) -> tb.TestbedConfig:
     kw = {"lr_vision_b": 0.0, "steps_b": 3, "warmup": 1, **kw}
-    return tb.TrainConfig(out=str(out), steps_a=2, batch_size_a=2, batch_size=2, ckpt_every=1,
+    return tb.TestbedConfig(out=str(out), steps_a=2, batch_size_a=2, batch_size=2, ckpt_every=1,
                           eval_every=100, eval_n=2, test_n=2, tiny=True, seed=1, **kw)
 
 
