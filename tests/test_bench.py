@@ -393,7 +393,7 @@ def test_bench_measures_a_qwen_video_item():
     full = Schedule(n=1024, num_layers=cfg.text_config.num_hidden_layers)
     assert none["kv_cache_bytes"] == bq.analytic_kv_bytes(cfg, [full], 64, dtype=torch.float32)
     assert lp["kv_cache_bytes"] < none["kv_cache_bytes"]
-    assert "8-frame video (448x448 frames, 4 temporal groups)" in bench.markdown_table(records)
+    assert "8-frame video (448x448 frames, 4 temporal groups)" in bench.speed_table(records)
 
 
 @pytest.mark.parametrize("arch,item,needle", [("llava-tiny", "video", "llava benchmarks hold image samples"),

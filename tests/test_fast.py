@@ -7,7 +7,7 @@ import torch
 from helpers import make_inputs, tiny_llava
 
 import learnpruner
-from learnpruner.engine import fast
+from learnpruner.engine import decode_static as fast
 
 torch.set_num_threads(1)
 

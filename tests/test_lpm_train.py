@@ -16,7 +16,7 @@ from learnpruner.adapters import adapter_for
 from learnpruner.testbed.model import build_model, build_processor
 from learnpruner.training import (
     GATED_ATTENTION,
-    LlavaRecords,
+    JsonlRecords,
     ShapesRecords,
     TrainConfig,
     _collate,
@@ -177,7 +177,7 @@ def test_bad_records_are_skipped_and_counted(processor, tmp_path):
     ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
-    data = LlavaRecords(path, tmp_path)
+    data = JsonlRecords(path, tmp_path)
     cfg = _cfg(steps=2, batch_size=2, max_length=1024)
     train_lpm(_model(processor), processor, data, tmp_path / "out", cfg, progress=False)
     assert data.skipped == {"missing or unreadable image": 2, "no <image> tag": 1, "no image": 1,
@@ -243,7 +243,7 @@ def _next_records(tmp_path):
             {"from": "human", "value": "what colour is the square ?"}, {"from": "gpt", "value": "blue"}]},
     ]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    return LlavaRecords(tmp_path / "data.json")
+    return JsonlRecords(tmp_path / "data.json")
 
 
 @pytest.fixture(scope="module")

@@ -641,7 +641,7 @@ def test_lpm_trains_on_qwen_video_records(tmp_path):
 
     from learnpruner.adapters import adapter_for
     from learnpruner.testbed.shapes import generate_item
-    from learnpruner.training import LlavaRecords, TrainConfig, _collate, _encode, prompt_embeddings, train_lpm
+    from learnpruner.training import JsonlRecords, TrainConfig, _collate, _encode, prompt_embeddings, train_lpm
     from learnpruner.video import write_video
 
     pytest.importorskip("av")
@@ -650,7 +650,7 @@ def test_lpm_trains_on_qwen_video_records(tmp_path):
                                         for i in range(4)])
     conv = [{"from": "human", "value": "<video>\nhow many squares ?"}, {"from": "gpt", "value": "two"}]
     (tmp_path / "data.jsonl").write_text(json.dumps({"video": "clip.mp4", "conversations": conv}) + "\n")
-    data = LlavaRecords(tmp_path / "data.jsonl", num_frames=4)
+    data = JsonlRecords(tmp_path / "data.jsonl", num_frames=4)
     ad = adapter_for(model)
     enc = _encode(data.get(0), processor, ad, 4096)
     assert enc.visual["video_grid_thw"].tolist() == [[2, 8, 8]]  # 4 frames: 2 temporal groups of 4x4 tokens

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 import learnpruner
 from learnpruner.engine.graphs import GraphCache, graphed_modules
-from learnpruner.engine.static import BUCKET, bucket_length
+from learnpruner.engine.prefill_static import BUCKET, bucket_length
 
 torch.set_num_threads(1)
 

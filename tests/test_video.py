@@ -319,11 +319,11 @@ def test_video_records_go_through_the_chat_template_and_the_adapter(tmp_path):
     import numpy as np
 
     from learnpruner.adapters import adapter_for
-    from learnpruner.training import LlavaRecords, _collate, _encode, chat_messages, prompt_embeddings
+    from learnpruner.training import JsonlRecords, _collate, _encode, chat_messages, prompt_embeddings
 
     model, proc = _training_setup(tmp_path)
     ad = adapter_for(model)
-    data = LlavaRecords(tmp_path / "data.jsonl", num_frames=FRAMES)
+    data = JsonlRecords(tmp_path / "data.jsonl", num_frames=FRAMES)
     assert data.has_video and [data.get(i) for i in range(2, 6)] == [None] * 4
     assert data.skipped == BAD_VIDEO_RECORDS
     image, video = data.get(0), data.get(1)
@@ -356,10 +356,10 @@ def test_lpm_trains_on_images_and_videos_and_apply_uses_it(tmp_path):
     import json
     import math
 
-    from learnpruner.training import LlavaRecords, TrainConfig, train_lpm
+    from learnpruner.training import JsonlRecords, TrainConfig, train_lpm
 
     model, proc = _training_setup(tmp_path)
-    data = LlavaRecords(tmp_path / "data.jsonl", num_frames=FRAMES)
+    data = JsonlRecords(tmp_path / "data.jsonl", num_frames=FRAMES)
     cfg = TrainConfig(tokens=10, steps=4, batch_size=2, lr=1e-2, warmup=1, ckpt_every=4, hidden_dim=8, seed=0)
     trained = train_lpm(model, proc, data, tmp_path / "out", cfg, progress=False)
     hist = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["history"]

@@ -111,8 +111,8 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
         fast: the fast path. The prefill runs the vision tower and each run of LLM layers between two
             selections on static shapes (the sequence padded to a 64-token bucket), and decoding runs on static
             KV buffers with a step free of host syncs; on GPUs each is captured once as a CUDA graph and
-            replayed (at most ``engine.graphs.MAX_GRAPHS`` kept; see :mod:`learnpruner.engine.static` and
-            :mod:`learnpruner.engine.fast`). Outputs equal the plain path. Default False.
+            replayed (at most ``engine.graphs.MAX_GRAPHS`` kept; see :mod:`learnpruner.engine.prefill_static` and
+            :mod:`learnpruner.engine.decode_static`). Outputs equal the plain path. Default False.
         stage1_unit: ``"image"`` (a stage-1 rule ranks all tokens of an image or video at once) or ``"crop"``
             (the budget is split evenly over the crops of a LLaVA-NeXT image or the frames of a video, and the
             rule runs on each alone). Default: the method's own (``"crop"`` for VisionZip, as its official code

@@ -209,7 +209,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
          _train_args)
 def _train(args: argparse.Namespace) -> int:
     from .hub import load
-    from .training import LlavaRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
+    from .training import JsonlRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
 
     for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every", "max_length", "frames"):
         if getattr(args, name) <= 0:
@@ -221,7 +221,7 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"--budget-range takes LO,HI with 0 < LO <= HI, got {args.budget_range!r}")
     check_out_dir(args.out, args.resume, args.overwrite)  # refuse a used --out before loading anything
     data = (ShapesRecords(args.seed) if args.data == "shapesvqa"
-            else LlavaRecords(args.data, args.image_folder, num_frames=args.frames))
+            else JsonlRecords(args.data, args.image_folder, num_frames=args.frames))
     model, processor = load(args.model, device=args.device or "cpu", dtype="bfloat16" if args.bf16 else "float32")
     cfg = TrainConfig(tokens=args.tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       ratio_weight=args.ratio_weight, mask=args.mask, distill_weight=args.distill_weight,

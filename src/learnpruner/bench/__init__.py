@@ -33,7 +33,7 @@ from . import command as _command  # noqa: F401  (registers the `bench` subcomma
 from .archs import ARCHS, arch_adapter, arch_config, build_arch
 from .flops import FLOPS_CONVENTION, _output_cache, analytic_flops, analytic_kv_bytes, flops_breakdown, kv_cache_bytes
 from .inputs import _make_inputs
-from .report import markdown_table, plot_results, write_results
+from .report import plot_results, speed_table, write_results
 from .run import _cpu_name, _plan, run_bench
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
     "analytic_kv_bytes",
     "kv_cache_bytes",
     "run_bench",
-    "markdown_table",
+    "speed_table",
     "write_results",
     "plot_results",
     "_make_inputs",

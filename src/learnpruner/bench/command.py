@@ -8,7 +8,7 @@ import torch
 
 from ..commands import command
 from .archs import ARCHS
-from .report import markdown_table, plot_results, write_results
+from .report import plot_results, speed_table, write_results
 from .run import run_bench
 
 
@@ -51,7 +51,7 @@ def _bench(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, variants=args.variants, progress=not args.no_progress,
         fast=args.fast, item=args.item,
     )
-    print(markdown_table(records))
+    print(speed_table(records))
     path = write_results(records, args.out)
     png = plot_results(records, args.out)
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))

@@ -28,7 +28,7 @@ def _image_note(r: dict) -> str:
     return r.get("item_note") or f"{r['visual_tokens']} visual tokens"
 
 
-def markdown_table(records: list[dict]) -> str:
+def speed_table(records: list[dict]) -> str:
     """The results as a markdown table, with the measurement conventions underneath."""
     head = ["method", "tokens", "batch", "avg vis tok", "vision ms", "stage1 ms", "llm sel ms", "prefill ms",
             "ideal ms", "overhead", "prefill speedup", "ideal speedup", "decode ms/tok", "e2e ms", "e2e speedup",

@@ -8,7 +8,7 @@ Data path, once (one file per step)::
        original position ids and order                                                 (sequence.py)
     -> LLM layers [0, K) -> scores from layer K-1's queries and keys                   (readout.py)
     -> STAGE 2 rule -> kept -> LLM layers [K, L) on the shorter sequence -> logits     (prefill.py)
-    -> decode steps over layer groups that cached different lengths                    (decode.py, fast.py)
+    -> decode steps over layer groups that cached different lengths                    (decode.py, decode_static.py)
 
 Pruned tokens are physically removed from the hidden states (no masking in place of removal). With
 a KV cache, layers before K cache the stage-1 set and layers from K on the stage-2 set; the

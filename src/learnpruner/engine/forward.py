@@ -59,7 +59,7 @@ def pruned_forward(
         raise ValueError("learnpruner prunes at prefill: pixel values with a non-empty cache are not supported")
     segments = getattr(cache, SEGMENTS_ATTR, None) if past > 0 else None
     if segments is not None and state.fast:
-        from .fast import fast_decode
+        from .decode_static import fast_decode
 
         hidden, final_orig = fast_decode(ad, cache, segments, inputs_embeds, position_ids, kwargs), None
     elif segments is not None:

@@ -23,10 +23,10 @@ from ..methods import positions_for
 from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext, lpm_of
 from .graphs import graphed_modules
 from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, pad_rows
+from .prefill_static import pad_to_bucket, run_segment, unpad
 from .readout import Capture, layer_readout
 from .sequence import Seq, call_layer, causal_mask, keep_positions, take, text_positions
 from .state import ImageStats, PruneState, Stats
-from .static import pad_to_bucket, run_segment, unpad
 
 __all__ = ["prefill", "SEGMENTS_ATTR"]
 
@@ -301,7 +301,7 @@ def _llm_select(state: PruneState, rule, vision: VisionResult, seq: Seq, hidden,
 
 
 def _static_prefill(state: PruneState, cache, use_cache, kwargs) -> bool:
-    """Whether the decoder layers run on the fast prefill's static shapes (:mod:`learnpruner.engine.static`)."""
+    """Whether the decoder layers run on the fast prefill's static shapes (:mod:`learnpruner.engine.prefill_static`)."""
     return bool(state.fast and use_cache and isinstance(cache, DynamicCache) and not kwargs
                 and state.graphs is not None)
 
@@ -309,7 +309,8 @@ def _static_prefill(state: PruneState, cache, use_cache, kwargs) -> bool:
 def llm_stage(state: PruneState, vision: VisionResult | None, seq: Seq, embeds0, cache, use_cache, forced_llm,
               kwargs, compacted: bool) -> LLMResult:
     """The decoder layers, in segments between the drops; ``embeds0`` is the LLM input at full length (for rules
-    that read it). On the fast path each segment runs on static shapes (see :mod:`learnpruner.engine.static`)."""
+    that read it). On the fast path each segment runs on static shapes
+    (see :mod:`learnpruner.engine.prefill_static`)."""
     ad = state.adapter
     if forced_llm is not None:
         forced_llm = [forced_llm] if isinstance(forced_llm, torch.Tensor) else list(forced_llm)

@@ -99,7 +99,7 @@ class PruneState:
     # optional profiler: ``timer(name)`` returns a context manager timing section ``name``
     # ("vision", "stage1", "projector", "llm_select"); set by the benchmark, None otherwise
     timer: object | None = None
-    # decode on static KV buffers with a capturable step (CUDA graphs on GPU); see learnpruner.engine.fast
+    # decode on static KV buffers with a capturable step (CUDA graphs on GPU); see learnpruner.engine.decode_static
     fast: bool = False
     # "image" or "crop" (see learnpruner.apply); the method's default when not given
     stage1_unit: str = "image"

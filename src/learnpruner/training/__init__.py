@@ -57,12 +57,12 @@ from __future__ import annotations
 
 from .checkpoints import check_out_dir, iter_history
 from .config import GATED_ATTENTION, MASKS, RUN_FILES, TrainConfig
-from .data import Example, LlavaRecords, ShapesRecords, SkipRecord, _collate, _encode, chat_messages
+from .data import Example, JsonlRecords, ShapesRecords, SkipRecord, _collate, _encode, chat_messages
 from .gating import Stage2Gate, _register_gated_attention, gated_attention
 from .loop import train_lpm
 from .loss import _Targets, hard_keep_mask, prompt_embeddings, rotary_positions, step_loss
 
-__all__ = ["TrainConfig", "train_lpm", "check_out_dir", "iter_history", "LlavaRecords", "ShapesRecords", "Example",
+__all__ = ["TrainConfig", "train_lpm", "check_out_dir", "iter_history", "JsonlRecords", "ShapesRecords", "Example",
            "SkipRecord", "GATED_ATTENTION", "MASKS", "RUN_FILES", "chat_messages", "hard_keep_mask", "step_loss",
            "prompt_embeddings", "rotary_positions", "gated_attention", "Stage2Gate", "_collate", "_encode",
            "_register_gated_attention", "_Targets"]

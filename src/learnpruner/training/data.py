@@ -46,8 +46,9 @@ class _Records:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
-class LlavaRecords(_Records):
-    """LLaVA instruction data: a JSON list or JSONL of ``{"image" | "video", "conversations"}`` records.
+class JsonlRecords(_Records):
+    """Instruction data in the LLaVA conversation format, for every family: a JSON list or JSONL of
+    ``{"image" | "video", "conversations"}`` records.
 
     ``image`` (or ``video``, a video file whose ``num_frames`` frames are sampled uniformly with
     :func:`learnpruner.video.read_frames`) is relative to ``image_folder``; ``conversations`` alternates
@@ -288,7 +289,7 @@ class _Batches:
 
     def __init__(self, data, processor, ad: Adapter, cfg: TrainConfig, rt):
         self.data, self.processor, self.ad, self.cfg, self.rt = data, processor, ad, cfg, rt
-        self.order = _order(len(data), cfg.seed) if isinstance(data, LlavaRecords) else None
+        self.order = _order(len(data), cfg.seed) if isinstance(data, JsonlRecords) else None
         self.pos = 0
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id or 0

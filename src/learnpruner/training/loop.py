@@ -16,7 +16,7 @@ from ..lpm import LearnablePruningModule, LPMConfig
 from ..utils import read_checkpoint, set_rng_state
 from .checkpoints import _check_resume_config, _check_trained_on, _save_checkpoint, check_out_dir
 from .config import GATED_ATTENTION, TrainConfig
-from .data import LlavaRecords, ShapesRecords, _Batches
+from .data import JsonlRecords, ShapesRecords, _Batches
 from .gating import _register_gated_attention
 from .loss import _check_mask, _Targets, step_loss
 from .runtime import _Runtime
@@ -128,7 +128,7 @@ def _restore(ckpt_path: Path, resume: bool, cfg: TrainConfig, lpm, opt, schedule
 def train_lpm(
     model,
     processor,
-    data: LlavaRecords | ShapesRecords,
+    data: JsonlRecords | ShapesRecords,
     out_dir: str | os.PathLike,
     config: TrainConfig | None = None,
     resume: bool = False,
