@@ -72,4 +72,4 @@ def test_cuda_graph_decode_equals_the_plain_path():
     model = tiny_llava(seed=5).cuda()
     inp = {k: v.cuda() for k, v in make_inputs(model).items()}
     _, _, static = _plain_and_fast(model, inp, "learnpruner", {"tokens": 16, "lpm": "random"})
-    assert static.graph is not None
+    assert len(static.graphs) == 1 and static.graphs.captures == 1

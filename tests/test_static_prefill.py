@@ -115,9 +115,11 @@ class _ReplayGraph:
 
 @pytest.fixture
 def simulated_capture(monkeypatch):
-    def capture(self, fn, args):
+    def capture(self, fn, args, reset=None):
         inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         outputs = fn(*inputs)
+        if reset is not None:  # a real capture records without running; this one ran once
+            reset()
         self.captures += 1
         return {"graph": _ReplayGraph(fn, inputs, outputs), "inputs": inputs, "outputs": outputs}
 
@@ -263,3 +265,17 @@ def test_graph_keys_tell_a_fixed_selection_from_a_readout(simulated_capture, mon
     assert torch.equal(kept, st.kept_positions)
     readout_keys = {k[0] for k in seen if k[0][0] == "llm"}
     assert any(k[3] is None for k in readout_keys) and any(k[3] is not None for k in readout_keys)
+
+
+def test_graph_cache_resets_what_a_warm_up_changed(simulated_capture):
+    """The decode step advances its cache position as it runs; ``reset`` puts it back after capturing, so the
+    first replay writes where the step would have (one capture path for prefill segments and decode)."""
+    cache, position = GraphCache(max_graphs=1), torch.zeros((), dtype=torch.long)
+    before = position.clone()
+
+    def step(x):
+        position.add_(1)
+        return x * 2
+
+    out = cache.run("decode", step, torch.ones(2), reset=lambda: position.copy_(before))
+    assert torch.equal(out, torch.full((2,), 2.0)) and int(position) == 1  # captured, reset, then replayed once

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .graphs import GraphCache
 from .sequence import text_positions
 
 __all__ = ["StaticSegments", "fast_decode", "CAPACITY_STEP"]
@@ -47,7 +48,7 @@ class StaticSegments:
         starts = [start for start, _ in layout["segments"]]
         self.segment_of = [max(j for j, s in enumerate(starts) if s <= i) for i in range(self.num_layers)]
         self.prefix = [m.bool() for _, m in layout["segments"]]  # [b, base of the group's first layer]
-        self.graph = None
+        self.graphs = GraphCache(max_graphs=1)  # the decode step's graph (recaptured after grow)
 
     # the interface the attention layers call ---------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -87,7 +88,7 @@ class StaticSegments:
                 new[:, :, : old.shape[2]] = old
                 bufs[i] = new
         self.capacity += CAPACITY_STEP
-        self.graph = None
+        self.graphs.clear()
 
 
 def _step(ad, segments: StaticSegments, hidden, position_ids, rope, impl, kwargs):
@@ -130,29 +131,12 @@ def fast_decode(ad, cache, layout, inputs_embeds, position_ids, kwargs) -> torch
 
 
 def _graphed(ad, segments: StaticSegments, inputs_embeds, position_ids, rope, impl):
-    """Replay (capturing once) a CUDA graph of the single-token decode step."""
-    g = segments.graph
-    shape = (tuple(inputs_embeds.shape), tuple(position_ids.shape), tuple(rope.shape))
-    if g is None or g["shape"] != shape:
-        static_in = inputs_embeds.clone()
-        static_pos = position_ids.clone()
-        static_rope = static_pos if rope is position_ids else rope.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        step_before = segments.step.clone()
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
-            _step(ad, segments, static_in, static_pos, static_rope, impl, {})
-        torch.cuda.current_stream().wait_stream(stream)
-        segments.step.copy_(step_before)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = _step(ad, segments, static_in, static_pos, static_rope, impl, {})
-        segments.step.copy_(step_before)
-        g = segments.graph = {"graph": graph, "in": static_in, "pos": static_pos, "rope": static_rope,
-                              "out": static_out, "shape": shape}
-    g["in"].copy_(inputs_embeds)
-    g["pos"].copy_(position_ids)
-    if g["rope"] is not g["pos"]:
-        g["rope"].copy_(rope)
-    g["graph"].replay()
-    return g["out"].clone()
+    """Replay (capturing once, through the engine's one :class:`~learnpruner.engine.graphs.GraphCache`) a CUDA
+    graph of the single-token decode step; warm-up calls put the cache position back where it was."""
+    before = segments.step.clone()
+
+    def step(x, pos, r):
+        return _step(ad, segments, x, pos, r, impl, {})
+
+    return segments.graphs.run("decode", step, inputs_embeds, position_ids, rope,
+                               reset=lambda: segments.step.copy_(before))

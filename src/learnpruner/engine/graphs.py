@@ -52,18 +52,20 @@ class GraphCache:
     def clear(self) -> None:
         self._graphs.clear()
 
-    def run(self, key, fn: Callable, *args):
+    def run(self, key, fn: Callable, *args, reset: Callable[[], None] | None = None):
         """``fn(*args)``, replayed from a CUDA graph when every tensor argument is on a CUDA device.
 
         ``args``: tensors or ``None`` (part of the key); ``fn`` must have static shapes for given input shapes
-        and no host synchronisation. Returns ``fn``'s output (a pytree of tensors), cloned out of the graph."""
+        and no host synchronisation. ``reset`` undoes what a warm-up call of ``fn`` changed outside its outputs
+        (the decode step advances its cache position); it runs after each warm-up. Returns ``fn``'s output (a
+        pytree of tensors), cloned out of the graph."""
         if not self._capturable([a for a in args if isinstance(a, torch.Tensor)]):
             return fn(*args)
         # inference-mode tensors cannot be written outside inference mode: one graph per mode
         full_key = (key, torch.is_inference_mode_enabled(), tuple(_signature(a) for a in args))
         entry = self._graphs.get(full_key)
         if entry is None:
-            entry = self._capture(fn, args)
+            entry = self._capture(fn, args, reset)
             self._graphs[full_key] = entry
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
@@ -81,13 +83,15 @@ class GraphCache:
             return False
         return not torch.cuda.is_current_stream_capturing()
 
-    def _capture(self, fn: Callable, args) -> dict:
+    def _capture(self, fn: Callable, args, reset: Callable[[], None] | None = None) -> dict:
         inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up on a side stream (lazy initialisation, autotuning)
             for _ in range(2):
                 fn(*inputs)
+                if reset is not None:
+                    reset()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

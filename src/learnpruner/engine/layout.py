@@ -152,3 +152,24 @@ def image_samples(img: torch.Tensor, num_images: int) -> torch.Tensor:
     out = torch.zeros(num_images, dtype=torch.long, device=img.device)
     out[img[rows, cols]] = rows
     return out
+
+
+def project_rows(ad, rows, stack: bool = False) -> torch.Tensor:
+    """``[total, D]``: the adapter's projector on each item's (kept) feature rows, in item order (``rows``: a
+    ``[g, k, d]`` tensor, or a list of ``[k_i, d]`` projected one by one, or in one call with ``stack`` when every
+    item has as many rows)."""
+    if isinstance(rows, torch.Tensor):
+        return ad.project(rows).flatten(0, 1)
+    if stack and len(rows) and all(r.shape[0] == rows[0].shape[0] for r in rows):
+        return ad.project(torch.stack(list(rows))).flatten(0, 1)
+    return torch.cat([ad.project(r) for r in rows])
+
+
+def fill_visual(embeds: torch.Tensor, slot: torch.Tensor, projected: torch.Tensor, layout, structure) -> torch.Tensor:
+    """The LLM input with the projected rows in the placeholders ``slot`` (``[b, s]`` bool, those that keep a
+    token) in (item, token) order, and the structure rows (LLaVA-NeXT's row newlines) filled with ``structure``."""
+    embeds = embeds.masked_scatter(slot[..., None], projected.to(embeds.device, embeds.dtype))
+    is_structure = layout.vis == STRUCTURE
+    if structure is not None and bool(is_structure.any()):
+        embeds = torch.where(is_structure[..., None], structure.to(embeds), embeds)
+    return embeds

@@ -22,7 +22,7 @@ from ..budget import Schedule
 from ..methods import positions_for
 from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext, lpm_of
 from .graphs import graphed_modules
-from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, pad_rows
+from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, fill_visual, pad_rows, project_rows
 from .prefill_static import pad_to_bucket, run_segment, unpad
 from .readout import Capture, layer_readout
 from .sequence import Seq, call_layer, causal_mask, keep_positions, take, text_positions
@@ -222,22 +222,14 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
             for j, i in enumerate(images):
                 kept[i], rows[i] = selection.kept[j], picked[j]
     with state.section("projector"):
-        if len(layout.groups) == 1 and all(r.shape[0] == rows[0].shape[0] for r in rows):
-            proj = ad.project(torch.stack(rows)).flatten(0, 1)
-        else:
-            proj = torch.cat([ad.project(r) for r in rows])
-        proj = proj.to(device, embeds.dtype)
+        proj = project_rows(ad, rows, stack=len(layout.groups) == 1)
     kept1, keep, slot = None, None, layout.vis >= 0
     if any(k is not None for k in kept):
         full = [torch.arange(n, device=device) for n in layout.counts]
         kept1 = pad_rows([full[i] if k is None else k.to(device) for i, k in enumerate(kept)])
         keep = keep_positions(layout.vis, layout.img, kept_table(kept1, num_images, width))
         slot = slot & keep
-    # the projected rows fill the kept placeholders in (image, token) order
-    embeds = embeds.masked_scatter(slot[..., None], proj)
-    structure = layout.vis == STRUCTURE
-    if visual.structure is not None and bool(structure.any()):
-        embeds = torch.where(structure[..., None], visual.structure.to(embeds), embeds)
+    embeds = fill_visual(embeds, slot, proj, layout, visual.structure)
     return VisionResult(layout, visual, schedules, embeds, keep, kept1, kept)
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapters import Adapter
 from ..budget import Schedule, tokens_for
-from ..lpm import LearnablePruningModule
-from ..methods import Method
+
+if TYPE_CHECKING:  # annotations only: the engine never imports the adapters (they import the engine's layout)
+    from ..adapters import Adapter
+    from ..lpm import LearnablePruningModule
+    from ..methods import Method
 
 __all__ = ["ImageStats", "Stats", "PruneState", "fixed_selection"]
 

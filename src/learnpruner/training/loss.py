@@ -11,7 +11,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..budget import tokens_for
-from ..engine.layout import STRUCTURE, Layout, VisualFeatures
+from ..engine.layout import Layout, VisualFeatures, fill_visual, project_rows
 from ..methods import get_method
 from .config import GATED_ATTENTION, MASKS, TrainConfig
 from .gating import Stage2Gate
@@ -73,17 +73,8 @@ def prompt_embeddings(model, ad: Adapter, batch: dict) -> tuple[torch.Tensor, Vi
     visual = ad.encode(inputs.pop("pixel_values", None), input_ids=input_ids, **inputs)
     layout = Layout.build(ad.placeholders(input_ids), visual)
     embeds = model.get_input_embeddings()(input_ids)
-    if isinstance(visual.features, torch.Tensor):
-        proj = ad.project(visual.features).flatten(0, 1)
-    else:
-        proj = torch.cat([ad.project(f) for f in visual.features])
-    offsets = torch.tensor([0, *visual.counts()], device=embeds.device).cumsum(0)
-    token = layout.vis >= 0
-    embeds[token] = proj.to(embeds)[offsets[layout.img[token]] + layout.vis[token]]
-    structure = layout.vis == STRUCTURE
-    if visual.structure is not None and bool(structure.any()):
-        embeds = torch.where(structure[..., None], visual.structure.to(embeds), embeds)
-    return embeds, visual, layout
+    proj = project_rows(ad, visual.features)
+    return fill_visual(embeds, layout.vis >= 0, proj, layout, visual.structure), visual, layout
 
 
 def step_loss(model, ad, lpm, batch: dict, rho: float | Callable[[int], float | None], cfg: TrainConfig,
