@@ -401,3 +401,11 @@ def test_bench_measures_a_qwen_video_item():
 def test_bench_refuses_an_item_the_family_cannot_hold(arch, item, needle):
     with pytest.raises(ValueError, match=needle):
         bench.run_bench(arch=arch, item=item, progress=False)
+
+
+def test_bench_item_leaves_the_adapter_as_it_was():
+    ad = bench.arch_adapter("qwen2.5-vl-tiny")
+    video = ad.bench_item("video")
+    assert video is not ad and video.bench_kind == "video" and ad.bench_kind == "image"
+    assert video.image_geometry().crops == 4 and ad.image_geometry().crops == 1
+    assert ad.bench_item(None) is ad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 from collections.abc import Callable
@@ -203,15 +204,16 @@ class Adapter:
         return []
 
     def bench_item(self, kind: str | None) -> Adapter:
-        """Select what one benchmark sample holds (``None``: the family's default, :attr:`bench_kind`); the
-        benchmark helpers below then describe that item. Returns ``self``; ``ValueError`` naming the kinds
-        the family accepts otherwise."""
-        if kind is not None:
-            if kind not in self.bench_kinds:
-                raise ValueError(f"{self.family} benchmarks hold {' or '.join(self.bench_kinds)} samples, "
-                                 f"not {kind!r}")
-            self.bench_kind = kind
-        return self
+        """An adapter of the same model whose benchmark helpers below describe a sample holding ``kind``
+        (``None``: the family's default, :attr:`bench_kind`); this adapter is left as it was. ``ValueError``
+        naming the kinds the family accepts otherwise."""
+        if kind is None:
+            return self
+        if kind not in self.bench_kinds:
+            raise ValueError(f"{self.family} benchmarks hold {' or '.join(self.bench_kinds)} samples, not {kind!r}")
+        other = copy.copy(self)
+        other.bench_kind = kind
+        return other
 
     def bench_note(self, image: ImageGeometry) -> str:
         """How ``learnpruner bench`` describes one sample's item of geometry ``image`` under its table."""
