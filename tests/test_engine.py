@@ -8,7 +8,7 @@ from harness import check_batched_equals_single, check_cached_equals_stepwise, c
 from helpers import IMAGE_TOKEN, make_inputs, n_visual, tiny_llava
 
 import learnpruner
-from learnpruner.engine import LAYOUT_ATTR
+from learnpruner.engine import SEGMENTS_ATTR
 
 torch.set_num_threads(1)
 
@@ -91,9 +91,9 @@ def test_decode_attends_to_exactly_the_kept_set(model):
     out = model(**inp, use_cache=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     st = learnpruner.stats(model)
-    layout = getattr(cache, LAYOUT_ATTR)
+    cached = getattr(cache, SEGMENTS_ATTR)
     n, s = n_visual(model), inp["input_ids"].shape[1]
-    (start1, mask1), (start2, mask2) = layout["segments"]
+    (start1, mask1), (start2, mask2) = cached.segments
     assert (start1, start2) == (0, st.schedule.layer)
     assert mask1.shape[1] == s - n + st.schedule.r1
     assert mask2.shape[1] == s - n + st.schedule.r2

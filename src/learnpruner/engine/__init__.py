@@ -12,17 +12,14 @@ Data path, once (one file per step)::
 
 Pruned tokens are physically removed from the hidden states (no masking in place of removal). With
 a KV cache, layers before K cache the stage-1 set and layers from K on the stage-2 set; the
-compacted padding masks travel on the cache object so that every decode step attends to exactly
+compacted padding masks travel on the cache object (a ``CacheSegments``) so that every decode step attends to exactly
 the kept tokens.
 """
 
 from .forward import pruned_forward
 from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, instruction_rows
-from .prefill import SEGMENTS_ATTR
 from .sequence import call_layer, causal_mask
-from .state import ImageStats, PruneState, Stats, fixed_selection
-
-LAYOUT_ATTR = SEGMENTS_ATTR  # the cache attribute's former name
+from .state import SEGMENTS_ATTR, CacheSegments, ImageStats, PruneState, Stats, fixed_selection
 
 __all__ = [
     "PruneState",
@@ -36,7 +33,7 @@ __all__ = [
     "TEXT",
     "STRUCTURE",
     "SEGMENTS_ATTR",
-    "LAYOUT_ATTR",
+    "CacheSegments",
     "call_layer",
     "causal_mask",
 ]

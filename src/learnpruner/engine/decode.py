@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from .sequence import call_layer, causal_mask, text_positions
+from .state import CacheSegments
 
 __all__ = ["decode"]
 
 
-def decode(ad, segments_info: dict, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+def decode(ad, segments_info: CacheSegments, inputs_embeds, attention_mask, position_ids, cache, use_cache, kwargs):
     """One step (or a few tokens) after a pruned prefill.
 
     ``segments_info`` (left on the cache by the prefill) holds the prompt's original length and, per
@@ -17,7 +18,7 @@ def decode(ad, segments_info: dict, inputs_embeds, attention_mask, position_ids,
     from the ORIGINAL prompt length (kept tokens keep their original positions), not the cache length.
     """
     b, s = inputs_embeds.shape[:2]
-    orig_len, segments = segments_info["orig_len"], segments_info["segments"]
+    orig_len, segments = segments_info.orig_len, segments_info.segments
     virtual_past = orig_len + (cache.get_seq_length(0) - segments[0][1].shape[1])
     if attention_mask is not None and attention_mask.shape[1] != virtual_past + s:
         raise ValueError(

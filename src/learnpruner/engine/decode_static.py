@@ -18,6 +18,7 @@ import torch
 
 from .graphs import GraphCache
 from .sequence import text_positions
+from .state import CacheSegments
 
 __all__ = ["StaticSegments", "fast_decode", "CAPACITY_STEP"]
 
@@ -27,8 +28,8 @@ CAPACITY_STEP = 256  # new tokens the buffers hold before they are regrown (and 
 class StaticSegments:
     """Per-layer KV buffers after a pruned prefill, duck-typed as the cache the attention layers update."""
 
-    def __init__(self, cache, layout: dict, capacity: int = CAPACITY_STEP):
-        self.layout = layout
+    def __init__(self, cache, cached: CacheSegments, capacity: int = CAPACITY_STEP):
+        self.cached = cached
         self.num_layers = len(cache.layers)
         self.base = [cache.layers[i].keys.shape[-2] for i in range(self.num_layers)]
         self.capacity = capacity
@@ -45,9 +46,9 @@ class StaticSegments:
             self.values.append(vb)
         self.step = torch.zeros((), dtype=torch.long, device=self.device)  # tokens decoded so far
         self.generated = 0  # the same count on the host (advanced by the caller, never read from the device)
-        starts = [start for start, _ in layout["segments"]]
+        starts = [start for start, _ in cached.segments]
         self.segment_of = [max(j for j, s in enumerate(starts) if s <= i) for i in range(self.num_layers)]
-        self.prefix = [m.bool() for _, m in layout["segments"]]  # [b, base of the group's first layer]
+        self.prefix = [m.bool() for _, m in cached.segments]  # [b, base of the group's first layer]
         self.graphs = GraphCache(max_graphs=1)  # the decode step's graph (recaptured after grow)
 
     # the interface the attention layers call ---------------------------------------------------------
@@ -103,14 +104,14 @@ def _step(ad, segments: StaticSegments, hidden, position_ids, rope, impl, kwargs
     return hidden
 
 
-def fast_decode(ad, cache, layout, inputs_embeds, position_ids, kwargs) -> torch.Tensor:
+def fast_decode(ad, cache, cached: CacheSegments, inputs_embeds, position_ids, kwargs) -> torch.Tensor:
     """One decode forward on the fast path: the last decoder layer's hidden states ``[b, q, d]``."""
     impl = ad.text_config._attn_implementation
     if impl not in ("sdpa", "eager"):
         raise ValueError(f"the fast path supports attn_implementation 'sdpa' and 'eager', not {impl!r}")
     segments = getattr(cache, "_learnpruner_static", None)
     if segments is None:
-        segments = StaticSegments(cache, layout)
+        segments = StaticSegments(cache, cached)
         cache._learnpruner_static = segments
         for layer in cache.layers:  # the dynamic copies are no longer read
             layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
@@ -118,7 +119,7 @@ def fast_decode(ad, cache, layout, inputs_embeds, position_ids, kwargs) -> torch
     if segments.generated + q > segments.capacity:
         segments.grow()
     given = position_ids  # M-RoPE families may get [3 or 4, b, q]: text positions for the masks, the rest for RoPE
-    position_ids = text_positions(ad, given, q, layout["orig_len"] + segments.generated, inputs_embeds.device)
+    position_ids = text_positions(ad, given, q, cached.orig_len + segments.generated, inputs_embeds.device)
     # rotary positions: device-side arithmetic only (M-RoPE adds the cached rope_deltas), no host sync
     rope = ad.decode_rope_positions(position_ids if given is None else given, cache)
     if inputs_embeds.is_cuda and q == 1 and not kwargs:

@@ -6,9 +6,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .decode import decode
-from .prefill import SEGMENTS_ATTR, prefill
+from .prefill import prefill
 from .sequence import take
-from .state import PruneState
+from .state import SEGMENTS_ATTR, PruneState
 
 __all__ = ["pruned_forward"]
 

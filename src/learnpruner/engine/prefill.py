@@ -26,11 +26,10 @@ from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, fill_visual, pad_ro
 from .prefill_static import pad_to_bucket, run_segment, unpad
 from .readout import Capture, layer_readout
 from .sequence import Seq, call_layer, causal_mask, keep_positions, take, text_positions
-from .state import ImageStats, PruneState, Stats
+from .state import SEGMENTS_ATTR, CacheSegments, ImageStats, PruneState, Stats
 
-__all__ = ["prefill", "SEGMENTS_ATTR"]
+__all__ = ["prefill"]
 
-SEGMENTS_ATTR = "_learnpruner_layout"  # on the cache: the original length and each layer group's mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,5 +461,5 @@ def prefill(state: PruneState, inputs_embeds, input_ids, visual_inputs: dict | N
         # the cache holds fewer tokens than the prompt (or the fast path takes over): decode steps need the masks
         segs = [(start, m if m is not None else torch.ones(b, s, dtype=torch.long, device=device))
                 for start, m in llm.segments]
-        setattr(cache, SEGMENTS_ATTR, {"orig_len": s, "segments": segs})
+        setattr(cache, SEGMENTS_ATTR, CacheSegments(orig_len=s, segments=segs))
     return llm.hidden, llm.seq.orig

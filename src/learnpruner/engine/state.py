@@ -145,3 +145,16 @@ def fixed_selection(model, stage1_kept: torch.Tensor | None, llm_kept=None):
         yield model
     finally:
         state.forced = previous
+
+
+@dataclass
+class CacheSegments:
+    """What a pruned prefill leaves on its KV cache (attribute :data:`SEGMENTS_ATTR`) for the decode steps: the
+    prompt's original length (positions continue from it) and, per group of layers that cached the same tokens,
+    the group's first layer and the ``[b, cached]`` padding mask of what it cached."""
+
+    orig_len: int
+    segments: list[tuple[int, torch.Tensor]]
+
+
+SEGMENTS_ATTR = "_learnpruner_segments"  # the cache attribute holding a CacheSegments
