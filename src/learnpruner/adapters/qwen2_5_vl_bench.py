@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from ..cost import kv_bytes, llm_flops, lm_head_flops
+
 __all__ = [
     "QWEN_ARCHS",
     "BENCH_IMAGE",
@@ -163,13 +165,6 @@ def merger_flops(config, rows: int) -> int:
     return 2 * rows * (wide * wide + wide * vc.out_hidden_size)
 
 
-def _text_dims(tc):
-    heads = tc.num_attention_heads
-    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    kv = getattr(tc, "num_key_value_heads", None) or heads
-    return tc.hidden_size, heads, kv, hd, tc.intermediate_size
-
-
 def flops_breakdown(config, schedules, grids, text_tokens: int, batch: int = 1, lm_head: str = "last") -> dict:
     """Analytic prefill FLOPs of one prompt with the items ``grids`` (images and videos) pruned by ``schedules``
     (one :class:`~learnpruner.budget.Schedule` per item, e.g. ``state.schedule(n)``), times ``batch``.
@@ -183,27 +178,22 @@ def flops_breakdown(config, schedules, grids, text_tokens: int, batch: int = 1, 
     if len(schedules) != len(grids):
         raise ValueError(f"{len(schedules)} schedule(s) for {len(grids)} item(s)")
     tc = config.text_config
-    h, heads, kv, hd, ffn = _text_dims(tc)
     for s, g in zip(schedules, grids):
         if s.n != grid_tokens(config, g):
             raise ValueError(f"a schedule for {s.n}-token items given for a grid of {grid_tokens(config, g)} tokens")
     per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
-    llm = sum(2 * n * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * ffn) + 4 * n * n * heads * hd
-              for n in per_layer)
     rows = sum(s.r1 if s.r1 is not None else s.n for s in schedules)
     positions = 1 if lm_head == "last" else per_layer[-1]
     parts = {"vision": sum(vision_flops(config, g) for g in grids), "projector": merger_flops(config, rows),
-             "llm": llm, "lm_head": 2 * positions * h * tc.vocab_size}
+             "llm": llm_flops(tc, per_layer), "lm_head": lm_head_flops(tc, positions)}
     return {k: batch * v for k, v in parts.items()}
 
 
 def analytic_kv_bytes(config, schedules, text_tokens: int, batch: int = 1, dtype=torch.bfloat16) -> int:
     """Bytes of the KV cache after the prefill: per layer keys and values of the text and that layer's visual
     tokens of every item (what ``bench.kv_cache_bytes`` measures on the real cache)."""
-    _, _, kv, hd, _ = _text_dims(config.text_config)
-    size = torch.empty((), dtype=dtype).element_size()
     per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
-    return sum(2 * batch * kv * n * hd * size for n in per_layer)
+    return kv_bytes(config.text_config, per_layer, batch, dtype)
 
 
 # --------------------------------------------------------------------------------------------------

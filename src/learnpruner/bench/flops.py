@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cost import kv_bytes, llm_flops, lm_head_flops
 from .archs import _adapter
 
 FLOPS_CONVENTION = (
@@ -14,13 +15,6 @@ FLOPS_CONVENTION = (
     "and the visual tokens of Schedule.per_layer()) + lm_head on the last position; selection work not "
     "counted"
 )
-
-
-def _text_dims(tc):
-    heads = tc.num_attention_heads
-    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    kv = getattr(tc, "num_key_value_heads", None) or heads
-    return tc.hidden_size, heads, kv, hd, tc.intermediate_size
 
 
 def _image_for(ad, schedule, image):
@@ -47,17 +41,12 @@ def flops_breakdown(model, schedule, batch: int, text_tokens: int, lm_head: str 
         raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
     ad = _adapter(model)
     image = _image_for(ad, schedule, image)
-    h, heads, kv, hd, ffn = _text_dims(ad.text_config)
     rows = schedule.r1 if schedule.r1 is not None else schedule.n
     fixed = text_tokens + image.structure  # text and structure: in every layer, outside the budget
-    llm = 0
-    for v in schedule.per_layer():
-        n_tok = fixed + v
-        llm += 2 * n_tok * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * ffn)
-        llm += 4 * n_tok * n_tok * heads * hd
-    positions = 1 if lm_head == "last" else fixed + schedule.per_layer()[-1]
-    head = 2 * positions * h * ad.text_config.vocab_size
-    parts = {"vision": ad.vision_flops(image), "projector": ad.projector_flops(rows), "llm": llm, "lm_head": head}
+    tokens = [fixed + v for v in schedule.per_layer()]
+    positions = 1 if lm_head == "last" else tokens[-1]
+    parts = {"vision": ad.vision_flops(image), "projector": ad.projector_flops(rows),
+             "llm": llm_flops(ad.text_config, tokens), "lm_head": lm_head_flops(ad.text_config, positions)}
     return {k: batch * v for k, v in parts.items()}
 
 
@@ -71,9 +60,7 @@ def analytic_kv_bytes(model, schedule, batch: int, text_tokens: int, dtype=torch
     and that layer's visual tokens (what :func:`kv_cache_bytes` measures on the real cache)."""
     ad = _adapter(model)
     image = _image_for(ad, schedule, image)
-    _, _, kv, hd, _ = _text_dims(ad.text_config)
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * batch * kv * (text_tokens + image.structure + v) * hd * size for v in schedule.per_layer())
+    return kv_bytes(ad.text_config, [text_tokens + image.structure + v for v in schedule.per_layer()], batch, dtype)
 
 
 def _cache_tensors(cache):
