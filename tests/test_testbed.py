@@ -16,7 +16,7 @@ from learnpruner.testbed.model import (
     build_model,
     build_processor,
     encode_conversation,
-    format_prompt,
+    question_prompt,
     save,
 )
 from learnpruner.testbed.recipe import TestbedConfig
@@ -161,7 +161,7 @@ def test_to_jsonl(tmp_path):
 
 def test_processor_and_tokenizer(processor):
     it = S.generate_item("test", 0)
-    enc = processor(images=it.image, text=format_prompt(it.question), return_tensors="pt")
+    enc = processor(images=it.image, text=question_prompt(it.question), return_tensors="pt")
     img_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((enc["input_ids"] == img_id).sum()) == NUM_IMAGE_TOKENS == 576
     assert enc["pixel_values"].shape == (1, 3, 336, 336)
@@ -175,7 +175,7 @@ def test_processor_and_tokenizer(processor):
     chat = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.question}]}],
         add_generation_prompt=True)
-    assert chat == format_prompt(it.question)
+    assert chat == question_prompt(it.question)
 
 
 def test_generate_and_roundtrip(processor, tmp_path):
@@ -183,7 +183,7 @@ def test_generate_and_roundtrip(processor, tmp_path):
 
     model = build_model(tokenizer=processor.tokenizer, tiny=True, seed=0).eval()
     items = S.load_split("val", 2)
-    enc = processor(images=[it.image for it in items], text=[format_prompt(it.question) for it in items],
+    enc = processor(images=[it.image for it in items], text=[question_prompt(it.question) for it in items],
                     return_tensors="pt", padding=True)
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
     words = processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -193,7 +193,7 @@ def test_generate_and_roundtrip(processor, tmp_path):
     assert os.path.getsize(tmp_path / "model.safetensors") < 25e6
     m2 = LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
     p2 = AutoProcessor.from_pretrained(str(tmp_path))
-    enc2 = p2(images=[it.image for it in items], text=[format_prompt(it.question) for it in items],
+    enc2 = p2(images=[it.image for it in items], text=[question_prompt(it.question) for it in items],
               return_tensors="pt", padding=True)
     assert torch.equal(enc["input_ids"], enc2["input_ids"]) and torch.equal(enc["pixel_values"], enc2["pixel_values"])
     with torch.no_grad():

@@ -54,8 +54,9 @@ TINY_TEXT: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidde
                                  num_key_value_heads=1)
 
 
-def format_prompt(question: str) -> str:
-    """The single-turn LLaVA-1.5 style prompt used for evaluation."""
+def question_prompt(question: str) -> str:
+    """The single-turn LLaVA-1.5 prompt the testbed is trained and evaluated with (for any model and its chat
+    template, :func:`learnpruner.hub.format_prompt`)."""
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
@@ -169,7 +170,7 @@ def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out_di
 def encode_conversation(tokenizer: PreTrainedTokenizerFast, qas: list[tuple[str, str]],
                         num_image_tokens: int = NUM_IMAGE_TOKENS) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 except answer words and ``</s>``) for a multi-turn conversation whose
-    first turn is exactly ``format_prompt(question)`` as expanded by the processor."""
+    first turn is exactly ``question_prompt(question)`` as expanded by the processor."""
     ids: list[int] = [tokenizer.bos_token_id] + [tokenizer.convert_tokens_to_ids("<image>")] * num_image_tokens
     labels: list[int] = [-100] * len(ids)
     for k, (q, a) in enumerate(qas):

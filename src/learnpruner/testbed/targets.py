@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .model import encode_conversation, format_prompt
+from .model import encode_conversation, question_prompt
 from .shapes import (
     CHARS,
     COLOR_NAMES,
@@ -284,7 +284,7 @@ def vqa_accuracy(model, processor, items: list[VQAItem], batch_size: int = 16, m
     rng = range(0, len(items), batch_size)
     for s in tqdm(rng, desc="eval", disable=not progress, mininterval=10):
         batch = items[s: s + batch_size]
-        enc = processor(images=[it.image for it in batch], text=[format_prompt(it.question) for it in batch],
+        enc = processor(images=[it.image for it in batch], text=[question_prompt(it.question) for it in batch],
                         return_tensors="pt", padding=True).to(device or model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
