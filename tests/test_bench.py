@@ -260,11 +260,11 @@ def test_run_bench_on_a_next_model_instance_reports_every_image():
 
 def test_next_inputs_and_geometry_come_from_the_adapter():
     from learnpruner.adapters import adapter_for
-    from learnpruner.adapters.base import ImageGeometry
+    from learnpruner.adapters.base import ItemGeometry
 
     ad = adapter_for(tiny_llava_next(layers=2))
-    assert ad.image_geometry() == ImageGeometry(size=(112, 112), crops=5, tokens=80, structure=8)
-    assert ad.image_geometry((60, 150)) == ImageGeometry(size=(60, 150), crops=3, tokens=48, structure=4)
+    assert ad.item_geometry() == ItemGeometry(size=(112, 112), crops=5, tokens=80, structure=8)
+    assert ad.item_geometry((60, 150)) == ItemGeometry(size=(60, 150), crops=3, tokens=48, structure=4)
     images = ad.random_images(2, generator=torch.Generator().manual_seed(0))
     assert images["pixel_values"].shape == (2, 5, 3, 56, 56) and images["image_sizes"].tolist() == [[112, 112]] * 2
     assert ad.vision_module() is ad.model.model.vision_tower
@@ -272,7 +272,7 @@ def test_next_inputs_and_geometry_come_from_the_adapter():
     assert start == 5 and inputs[0]["input_ids"].shape == (2, 10 + 88)
     assert int((inputs[0]["input_ids"] == ad.image_token_id).sum()) == 2 * 88
     llava = adapter_for(tiny_llava(layers=2))
-    assert llava.image_geometry() == ImageGeometry(size=(112, 112), crops=1, tokens=64, structure=0)
+    assert llava.item_geometry() == ItemGeometry(size=(112, 112), crops=1, tokens=64, structure=0)
     assert llava.bench_budgets() == [64, 21, 7] and ad.bench_budgets() == [80, 18, 9, 4]
 
 
@@ -301,7 +301,7 @@ def test_next_analytic_flops_equal_a_hand_count():
     assert bench.analytic_flops(cfg, sched, 1, 20) == 177_997_824
     # a smaller image: pass its geometry (a 60x150 image: 3 crops, 48 tokens, 4 newlines)
     ad = bench.arch_adapter(cfg)
-    small = ad.image_geometry((60, 150))
+    small = ad.item_geometry((60, 150))
     parts = bench.flops_breakdown(ad, Schedule(n=48, num_layers=8), 1, 20, image=small)
     assert parts["vision"] == 3 * vision // 5
     assert parts["llm"] == 8 * (72 * 294_912 + 4 * 72 * 72 * 128)  # 20 + 4 + 48 tokens
@@ -338,7 +338,7 @@ def test_next_7b_arch_is_the_real_architecture_without_weights():
     assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_token_id) == (-2, "default", 32000)
     ad = bench.arch_adapter("llava-next-7b")
     assert all(p.is_meta for p in ad.model.parameters())
-    geo = ad.image_geometry()
+    geo = ad.item_geometry()
     assert (geo.size, geo.crops, geo.tokens, geo.structure, geo.placeholders) == ((672, 672), 5, 2880, 48, 2928)
     assert ad.num_visual_tokens() == 2880 and ad.bench_budgets() == [2880, 640, 320, 160]
     assert 7.0e9 < sum(p.numel() for p in ad.model.parameters()) < 7.1e9
@@ -407,5 +407,5 @@ def test_bench_item_leaves_the_adapter_as_it_was():
     ad = bench.arch_adapter("qwen2.5-vl-tiny")
     video = ad.bench_item("video")
     assert video is not ad and video.bench_kind == "video" and ad.bench_kind == "image"
-    assert video.image_geometry().crops == 4 and ad.image_geometry().crops == 1
+    assert video.item_geometry().crops == 4 and ad.item_geometry().crops == 1
     assert ad.bench_item(None) is ad

@@ -506,11 +506,11 @@ def test_bench_adapter_helpers_and_random_inputs():
 
     model = tiny_qwen()
     ad = adapter_for(model)
-    geo = ad.image_geometry()
+    geo = ad.item_geometry()
     assert geo.size == (896, 1120) and geo.tokens == 1280 and geo.crops == 1 and geo.structure == 0
     images = ad.random_images(2, generator=torch.Generator().manual_seed(0), image_size=(112, 112))
     assert images["pixel_values"].shape == (2 * 64, 1176) and images["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
-    assert ad.vision_flops(ad.image_geometry((112, 112))) == bq.vision_flops(model.config, (1, 8, 8))
+    assert ad.vision_flops(ad.item_geometry((112, 112))) == bq.vision_flops(model.config, (1, 8, 8))
     assert ad.projector_flops(16) == bq.merger_flops(model.config, 16)
     video = bq.random_inputs(model.config, 2, text_tokens=12, video=(4, 56, 84))
     assert video["video_grid_thw"].tolist() == [[2, 4, 6]] * 2

@@ -440,11 +440,11 @@ def test_video_bench_end_to_end_on_the_tiny_arch(tmp_path, capsys):
 def test_video_bench_inputs_and_geometry_come_from_the_adapter():
     from learnpruner import bench
     from learnpruner.adapters import adapter_for
-    from learnpruner.adapters.base import ImageGeometry
+    from learnpruner.adapters.base import ItemGeometry
 
     model = bench.build_arch("video-llava-tiny")
     ad = adapter_for(model)
-    assert ad.image_geometry() == ImageGeometry(size=(56, 56), crops=8, tokens=136, structure=0)
+    assert ad.item_geometry() == ItemGeometry(size=(56, 56), crops=8, tokens=136, structure=0)
     assert ad.bench_budgets() == [136, 45, 15] and ad.vision_module() is model.model.video_tower
     assert ad.random_images(2)["pixel_values_videos"].shape == (2, 8, 3, 56, 56)
     inputs, start = bench._make_inputs(model, 2, 10, 1, "cpu", torch.float32)
@@ -527,7 +527,7 @@ def test_video_llava_7b_arch_has_the_real_dims_and_2056_tokens_per_video():
         32000, 32001, -2, "default")
     ad = bench.arch_adapter("video-llava-7b")
     assert all(p.is_meta for p in ad.model.parameters())
-    geo = ad.image_geometry()
+    geo = ad.item_geometry()
     assert (geo.size, geo.crops, geo.tokens, geo.structure) == ((224, 224), 8, 2056, 0)
     assert ad.video_tokens() == 8 * (16 * 16 + 1) == 2056 and ad.num_visual_tokens() == 256  # an image: 256
     assert ad.bench_budgets() == [2056, 685, 228]
@@ -541,7 +541,7 @@ def test_video_llava_7b_arch_has_the_real_dims_and_2056_tokens_per_video():
     # bf16 KV cache: 32 layers x (K, V) x 32 heads x (64 text + 2056) x 128 x 2 bytes
     assert bench.analytic_kv_bytes(cfg, full, 1, 64) == 32 * 2 * 32 * 2120 * 128 * 2 == 1_111_490_560
     mid = bench.arch_adapter("video-llava-mid")
-    assert mid.image_geometry().tokens == 2056 and mid.bench_budgets() == [2056, 685, 228]
+    assert mid.item_geometry().tokens == 2056 and mid.bench_budgets() == [2056, 685, 228]
 
 
 def test_eval_reads_video_records_from_jsonl(tmp_path):
@@ -589,5 +589,5 @@ def test_token_counts_the_adapter_reports_are_the_ones_it_encodes(model):
         pix = torch.randn(1, frames, 3, 56, 56)
         assert ad.video_tokens(frames) == ad.encode(pixel_values_videos=pix).counts()[0] == frames * PER_FRAME
     assert ad.encode(pixel_values_images=torch.randn(1, 3, 56, 56)).counts() == [PER_IMAGE]
-    geo = ad.image_geometry()
+    geo = ad.item_geometry()
     assert geo.tokens == ad.video_tokens() == ad.bench_frames * PER_FRAME and geo.crops == ad.bench_frames

@@ -188,14 +188,14 @@ class Adapter:
         """The module whose forward runs the vision encoder (timed with hooks on an unpatched model)."""
         raise NotImplementedError
 
-    def image_geometry(self, image_size=None) -> ImageGeometry:
+    def item_geometry(self, image_size=None) -> ItemGeometry:
         """How one image of ``image_size`` ``(height, width)`` enters the model (default: the largest the
         family takes, the one :meth:`num_visual_tokens` counts)."""
         raise NotImplementedError
 
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
         """Forward arguments for ``batch`` random images (one per sample) of ``image_size`` (default as in
-        :meth:`image_geometry`): ``pixel_values`` as the processor lays them out, plus the family's extras."""
+        :meth:`item_geometry`): ``pixel_values`` as the processor lays them out, plus the family's extras."""
         raise NotImplementedError
 
     def graph_modules(self) -> list[nn.Module]:
@@ -215,7 +215,7 @@ class Adapter:
         other.bench_kind = kind
         return other
 
-    def bench_note(self, image: ImageGeometry) -> str:
+    def bench_note(self, image: ItemGeometry) -> str:
         """How ``learnpruner bench`` describes one sample's item of geometry ``image`` under its table."""
         text = f"{image.tokens} visual tokens"
         if image.crops > 1 or image.structure:
@@ -226,12 +226,12 @@ class Adapter:
 
     def bench_budgets(self) -> list[int]:
         """The budgets (visual tokens per image, averaged over LLM layers) ``learnpruner bench`` measures by
-        default: every token of the bench item (:meth:`image_geometry`), then 1/3 and 1/9 of them (the ratios of
+        default: every token of the bench item (:meth:`item_geometry`), then 1/3 and 1/9 of them (the ratios of
         LLaVA-1.5's 192 and 64 of 576)."""
-        n = self.image_geometry().tokens
+        n = self.item_geometry().tokens
         return [n, max(1, round(n / 3)), max(1, round(n / 9))]
 
-    def vision_flops(self, image: ImageGeometry | None = None) -> int:
+    def vision_flops(self, image: ItemGeometry | None = None) -> int:
         """Analytic FLOPs of the vision encoder for one image (every pass it makes; 2 per multiply-add)."""
         raise NotImplementedError
 
@@ -252,8 +252,9 @@ class Adapter:
 
 
 @dataclass(frozen=True)
-class ImageGeometry:
-    """One image as the model sees it: its ``size`` ``(height, width)``, the vision encoder's ``crops``
+class ItemGeometry:
+    """One benchmark item (an image, or a video whose frames or frame groups are its crops) as the model sees it:
+    its ``size`` ``(height, width)``, the vision encoder's ``crops``
     (passes) for it, its visual ``tokens`` (selectable, the budget's reference) and its ``structure``
     placeholders (kept, outside the budget: LLaVA-NeXT's row newlines)."""
 

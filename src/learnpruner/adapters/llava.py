@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import VisualFeatures
-from .base import Adapter, ImageGeometry
+from .base import Adapter, ItemGeometry
 from .clip import clip_features
 
 
@@ -74,21 +74,21 @@ class LlavaAdapter(Adapter):
     def vision_module(self):
         return self.model.model.vision_tower
 
-    def image_geometry(self, image_size=None) -> ImageGeometry:
+    def item_geometry(self, image_size=None) -> ItemGeometry:
         """Every image is resized to the tower's square input: one crop, :meth:`num_visual_tokens` tokens."""
         size = self.model.config.vision_config.image_size
-        return ImageGeometry(size=(size, size), crops=1, tokens=self.num_visual_tokens())
+        return ItemGeometry(size=(size, size), crops=1, tokens=self.num_visual_tokens())
 
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
         vc = self.model.config.vision_config
         shape = (batch, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
         return {"pixel_values": torch.randn(shape, generator=generator)}
 
-    def vision_flops(self, image: ImageGeometry | None = None) -> int:
+    def vision_flops(self, image: ItemGeometry | None = None) -> int:
         """CLIP: patch conv + every encoder layer (HF runs them all, whatever the feature layer) on each crop;
         q/k/v/o and the 2-matrix MLP on ``patches + 1`` positions, attention scores and values full."""
         vc = self.model.config.vision_config
-        crops = (image or self.image_geometry()).crops
+        crops = (image or self.item_geometry()).crops
         d, inter = vc.hidden_size, vc.intermediate_size
         patches = (vc.image_size // vc.patch_size) ** 2
         s = patches + 1  # + [CLS]

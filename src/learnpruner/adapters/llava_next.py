@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import STRUCTURE, VisualFeatures
-from .base import ImageGeometry
+from .base import ItemGeometry
 from .llava import LlavaAdapter
 
 
@@ -99,19 +99,19 @@ class LlavaNextAdapter(LlavaAdapter):
         h, w = max(self.model.config.image_grid_pinpoints, key=lambda hw: (hw[0] // size) * (hw[1] // size))
         return int(h), int(w)
 
-    def image_geometry(self, image_size=None) -> ImageGeometry:
+    def item_geometry(self, image_size=None) -> ItemGeometry:
         """Base crop plus the AnyRes grid for ``image_size`` (default: :meth:`largest_image_size`); tokens are
         the unpadded grid's, structure its row newlines (672x672 at 336 px: 5 crops, 2880 tokens, 48 rows)."""
         size = self.largest_image_size() if image_size is None else (int(image_size[0]), int(image_size[1]))
         crops = self._num_crops([list(size)])[0]
         order = self.packed_order(crops, self._crop_tokens(), list(size))
         structure = int((order < 0).sum())
-        return ImageGeometry(size=size, crops=crops, tokens=int(order.numel()) - structure, structure=structure)
+        return ItemGeometry(size=size, crops=crops, tokens=int(order.numel()) - structure, structure=structure)
 
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
         """``pixel_values`` ``[batch, crops, C, S, S]`` and ``image_sizes`` ``[batch, 2]``, as the processor
         returns them for ``batch`` images of one size."""
-        geo = self.image_geometry(image_size)
+        geo = self.item_geometry(image_size)
         vc = self.model.config.vision_config
         shape = (batch, geo.crops, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
         return {"pixel_values": torch.randn(shape, generator=generator),

@@ -301,14 +301,14 @@ class Qwen2_5_VLAdapter(Adapter):
         """The placeholder id of a bench item: the image token, or the video token for a video."""
         return self.video_token_id if self.bench_kind == "video" else self.image_token_id
 
-    def image_geometry(self, image_size=None):
+    def item_geometry(self, image_size=None):
         """One bench item after the processor's resize. An image of ``image_size`` ``(height, width)`` px (default
         :data:`~.qwen2_5_vl_bench.BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens.
         With ``bench_item("video")``, a video of ``image_size`` ``(frames, height, width)`` (default
         :data:`~.qwen2_5_vl_bench.BENCH_VIDEO`, 4 temporal groups of 256 tokens): its temporal groups are
         the crops. No structure either way."""
         from . import qwen2_5_vl_bench as bq
-        from .base import ImageGeometry
+        from .base import ItemGeometry
 
         cfg = self.model.config
         if self.bench_kind == "video":
@@ -317,7 +317,7 @@ class Qwen2_5_VLAdapter(Adapter):
             grid = bq.image_grid(cfg, *(image_size or bq.BENCH_IMAGE))
         t, h, w = grid
         patch = cfg.vision_config.patch_size
-        return ImageGeometry(size=(h * patch, w * patch), crops=t, tokens=bq.grid_tokens(cfg, grid))
+        return ItemGeometry(size=(h * patch, w * patch), crops=t, tokens=bq.grid_tokens(cfg, grid))
 
     def bench_note(self, image) -> str:
         h, w = image.size
@@ -345,7 +345,7 @@ class Qwen2_5_VLAdapter(Adapter):
         :meth:`projector_flops`)."""
         from . import qwen2_5_vl_bench as bq
 
-        image = image if image is not None else self.image_geometry()
+        image = image if image is not None else self.item_geometry()
         patch = self.model.config.vision_config.patch_size
         grid = (image.crops, image.size[0] // patch, image.size[1] // patch)
         return bq.vision_flops(self.model.config, grid)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import VisualFeatures
-from .base import ImageGeometry
+from .base import ItemGeometry
 from .clip import clip_features
 from .llava import LlavaAdapter
 
@@ -118,11 +118,11 @@ class VideoLlavaAdapter(LlavaAdapter):
         """The video tower (the bench feeds videos only)."""
         return self.model.model.video_tower
 
-    def image_geometry(self, image_size=None) -> ImageGeometry:
+    def item_geometry(self, image_size=None) -> ItemGeometry:
         """One video of :attr:`bench_frames` frames, each resized to the tower's square input and encoded as one
         crop: 8 crops, 2056 tokens at 224 px (``image_size`` is ignored: every frame enters at that size)."""
         size = self.model.config.vision_config.image_size
-        return ImageGeometry(size=(size, size), crops=self.bench_frames, tokens=self.video_tokens())
+        return ItemGeometry(size=(size, size), crops=self.bench_frames, tokens=self.video_tokens())
 
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
         """``pixel_values_videos`` ``[batch, frames, C, S, S]``: one random video per sample, as the processor

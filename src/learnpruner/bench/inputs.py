@@ -18,7 +18,7 @@ def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dty
     random video); and the index of the first placeholder. ``model``: a model or its adapter (whose
     ``bench_item`` chose the item)."""
     ad = _adapter(model)
-    slots = ad.image_geometry().placeholders
+    slots = ad.item_geometry().placeholders
     pre = min(4, text_tokens - 1)
     post = text_tokens - 1 - pre
     start = 1 + pre  # index of the first image placeholder
@@ -57,7 +57,7 @@ def _prepare_batch(model, ad, size: int, text_tokens: int, variants: int, device
     from ..engine import STRUCTURE
 
     inputs, start = _make_inputs(ad, size, text_tokens, variants, device, dtype, seed)
-    slots = ad.image_geometry().placeholders
+    slots = ad.item_geometry().placeholders
     feats, structure = [], None
     with torch.inference_mode():
         for inp in inputs:

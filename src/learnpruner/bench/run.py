@@ -178,7 +178,7 @@ def _environment(label: str, ad, dev: torch.device, dt: torch.dtype, settings: _
     import transformers
 
     cuda = dev.type == "cuda"
-    image = ad.image_geometry()
+    image = ad.item_geometry()
     return {
         "model": label, "family": ad.family, "item": ad.bench_kind,
         "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({_cpu_name()})",
@@ -341,7 +341,7 @@ def _measure(model, ad, clock, batch: _Batch, name, t, sched, settings: _Setting
     prefill_med, e2e_med = _median(prefill_ms), _median(e2e_ms)
     ideal_llm = _median(ideal_ms)
     ideal_total = med["vision"] + ideal_llm
-    image = ad.image_geometry()
+    image = ad.item_geometry()
     breakdown = flops_breakdown(ad, sched, b, settings.text_tokens, image=image)
     return {
         "path": "plain transformers (unpatched)" if plain else

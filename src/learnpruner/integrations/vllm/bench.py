@@ -108,7 +108,7 @@ def run_vllm_bench(model: str | None, arch: str | None, settings: list[tuple[str
 
         folder, family = _arch_folder(arch, out)
         path, kwargs["load_format"] = str(folder), "dummy"
-        size = arch_adapter(arch).image_geometry().size  # the architecture's bench image (1280 tokens on Qwen)
+        size = arch_adapter(arch).item_geometry().size  # the architecture's bench image (1280 tokens on Qwen)
     else:
         path = resolve(model)
         from ...hub import load_config
