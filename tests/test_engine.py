@@ -194,3 +194,21 @@ def test_static_cache_is_refused_clearly():
     learnpruner.apply(model, "learnpruner", tokens=16, lpm="random")
     with pytest.raises(ValueError, match="needs a DynamicCache.*StaticCache"):
         model.generate(**make_inputs(model), max_new_tokens=2, cache_implementation="static")
+
+
+@torch.no_grad()
+def test_forward_time_vision_options_reach_the_tower():
+    """``vision_feature_layer`` given to the forward (an adapter's ``vision_options``) steers the pruned model's
+    tower as it steers the unmodified one: at a budget that keeps every token the logits match, and differ from
+    the default layer's."""
+    model = tiny_llava(seed=3)
+    inp = make_inputs(model)
+    ref_last = model(**inp, vision_feature_layer=-1).logits
+    ref_default = model(**inp).logits
+    learnpruner.apply(model, "random", tokens=n_visual(model))
+    try:
+        got = model(**inp, vision_feature_layer=-1).logits
+    finally:
+        learnpruner.remove(model)
+    torch.testing.assert_close(got, ref_last, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, ref_default, atol=1e-3)

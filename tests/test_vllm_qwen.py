@@ -35,9 +35,9 @@ _ENGINES: dict = {}
 def folder(tmp_path_factory):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from learnpruner.testbed.model import build_qwen_processor, qwen_token_ids
+    from learnpruner.adapters.qwen2_5_vl_bench import token_ids, word_processor
 
-    processor = build_qwen_processor(min_pixels=28 * 28, max_pixels=112 * 168)
+    processor = word_processor(min_pixels=28 * 28, max_pixels=112 * 168)
     tok = processor.tokenizer
     torch.manual_seed(0)
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
@@ -47,7 +47,7 @@ def folder(tmp_path_factory):
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], out_hidden_size=64,
                   tokens_per_second=2)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **qwen_token_ids(tok))
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids(tok))
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     path = tmp_path_factory.mktemp("tiny-qwen")
     model.save_pretrained(path)
@@ -200,3 +200,10 @@ def test_vllm_bench_serves_a_qwen_architecture(tmp_path):
                              print_fn=lambda *a: None)
     none, pruned = records
     assert none["prompt_tokens"] - pruned["prompt_tokens"] == 1280 - 16  # one 896x1120 image: 1280 tokens
+
+
+def test_evs_with_a_learnpruner_budget_is_refused_when_the_engine_starts(folder):
+    with pytest.raises(ValueError, match=r"video_pruning_rate \(vLLM's EVS\) and a learnpruner budget both prune"):
+        vllm.LLM(folder, dtype="float32", enforce_eager=True, max_model_len=1024, mm_processor_cache_gb=0,
+                 gpu_memory_utilization=0.1, video_pruning_rate=0.5,
+                 hf_overrides=overrides("qwen2_5_vl", "divprune", TOKENS))

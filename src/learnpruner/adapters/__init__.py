@@ -7,16 +7,20 @@ from torch import nn
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_bench import LLAVA_ARCHS
+from .llava_bench import bench_processor as llava_bench_processor
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_5_vl_bench import QWEN_ARCHS
+from .qwen2_5_vl_bench import bench_processor as qwen_bench_processor
 from .video_llava import VideoLlavaAdapter
 
-__all__ = ["Adapter", "ADAPTERS", "BENCH_ARCHS", "adapter_for", "families_of", "register_adapter"]
+__all__ = ["Adapter", "ADAPTERS", "BENCH_ARCHS", "BENCH_PROCESSORS", "adapter_for", "families_of", "register_adapter"]
 
 ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter, Qwen2_5_VLAdapter, VideoLlavaAdapter]
 # the benchmark's named architectures (random weights), each family's from its own module
 BENCH_ARCHS = {**LLAVA_ARCHS, **QWEN_ARCHS}
+# family -> the processor of an architecture benchmark (word-level tokenizer; sets the config's token ids)
+BENCH_PROCESSORS = {"llava": llava_bench_processor, "qwen2_5_vl": qwen_bench_processor}
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

@@ -3,7 +3,7 @@ the published dimensions (random weights; nothing downloaded), CPU-friendly and 
 
 from __future__ import annotations
 
-__all__ = ["LLAVA_ARCHS", "NEXT_PINPOINTS"]
+__all__ = ["LLAVA_ARCHS", "NEXT_PINPOINTS", "bench_processor"]
 
 
 def _clip(hidden, layers, heads, inter, image_size=336, patch=14):
@@ -84,3 +84,18 @@ LLAVA_ARCHS = {
     "video-llava-tiny": lambda: _video_llava(_clip(64, 2, 4, 128, image_size=56),
                                              _llama(128, 8, 4, 256, vocab=512, kv_heads=2), 510, 511),
 }
+
+
+def bench_processor(config):
+    """The processor of an architecture benchmark: the testbed's word-level LLaVA processor at ``config``'s image
+    and patch size, with ``config``'s image token id (and vocabulary size) set to match it."""
+    from ..testbed.model import build_processor
+
+    processor = build_processor()
+    size, patch = config.vision_config.image_size, config.vision_config.patch_size
+    processor.image_processor.size = {"shortest_edge": size}
+    processor.image_processor.crop_size = {"height": size, "width": size}
+    processor.patch_size = patch
+    config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
+    return processor

@@ -238,3 +238,53 @@ def random_inputs(config, batch: int = 1, text_tokens: int = 64, image=BENCH_IMA
     else:
         out.update(pixel_values=pixels, image_grid_thw=grids)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# a processor for architectures with random weights (no Qwen tokenizer can be downloaded)
+
+
+QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def word_processor(min_pixels: int = 3136, max_pixels: int = 1003520):
+    """A ``Qwen2_5_VLProcessor`` over the testbed's word-level vocabulary plus Qwen's vision tokens
+    (:data:`QWEN_TOKENS`; the tokenizer names ``<|image_pad|>`` and ``<|video_pad|>`` as its image and video
+    tokens, so the processor expands them), a PIL image processor and Qwen's video processor (which needs
+    torchvision), resizing between ``min_pixels`` and ``max_pixels``: for tiny random Qwen2.5-VL models and
+    architecture benchmarks, where no Qwen tokenizer can be downloaded."""
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLVideoProcessor,
+    )
+
+    from ..testbed.model import CHAT_TEMPLATE, build_tokenizer
+
+    words = build_tokenizer()
+    words.add_tokens(list(QWEN_TOKENS), special_tokens=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>", padding_side="left", model_max_length=1 << 17,
+                                  extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels),
+                               video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
+                               chat_template=CHAT_TEMPLATE)
+
+
+def token_ids(tokenizer) -> dict:
+    """The config fields naming :data:`QWEN_TOKENS` in ``tokenizer`` (for a Qwen2.5-VL config)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
+    return dict(vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
+
+
+def bench_processor(config):
+    """The processor of an architecture benchmark: :func:`word_processor` at the stock image processor's pixel
+    bounds, with ``config``'s vision token ids (and vocabulary size) set to match it."""
+    processor = word_processor()
+    for key, value in token_ids(processor.tokenizer).items():
+        setattr(config, key, value)
+    config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
+    return processor

@@ -34,7 +34,7 @@ from .archs import ARCHS, arch_adapter, arch_config, build_arch
 from .flops import FLOPS_CONVENTION, _output_cache, analytic_flops, analytic_kv_bytes, flops_breakdown, kv_cache_bytes
 from .inputs import _make_inputs
 from .report import plot_results, speed_table, write_results
-from .run import _cpu_name, _plan, run_bench
+from .run import _plan, cpu_name, run_bench
 
 __all__ = [
     "ARCHS",
@@ -51,7 +51,7 @@ __all__ = [
     "write_results",
     "plot_results",
     "_make_inputs",
-    "_cpu_name",
+    "cpu_name",
     "_plan",
     "_output_cache",
 ]

@@ -181,7 +181,7 @@ def _environment(label: str, ad, dev: torch.device, dt: torch.dtype, settings: _
     image = ad.item_geometry()
     return {
         "model": label, "family": ad.family, "item": ad.bench_kind,
-        "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({_cpu_name()})",
+        "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({cpu_name()})",
         "device_type": dev.type, "dtype": str(dt).replace("torch.", ""), "torch": torch.__version__,
         "transformers": transformers.__version__, "cpu_threads": None if cuda else torch.get_num_threads(),
         "new_tokens": settings.new_tokens, "text_tokens": settings.text_tokens, "repeats": settings.repeats,
@@ -238,7 +238,7 @@ def _add_speedups(records: list[dict]) -> None:
         rec["like_for_like_prefill_speedup"] = same["prefill_ms"] / rec["prefill_ms"] if ok_same else None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

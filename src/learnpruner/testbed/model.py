@@ -95,35 +95,6 @@ def build_processor() -> LlavaProcessor:
                           chat_template=CHAT_TEMPLATE, image_token="<image>")
 
 
-QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-
-
-def build_qwen_processor(min_pixels: int = 3136, max_pixels: int = 1003520):
-    """A ``Qwen2_5_VLProcessor`` over the testbed's word-level vocabulary plus Qwen's vision tokens
-    (:data:`QWEN_TOKENS`; the tokenizer names ``<|image_pad|>`` and ``<|video_pad|>`` as its image and video
-    tokens, so the processor expands them), a PIL image processor and Qwen's video processor (which needs
-    torchvision), resizing between ``min_pixels`` and ``max_pixels``: for tiny random Qwen2.5-VL models and
-    architecture benchmarks, where no Qwen tokenizer can be downloaded."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
-
-    words = build_tokenizer()
-    words.add_tokens(list(QWEN_TOKENS), special_tokens=True)
-    tok = PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>", pad_token="<pad>", padding_side="left", model_max_length=1 << 17,
-                                  extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
-    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels),
-                               video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
-                               chat_template=CHAT_TEMPLATE)
-
-
-def qwen_token_ids(tokenizer) -> dict:
-    """The config fields naming :data:`QWEN_TOKENS` in ``tokenizer`` (for a Qwen2.5-VL config)."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
-    return dict(vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-                image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
-
-
 def build_config(tokenizer: PreTrainedTokenizerFast | None = None, vision: dict | None = None,
                  text: dict | None = None, tiny: bool = False) -> LlavaConfig:
     """LlavaConfig for the testbed; ``vision``/``text`` override CLIPVisionConfig/LlamaConfig fields.

@@ -31,29 +31,17 @@ __all__ = ["run_vllm_bench"]
 
 def _arch_folder(arch: str, out: Path) -> tuple[Path, str]:
     """A model folder for ``arch`` (config, word-level tokenizer and processor; no weights) and its family."""
+    from ...adapters import BENCH_PROCESSORS
     from ...bench import arch_config
-    from ...testbed.model import build_processor, build_qwen_processor, qwen_token_ids
     from . import ARCHITECTURES
 
     config = arch_config(arch)
     family = config.model_type
-    if family not in ARCHITECTURES or family == "llava_next":
-        raise ValueError(f"--arch {arch!r}: vllm-bench runs LLaVA-1.5 and Qwen2.5-VL architectures")
+    if family not in ARCHITECTURES or family not in BENCH_PROCESSORS:
+        raise ValueError(f"--arch {arch!r} ({family}): vllm-bench runs the architectures of "
+                         f"{', '.join(sorted(set(ARCHITECTURES) & set(BENCH_PROCESSORS)))}")
     folder = out / f"arch-{arch}"
-    if family == "llava":
-        processor = build_processor()
-        size, patch = config.vision_config.image_size, config.vision_config.patch_size
-        processor.image_processor.size = {"shortest_edge": size}
-        processor.image_processor.crop_size = {"height": size, "width": size}
-        processor.patch_size = patch
-        config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
-        text = config.text_config
-    else:
-        processor = build_qwen_processor()
-        for key, value in qwen_token_ids(processor.tokenizer).items():
-            setattr(config, key, value)
-        text = config.text_config
-    text.vocab_size = max(text.vocab_size, len(processor.tokenizer))
+    processor = BENCH_PROCESSORS[family](config)
     config.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder, family
@@ -77,9 +65,9 @@ def _card() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from ...bench import _cpu_name
+    from ...bench import cpu_name
 
-    return f"cpu ({_cpu_name()})"
+    return f"cpu ({cpu_name()})"
 
 
 def run_vllm_bench(model: str | None, arch: str | None, settings: list[tuple[str, int | None]], requests: int = 32,

@@ -13,6 +13,8 @@ registered rule itself (:data:`learnpruner.rules.STAGE1_RULES`), imported, never
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,11 +124,17 @@ class Stage1Spec:
 
     # --- per image -----------------------------------------------------------------------------------
     def kept(self, n: int) -> int:
-        """Visual tokens an image of ``n`` tokens keeps (the placeholders vLLM schedules for it)."""
-        if self.runs_as == "none":
-            return n
-        schedule = get_method(self.runs_as).schedule(tokens_for(n, self.tokens, self.ratio), n, 2, self._rule_options())
-        return n if schedule.r1 is None else schedule.r1
+        """Visual tokens an image of ``n`` tokens keeps (the placeholders vLLM schedules for it); computed once per
+        count (a request stream holds few distinct sizes)."""
+        counts = self.__dict__.setdefault("_kept", {})
+        if n not in counts:
+            if self.runs_as == "none":
+                counts[n] = n
+            else:
+                schedule = get_method(self.runs_as).schedule(tokens_for(n, self.tokens, self.ratio), n, 2,
+                                                             self._rule_options())
+                counts[n] = n if schedule.r1 is None else schedule.r1
+        return counts[n]
 
     def _rule_options(self) -> dict:
         return {k: v for k, v in self.options.items() if k != "lpm"}
@@ -208,12 +216,22 @@ def supported_methods() -> list[str]:
 
 
 def spec_of(config, positions: str = "contiguous") -> Stage1Spec:
-    """The checked spec of a served model's HF ``config`` (its ``learnpruner`` entry, from ``hf_overrides``)."""
-    spec = Stage1Spec.from_config(getattr(config, CONFIG_KEY, None), positions=positions)
-    if spec is None:
+    """The checked spec of a served model's HF ``config`` (its ``learnpruner`` entry, from ``hf_overrides``).
+    Checked once per distinct entry: the processor asks for it on every request."""
+    entry = getattr(config, CONFIG_KEY, None)
+    if entry is None:
         raise ValueError(f"learnpruner's vLLM architectures need hf_overrides[{CONFIG_KEY!r}] "
                          "(learnpruner.integrations.vllm.overrides builds it)")
-    return spec
+    try:
+        key = json.dumps(entry, sort_keys=True)
+    except TypeError:  # not JSON data: from_config names what is wrong
+        return Stage1Spec.from_config(entry, positions=positions)
+    return _checked_spec(key, positions)
+
+
+@functools.lru_cache(maxsize=32)
+def _checked_spec(entry_json: str, positions: str) -> Stage1Spec:
+    return Stage1Spec.from_config(json.loads(entry_json), positions=positions)
 
 
 def attach(model, spec: Stage1Spec, lpm: LearnablePruningModule | None, project) -> None:
