@@ -268,3 +268,118 @@ def qwen_single(inp, i):
         if kind == "video":
             out["second_per_grid_ts"] = inp["second_per_grid_ts"][first:first + count]
     return out
+
+
+QWEN3_PATCH_ROW = 3 * 2 * 16 * 16  # channels x temporal patch x 16 x 16
+
+
+def tiny_qwen3(attn: str = "sdpa", layers: int = 8, seed: int = 0, moe: bool = False, scale: float = 1.0):
+    """A random Qwen3-VL (or Qwen3-VL-MoE): a 3-block vision tower (16 px patches, 2x2 merge, learned position
+    grid of 8x8) with DeepStack taps after blocks 0 and 2 (added after LLM layers 0 and 1), a 64-wide text model
+    with head_dim 16 and interleaved ``mrope_section`` [2, 3, 3], and :func:`qwen_tokenizer`'s vocabulary.
+    ``scale`` multiplies the DeepStack mergers' output weights (at init their additions are tiny)."""
+    import transformers
+
+    tok = qwen_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True},
+    )
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, deepstack_visual_indexes=[0, 2],
+                  num_position_embeddings=64)
+    config_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    model_cls = transformers.Qwen3VLMoeForConditionalGeneration if moe else transformers.Qwen3VLForConditionalGeneration
+    cfg = config_cls(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = model_cls(cfg).eval()
+    if scale != 1.0:
+        with torch.no_grad():
+            for m in model.model.visual.deepstack_merger_list:
+                m.linear_fc2.weight.mul_(scale)
+    model.set_attn_implementation(attn)
+    model.generation_config.suppress_tokens = [cfg.image_token_id, cfg.video_token_id]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def qwen3_inputs(model, prompts, seed: int = 0, padding: str = "left"):
+    """A padded batch of Qwen3-VL prompts, as its processor lays them out, with random pixel rows: parts as in
+    :func:`qwen_inputs` (grids in 16 px patches); a video is written frame group by frame group, each group's
+    placeholders after a timestamp word and inside its own vision start/end tokens."""
+    tok = qwen_tokenizer()
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    stamp = tok.convert_tokens_to_ids("the")
+    seqs, images, videos = [], [], []
+    for parts in prompts:
+        ids = [tok.bos_token_id]
+        for part in parts:
+            if isinstance(part, str):
+                ids += tok.convert_tokens_to_ids(part.split())
+                continue
+            kind, grid = part
+            thw = (1, *grid) if kind == "image" else tuple(grid)
+            per_group = thw[1] * thw[2] // 4
+            if kind == "image":
+                ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * per_group + [cfg.vision_end_token_id]
+            else:
+                for _ in range(thw[0]):
+                    ids += [stamp, cfg.vision_start_token_id] + [cfg.video_token_id] * per_group
+                    ids += [cfg.vision_end_token_id]
+            (images if kind == "image" else videos).append(thw)
+        seqs.append(ids)
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, ids in enumerate(seqs):
+        cols = slice(width - len(ids), width) if padding == "left" else slice(0, len(ids))
+        input_ids[i, cols] = torch.tensor(ids)
+        mask[i, cols] = 1
+    types = torch.where(input_ids == cfg.image_token_id, 1, torch.where(input_ids == cfg.video_token_id, 2, 0))
+    out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}
+    if images:
+        out["image_grid_thw"] = torch.tensor(images)
+        out["pixel_values"] = torch.randn(int(out["image_grid_thw"].prod(-1).sum()), QWEN3_PATCH_ROW, generator=g)
+    if videos:
+        out["video_grid_thw"] = torch.tensor(videos)
+        out["pixel_values_videos"] = torch.randn(int(out["video_grid_thw"].prod(-1).sum()), QWEN3_PATCH_ROW,
+                                                 generator=g)
+    return out
+
+
+def qwen3_single(inp, i):
+    """Sample ``i`` of a :func:`qwen3_inputs` batch alone (padding dropped, its own images and videos)."""
+    real = inp["attention_mask"][i].bool()
+    out = {k: inp[k][i:i + 1, real] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for code, pixels, grid in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
+        if grid not in inp:
+            continue
+        tokens = (inp[grid].prod(-1) // 4).tolist()  # placeholders of each item
+        item, spans = 0, []
+        for row in inp["mm_token_type_ids"]:  # items per sample: taken in order until its placeholders are used
+            n, first = int((row == code).sum()), item
+            while n > 0:
+                n -= tokens[item]
+                item += 1
+            spans.append((first, item))
+        first, stop = spans[i]
+        if stop == first:
+            continue
+        rows = inp[grid].prod(-1)
+        start = int(rows[:first].sum())
+        out[grid] = inp[grid][first:stop]
+        out[pixels] = inp[pixels][start:start + int(rows[first:stop].sum())]
+    return out

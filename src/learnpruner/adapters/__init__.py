@@ -12,14 +12,17 @@ from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_5_vl_bench import QWEN_ARCHS
 from .qwen2_5_vl_bench import bench_processor as qwen_bench_processor
+from .qwen3_vl import Qwen3VLAdapter
+from .qwen3_vl_bench import QWEN3_ARCHS
 from .video_llava import VideoLlavaAdapter
 
 __all__ = ["Adapter", "ADAPTERS", "BENCH_ARCHS", "BENCH_PROCESSORS", "adapter_for", "families_of", "register_adapter"]
 
-ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter, Qwen2_5_VLAdapter, VideoLlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter, Qwen3VLAdapter, Qwen2_5_VLAdapter, VideoLlavaAdapter]
 # the benchmark's named architectures (random weights), each family's from its own module
-BENCH_ARCHS = {**LLAVA_ARCHS, **QWEN_ARCHS}
+BENCH_ARCHS = {**LLAVA_ARCHS, **QWEN_ARCHS, **QWEN3_ARCHS}
 # family -> the processor of an architecture benchmark (word-level tokenizer; sets the config's token ids)
+# (served by the vLLM bench; Qwen3-VL has no vLLM plugin yet)
 BENCH_PROCESSORS = {"llava": llava_bench_processor, "qwen2_5_vl": qwen_bench_processor}
 
 

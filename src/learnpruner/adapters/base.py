@@ -239,6 +239,11 @@ class Adapter:
         """Analytic FLOPs of the projector on ``rows`` feature rows (2 per multiply-add)."""
         raise NotImplementedError
 
+    def prompt_inputs(self, input_ids: torch.Tensor) -> dict:
+        """Forward arguments the family's processor returns next to ``input_ids`` and that follow from them alone
+        (Qwen's ``mm_token_type_ids``); none by default. The benchmark adds them to its fabricated prompts."""
+        return {}
+
     @property
     def bench_token_id(self) -> int:
         """The placeholder id of a benchmark sample's item (the image token; the video token for videos)."""

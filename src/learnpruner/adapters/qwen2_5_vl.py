@@ -243,6 +243,9 @@ class Qwen2_5_VLAdapter(Adapter):
         return torch.where(input_ids == self.image_token_id, IMAGE,
                            torch.where(input_ids == self.video_token_id, VIDEO, 0)).to(torch.int)
 
+    def prompt_inputs(self, input_ids: torch.Tensor) -> dict:
+        return {"mm_token_type_ids": self.mm_token_type_ids(input_ids)}
+
     @staticmethod
     def _deltas(rope: torch.Tensor, attention_mask) -> torch.Tensor:
         """``[b, 1]``: largest rotary position + 1 minus the real tokens of each row (``get_rope_index``'s

@@ -9,7 +9,7 @@ import torch
 
 from .archs import _adapter
 
-_TEXT_INPUTS = ("input_ids", "attention_mask")
+_TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dtype, seed: int = 0):
@@ -36,6 +36,7 @@ def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dty
         out.append({
             "input_ids": ids.to(device),
             "attention_mask": torch.ones_like(ids).to(device),
+            **{k: v.to(device) for k, v in ad.prompt_inputs(ids).items()},
             **{k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in images.items()},
         })
     return out, start

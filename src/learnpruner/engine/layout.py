@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TEXT", "STRUCTURE", "VisualFeatures", "Layout", "instruction_rows", "pad_rows"]
+__all__ = ["TEXT", "STRUCTURE", "VisualFeatures", "Layout", "instruction_rows", "pad_rows", "fill_streams"]
 
 TEXT = -1
 STRUCTURE = -2
@@ -36,6 +36,10 @@ class VisualFeatures:
     index or :data:`STRUCTURE`. ``structure``: the embedding that fills structure slots (or None).
     ``extras``: per-image side information in token order (``"cls"`` ``[n_i]``, ``"keys"`` ``[n_i, h]``).
     ``crops`` / ``patches``: per image ``[n_i]`` crop (or frame) and patch index of each token.
+    ``streams``: per stream, per image ``[n_i, d_j]``: side inputs in token order that follow the features
+    through stage 1 (each image keeps the same tokens in every stream), projected by the adapter's
+    ``project_stream(j, rows)`` and added to the residual stream after decoder layer ``j`` at the rows of the
+    tokens still present (Qwen3-VL's DeepStack features); None for families without any.
     """
 
     features: torch.Tensor | list[torch.Tensor]
@@ -44,6 +48,7 @@ class VisualFeatures:
     extras: dict[str, list[torch.Tensor] | torch.Tensor] = field(default_factory=dict)
     crops: list[torch.Tensor] | None = None
     patches: list[torch.Tensor] | None = None
+    streams: list[list[torch.Tensor]] | None = None
 
     @property
     def num_images(self) -> int:
@@ -173,3 +178,18 @@ def fill_visual(embeds: torch.Tensor, slot: torch.Tensor, projected: torch.Tenso
     if structure is not None and bool(is_structure.any()):
         embeds = torch.where(is_structure[..., None], structure.to(embeds), embeds)
     return embeds
+
+
+def fill_streams(ad, visual: VisualFeatures, kept: list, embeds: torch.Tensor,
+                 slot: torch.Tensor) -> torch.Tensor | None:
+    """``[streams, b, s, D]``: each of ``visual.streams`` on the rows of the tokens each image keeps (``kept``: per
+    image its kept indices, ascending, or None for all), projected by ``ad.project_stream`` and written at the
+    placeholders ``slot`` (as :func:`fill_visual` writes the main rows), zero elsewhere; None without streams."""
+    if not visual.streams:
+        return None
+    out = []
+    for j, stream in enumerate(visual.streams):
+        rows = torch.cat([s if k is None else s[k.to(s.device)] for s, k in zip(stream, kept, strict=True)])
+        proj = ad.project_stream(j, rows).to(embeds.device, embeds.dtype)
+        out.append(torch.zeros_like(embeds).masked_scatter(slot[..., None], proj))
+    return torch.stack(out)

@@ -22,10 +22,10 @@ from ..budget import Schedule
 from ..methods import positions_for
 from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext, lpm_of
 from .graphs import graphed_modules
-from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, fill_visual, pad_rows, project_rows
+from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, fill_streams, fill_visual, pad_rows, project_rows
 from .prefill_static import pad_to_bucket, run_segment, unpad
 from .readout import Capture, layer_readout
-from .sequence import Seq, call_layer, causal_mask, keep_positions, take, text_positions
+from .sequence import Seq, add_stream, call_layer, causal_mask, keep_positions, take, text_positions
 from .state import SEGMENTS_ATTR, CacheSegments, ImageStats, PruneState, Stats
 
 __all__ = ["prefill"]
@@ -164,6 +164,7 @@ class VisionResult:
     keep: torch.Tensor | None  # [b, s] positions that survive stage 1 (None: all)
     kept1: torch.Tensor | None  # [num_images, k] stage-1 kept (-1 padded), None when stage 1 kept all
     kept_per_image: list  # per image: its stage-1 kept indices, None where its stage 1 kept all
+    adds: torch.Tensor | None = None  # [streams, b, s, D]: the kept tokens' side streams (fill_streams), or None
 
 
 def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, attention_mask, cache, forced1,
@@ -228,8 +229,10 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
         kept1 = pad_rows([full[i] if k is None else k.to(device) for i, k in enumerate(kept)])
         keep = keep_positions(layout.vis, layout.img, kept_table(kept1, num_images, width))
         slot = slot & keep
+    with state.section("projector"):
+        adds = fill_streams(ad, visual, kept, embeds, slot)
     embeds = fill_visual(embeds, slot, proj, layout, visual.structure)
-    return VisionResult(layout, visual, schedules, embeds, keep, kept1, kept)
+    return VisionResult(layout, visual, schedules, embeds, keep, kept1, kept, adds)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,7 +364,8 @@ def _eager_segment(state: PruneState, start: int, stop: int, seq: Seq, cache, us
     for i in range(start, stop):
         cap = Capture(ad.attention(i)) if i == readout_layer else None
         try:
-            hidden = call_layer(ad, ad.layers[i], hidden, mask, seq.cos_sin, seq.pos, cache, use_cache, kwargs)
+            hidden = add_stream(call_layer(ad, ad.layers[i], hidden, mask, seq.cos_sin, seq.pos, cache, use_cache,
+                                           kwargs), seq.adds, i)
         finally:
             if cap is not None:
                 cap.close()
@@ -450,7 +454,8 @@ def prefill(state: PruneState, inputs_embeds, input_ids, visual_inputs: dict | N
                              cache)
     cos_sin = ad.language_model.rotary_emb(inputs_embeds, position_ids=rope)
     orig = torch.arange(s, device=device).expand(b, s)
-    seq = Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig, _renumber(state, rope))
+    seq = Seq(inputs_embeds, attention_mask, position_ids, cos_sin, vis, img, orig, _renumber(state, rope),
+              adds=vision.adds if vision is not None else None)
     compacted = vision is not None and vision.keep is not None and not bool(vision.keep.all())
     if compacted:
         seq = seq.drop(vision.keep)

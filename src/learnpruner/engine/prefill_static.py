@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .readout import Capture
-from .sequence import Seq, call_layer, causal_mask
+from .sequence import Seq, add_stream, call_layer, causal_mask
 
 __all__ = ["BUCKET", "bucket_length", "pad_to_bucket", "unpad", "run_segment"]
 
@@ -82,19 +82,23 @@ def run_segment(state, start: int, stop: int, seq: Seq, cache, readout_layer: in
     ad = state.adapter
     mask = causal_mask(ad, seq.hidden, seq.mask, cache, seq.pos, start if start else None)
 
-    def segment(hidden, mask, cos, sin, pos):
+    adds = seq.adds if seq.adds is not None and start < seq.adds.shape[0] else None
+
+    def segment(hidden, mask, cos, sin, pos, *streams):
         recorder = _Recorder()
         cap = Capture(ad.attention(readout_layer)) if readout_layer is not None else None
         try:
             for i in range(start, stop):
                 hidden = call_layer(ad, ad.layers[i], hidden, mask, (cos, sin), pos, recorder, True, {})
+                hidden = add_stream(hidden, streams[0] if streams else None, i)
         finally:
             if cap is not None:
                 cap.close()
         return hidden, recorder.keys, recorder.values, (dict(cap.out) if cap is not None else {})
 
-    hidden, keys, values, qk = state.graphs.run(("llm", start, stop, readout_layer), segment, seq.hidden, mask,
-                                                *seq.cos_sin, seq.pos)
+    hidden, keys, values, qk = state.graphs.run(("llm", start, stop, readout_layer, adds is not None), segment,
+                                                seq.hidden, mask, *seq.cos_sin, seq.pos,
+                                                *(() if adds is None else (adds,)))
     for j, i in enumerate(range(start, stop)):
         cache.update(keys[j], values[j], i)
     return hidden, qk

@@ -42,13 +42,16 @@ def query_rows(vis: torch.Tensor, mask: torch.Tensor | None, rule) -> tuple[torc
 
 
 class Capture:
-    """Forward hooks that keep the outputs of one layer's q/k projections for a single call."""
+    """Forward hooks that keep one layer's queries and keys before RoPE for a single call: the outputs of its q/k
+    projections, or of its q/k norms where the attention normalises them (Qwen3's ``q_norm`` / ``k_norm``)."""
 
     def __init__(self, attn):
         self.out = {}
+        q = attn.q_norm if getattr(attn, "q_norm", None) is not None else attn.q_proj
+        k = attn.k_norm if getattr(attn, "k_norm", None) is not None else attn.k_proj
         self.handles = [
-            attn.q_proj.register_forward_hook(lambda m, i, o: self.out.__setitem__("q", o)),
-            attn.k_proj.register_forward_hook(lambda m, i, o: self.out.__setitem__("k", o)),
+            q.register_forward_hook(lambda m, i, o: self.out.__setitem__("q", o)),
+            k.register_forward_hook(lambda m, i, o: self.out.__setitem__("k", o)),
         ]
 
     def close(self):

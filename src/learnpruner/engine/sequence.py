@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 from transformers.masking_utils import create_causal_mask
 
-__all__ = ["compact", "take", "Seq", "keep_positions", "contiguous_positions", "causal_mask", "call_layer"]
+__all__ = ["compact", "take", "Seq", "keep_positions", "contiguous_positions", "causal_mask", "call_layer",
+           "add_stream", "layer_additions"]
 
 
 def compact(keep: torch.Tensor) -> torch.Tensor:
@@ -66,6 +68,8 @@ class Seq:
     # positions="contiguous": the rotary embedding; each drop then renumbers the kept rows consecutively
     # (contiguous_positions) and recomputes their cos/sin. None: kept rows keep their original positions.
     rotary: Callable | None = None
+    # [streams, b, s, D] added to the residual stream after decoder layer j (fill_streams; None: no such inputs)
+    adds: torch.Tensor | None = None
 
     def drop(self, keep: torch.Tensor) -> Seq:
         """The sequence without the rows where ``keep`` ([b, s] bool) is False (compacted, see :func:`compact`)."""
@@ -87,6 +91,7 @@ class Seq:
             img=take(self.img, idx, -1),
             orig=take(self.orig, idx, -1),
             rotary=self.rotary,
+            adds=None if self.adds is None else torch.stack([take(a, idx) for a in self.adds]),
         )
 
     def visual_counts(self, num_images: int) -> list[int]:
@@ -120,6 +125,39 @@ def call_layer(ad, layer, hidden, mask, cos_sin, pos, cache, use_cache, kwargs):
         **{ad.cache_kwarg: cache},
         **kwargs,
     )
+
+
+def add_stream(hidden: torch.Tensor, adds: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """The output of decoder layer ``layer`` plus what ``adds`` (``[streams, b, s, D]``, :attr:`Seq.adds`) adds after
+    it: zero rows leave a position as it is, as the model's own in-place addition at its visual rows does."""
+    if adds is None or layer >= adds.shape[0]:
+        return hidden
+    return hidden + adds[layer].to(hidden.dtype)
+
+
+@contextmanager
+def layer_additions(ad, adds: torch.Tensor | None) -> Iterator[None]:
+    """Within this context the model's own forward adds ``adds[j]`` (``[streams, b, s, D]`` at full length, from
+    :func:`~learnpruner.engine.layout.fill_streams`) to the output of decoder layer ``j`` (forward hooks on the
+    instance's layers): the training forwards, which run the model on embeddings, see the side streams (Qwen3-VL's
+    DeepStack features) as the model's own forward with pixels would. Nothing happens for ``adds=None``."""
+    if adds is None:
+        yield
+        return
+
+    def hook(j):
+        def add(module, args, output):
+            if isinstance(output, tuple):
+                return (add_stream(output[0], adds, j), *output[1:])
+            return add_stream(output, adds, j)
+        return add
+
+    handles = [ad.layers[j].register_forward_hook(hook(j)) for j in range(adds.shape[0])]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def text_positions(ad, given: torch.Tensor | None, length: int, start, device) -> torch.Tensor:

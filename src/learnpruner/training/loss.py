@@ -11,7 +11,8 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..budget import tokens_for
-from ..engine.layout import Layout, VisualFeatures, fill_visual, project_rows
+from ..engine.layout import Layout, VisualFeatures, fill_streams, fill_visual, project_rows
+from ..engine.sequence import layer_additions
 from ..methods import get_method
 from .config import GATED_ATTENTION, MASKS, TrainConfig
 from .gating import Stage2Gate
@@ -88,9 +89,11 @@ def step_loss(model, ad, lpm, batch: dict, rho: float | Callable[[int], float | 
     """
     embeds, visual, layout = prompt_embeddings(model, ad, batch)
     positions = rotary_positions(ad, batch)
+    # side streams (Qwen3-VL's DeepStack features) of every token, added after their decoder layers
+    adds = fill_streams(ad, visual, [None] * visual.num_images, embeds, layout.vis >= 0)
     teacher = None
     if cfg.distill_weight > 0:
-        with torch.no_grad():
+        with torch.no_grad(), layer_additions(ad, adds):
             model.set_attn_implementation({"text_config": teacher_impl})
             teacher = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False,
                             **positions).logits
@@ -109,8 +112,9 @@ def step_loss(model, ad, lpm, batch: dict, rho: float | Callable[[int], float | 
     gate = torch.ones(token.shape, dtype=gate_vis.dtype, device=gate_vis.device)
     gate = gate.masked_scatter(token, gate_vis[layout.img[token], layout.vis[token]])
     stage2 = _stage2_gate(gate, rho, layout, visual, batch) if cfg.stage2 else None
-    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                learnpruner_gate=stage2 if stage2 is not None else gate, use_cache=False, **positions)
+    with layer_additions(ad, adds):
+        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    learnpruner_gate=stage2 if stage2 is not None else gate, use_cache=False, **positions)
     kept_frac = (gate_vis * valid).sum(dim=1) / counts  # per image, through the STE
     zero = torch.zeros((), device=out.loss.device)
     ratio = ((kept_frac - target) ** 2)[gated].mean() if bool(gated.any()) else zero

@@ -1,0 +1,161 @@
+"""Benchmark pieces for Qwen3-VL: the architectures (random weights), their inputs, analytic FLOPs and KV bytes.
+
+* :data:`QWEN3_ARCHS`: ``qwen3-vl-8b`` (``Qwen/Qwen3-VL-8B-Instruct``'s dimensions: a 27-block ViT of width 1152
+  with 16 px patches, DeepStack taps after blocks 8/16/24, 4608 -> 4096 mergers, and a 36-layer 4096-wide LLM
+  with 8 KV heads, head size 128 and interleaved M-RoPE sections [24, 20, 20]), ``qwen3-vl-mid`` (CPU-friendly,
+  the same token geometry) and ``qwen3-vl-tiny`` (tests).
+* :data:`BENCH_IMAGE`: a 1024x1280 px image, 32 x 40 = 1280 tokens (the count of Qwen2.5-VL's bench image; the
+  stock Qwen3-VL processor keeps this size, its pixel bounds being 65536 to 16777216).
+* FLOPs follow ``bench.FLOPS_CONVENTION`` (analytic, prefill, 2 per multiply-add, attention full non-causal): the
+  tower is the patch Conv3d plus every block on every patch (q/k/v/o, the 2-matrix GELU MLP) with attention
+  over each frame (group)'s patches; the projector is the main merger and every DeepStack merger (each two
+  linear layers) on the kept rows, as learnpruner runs them; the LLM counts, per layer, the text tokens plus that
+  layer's visual tokens. Norms, biases, position-embedding interpolation and the DeepStack additions are not
+  counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..cost import kv_bytes, llm_flops, lm_head_flops
+from .qwen2_5_vl_bench import grid_tokens
+
+__all__ = ["QWEN3_ARCHS", "BENCH_IMAGE", "qwen3_config", "image_grid", "grid_tokens", "vision_flops", "merger_flops",
+           "flops_breakdown", "analytic_kv_bytes", "random_inputs"]
+
+BENCH_IMAGE = (1024, 1280)  # height, width in px: 32 x 40 merged tokens = 1280
+MIN_PIXELS, MAX_PIXELS = 65536, 16777216  # the stock processor's size bounds (shortest_edge, longest_edge)
+
+# Qwen/Qwen3-VL-8B-Instruct (config.json)
+TOKEN_IDS_8B = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                    vision_end_token_id=151653)
+VISION_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
+                 temporal_patch_size=2, out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24],
+                 num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh", in_channels=3)
+TEXT_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+               rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+               rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                "mrope_interleaved": True})
+
+
+def qwen3_config(vision: dict | None = None, text: dict | None = None, token_ids: dict | None = None):
+    """A ``Qwen3VLConfig`` with the 8B's dimensions, ``vision``/``text``/``token_ids`` overriding fields."""
+    from transformers import Qwen3VLConfig
+
+    ids = {**TOKEN_IDS_8B, **(token_ids or {})}
+    return Qwen3VLConfig(vision_config={**VISION_8B, **(vision or {})}, text_config={**TEXT_8B, **(text or {})},
+                         tie_word_embeddings=False, **ids)
+
+
+def _tiny():
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6], "mrope_interleaved": True}
+    return qwen3_config(
+        vision=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    deepstack_visual_indexes=[0, 1], num_position_embeddings=64),
+        text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, max_position_embeddings=4096, rope_parameters=rope,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        token_ids=dict(image_token_id=511, video_token_id=510, vision_start_token_id=509, vision_end_token_id=508),
+    )
+
+
+QWEN3_ARCHS = {
+    "qwen3-vl-8b": qwen3_config,
+    # CPU-friendly: the same patch and merge geometry (1280 tokens per BENCH_IMAGE), a small tower and LLM
+    "qwen3-vl-mid": lambda: qwen3_config(
+        vision=dict(depth=8, hidden_size=256, intermediate_size=640, num_heads=4, out_hidden_size=512,
+                    deepstack_visual_indexes=[2, 4, 6]),
+        text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=64,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 12, 12],
+                                   "mrope_interleaved": True}),
+    ),
+    "qwen3-vl-tiny": _tiny,
+}
+
+
+def image_grid(config, height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple:
+    """``(t, h, w)`` in patches of an image of ``height x width`` px after the processor's ``smart_resize`` (sides
+    rounded to multiples of 32 px, area kept in ``[min_pixels, max_pixels]``)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    vc = config.vision_config
+    factor = vc.patch_size * vc.spatial_merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (1, h // vc.patch_size, w // vc.patch_size)
+
+
+def vision_flops(config, grid) -> int:
+    """Analytic FLOPs of the tower for one image or video of ``grid`` (the mergers excluded: :func:`merger_flops`)."""
+    vc = config.vision_config
+    t, h, w = grid
+    patches = t * h * w
+    d, inter = vc.hidden_size, vc.intermediate_size
+    conv = 2 * patches * d * vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    dense = 2 * patches * (4 * d * d + 2 * d * inter)  # qkv + proj, fc1/fc2
+    attention = t * 4 * (h * w) ** 2 * d  # each frame (group)'s patches attend to each other
+    return conv + vc.depth * (dense + attention)
+
+
+def merger_flops(config, rows: int) -> int:
+    """The main merger and every DeepStack merger on ``rows`` kept tokens: ``4d -> 4d -> out_hidden`` each."""
+    vc = config.vision_config
+    wide = vc.hidden_size * vc.spatial_merge_size ** 2
+    return (1 + len(vc.deepstack_visual_indexes)) * 2 * rows * (wide * wide + wide * vc.out_hidden_size)
+
+
+def flops_breakdown(config, schedules, grids, text_tokens: int, batch: int = 1, lm_head: str = "last") -> dict:
+    """Analytic prefill FLOPs of one prompt with the items ``grids`` pruned by ``schedules`` (one per item), times
+    ``batch``: ``vision``, ``projector`` (the mergers on each item's stage-1 rows), ``llm`` and ``lm_head``, as
+    :func:`learnpruner.adapters.qwen2_5_vl_bench.flops_breakdown` defines them."""
+    if lm_head not in ("last", "all"):
+        raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
+    if len(schedules) != len(grids):
+        raise ValueError(f"{len(schedules)} schedule(s) for {len(grids)} item(s)")
+    tc = config.text_config
+    per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
+    rows = sum(s.r1 if s.r1 is not None else s.n for s in schedules)
+    positions = 1 if lm_head == "last" else per_layer[-1]
+    parts = {"vision": sum(vision_flops(config, g) for g in grids), "projector": merger_flops(config, rows),
+             "llm": llm_flops(tc, per_layer), "lm_head": lm_head_flops(tc, positions)}
+    return {k: batch * v for k, v in parts.items()}
+
+
+def analytic_kv_bytes(config, schedules, text_tokens: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+    """Bytes of the KV cache after the prefill (text plus each layer's visual tokens of every item)."""
+    per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
+    return kv_bytes(config.text_config, per_layer, batch, dtype)
+
+
+def random_inputs(config, batch: int = 1, text_tokens: int = 64, image=BENCH_IMAGE,
+                  generator: torch.Generator | None = None) -> dict:
+    """Forward arguments for ``batch`` prompts ``<s> t*4 [<vision_start> pads <vision_end>] t*rest`` with one random
+    image of ``image`` = (height, width) px (resized as the processor would): ``input_ids``, ``attention_mask``,
+    ``mm_token_type_ids``, ``pixel_values`` and ``image_grid_thw``. ``text_tokens`` counts every non-placeholder
+    token."""
+    vc = config.vision_config
+    if text_tokens < 4:
+        raise ValueError(f"text_tokens must be at least 4 (<s>, vision start and end, one more), got {text_tokens}")
+    grid = image_grid(config, *image)
+    n = grid_tokens(config, grid)
+    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    words = torch.randint(3, config.text_config.vocab_size, (batch, text_tokens - 3), generator=g)
+    for sid in special:
+        words[words == sid] = 3
+    pre = min(4, words.shape[1])
+    bos = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
+    ids = torch.cat([
+        torch.full((batch, 1), bos), words[:, :pre], torch.full((batch, 1), config.vision_start_token_id),
+        torch.full((batch, n), config.image_token_id), torch.full((batch, 1), config.vision_end_token_id),
+        words[:, pre:],
+    ], dim=1)
+    row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (ids == config.image_token_id).int(),
+            "pixel_values": torch.randn(batch * math.prod(grid), row, generator=g),
+            "image_grid_thw": torch.tensor([list(grid)] * batch)}
