@@ -501,7 +501,7 @@ def transformers_below(version: str) -> bool:
     return Version(transformers.__version__) < Version(version)
 
 
-def test_bench_adapter_helpers_and_random_inputs():
+def test_bench_adapter_helpers_and_random_pixels():
     from learnpruner.adapters import qwen2_5_vl_bench as bq
 
     model = tiny_qwen()
@@ -512,13 +512,17 @@ def test_bench_adapter_helpers_and_random_inputs():
     assert images["pixel_values"].shape == (2 * 64, 1176) and images["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
     assert ad.vision_flops(ad.item_geometry((112, 112))) == bq.vision_flops(model.config, (1, 8, 8))
     assert ad.projector_flops(16) == bq.merger_flops(model.config, 16)
-    video = bq.random_inputs(model.config, 2, text_tokens=12, video=(4, 56, 84))
-    assert video["video_grid_thw"].tolist() == [[2, 4, 6]] * 2
-    assert video["input_ids"].shape == (2, 12 + 12) and int((video["mm_token_type_ids"] == 2).sum()) == 24
+    from learnpruner.bench.inputs import _make_inputs
+
+    assert bq.random_pixels(model.config, 2, video=(4, 56, 84))["video_grid_thw"].tolist() == [[2, 4, 6]] * 2
+    # the benchmark's prompt around the adapter's pixels (8 frames of 448x448: 4 groups of 16x16 tokens)
+    [video], start = _make_inputs(ad.bench_item("video"), 2, 12, 1, "cpu", torch.float32)
+    assert video["video_grid_thw"].tolist() == [[4, 32, 32]] * 2 and start == 5
+    assert video["input_ids"].shape == (2, 12 + 1024) and int((video["mm_token_type_ids"] == 2).sum()) == 2048
     learnpruner.apply(model, "learnpruner", ratio=0.5, lpm="random")
     with torch.no_grad():
         model(**video)
-    assert [im.count for im in learnpruner.stats(model).images] == [12, 12]
+    assert [im.count for im in learnpruner.stats(model).images] == [1024, 1024]
 
 
 QWEN_CHAT_TEMPLATE = (

@@ -336,12 +336,9 @@ class Qwen2_5_VLAdapter(Adapter):
         ``video_grid_thw`` and ``second_per_grid_ts``."""
         from . import qwen2_5_vl_bench as bq
 
-        cfg = self.model.config
         if self.bench_kind == "video":
-            inputs = bq.random_inputs(cfg, batch, video=image_size or bq.BENCH_VIDEO, generator=generator)
-            return {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
-        inputs = bq.random_inputs(cfg, batch, image=image_size or bq.BENCH_IMAGE, generator=generator)
-        return {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
+            return bq.random_pixels(self.model.config, batch, video=image_size or bq.BENCH_VIDEO, generator=generator)
+        return bq.random_pixels(self.model.config, batch, image=image_size or bq.BENCH_IMAGE, generator=generator)
 
     def vision_flops(self, image=None) -> int:
         """The windowed tower for one bench item, every temporal group of a video (merger excluded:

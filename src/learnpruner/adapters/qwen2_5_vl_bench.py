@@ -7,6 +7,7 @@ function here also works alone, on a config, without allocating weights.
   of width 1280, full attention in blocks 7/15/23/31, 112 px windows, a 5120 -> 3584 merger, and a 28-layer
   3584-wide LLM with 4 KV heads and M-RoPE sections [16, 24, 24]), ``qwen2.5-vl-mid`` (CPU-friendly, the same
   token geometry) and ``qwen2.5-vl-tiny`` (tests).
+* :func:`random_pixels`: the visual inputs of a benchmark sample (its prompt is the benchmark's).
 * :data:`BENCH_IMAGE`: an 896x1120 px image, 32 x 40 = 1280 tokens (the stock image processor's largest:
   ``max_pixels`` 1003520 = 1280 x 28^2). :data:`BENCH_VIDEO`: 8 frames of 448x448 px, 4 temporal groups of
   256 tokens = 1024 tokens.
@@ -40,7 +41,7 @@ __all__ = [
     "merger_flops",
     "flops_breakdown",
     "analytic_kv_bytes",
-    "random_inputs",
+    "random_pixels",
 ]
 
 BENCH_IMAGE = (896, 1120)  # height, width in px: 32 x 40 merged tokens = 1280
@@ -200,44 +201,23 @@ def analytic_kv_bytes(config, schedules, text_tokens: int, batch: int = 1, dtype
 # inputs
 
 
-def random_inputs(config, batch: int = 1, text_tokens: int = 64, image=BENCH_IMAGE, video=None,
+def random_pixels(config, batch: int = 1, image=BENCH_IMAGE, video=None,
                   generator: torch.Generator | None = None, second_per_grid_t: float = 1.0) -> dict:
-    """Forward arguments for ``batch`` prompts ``<s> t*4 [<vision_start> pads <vision_end>] t*rest`` with one
-    random image (``image`` = (height, width) px, resized as the processor would) or one random video
-    (``video`` = (frames, height, width); then no image), as the processor lays them out: ``input_ids``,
-    ``attention_mask``, ``mm_token_type_ids``, and ``pixel_values`` + ``image_grid_thw`` or
-    ``pixel_values_videos`` + ``video_grid_thw`` + ``second_per_grid_ts``. ``text_tokens`` counts every
-    non-placeholder token (the vision start/end tokens included)."""
+    """The visual forward arguments of ``batch`` random items of one size, as the processor lays them out (one
+    row per patch): an image of ``image`` = (height, width) px, resized as the processor would (``pixel_values``
+    + ``image_grid_thw``), or a video of ``video`` = (frames, height, width) (``pixel_values_videos`` +
+    ``video_grid_thw`` + ``second_per_grid_ts``). The prompt around them is the benchmark's
+    (:mod:`learnpruner.bench.inputs`), with the adapter's ``prompt_inputs``."""
     vc = config.vision_config
-    if text_tokens < 4:
-        raise ValueError(f"text_tokens must be at least 4 (<s>, vision start and end, one more), got {text_tokens}")
     grid = video_grid(config, *video) if video is not None else image_grid(config, *image)
-    n = grid_tokens(config, grid)
-    pad = config.video_token_id if video is not None else config.image_token_id
-    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
-               config.vision_end_token_id}
-    vocab = config.text_config.vocab_size
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    words = torch.randint(3, vocab, (batch, text_tokens - 3), generator=g)
-    for sid in special:
-        words[words == sid] = 3
-    pre = min(4, words.shape[1])
-    bos = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
-    ids = torch.cat([
-        torch.full((batch, 1), bos), words[:, :pre], torch.full((batch, 1), config.vision_start_token_id),
-        torch.full((batch, n), pad), torch.full((batch, 1), config.vision_end_token_id), words[:, pre:],
-    ], dim=1)
-    types = torch.where(ids == config.image_token_id, 1, torch.where(ids == config.video_token_id, 2, 0))
     row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     pixels = torch.randn(batch * math.prod(grid), row, generator=g)
     grids = torch.tensor([list(grid)] * batch)
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types}
     if video is not None:
-        out.update(pixel_values_videos=pixels, video_grid_thw=grids,
-                   second_per_grid_ts=torch.full((batch,), second_per_grid_t))
-    else:
-        out.update(pixel_values=pixels, image_grid_thw=grids)
-    return out
+        return {"pixel_values_videos": pixels, "video_grid_thw": grids,
+                "second_per_grid_ts": torch.full((batch,), second_per_grid_t)}
+    return {"pixel_values": pixels, "image_grid_thw": grids}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -142,8 +142,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
         from . import qwen3_vl_bench as b3
 
-        inputs = b3.random_inputs(self.model.config, batch, image=image_size or b3.BENCH_IMAGE, generator=generator)
-        return {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
+        return b3.random_pixels(self.model.config, batch, image=image_size or b3.BENCH_IMAGE, generator=generator)
 
     def vision_flops(self, image=None) -> int:
         """The tower for one bench image (the mergers excluded: :meth:`projector_flops`)."""

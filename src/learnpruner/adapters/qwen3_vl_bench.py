@@ -24,7 +24,7 @@ from ..cost import kv_bytes, llm_flops, lm_head_flops
 from .qwen2_5_vl_bench import grid_tokens
 
 __all__ = ["QWEN3_ARCHS", "BENCH_IMAGE", "qwen3_config", "image_grid", "grid_tokens", "vision_flops", "merger_flops",
-           "flops_breakdown", "analytic_kv_bytes", "random_inputs"]
+           "flops_breakdown", "analytic_kv_bytes", "random_pixels"]
 
 BENCH_IMAGE = (1024, 1280)  # height, width in px: 32 x 40 merged tokens = 1280
 MIN_PIXELS, MAX_PIXELS = 65536, 16777216  # the stock processor's size bounds (shortest_edge, longest_edge)
@@ -131,31 +131,12 @@ def analytic_kv_bytes(config, schedules, text_tokens: int, batch: int = 1, dtype
     return kv_bytes(config.text_config, per_layer, batch, dtype)
 
 
-def random_inputs(config, batch: int = 1, text_tokens: int = 64, image=BENCH_IMAGE,
-                  generator: torch.Generator | None = None) -> dict:
-    """Forward arguments for ``batch`` prompts ``<s> t*4 [<vision_start> pads <vision_end>] t*rest`` with one random
-    image of ``image`` = (height, width) px (resized as the processor would): ``input_ids``, ``attention_mask``,
-    ``mm_token_type_ids``, ``pixel_values`` and ``image_grid_thw``. ``text_tokens`` counts every non-placeholder
-    token."""
+def random_pixels(config, batch: int = 1, image=BENCH_IMAGE, generator: torch.Generator | None = None) -> dict:
+    """``pixel_values`` + ``image_grid_thw`` of ``batch`` random images of ``image`` = (height, width) px, resized
+    as the processor would (one row per 16 px patch). The prompt around them is the benchmark's."""
     vc = config.vision_config
-    if text_tokens < 4:
-        raise ValueError(f"text_tokens must be at least 4 (<s>, vision start and end, one more), got {text_tokens}")
     grid = image_grid(config, *image)
-    n = grid_tokens(config, grid)
-    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    words = torch.randint(3, config.text_config.vocab_size, (batch, text_tokens - 3), generator=g)
-    for sid in special:
-        words[words == sid] = 3
-    pre = min(4, words.shape[1])
-    bos = config.text_config.bos_token_id if config.text_config.bos_token_id is not None else 1
-    ids = torch.cat([
-        torch.full((batch, 1), bos), words[:, :pre], torch.full((batch, 1), config.vision_start_token_id),
-        torch.full((batch, n), config.image_token_id), torch.full((batch, 1), config.vision_end_token_id),
-        words[:, pre:],
-    ], dim=1)
     row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "mm_token_type_ids": (ids == config.image_token_id).int(),
-            "pixel_values": torch.randn(batch * math.prod(grid), row, generator=g),
+    return {"pixel_values": torch.randn(batch * math.prod(grid), row, generator=g),
             "image_grid_thw": torch.tensor([list(grid)] * batch)}

@@ -74,7 +74,8 @@ def _prepare_batch(model, ad, size: int, text_tokens: int, variants: int, device
 
 def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: int, structure=None):
     """The kept tokens only, no selection: projector on pre-sliced rows, layers on pre-sized sequences
-    (text, then the image's structure rows, if any, in every layer)."""
+    (text, then the image's structure rows, if any, in every layer). Side streams (Qwen3-VL's DeepStack mergers
+    and additions) are left out: there the ideal is a little faster than any real forward."""
     from transformers.cache_utils import DynamicCache
 
     from ..engine import call_layer, causal_mask
