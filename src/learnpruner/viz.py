@@ -113,7 +113,7 @@ def crop_pixels(pixel_values, image: int, num_crops: int) -> list[np.ndarray]:
 
 def overlay_image_stats(im, pixels: list[np.ndarray], path: str | os.PathLike, title: str = "") -> None:
     """One panel per crop (or frame) of an image: patches stage 1 dropped are darkened, the tokens the last
-    LLM layer saw are outlined in red. ``im`` is a :class:`learnpruner.engine.ImageStats`."""
+    LLM layer saw are outlined in red. ``im`` is a :class:`learnpruner.engine.ItemStats`."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -4,7 +4,7 @@ Images (``pixel_values_images``) go through the image tower: CLIP feature layer 
 strategy "default" (256 tokens at 224 px). Videos (``pixel_values_videos``, 8 frames) go through the
 video tower, and transformers keeps every frame's [CLS] row (8 x 257 = 2056 tokens). Both share the
 projector. Each image and each video is ONE item of the visual layout, in prompt order; a video's
-frames are its crops (``ImageStats.crops``), so budgets (``tokens=`` per item, ``ratio=`` of the item's
+frames are its crops (``ItemStats.crops``), so budgets (``tokens=`` per item, ``ratio=`` of the item's
 own count) and ``stats`` are per video.
 
 Stage 1 across frames: by default a stage-1 rule ranks all of a video's tokens at once, so the budget

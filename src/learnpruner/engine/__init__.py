@@ -19,11 +19,12 @@ the kept tokens.
 from .forward import pruned_forward
 from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, instruction_rows
 from .sequence import call_layer, causal_mask
-from .state import SEGMENTS_ATTR, CacheSegments, ImageStats, PruneState, Stats, fixed_selection
+from .state import SEGMENTS_ATTR, CacheSegments, ImageStats, ItemStats, PruneState, Stats, fixed_selection
 
 __all__ = [
     "PruneState",
     "Stats",
+    "ItemStats",
     "ImageStats",
     "pruned_forward",
     "fixed_selection",

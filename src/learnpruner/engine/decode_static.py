@@ -18,7 +18,7 @@ import torch
 
 from .graphs import GraphCache
 from .sequence import text_positions
-from .state import CacheSegments
+from .state import STATIC_ATTR, CacheSegments
 
 __all__ = ["StaticSegments", "fast_decode", "CAPACITY_STEP"]
 
@@ -109,10 +109,10 @@ def fast_decode(ad, cache, cached: CacheSegments, inputs_embeds, position_ids, k
     impl = ad.text_config._attn_implementation
     if impl not in ("sdpa", "eager"):
         raise ValueError(f"the fast path supports attn_implementation 'sdpa' and 'eager', not {impl!r}")
-    segments = getattr(cache, "_learnpruner_static", None)
+    segments = getattr(cache, STATIC_ATTR, None)
     if segments is None:
         segments = StaticSegments(cache, cached)
-        cache._learnpruner_static = segments
+        setattr(cache, STATIC_ATTR, segments)
         for layer in cache.layers:  # the dynamic copies are no longer read
             layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
     q = inputs_embeds.shape[1]

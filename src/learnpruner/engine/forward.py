@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicCache
 from .decode import decode
 from .prefill import prefill
 from .sequence import take
-from .state import SEGMENTS_ATTR, PruneState
+from .state import SEGMENTS_ATTR, STATIC_ATTR, PruneState
 
 __all__ = ["pruned_forward"]
 
@@ -53,7 +53,7 @@ def pruned_forward(
         if input_ids is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         inputs_embeds = ad.language_model.embed_tokens(input_ids)
-    static = getattr(cache, "_learnpruner_static", None)
+    static = getattr(cache, STATIC_ATTR, None)
     past = static.get_seq_length() if static is not None else cache.get_seq_length() if cache is not None else 0
     if has_pixels and past > 0:
         raise ValueError("learnpruner prunes at prefill: pixel values with a non-empty cache are not supported")

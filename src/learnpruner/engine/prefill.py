@@ -26,7 +26,7 @@ from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, fill_streams, fill_
 from .prefill_static import pad_to_bucket, run_segment, unpad
 from .readout import Capture, layer_readout
 from .sequence import Seq, add_stream, call_layer, causal_mask, keep_positions, take, text_positions
-from .state import SEGMENTS_ATTR, CacheSegments, ImageStats, PruneState, Stats
+from .state import SEGMENTS_ATTR, CacheSegments, ItemStats, PruneState, Stats
 
 __all__ = ["prefill"]
 
@@ -388,7 +388,7 @@ def record_stats(state: PruneState, vision: VisionResult, llm: LLMResult) -> Sta
     structure = torch.bincount(layout.img[layout.vis == STRUCTURE], minlength=layout.num_images).tolist()
     images = []
     for i, n in enumerate(layout.counts):
-        images.append(ImageStats(
+        images.append(ItemStats(
             count=n,
             schedule=vision.schedules[i],
             tokens_per_layer=[c[i] for c in llm.counts],

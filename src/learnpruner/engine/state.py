@@ -15,12 +15,13 @@ if TYPE_CHECKING:  # annotations only: the engine never imports the adapters (th
     from ..lpm import LearnablePruningModule
     from ..methods import Method
 
-__all__ = ["ImageStats", "Stats", "PruneState", "fixed_selection"]
+__all__ = ["ItemStats", "ImageStats", "Stats", "PruneState", "fixed_selection"]
 
 
 @dataclass
-class ImageStats:
-    """What the last forward did to one image (or video).
+class ItemStats:
+    """What the last forward did to one item: an image or a video (``stats(model).images`` holds them, in prompt
+    order; the list keeps its name).
 
     ``count``: its visual tokens unpruned (the budget's reference). ``structure``: its structure
     positions (LLaVA-NeXT's row newlines), always kept and outside the budget. ``stage1_kept`` and
@@ -48,11 +49,14 @@ class ImageStats:
         return self.llm_kept[-1] if self.llm_kept else self.stage1_kept
 
 
+ImageStats = ItemStats  # the name before videos were items too; kept for existing code
+
+
 @dataclass
 class Stats:
     """What the last forward with images did.
 
-    ``images``: one :class:`ImageStats` per image, in prompt order. The batch-level fields:
+    ``images``: one :class:`ItemStats` per image, in prompt order. The batch-level fields:
     ``stage1_kept`` / ``stage2_kept``: ``LongTensor[num_images, k]`` of visual-token indices in original
     order (padded with ``-1`` when images keep different counts), or ``None`` where a stage did not run;
     ``llm_kept``: one such table per LLM drop. ``tokens_per_layer``: visual tokens per image in each
@@ -73,7 +77,7 @@ class Stats:
     kept_positions: torch.Tensor | None = None
     stage2_scores: torch.Tensor | None = None
     num_images: int = 0
-    images: list[ImageStats] = field(default_factory=list)
+    images: list[ItemStats] = field(default_factory=list)
 
     @property
     def average_tokens(self) -> float:
@@ -158,3 +162,4 @@ class CacheSegments:
 
 
 SEGMENTS_ATTR = "_learnpruner_segments"  # the cache attribute holding a CacheSegments
+STATIC_ATTR = "_learnpruner_static"  # the cache attribute holding the fast decode's StaticSegments
