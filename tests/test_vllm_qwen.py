@@ -158,7 +158,7 @@ def test_a_budget_that_keeps_every_token_is_stock_vllm(folder):
 
 
 def test_grid_offsets_travel_exactly_in_bfloat16():
-    from learnpruner.integrations.vllm.qwen2_5_vl import decode_offsets, encode_offsets
+    from learnpruner.integrations.vllm.mrope import decode_offsets, encode_offsets
 
     offsets = torch.tensor([[0, 255, 256, 65535], [3, 1000, 7, 0], [40000, 1, 2, 257]])
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -14,6 +14,7 @@ from .qwen2_5_vl_bench import QWEN_ARCHS
 from .qwen2_5_vl_bench import bench_processor as qwen_bench_processor
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen3_vl_bench import QWEN3_ARCHS
+from .qwen3_vl_bench import bench_processor as qwen3_bench_processor
 from .video_llava import VideoLlavaAdapter
 
 __all__ = ["Adapter", "ADAPTERS", "BENCH_ARCHS", "BENCH_PROCESSORS", "adapter_for", "families_of", "register_adapter"]
@@ -22,8 +23,8 @@ ADAPTERS: list[type[Adapter]] = [LlavaNextAdapter, LlavaAdapter, Qwen3VLAdapter,
 # the benchmark's named architectures (random weights), each family's from its own module
 BENCH_ARCHS = {**LLAVA_ARCHS, **QWEN_ARCHS, **QWEN3_ARCHS}
 # family -> the processor of an architecture benchmark (word-level tokenizer; sets the config's token ids)
-# (served by the vLLM bench; Qwen3-VL has no vLLM plugin yet)
-BENCH_PROCESSORS = {"llava": llava_bench_processor, "qwen2_5_vl": qwen_bench_processor}
+BENCH_PROCESSORS = {"llava": llava_bench_processor, "qwen2_5_vl": qwen_bench_processor,
+                    "qwen3_vl": qwen3_bench_processor}
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

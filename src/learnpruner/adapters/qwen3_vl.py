@@ -56,9 +56,10 @@ def _grouped_taps(visual):
 
 def merge_rows3(merger, rows: torch.Tensor) -> torch.Tensor:
     """A Qwen3-VL ``PatchMerger`` (main or DeepStack) on grouped rows ``[..., 4 * hidden] -> [..., out_hidden]``:
-    its own forward on the rows' patches (it normalises per patch or per group, as the merger was built)."""
+    its own forward on the rows' patches (it normalises per patch or per group, as the merger was built). Works on
+    transformers' merger and on vLLM's (same parts: ``norm``, ``hidden_size``)."""
     lead = rows.shape[:-1]
-    patch = merger.norm.normalized_shape[0] if not merger.use_postshuffle_norm else merger.hidden_size
+    patch = merger.norm.weight.shape[0]  # per patch, or the whole group for a post-shuffle norm
     return merger(rows.reshape(-1, patch)).reshape(*lead, -1)
 
 

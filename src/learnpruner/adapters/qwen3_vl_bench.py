@@ -24,7 +24,8 @@ from ..cost import kv_bytes, llm_flops, lm_head_flops
 from .qwen2_5_vl_bench import grid_tokens
 
 __all__ = ["QWEN3_ARCHS", "BENCH_IMAGE", "qwen3_config", "image_grid", "grid_tokens", "vision_flops", "merger_flops",
-           "flops_breakdown", "analytic_kv_bytes", "random_pixels"]
+           "flops_breakdown", "analytic_kv_bytes", "random_pixels", "word_processor",
+           "bench_processor"]
 
 BENCH_IMAGE = (1024, 1280)  # height, width in px: 32 x 40 merged tokens = 1280
 MIN_PIXELS, MAX_PIXELS = 65536, 16777216  # the stock processor's size bounds (shortest_edge, longest_edge)
@@ -140,3 +141,35 @@ def random_pixels(config, batch: int = 1, image=BENCH_IMAGE, generator: torch.Ge
     row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     return {"pixel_values": torch.randn(batch * math.prod(grid), row, generator=g),
             "image_grid_thw": torch.tensor([list(grid)] * batch)}
+
+
+def word_processor(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
+    """A ``Qwen3VLProcessor`` over the testbed's word-level vocabulary plus Qwen's vision tokens, a PIL image
+    processor (16 px patches) and Qwen3-VL's video processor (which needs torchvision), resizing between
+    ``min_pixels`` and ``max_pixels``: for tiny random Qwen3-VL models and architecture benchmarks, where no Qwen
+    tokenizer can be downloaded."""
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    from ..testbed.model import CHAT_TEMPLATE, build_tokenizer
+    from .qwen2_5_vl_bench import QWEN_TOKENS
+
+    words = build_tokenizer()
+    words.add_tokens(list(QWEN_TOKENS), special_tokens=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>", padding_side="left", model_max_length=1 << 17,
+                                  extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    pixels = dict(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=16)
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels),
+                            video_processor=Qwen3VLVideoProcessor(**pixels), tokenizer=tok, chat_template=CHAT_TEMPLATE)
+
+
+def bench_processor(config):
+    """The processor of an architecture benchmark (:func:`word_processor` at the stock pixel bounds), with
+    ``config``'s vision token ids (and vocabulary size) set to match it."""
+    from .qwen2_5_vl_bench import token_ids
+
+    processor = word_processor()
+    for key, value in token_ids(processor.tokenizer).items():
+        setattr(config, key, value)
+    config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
+    return processor

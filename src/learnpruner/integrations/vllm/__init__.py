@@ -25,10 +25,12 @@ ARCHITECTURES = {
                    "llava_next:PrunedLlavaNext"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "LearnPrunerQwen2_5_VLForConditionalGeneration",
                    "qwen2_5_vl:PrunedQwen2_5_VL"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "LearnPrunerQwen3VLForConditionalGeneration",
+                 "qwen3_vl:PrunedQwen3VL"),
 }
 # how each family's vLLM model numbers the kept tokens: LLaVA's 1-D positions run on over the shortened prompt;
 # M-RoPE families keep the kept tokens' original 3-D positions (as the transformers engine does)
-POSITIONS = {"llava": "contiguous", "llava_next": "contiguous", "qwen2_5_vl": "original"}
+POSITIONS = {"llava": "contiguous", "llava_next": "contiguous", "qwen2_5_vl": "original", "qwen3_vl": "original"}
 TESTED_VLLM = ("0.32.",)  # the plugin uses private vLLM interfaces: the versions it is tested on
 
 

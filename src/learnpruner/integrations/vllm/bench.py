@@ -60,6 +60,18 @@ def _requests(n: int, family: str, size: tuple[int, int] | None = None, seed: in
             for it in items]
 
 
+def _limits(family: str) -> dict:
+    """One image a prompt, and no video where the family's vLLM model takes videos (the requests hold none, and
+    the Qwen3-VL plugin serves images only)."""
+    from . import model_class
+
+    try:
+        video = model_class(family).get_placeholder_str("video", 1) is not None
+    except (ValueError, NotImplementedError):
+        video = False
+    return {"image": 1, "video": 0} if video else {"image": 1}
+
+
 def _card() -> str:
     import torch
 
@@ -89,7 +101,7 @@ def run_vllm_bench(model: str | None, arch: str | None, settings: list[tuple[str
 
     cuda = torch.cuda.is_available()  # on a GPU: bfloat16 and vLLM's CUDA graphs; on a CPU: float32, eager
     kwargs = {"dtype": "bfloat16" if cuda else "float32", "enforce_eager": not cuda, "mm_processor_cache_gb": 0,
-              "limit_mm_per_prompt": {"image": 1}, **(engine_kwargs or {})}
+              **(engine_kwargs or {})}
     size = None
     if arch is not None:
         from ...bench import arch_adapter
@@ -102,6 +114,7 @@ def run_vllm_bench(model: str | None, arch: str | None, settings: list[tuple[str
         from ...hub import load_config
 
         family = load_config(path).model_type
+    kwargs.setdefault("limit_mm_per_prompt", _limits(family))
     stream, single = _requests(requests, family, size), _requests(repeats, family, size, seed=requests)
     records = []
     for method, tokens in settings:

@@ -9,14 +9,10 @@ own count). What changes:
   helper), the package's stage-1 rule picks each item's kept rows on the merger's input, and the merger runs on
   the kept rows only (:func:`learnpruner.adapters.qwen2_5_vl.merge_rows`).
 * **Positions.** The kept tokens keep their original 3-D M-RoPE positions, and the text after an item starts
-  where it would after the unpruned item, as in the transformers engine. vLLM numbers a prompt before its
-  images are encoded, when the kept tokens are not known yet: :meth:`get_mrope_input_positions` numbers the
-  text exactly and gives every visual row its item's first position; the encoder appends each kept token's
-  offset within its item (``(t, h, w)``, 6 channels, each offset split into two bytes so it is exact in
-  bfloat16) to its embedding; :meth:`embed_input_ids` strips those channels and :meth:`forward` adds the
-  offsets to the visual rows it is given. This is vLLM's own device for pruned M-RoPE models (its EVS appends
-  positions to the embeddings the same way) without the model runner's pruning switch, which vLLM's CPU runner
-  never turns on; it does not depend on the runner, the batch or the rank.
+  where it would after the unpruned item, as in the transformers engine: the text is numbered exactly when
+  the prompt is, each visual row gets its item's first position, and the encoder appends each kept token's
+  offset to its embedding, added to its position in ``forward`` (:class:`~.mrope.KeptPositions`, shared with
+  Qwen3-VL; its module says how).
 
 Not served: precomputed image or video embeddings (nothing to prune from), EVS (``video_pruning_rate``) on top
 of a learnpruner budget, the encoder's data-parallel mode and encoder CUDA graphs (both bypass this embedding
@@ -37,35 +33,17 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from ...adapters.qwen2_5_vl import _merger_input, grid_extent, grid_offsets, merge_rows
+from ...adapters.qwen2_5_vl import _merger_input, grid_offsets, merge_rows
 from . import POSITIONS
+from .mrope import KeptPositions, encode_offsets
 from .stage1 import attach, select_kept, spec_of
 
 FAMILY = "qwen2_5_vl"
 ARCHITECTURE = "LearnPrunerQwen2_5_VLForConditionalGeneration"
-OFFSET_CHANNELS = 6  # (t, h, w) offsets, each as (high byte, low byte): exact in bfloat16 up to 65535
-_BYTE = 256
 
 
 def _spec(config):
     return spec_of(config, positions=POSITIONS[FAMILY])
-
-
-def encode_offsets(offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[k, 6]`` channels carrying ``offsets`` (``[3, k]``, non-negative integers below 65536) exactly in
-    ``dtype``: each offset as its high and low byte."""
-    if offsets.numel() and int(offsets.max()) >= _BYTE * _BYTE:
-        raise ValueError(f"an M-RoPE offset of {int(offsets.max())} does not fit the 16 bits the vLLM plugin "
-                         "carries per offset")
-    parts = torch.stack([torch.div(offsets, _BYTE, rounding_mode="floor"), offsets % _BYTE], dim=1)  # [3, 2, k]
-    return parts.reshape(OFFSET_CHANNELS, -1).T.to(dtype)
-
-
-def decode_offsets(channels: torch.Tensor) -> torch.Tensor:
-    """``[3, k]`` offsets from :func:`encode_offsets`' channels (``[k, 6]``)."""
-    parts = channels.float().round().long().T.reshape(3, 2, -1)
-    return parts[:, 0] * _BYTE + parts[:, 1]
-
 
 class PrunedQwenProcessingInfo(Qwen2_5_VLProcessingInfo):
     """Each image's and each video's placeholders: the tokens it keeps."""
@@ -108,7 +86,7 @@ class PrunedQwenProcessor(Qwen2_5_VLMultiModalProcessor):
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwenProcessor, info=PrunedQwenProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
+class PrunedQwen2_5_VL(KeptPositions, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL with learnpruner's stage 1 between the vision blocks and the merger."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -126,7 +104,7 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         vc = config.vision_config
         lpm = spec.load_lpm(vllm_config.model_config.model, FAMILY, vc.hidden_size * vc.spatial_merge_size ** 2, -1)
         attach(self, spec, lpm, lambda rows: merge_rows(self.visual.merger, rows))
-        self._pending_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending_offsets = None
 
     # --- the encoder: stage 1 on the merger's input, offsets appended -------------------------------------------
     def _pruned(self, pixels: torch.Tensor, grid_thw: torch.Tensor, t_factors: list[float]) -> tuple[torch.Tensor, ...]:
@@ -158,48 +136,11 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         return self._pruned(video_input["pixel_values_videos"], grid, self._t_factors(
             video_input.get("second_per_grid_ts"), grid.shape[0]))
 
+    def item_grids(self, mm_features):
+        return self.iter_mm_grid_thw(mm_features)
+
     def _t_factors(self, seconds, count: int) -> list[float]:
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         if seconds is None:
             return [float(per_second)] * count
         return [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()]
-
-    # --- positions ----------------------------------------------------------------------------------------
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
-        """``[3, len(input_tokens)]`` positions of the pruned prompt: its text exactly as in the unpruned prompt,
-        each visual row its item's first position (:meth:`forward` adds the kept token's offset); and the
-        ``mrope_position_delta`` decode steps continue with (the unpruned prompt's)."""
-        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        parts, start, nxt = [], 0, 0
-        for offset, t, h, w, factor in self.iter_mm_grid_thw(features):
-            kept = self.learnpruner.kept(t * h * w)
-            text = offset - start
-            parts += [torch.arange(text).expand(3, text) + nxt, torch.full((3, kept), nxt + text)]
-            nxt += text + grid_extent((t, h, w), factor)
-            start = offset + kept
-        tail = len(input_tokens) - start
-        parts.append(torch.arange(tail).expand(3, tail) + nxt)
-        positions = torch.cat(parts, dim=1).long()
-        return positions, nxt + tail - len(input_tokens)
-
-    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        """The LLM's input embeddings, the encoder's offset channels stripped and kept for :meth:`forward`."""
-        self._pending_offsets = None
-        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
-            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
-        embeds = [e[:, :-OFFSET_CHANNELS] for e in multimodal_embeddings]
-        offsets = decode_offsets(torch.cat([e[:, -OFFSET_CHANNELS:] for e in multimodal_embeddings]))
-        rows = torch.nonzero(is_multimodal.flatten()).flatten()
-        if rows.numel() != offsets.shape[1]:
-            raise RuntimeError(f"{rows.numel()} visual rows for {offsets.shape[1]} visual embeddings")
-        self._pending_offsets = (rows, offsets.to(rows.device))
-        return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        pending, self._pending_offsets = self._pending_offsets, None
-        if pending is not None and positions.dim() == 2:
-            rows, offsets = pending
-            # in place: ``positions`` is this step's slice of the runner's buffer, rebuilt every step from the
-            # request's own positions; a copy would move the input of captured (piecewise) CUDA graphs
-            positions[:, rows] += offsets.to(positions.device, positions.dtype)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)

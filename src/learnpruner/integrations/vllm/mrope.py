@@ -1,0 +1,89 @@
+"""Original 3-D M-RoPE positions for kept tokens in vLLM, shared by the Qwen plugins (Qwen2.5-VL, Qwen3-VL).
+
+vLLM numbers a prompt before its images are encoded, when the kept tokens are not known yet.
+:meth:`KeptPositions.get_mrope_input_positions` numbers the text exactly as in the unpruned prompt and gives
+every visual row its item's first position; the encoder appends each kept token's offset within its item
+(``(t, h, w)``, :data:`OFFSET_CHANNELS` channels, each offset split into two bytes so it is exact in bfloat16) to
+its embedding (:func:`encode_offsets`); :meth:`KeptPositions.embed_input_ids` strips those channels and
+:meth:`KeptPositions.forward` adds the offsets in place to the visual rows of the step. This is vLLM's own device
+for pruned M-RoPE models (its EVS appends positions to the embeddings the same way) without the model runner's
+pruning switch, which vLLM's CPU runner never turns on; it does not depend on the runner, the batch or the rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...adapters.qwen2_5_vl import grid_extent
+
+__all__ = ["OFFSET_CHANNELS", "encode_offsets", "decode_offsets", "KeptPositions"]
+
+OFFSET_CHANNELS = 6  # (t, h, w) offsets, each as (high byte, low byte): exact in bfloat16 up to 65535
+_BYTE = 256
+
+
+def encode_offsets(offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[k, 6]`` channels carrying ``offsets`` (``[3, k]``, non-negative integers below 65536) exactly in
+    ``dtype``: each offset as its high and low byte."""
+    if offsets.numel() and int(offsets.max()) >= _BYTE * _BYTE:
+        raise ValueError(f"an M-RoPE offset of {int(offsets.max())} does not fit the 16 bits the vLLM plugin "
+                         "carries per offset")
+    parts = torch.stack([torch.div(offsets, _BYTE, rounding_mode="floor"), offsets % _BYTE], dim=1)  # [3, 2, k]
+    return parts.reshape(OFFSET_CHANNELS, -1).T.to(dtype)
+
+
+def decode_offsets(channels: torch.Tensor) -> torch.Tensor:
+    """``[3, k]`` offsets from :func:`encode_offsets`' channels (``[k, 6]``)."""
+    parts = channels.float().round().long().T.reshape(3, 2, -1)
+    return parts[:, 0] * _BYTE + parts[:, 1]
+
+
+class KeptPositions:
+    """Mixed in before a vLLM Qwen model class: the positions of the module docstring. The subclass gives
+    :meth:`item_grids` (per item in prompt order: ``(offset, t, h, w, t_factor)``, the LLM grid after the merge)
+    and ``self.learnpruner`` (:func:`~.stage1.attach`); its encoder appends the offsets."""
+
+    _pending_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def item_grids(self, mm_features):
+        raise NotImplementedError
+
+    # --- positions ----------------------------------------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        """``[3, len(input_tokens)]`` positions of the pruned prompt: its text exactly as in the unpruned prompt,
+        each visual row its item's first position (:meth:`forward` adds the kept token's offset); and the
+        ``mrope_position_delta`` decode steps continue with (the unpruned prompt's)."""
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        parts, start, nxt = [], 0, 0
+        for offset, t, h, w, factor in self.item_grids(features):
+            kept = self.learnpruner.kept(t * h * w)
+            text = offset - start
+            parts += [torch.arange(text).expand(3, text) + nxt, torch.full((3, kept), nxt + text)]
+            nxt += text + grid_extent((t, h, w), factor)
+            start = offset + kept
+        tail = len(input_tokens) - start
+        parts.append(torch.arange(tail).expand(3, tail) + nxt)
+        positions = torch.cat(parts, dim=1).long()
+        return positions, nxt + tail - len(input_tokens)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        """The LLM's input embeddings, the encoder's offset channels stripped and kept for :meth:`forward`."""
+        self._pending_offsets = None
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        embeds = [e[:, :-OFFSET_CHANNELS] for e in multimodal_embeddings]
+        offsets = decode_offsets(torch.cat([e[:, -OFFSET_CHANNELS:] for e in multimodal_embeddings]))
+        rows = torch.nonzero(is_multimodal.flatten()).flatten()
+        if rows.numel() != offsets.shape[1]:
+            raise RuntimeError(f"{rows.numel()} visual rows for {offsets.shape[1]} visual embeddings")
+        self._pending_offsets = (rows, offsets.to(rows.device))
+        return super().embed_input_ids(input_ids, embeds, is_multimodal=is_multimodal)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        pending, self._pending_offsets = self._pending_offsets, None
+        if pending is not None and positions.dim() == 2:
+            rows, offsets = pending
+            # in place: ``positions`` is this step's slice of the runner's buffer, rebuilt every step from the
+            # request's own positions; a copy would move the input of captured (piecewise) CUDA graphs
+            positions[:, rows] += offsets.to(positions.device, positions.dtype)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)

@@ -1,0 +1,158 @@
+"""learnpruner inside vLLM, Qwen3-VL: images (DeepStack pruned with the main embedding) against the transformers
+engine.
+
+A tiny random Qwen3-VL (3-block tower with 16 px patches and DeepStack taps after blocks 0 and 2, a 4-layer LLM
+with head size 32 for vLLM's CPU attention) saved with a Qwen3-VL processor over the testbed vocabulary. Its
+DeepStack mergers are scaled up so that their additions move the logits. Runs where vLLM is installed (see
+.ci/run).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import learnpruner  # noqa: E402
+from learnpruner.integrations.vllm import overrides  # noqa: E402
+
+TOKENS = 12
+IMAGE = (128, 192)  # (height, width) px: an 8 x 12 patch grid, 24 tokens
+SMALL = (64, 96)  # 4 x 6 patches: 6 tokens, below the budget (kept whole)
+QUESTION = "what colour is the circle ?"
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+INIT = 0.15
+_ENGINES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from learnpruner.adapters.qwen2_5_vl_bench import token_ids
+    from learnpruner.adapters.qwen3_vl_bench import word_processor
+
+    processor = word_processor(min_pixels=32 * 32, max_pixels=128 * 192)
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=INIT,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, deepstack_visual_indexes=[0, 2],
+                  num_position_embeddings=64)
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids(tok))
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for merger in model.model.visual.deepstack_merger_list:
+            merger.linear_fc2.weight.mul_(30.0)
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    yield str(path)
+    _ENGINES.clear()
+    gc.collect()
+
+
+def _engine(folder, hf_overrides):
+    key = repr(hf_overrides)
+    if key not in _ENGINES:
+        _ENGINES[key] = vllm.LLM(folder, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+                                 mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 2, "video": 0},
+                                 gpu_memory_utilization=0.1, hf_overrides=hf_overrides)
+    return _ENGINES[key]
+
+
+def _requests():
+    """(prompt, images): one image, and two images (one below the budget)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+
+    def image(h, w):
+        return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+    big, small = image(*IMAGE), image(*SMALL)
+    return [(f"<s> user : {IMG} {QUESTION} assistant :", [big]),
+            (f"<s> user : {IMG} and {IMG} {QUESTION} assistant :", [big, small])]
+
+
+@torch.no_grad()
+def _reference(folder, method, tokens):
+    """Per request: greedy tokens, first-step log-probabilities and the prompt length, from the transformers
+    engine (``method`` None: the unpruned model)."""
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    if method is not None:
+        learnpruner.apply(model, method, tokens=tokens, lpm="random")
+    out = []
+    for prompt, images in _requests():
+        inp = processor(text=[prompt], images=images, return_tensors="pt")
+        g = model.generate(**inp, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+        stats = learnpruner.stats(model).images if method is not None else []
+        counts = [s.count for s in stats]
+        kept = [len(s.stage1_kept) if s.stage1_kept is not None else s.count for s in stats]
+        out.append(dict(tokens=g.sequences[0, inp["input_ids"].shape[1]:].tolist(),
+                        logprobs=torch.log_softmax(g.logits[0][0], -1), counts=counts, kept=kept,
+                        length=inp["input_ids"].shape[1] - sum(counts) + sum(kept)))
+    return out
+
+
+def _generate(llm):
+    params = vllm.SamplingParams(max_tokens=3, min_tokens=3, temperature=0, logprobs=5)
+    inputs = [{"prompt": p, "multi_modal_data": {"image": ims if len(ims) > 1 else ims[0]}} for p, ims in _requests()]
+    return llm.generate(inputs, params, use_tqdm=False)
+
+
+def _assert_equal(outs, reference):
+    for o, ref in zip(outs, reference, strict=True):
+        assert len(o.prompt_token_ids) == ref["length"]
+        assert list(o.outputs[0].token_ids) == ref["tokens"]
+        for t, lp in o.outputs[0].logprobs[0].items():
+            assert abs(lp.logprob - ref["logprobs"][t].item()) < 1e-4
+
+
+def test_images_equal_the_transformers_engine_deepstack_included(folder):
+    llm = _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
+    reference = _reference(folder, "lpm-only", TOKENS)
+    assert [r["counts"] for r in reference] == [[24], [24, 6]]
+    assert [r["kept"] for r in reference] == [[12], [12, 6]]
+    _assert_equal(_generate(llm), reference)
+
+
+def test_a_budget_that_keeps_every_token_is_stock_vllm(folder):
+    stock = _generate(_engine(folder, None))
+    whole = _generate(_engine(folder, overrides("qwen3_vl", "divprune", 24)))
+    _assert_equal(stock, _reference(folder, None, None))
+    for s, w in zip(stock, whole, strict=True):
+        assert w.prompt_token_ids == s.prompt_token_ids
+        assert list(w.outputs[0].token_ids) == list(s.outputs[0].token_ids)
+        for t, lp in s.outputs[0].logprobs[0].items():
+            assert abs(w.outputs[0].logprobs[0][t].logprob - lp.logprob) < 1e-5
+
+
+def test_videos_are_refused_when_the_engine_starts(folder):
+    with pytest.raises(ValueError, match=r"Qwen3-VL images only.*limit_mm_per_prompt=\{'video': 0\}"):
+        vllm.LLM(folder, dtype="float32", enforce_eager=True, max_model_len=1024, mm_processor_cache_gb=0,
+                 gpu_memory_utilization=0.1, hf_overrides=overrides("qwen3_vl", "divprune", TOKENS))
+
+
+def test_vllm_bench_serves_a_qwen3_architecture(tmp_path):
+    from learnpruner.integrations.vllm.bench import run_vllm_bench
+
+    records = run_vllm_bench(None, "qwen3-vl-tiny", [("none", None), ("divprune", 16)], requests=2, new_tokens=2,
+                             repeats=1, out_dir=str(tmp_path), engine_kwargs={"gpu_memory_utilization": 0.1,
+                                                                              "max_model_len": 4096},
+                             print_fn=lambda *a: None)
+    none, pruned = records
+    assert none["prompt_tokens"] - pruned["prompt_tokens"] == 1280 - 16  # one 1024x1280 image: 1280 tokens
