@@ -1,8 +1,7 @@
-"""Peer methods that prune after the vision encoder (stage-1 rules), and LearnPruner's ablations.
+"""Peer methods that prune after the vision encoder (stage-1 rules).
 
-Registered methods: ``visionzip``, ``vispruner``, ``divprune``, ``cdpruner`` (peers) and ``lpm-only``,
-``cls-text``, ``text-only`` (LearnPruner ablations; ``cls-only`` and ``lpm-lpm`` are registered by name only,
-see :data:`learnpruner.methods.ABLATIONS`). The selection math lives in :mod:`learnpruner.peers.vision_select`;
+Registered methods: ``visionzip``, ``vispruner``, ``divprune``, ``cdpruner`` (LearnPruner's own ablations are in
+:mod:`learnpruner.methods.learnpruner`). The selection math lives in :mod:`learnpruner.peers.vision_select`;
 the rules here only gather what each method reads. These peers keep T tokens after the vision encoder, which
 is their papers' budget in both conventions (``budget="average"`` and ``"paper"``); their official code feeds
 the LLM the shortened prompt, so their ``positions`` default is ``"contiguous"``.
@@ -15,12 +14,10 @@ import os
 import torch
 from torch import nn
 
-from .. import selection as sel
-from ..budget import Schedule, default_layer, single_drop
+from ..budget import Schedule
 from ..engine.layout import TEXT, image_samples, instruction_rows
-from ..methods import Method, check_layer, learnpruner_schedule, register
-from ..rules import LLMContext, Selection, VisionContext, llm_rule, lpm_of, stage1_rule
-from ..selection import topk_sorted
+from ..methods import Method, register, stage1_schedule
+from ..rules import Selection, VisionContext, stage1_rule
 from . import clip_text as ct
 from . import vision_select as vs
 
@@ -99,11 +96,6 @@ def _check_ratio(options: dict, key: str, hi_open: bool = False) -> None:
         raise ValueError(f"option {key} must be a number in [0, 1{')' if hi_open else ']'}, got {v!r}")
 
 
-def _stage1_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    """Stage 1 keeps ``tokens``; every LLM layer sees them (the average equals the budget)."""
-    return Schedule(n=n, num_layers=num_layers, r1=tokens if tokens < n else None)
-
-
 # --- VisionZip ---------------------------------------------------------------------------------------
 
 
@@ -130,7 +122,7 @@ def _visionzip_schedule(tokens: int, n: int, num_layers: int, options: dict) -> 
     c = options.get("contextual")
     if c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= min(tokens, n)):
         raise ValueError(f"option contextual must be an integer in [0, {min(tokens, n)}], got {c!r}")
-    return _stage1_schedule(tokens, n, num_layers, options)
+    return stage1_schedule(tokens, n, num_layers, options)
 
 
 register(Method(
@@ -181,7 +173,7 @@ def _vispruner(ctx: VisionContext, k: int) -> Selection:
 
 def _vispruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
     _check_ratio(options, "important_ratio")
-    return _stage1_schedule(tokens, n, num_layers, options)
+    return stage1_schedule(tokens, n, num_layers, options)
 
 
 register(Method(
@@ -220,7 +212,7 @@ def _divprune(ctx: VisionContext, k: int) -> Selection:
 
 def _divprune_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
     _check_choice(options, "features", ("projected", "vision"))
-    return _stage1_schedule(tokens, n, num_layers, options)
+    return stage1_schedule(tokens, n, num_layers, options)
 
 
 register(Method(
@@ -333,7 +325,7 @@ def _cdpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> S
             raise ValueError(f"option {key} must be a path, a hub id or a tokenizer, got {type(v).__name__}")
         if v is not None and tm is None:
             raise ValueError(f"option {key} is only used with text_model= (CDPruner's CLIP text relevance)")
-    return _stage1_schedule(tokens, n, num_layers, options)
+    return stage1_schedule(tokens, n, num_layers, options)
 
 
 register(Method(
@@ -369,146 +361,5 @@ register(Method(
         "Positions: contiguous by default, as official (the kept tokens "
         "form the LLM's shortened prompt); positions='original' keeps the original ids. budget='paper' is the "
         "same (the scripts take T, visual_token_num, directly)."
-    ),
-))
-
-
-# --- LearnPruner ablations ---------------------------------------------------------------------------
-
-
-@stage1_rule("cls-attention", needs_cls=True)
-def _cls_top(ctx: VisionContext, k: int) -> Selection:
-    return Selection(topk_sorted(_cls_scores(ctx), k))
-
-
-def _lpm_only_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    return _stage1_schedule(tokens, n, num_layers, options)
-
-
-def _text_only_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    layer = check_layer(options.get("layer", default_layer(num_layers, 12)), num_layers)
-    if options.get("r2") is not None:
-        r2 = options["r2"]
-        return Schedule(n=n, num_layers=num_layers, drops=((layer, r2),) if r2 < n else ())
-    return single_drop(tokens, n, num_layers, layer, "text-only")
-
-
-register(Method(
-    name="lpm-only",
-    stage1="lpm",
-    stage2=None,
-    schedule_fn=_lpm_only_schedule,
-    options=("lpm", "diversity"),
-    doc=(
-        "LearnPruner ablation 'LPM only' (arXiv 2604.23950, ablation at 64 tokens: 96.1): stage 1 of learnpruner "
-        "(the LPM's top tokens with the 10% max-min diversity fill) keeps T tokens; no LLM drop, so every layer "
-        "sees T. Needs lpm= like learnpruner. "
-        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
-        "positions='contiguous' renumbers them."
-    ),
-))
-
-register(Method(
-    name="cls-text",
-    stage1="cls-attention",
-    stage2="text",
-    schedule_fn=learnpruner_schedule,
-    options=("r1", "r2", "layer"),
-    doc=(
-        "LearnPruner ablation '[CLS] attention + text attention': learnpruner with the LPM replaced by [CLS] "
-        "attention (top r1 by the [CLS] attention of the encoder layer producing the feature layer, mean over "
-        "heads, no diversity fill); stage 2 and the r1:r2 = 3:1 schedule at layer K (12 of 32) are learnpruner's. "
-        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
-        "positions='contiguous' renumbers them."
-    ),
-))
-
-# --- LearnPruner ablations of the paper's ablation table at 64 tokens ([CLS]-attn only 94.6, LPM only 96.1,
-# LPM + LPM 96.9, LPM + text attention 96.9); registered by name only (learnpruner.methods.ABLATIONS)
-
-_LPM_LPM_STASH = "_lpm_lpm_keep_prob"  # on the PruneState: {n: (keep_prob [images, n], stage-1 kept table)}
-
-
-@stage1_rule("lpm-lpm", needs_lpm=True)
-def _lpm_lpm_stage1(ctx: VisionContext, k: int) -> Selection:
-    """Stage 1 of lpm-lpm: exactly learnpruner's (top r1 by the LPM's keep-probability, the diversity fill);
-    the keep-probabilities stay on the state for stage 2 of the same forward."""
-    with torch.no_grad():
-        keep_prob = lpm_of(ctx)(ctx.features)
-        kept = sel.lpm_select(keep_prob, ctx.features, k, ctx.options.get("diversity", 0.1))
-    table = torch.zeros_like(keep_prob, dtype=torch.bool)
-    table.scatter_(1, kept, True)
-    ctx.state.__dict__.setdefault(_LPM_LPM_STASH, {})[ctx.features.shape[1]] = (keep_prob, table)
-    return Selection(kept)
-
-
-def _lpm_lpm_stage2(ctx: LLMContext, k: int) -> Selection:
-    """Stage 2 of lpm-lpm: the tokens present ranked again by the keep-probability stage 1's LPM gave them in this
-    forward (no diversity fill); the top ``k`` are kept."""
-    stash = ctx.state.__dict__.get(_LPM_LPM_STASH, {}).pop(ctx.n, None)
-    present = ctx.present()
-    if stash is None or stash[0].shape != (ctx.num_images, ctx.n) or not torch.equal(
-            stash[1].to(present.device), present):
-        raise ValueError(
-            "lpm-lpm's stage 2 ranks by the keep-probabilities of this forward's stage 1: run it with "
-            "stage1_unit='image' and without a fixed stage-1 selection"
-        )
-    scores = stash[0].float().to(present.device).masked_fill(~present, float("-inf"))
-    return Selection(topk_sorted(scores, min(k, int(present.sum(dim=1).min()))))
-
-
-llm_rule("lpm-again")(_lpm_lpm_stage2)
-
-
-register(Method(
-    name="cls-only",
-    stage1="cls-attention",
-    stage2=None,
-    schedule_fn=_stage1_schedule,
-    doc=(
-        "LearnPruner ablation '[CLS] attention only' (arXiv 2604.23950, ablation at 64 tokens: 94.6): after the "
-        "vision encoder the T tokens with the highest [CLS] attention (encoder layer producing the feature layer, "
-        "mean over heads) are kept, no diversity fill and no LLM drop, so every layer sees T (lpm-only with the "
-        "LPM replaced by [CLS] attention). Registered by name only (not in learnpruner.METHODS). "
-        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
-        "positions='contiguous' renumbers them."
-    ),
-), listed=False)
-
-register(Method(
-    name="lpm-lpm",
-    stage1="lpm-lpm",
-    stage2="lpm-again",
-    schedule_fn=learnpruner_schedule,
-    options=("lpm", "r1", "r2", "layer", "diversity"),
-    doc=(
-        "LearnPruner ablation 'LPM + LPM' (arXiv 2604.23950, ablation at 64 tokens: 96.9, the same as the method): "
-        "learnpruner with stage 2's text attention replaced by a second LPM pass. Definition used here (the paper "
-        "publishes no stage-2 LPM, and a module for the LLM's hidden states would need its own training): stage 1 "
-        "is learnpruner's (top r1 by the LPM's keep-probability, 10% diversity fill); before LLM layer K the "
-        "stage-1 tokens are ranked again by the SAME keep-probabilities (computed once, on the vision feature layer, "
-        "in this forward) and the top r2 kept, no diversity fill. Schedule as learnpruner (r1:r2 = 3:1 at layer "
-        "K=12 of 32; 64 -> 111/37). Needs lpm= like learnpruner (loaded at the first forward). Registered by name "
-        "only (not in learnpruner.METHODS). "
-        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
-        "positions='contiguous' renumbers them."
-    ),
-), listed=False)
-
-register(Method(
-    name="text-only",
-    stage1=None,
-    stage2="text",
-    schedule_fn=_text_only_schedule,
-    options=("layer", "r2"),
-    doc=(
-        "LearnPruner ablation 'text attention only': no stage 1; after LLM layer K-1 (learnpruner's K: 12 of 32, "
-        "scaled with depth) the visual tokens are scored by the attention of all instruction tokens after the "
-        "image and the top r are kept for layers K..L-1, r = (T L - K n) / (L - K) so the average is T. With "
-        "all n tokens in the first K layers, budgets below about K n / L (217 of 576 at K=12, L=32) are unreachable "
-        "and raise ValueError; pass layer= (an earlier drop) or r2= (the kept count) for those. The drop layer "
-        "is not moved silently, so the ablation isolates stage 2 at learnpruner's layer. "
-        "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
-        "positions='contiguous' renumbers them."
     ),
 ))

@@ -1,4 +1,4 @@
-"""The one registry of pruning methods.
+"""The method type and the one registry of pruning methods (each method family registers in its own module).
 
 A method pairs a stage-1 rule (after the vision encoder) and/or a stage-2 rule (inside the LLM)
 with its paper's defaults and two mappings from a token budget to a :class:`~learnpruner.budget.Schedule`:
@@ -13,18 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .budget import (
+from ..budget import (
     BUDGETS,
     POSITIONS,
     Schedule,
     check_budget,
-    default_layer,
     describe,
     single_drop,
-    two_stage,
 )
 
-__all__ = ["Method", "METHODS", "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets"]
+__all__ = ["Method", "METHODS", "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets",
+           "check_layer", "stage1_schedule", "stage2_schedule"]
 
 # Stage-1 rules: "lpm" (learnable pruning module), "random". Stage-2 rules: "text" (mean attention
 # from the instruction tokens after the image), "last" (attention from the last token).
@@ -71,7 +70,7 @@ class Method:
         return self._stage1_flag("needs_lpm")
 
     def _stage1_flag(self, name: str) -> bool:
-        from .rules import STAGE1_RULES
+        from ..rules import STAGE1_RULES
 
         return bool(getattr(STAGE1_RULES.get(self.stage1), name, False)) if self.stage1 else False
 
@@ -166,105 +165,16 @@ def check_layer(layer: int, num_layers: int) -> int:
     return layer
 
 
-def _none_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    return Schedule(n=n, num_layers=num_layers)
+def stage1_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
+    """Stage 1 keeps ``tokens``; every LLM layer sees them (the average equals the budget): the schedule of every
+    method that prunes after the vision encoder only."""
+    return Schedule(n=n, num_layers=num_layers, r1=tokens if tokens < n else None)
 
 
-def _random_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    r1 = options.get("r1", tokens)
-    return Schedule(n=n, num_layers=num_layers, r1=r1 if r1 < n else None)
-
-
-def _fastv_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    layer = check_layer(options.get("layer", 2), num_layers)
+def stage2_schedule(tokens: int, n: int, num_layers: int, options: dict, layer: int, method: str) -> Schedule:
+    """One LLM drop at ``layer`` (``check_layer``-ed by the caller) keeping ``r2`` (option) or the count that makes
+    the average ``tokens`` (:func:`~learnpruner.budget.single_drop`): methods that prune inside the LLM only."""
     if options.get("r2") is not None:
         r2 = options["r2"]
         return Schedule(n=n, num_layers=num_layers, drops=((layer, r2),) if r2 < n else ())
-    return single_drop(tokens, n, num_layers, layer, "fastv")
-
-
-def _fastv_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    """FastV's own parametrisation: K=2, ATTENTION_RANK = T tokens kept from layer K on (R = 1 - T / n). K is the
-    paper's layer 2 at any depth, as in the average convention (not scaled: on a shallow LLM a drop after
-    layer 1 keeps little of the signal FastV relies on)."""
-    layer = check_layer(options.get("layer", 2), num_layers)
-    r = options.get("r2", tokens)
-    return Schedule(n=n, num_layers=num_layers, drops=((layer, r),) if r < n else ())
-
-
-def learnpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    layer = check_layer(options.get("layer", default_layer(num_layers, 12)), num_layers)
-    s = two_stage(tokens, n, num_layers, layer)
-    r1 = options.get("r1", s.r1)
-    r2 = options.get("r2", s.r2)
-    if r1 is not None and r1 >= n:
-        r1 = None
-    first = n if r1 is None else r1
-    if r2 is not None and r2 >= first:
-        r2 = None
-    return Schedule(n=n, num_layers=num_layers, r1=r1, drops=((layer, r2),) if r2 is not None else ())
-
-
-register(Method(
-    name="none",
-    stage1=None,
-    stage2=None,
-    schedule_fn=_none_schedule,
-    doc="No pruning: every visual token is kept. The reference every method is compared with.",
-))
-
-register(Method(
-    name="random",
-    stage1="random",
-    stage2=None,
-    schedule_fn=_random_schedule,
-    options=("seed", "r1"),
-    doc=(
-        "Random pruning after the vision encoder: keep ``tokens`` visual tokens chosen uniformly at random "
-        "(default seed 0; each forward draws new indices from the seeded generator). Every LLM layer sees "
-        "the same ``tokens``, so the average equals the budget. No official code: positions original by default "
-        "(positions='contiguous' renumbers the kept tokens); both budget conventions are the same."
-    ),
-))
-
-register(Method(
-    name="fastv",
-    stage1=None,
-    stage2="last",
-    schedule_fn=_fastv_schedule,
-    paper_fn=_fastv_paper,
-    options=("layer", "r2"),
-    doc=(
-        "FastV (Chen et al., 'An Image is Worth 1/2 Tokens After Layer 2', ECCV 2024). After LLM layer K-1 "
-        "(paper default K=2) the visual tokens receiving the least attention from the LAST token (mean over "
-        "heads) are dropped for layers K..L-1. The paper states a ratio R (50%); here the number kept is "
-        "mapped to the average budget: r = (T L - K n) / (L - K). With K=2 a budget below about 2n/L (37 of "
-        "576 for 32 layers) is unreachable and raises ValueError; pass layer=1 to prune earlier, or r2= to "
-        "set the kept count directly. The official code scores with eager attention weights; here the same "
-        "probabilities are computed from the layer's queries and keys, so SDPA and FlashAttention work. "
-        "budget='paper': FastV's own parametrisation (official code pkunlp-icler/FastV, "
-        "src/transformers/src/transformers/models/llama/modeling_llama.py: AGG_LAYER K and ATTENTION_RANK, the "
-        "tokens kept from layer K on): K=2 and T kept, i.e. R = 1 - T/n (192/128/64 -> 192/128/64 from layer 2, "
-        "averages 216.0/156.0/96.0 for n=576, L=32), as DART's paper reports FastV; the SparseVLM and VisionZip "
-        "tables instead matched FastV's average (budget='average'). Positions: original (as official: "
-        "position_ids = keep_indexs)."
-    ),
-))
-
-register(Method(
-    name="learnpruner",
-    stage1="lpm",
-    stage2="text",
-    schedule_fn=learnpruner_schedule,
-    options=("lpm", "r1", "r2", "layer", "diversity"),
-    doc=(
-        "LearnPruner (arXiv 2604.23950). Stage 1: a learnable pruning module scores each visual token from "
-        "the vision feature layer; the top r1 by keep-probability are kept, 10% of r1 (diversity=0.1) filled "
-        "by max-min cosine diversity. Stage 2: after LLM layer K-1 (K=12 for 32 layers, scaled with depth: "
-        "round(12 L / 32)), tokens are scored by the attention they receive from all instruction tokens after "
-        "the image (mean over those queries and heads) and the top r2 are kept for layers K..L-1. Budget split "
-        "r1:r2 = 3:1 (64 -> 111/37, 32 -> 55/18 for 32 layers). No official code exists; defaults follow the "
-        "paper's text. The paper reports the average convention, so budget='paper' is the same. Positions: "
-        "original (kept tokens keep their position ids, as the paper does)."
-    ),
-))
+    return single_drop(tokens, n, num_layers, layer, method)

@@ -1,0 +1,32 @@
+"""The pruning methods: the :class:`Method` type and its one registry (:mod:`.base`), and one module per method
+family registering its methods (:mod:`.baselines`, :mod:`.fastv`, :mod:`.learnpruner` with its ablations). The
+peers' families register from :mod:`learnpruner.peers`, next to their rules.
+
+A method pairs a stage-1 rule (after the vision encoder) and/or a stage-2 rule (inside the LLM) with its paper's
+defaults and two mappings from a token budget to a :class:`~learnpruner.budget.Schedule`: ``budget="average"``
+(the default: the AVERAGE number of visual tokens per LLM layer) and ``budget="paper"`` (the label of the
+method's published configuration; see :mod:`learnpruner.budget`). Every method also takes the ``positions``
+option (``"original"`` or ``"contiguous"`` position ids after a drop), its default being what its official code
+does.
+"""
+
+from . import baselines, fastv, learnpruner  # noqa: F401  (register in this order)
+from .base import (
+    ABLATIONS,
+    METHODS,
+    STAGE1_RULES,
+    STAGE2_RULES,
+    Method,
+    check_layer,
+    describe_budgets,
+    get_method,
+    positions_for,
+    register,
+    stage1_schedule,
+    stage2_schedule,
+)
+from .learnpruner import learnpruner_schedule
+
+__all__ = ["Method", "METHODS", "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets",
+           "check_layer", "stage1_schedule", "stage2_schedule", "learnpruner_schedule", "STAGE1_RULES",
+           "STAGE2_RULES"]
