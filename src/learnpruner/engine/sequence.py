@@ -62,7 +62,7 @@ class Seq:
     mask: torch.Tensor | None  # 2D padding mask (None = no padding, as given by the user)
     pos: torch.Tensor  # position ids [b or 1, s]
     cos_sin: tuple[torch.Tensor, torch.Tensor]
-    vis: torch.Tensor  # visual-token index, TEXT or STRUCTURE (see layout)
+    vis: torch.Tensor  # visual-token index, TEXT or STRUCTURE (see engine.layout.Layout)
     img: torch.Tensor  # image number or -1
     orig: torch.Tensor  # original sequence index or -1 (padding added by compaction)
     # positions="contiguous": the rotary embedding; each drop then renumbers the kept rows consecutively

@@ -183,7 +183,7 @@ def render_scene(objects: Sequence[SceneObject], boxes: Sequence[TextBox] = (), 
     return Scene(img, list(objects), list(boxes), _patch_labels(objects, boxes))
 
 
-# -------------------------------------------------------------------------------------------- scene layout
+# -------------------------------------------------------------------------------------------- scene placement
 
 
 def _place(rng: np.random.Generator, sizes: Sequence[int], offsets: Sequence[int], margin: int = 4,
@@ -206,7 +206,7 @@ def _place(rng: np.random.Generator, sizes: Sequence[int], offsets: Sequence[int
     return [(x, y) for x, y, _ in placed]
 
 
-def random_layout(rng: np.random.Generator, n_objects: int, n_boxes: int = 1):
+def random_scene(rng: np.random.Generator, n_objects: int, n_boxes: int = 1):
     """Sample object attributes and non-overlapping positions. Shapes/colours come from a per-scene
     palette so that repeats (for counting) and unique ones (for referring) both occur."""
     shape_pal = rng.choice(len(SHAPES), size=int(rng.integers(2, 6)), replace=False)
@@ -392,7 +392,7 @@ def generate_item(split: str, index: int, seed: int = 0, qtypes: Sequence[str] |
     max_objects = max(MIN_OBJECTS, min(MAX_OBJECTS, max_objects))
     while True:
         n = int(rng.integers(MIN_OBJECTS, max_objects + 1))
-        objects, boxes = random_layout(rng, n)
+        objects, boxes = random_scene(rng, n)
         if all_questions:
             order = [qtypes[int(i)] for i in rng.permutation(len(qtypes))]
         else:

@@ -38,7 +38,7 @@ class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
 
 
 # transformers 5 saves the CLIP tower without its ``vision_model`` level; vLLM 0.32's loaders expect it
-CLIP_LAYOUT = WeightsMapper(
+CLIP_WEIGHT_NAMES = WeightsMapper(
     orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."})
 
 
@@ -65,7 +65,7 @@ def select_rows(model, features: torch.Tensor) -> torch.Tensor:
 class PrunedLlava(LlavaForConditionalGeneration):
     """vLLM's LLaVA with learnpruner's stage 1 between the vision tower and the projector."""
 
-    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | CLIP_LAYOUT
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | CLIP_WEIGHT_NAMES
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -19,7 +19,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .llava import CLIP_LAYOUT, stage1_for
+from .llava import CLIP_WEIGHT_NAMES, stage1_for
 from .stage1 import select_kept, spec_of
 
 FAMILY = "llava_next"
@@ -52,7 +52,7 @@ class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
 class PrunedLlavaNext(LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT with learnpruner's stage 1 between the vision tower and the projector."""
 
-    hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | CLIP_LAYOUT
+    hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | CLIP_WEIGHT_NAMES
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
