@@ -404,15 +404,34 @@ def test_budget_above_an_items_count_keeps_it_whole(model, batches):
     assert counts == [(16, 14), (12, 12)]
 
 
-def test_lpm_trains_on_qwen3_images_and_apply_uses_it(tmp_path):
+def _stand_in_processor():
+    """Qwen2.5-VL's torchvision-free stand-in (tests/test_qwen.py) with Qwen3-VL's 16 px patches (64x64 to 128x128
+    px images: 4 to 16 tokens)."""
     from test_qwen import ImageProcessorStandIn
     from transformers import Qwen2VLImageProcessorPil
 
+    processor = ImageProcessorStandIn()
+    processor.images = Qwen2VLImageProcessorPil(size={"shortest_edge": 4096, "longest_edge": 16384}, patch_size=16)
+    processor.batch_decode = processor.tokenizer.batch_decode
+    return processor
+
+
+def test_eval_runs_on_qwen3_with_intervals(tmp_path):
+    from learnpruner.evaluation import evaluate, load_items
+
+    model = tiny_qwen3(layers=4, scale=SCALE)
+    recs = evaluate(model, _stand_in_processor(), load_items("shapesvqa", 6), ["none", "divprune", "learnpruner"],
+                    [8], tmp_path / "eval", batch_size=3, progress=False,
+                    method_options={"learnpruner": {"lpm": "random"}})
+    assert {r["method"] for r in recs} == {"none", "divprune", "learnpruner"} and all("ci" in r for r in recs)
+    assert all(r["status"] == "ok" and r["n"] == 6 for r in recs)
+
+
+def test_lpm_trains_on_qwen3_images_and_apply_uses_it(tmp_path):
     from learnpruner.training import ShapesRecords, TrainConfig, train_lpm
 
     model = tiny_qwen3(layers=4, scale=SCALE)
-    processor = ImageProcessorStandIn()
-    processor.images = Qwen2VLImageProcessorPil(size={"shortest_edge": 4096, "longest_edge": 16384}, patch_size=16)
+    processor = _stand_in_processor()
     cfg = TrainConfig(tokens=6, steps=3, batch_size=2, lr=3e-3, warmup=1, ckpt_every=3, hidden_dim=16, mask="topk")
     trained = train_lpm(model, processor, ShapesRecords(), tmp_path, cfg, progress=False)
     hist = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]
