@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from learnpruner.testbed.analysis import summarize, survival
+from recipes.testbed.analysis import summarize, survival
 
 
 def test_survival_counts_the_referred_objects_patches():

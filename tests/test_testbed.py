@@ -19,9 +19,9 @@ from learnpruner.testbed.model import (
     question_prompt,
     save,
 )
-from learnpruner.testbed.recipe import TestbedConfig
-from learnpruner.testbed.targets import curriculum_cap, vqa_accuracy
-from learnpruner.testbed.train import Trainer
+from recipes.testbed.recipe import TestbedConfig
+from recipes.testbed.targets import curriculum_cap, vqa_accuracy
+from recipes.testbed.train import Trainer
 
 torch.set_num_threads(1)
 
@@ -249,7 +249,7 @@ def test_train_resume_matches_uninterrupted(tmp_path):
 def test_patch_loss_position_weight_scales_only_the_row_column_terms():
     import torch.nn.functional as F
 
-    from learnpruner.testbed.targets import PatchHeads, patch_loss
+    from recipes.testbed.targets import PatchHeads, patch_loss
 
     torch.manual_seed(0)
     n, grid = 2, 24
@@ -304,7 +304,7 @@ def test_referents_hand_scene(hand_scene):
 
 
 def test_grounding_targets_and_loss(processor):
-    from learnpruner.testbed.targets import collate_vqa, grounding_loss, grounding_targets
+    from recipes.testbed.targets import collate_vqa, grounding_loss, grounding_targets
 
     items = [S.generate_item("train", i, seed=2, all_questions=True) for i in range(3)]
     batch = collate_vqa(items, processor, max_questions=6)
@@ -355,7 +355,7 @@ def test_grounding_attention_matches_sdpa_and_returns_weights():
 
 
 def collate_vqa_for_test(items, processor):
-    from learnpruner.testbed.targets import collate_vqa
+    from recipes.testbed.targets import collate_vqa
 
     return collate_vqa(items, processor, max_questions=2)
 
@@ -382,7 +382,7 @@ def test_vision_from_starts_stage_b_with_that_tower(tmp_path):
 def test_whiten_projector_folds_standardisation_into_linear_1():
     import copy
 
-    from learnpruner.testbed.recipe import STAGE_A_SEED_OFFSET
+    from recipes.testbed.recipe import STAGE_A_SEED_OFFSET
 
     tr = Trainer(_cfg("/nonexistent"))
     lin = tr.model.model.multi_modal_projector.linear_1
@@ -397,7 +397,7 @@ def test_whiten_projector_folds_standardisation_into_linear_1():
 
 
 def test_question_targets_cover_each_turns_question(processor):
-    from learnpruner.testbed.targets import collate_vqa, question_targets
+    from recipes.testbed.targets import collate_vqa, question_targets
 
     items = [S.generate_item("train", i, seed=4, all_questions=True) for i in range(2)]
     batch = collate_vqa(items, processor, max_questions=6)
@@ -411,7 +411,7 @@ def test_question_targets_cover_each_turns_question(processor):
 
 
 def test_answer_targets_point_at_everything_the_answer_depends_on(processor):
-    from learnpruner.testbed.targets import answer_targets, collate_vqa
+    from recipes.testbed.targets import answer_targets, collate_vqa
 
     items = [S.generate_item("train", i, seed=6, all_questions=True) for i in range(3)]
     batch = collate_vqa(items, processor, max_questions=6)
@@ -462,7 +462,7 @@ def test_attention_losses_are_trained_and_bad_layers_refused(tmp_path):
 
 
 def test_training_time_token_dropping(tmp_path, processor):
-    from learnpruner.testbed.targets import _subset_targets, collate_vqa, keep_visual, question_targets
+    from recipes.testbed.targets import _subset_targets, collate_vqa, keep_visual, question_targets
 
     tr = Trainer(_cfg(str(tmp_path / "k"), visual_keep=40))
     tr._next_stage()
@@ -516,7 +516,7 @@ def test_training_time_token_dropping(tmp_path, processor):
 
 
 def test_word_alignment_targets_and_loss(tmp_path, processor, hand_scene):
-    from learnpruner.testbed.targets import align_loss, word_targets
+    from recipes.testbed.targets import align_loss, word_targets
 
     item = S.VQAItem(split="test", index=0, image=hand_scene.image, question="what is written in the box?",
                      answer="k", qtype="read", qas=[], labels=hand_scene.labels,

@@ -13,10 +13,10 @@ import torch
 
 import learnpruner
 from learnpruner import cli
-from learnpruner.testbed import train as tb
 from learnpruner.testbed.model import build_model, build_processor
 from learnpruner.training import ShapesRecords, TrainConfig, iter_history, train_lpm
 from learnpruner.utils import atomic_torch_save, atomic_write, rng_state, set_rng_state
+from recipes.testbed import train as tb
 
 torch.set_num_threads(1)
 

@@ -78,7 +78,7 @@ def resolve(name: str) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"built-in model {name!r} is not installed at {path} (this build ships without it: train it with "
-                "`python -m learnpruner.testbed.train`); pass a hub id, a local path, or tiny-random-llava"
+                "`python -m recipes.testbed.train`); pass a hub id, a local path, or tiny-random-llava"
             )
         return str(path)
     return name

@@ -7,7 +7,7 @@ number of objects in the scene and, for the objects the answer depends on
 kept at least one patch at each point. Accuracy conditioned on survival separates "the evidence was
 pruned" from "the evidence survived but the model still failed", and stage 1 from stage 2.
 
-    python -m learnpruner.testbed.analysis --split val --methods learnpruner,divprune,vispruner,cls-text \\
+    python -m recipes.testbed.analysis --split val --methods learnpruner,divprune,vispruner,cls-text \\
         --tokens 64,32 --out runs/analysis
 
 Writes ``records.jsonl`` (one line per item, method and budget), ``summary.json``, ``summary.md`` and
@@ -27,11 +27,10 @@ import torch
 from tqdm import tqdm
 
 import learnpruner
-
-from ..evaluation import EvalItem, is_correct
-from ..evaluation.runner import answer_batch
-from ..utils import atomic_write
-from .shapes import load_split, relevant_objects
+from learnpruner.evaluation import EvalItem, is_correct
+from learnpruner.evaluation.runner import answer_batch
+from learnpruner.testbed.shapes import load_split, relevant_objects
+from learnpruner.utils import atomic_write
 
 __all__ = ["survival", "analyse", "summarize", "main"]
 
@@ -193,10 +192,10 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..hub import load
-    from ..options import parse_list, per_method_options
+    from learnpruner.hub import load
+    from learnpruner.options import parse_list, per_method_options
 
-    p = argparse.ArgumentParser(prog="python -m learnpruner.testbed.analysis", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.testbed.analysis", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="shapes-tiny")
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--n", type=int, default=None, help="first N items of the split (default: all)")

@@ -14,7 +14,7 @@ RUN_FILES = ("checkpoint.pt", "metrics.json", "config.json", "generation_config.
 
 @dataclass
 class TestbedConfig:
-    """Hyper-parameters of the staged recipe (see :mod:`learnpruner.testbed.train`)."""
+    """Hyper-parameters of the staged recipe (see :mod:`recipes.testbed.train`)."""
 
     __test__ = False  # not a pytest class, whatever its name
 

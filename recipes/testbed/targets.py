@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .model import encode_conversation, question_prompt
-from .shapes import (
+from learnpruner.testbed.model import encode_conversation, question_prompt
+from learnpruner.testbed.shapes import (
     CHARS,
     COLOR_NAMES,
     GRID,

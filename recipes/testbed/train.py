@@ -30,8 +30,8 @@ code); ``--resume`` continues from there, ``--overwrite`` replaces the run in OU
 is refused). The final model and processor are saved with ``save_pretrained`` into OUT, with ``metrics.json``
 (test accuracy).
 
-    python -m learnpruner.testbed.train --out DIR [--steps-a N] [--steps N] [--batch-size B] [--resume]
-    python -m learnpruner.testbed.train --out DIR --vision-from RUN ...   # reuse RUN's stage (a), start at (b)
+    python -m recipes.testbed.train --out DIR [--steps-a N] [--steps N] [--batch-size B] [--resume]
+    python -m recipes.testbed.train --out DIR --vision-from RUN ...   # reuse RUN's stage (a), start at (b)
 """
 
 from __future__ import annotations
@@ -48,16 +48,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..utils import atomic_torch_save, check_out_dir, read_checkpoint, rng_state, set_rng_state
-from .model import build_model, build_processor, save
-from .recipe import RUN_FILES, STAGE_A_SEED_OFFSET, TestbedConfig
-from .shapes import (
+from learnpruner.testbed.model import build_model, build_processor, save
+from learnpruner.testbed.shapes import (
     MAX_OBJECTS,
     VQAItem,
     generate_item,
     load_split,
 )
-from .targets import (
+from learnpruner.utils import atomic_torch_save, check_out_dir, read_checkpoint, rng_state, set_rng_state
+from recipes.testbed.recipe import RUN_FILES, STAGE_A_SEED_OFFSET, TestbedConfig
+from recipes.testbed.targets import (
     GROUNDING_ATTENTION,
     PatchHeads,
     _generate,
@@ -144,7 +144,7 @@ class Trainer:
         vocabulary must be this configuration's."""
         from transformers import LlavaForConditionalGeneration
 
-        from ..hub import resolve
+        from learnpruner.hub import resolve
 
         path = resolve(model_dir)
         if not os.path.isfile(os.path.join(path, "config.json")):
