@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..cost import kv_bytes, llm_flops, lm_head_flops
+from ..cost import items_breakdown, items_kv_bytes
 
 __all__ = [
     "QWEN_ARCHS",
@@ -168,33 +168,27 @@ def merger_flops(config, rows: int) -> int:
 
 def flops_breakdown(config, schedules, grids, text_tokens: int, batch: int = 1, lm_head: str = "last") -> dict:
     """Analytic prefill FLOPs of one prompt with the items ``grids`` (images and videos) pruned by ``schedules``
-    (one :class:`~learnpruner.budget.Schedule` per item, e.g. ``state.schedule(n)``), times ``batch``.
+    (one :class:`~learnpruner.budget.Schedule` per item, e.g. ``state.schedule(n)``), times ``batch``:
+    ``vision`` (the tower on every item, unpruned), ``projector`` (the merger on each item's stage-1 rows),
+    ``llm`` and ``lm_head`` (:func:`learnpruner.cost.items_breakdown`)."""
+    check_items(config, schedules, grids)
+    return items_breakdown(config.text_config, schedules, text_tokens, sum(vision_flops(config, g) for g in grids),
+                           lambda rows: merger_flops(config, rows), batch, lm_head)
 
-    Returns ``vision`` (the tower on every item, unpruned), ``projector`` (the merger on each item's stage-1
-    rows), ``llm`` (per layer: ``text_tokens`` plus every item's visual tokens of that layer; q/k/v/o, SwiGLU,
-    attention scores and values full q x kv) and ``lm_head`` (``"last"``: one position; ``"all"``: every final
-    position)."""
-    if lm_head not in ("last", "all"):
-        raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
+
+def check_items(config, schedules, grids) -> None:
+    """``ValueError`` unless there is one schedule per grid, each for its grid's token count."""
     if len(schedules) != len(grids):
         raise ValueError(f"{len(schedules)} schedule(s) for {len(grids)} item(s)")
-    tc = config.text_config
     for s, g in zip(schedules, grids):
         if s.n != grid_tokens(config, g):
             raise ValueError(f"a schedule for {s.n}-token items given for a grid of {grid_tokens(config, g)} tokens")
-    per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
-    rows = sum(s.r1 if s.r1 is not None else s.n for s in schedules)
-    positions = 1 if lm_head == "last" else per_layer[-1]
-    parts = {"vision": sum(vision_flops(config, g) for g in grids), "projector": merger_flops(config, rows),
-             "llm": llm_flops(tc, per_layer), "lm_head": lm_head_flops(tc, positions)}
-    return {k: batch * v for k, v in parts.items()}
 
 
 def analytic_kv_bytes(config, schedules, text_tokens: int, batch: int = 1, dtype=torch.bfloat16) -> int:
     """Bytes of the KV cache after the prefill: per layer keys and values of the text and that layer's visual
     tokens of every item (what ``bench.kv_cache_bytes`` measures on the real cache)."""
-    per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
-    return kv_bytes(config.text_config, per_layer, batch, dtype)
+    return items_kv_bytes(config.text_config, schedules, text_tokens, batch, dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from ..cost import kv_bytes, llm_flops, lm_head_flops
-from .qwen2_5_vl_bench import grid_tokens
+from ..cost import items_breakdown, items_kv_bytes
+from .qwen2_5_vl_bench import check_items, grid_tokens
 
 __all__ = ["QWEN3_ARCHS", "BENCH_IMAGE", "qwen3_config", "image_grid", "grid_tokens", "vision_flops", "merger_flops",
            "flops_breakdown", "analytic_kv_bytes", "random_pixels", "word_processor",
@@ -111,25 +111,16 @@ def merger_flops(config, rows: int) -> int:
 
 def flops_breakdown(config, schedules, grids, text_tokens: int, batch: int = 1, lm_head: str = "last") -> dict:
     """Analytic prefill FLOPs of one prompt with the items ``grids`` pruned by ``schedules`` (one per item), times
-    ``batch``: ``vision``, ``projector`` (the mergers on each item's stage-1 rows), ``llm`` and ``lm_head``, as
-    :func:`learnpruner.adapters.qwen2_5_vl_bench.flops_breakdown` defines them."""
-    if lm_head not in ("last", "all"):
-        raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
-    if len(schedules) != len(grids):
-        raise ValueError(f"{len(schedules)} schedule(s) for {len(grids)} item(s)")
-    tc = config.text_config
-    per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
-    rows = sum(s.r1 if s.r1 is not None else s.n for s in schedules)
-    positions = 1 if lm_head == "last" else per_layer[-1]
-    parts = {"vision": sum(vision_flops(config, g) for g in grids), "projector": merger_flops(config, rows),
-             "llm": llm_flops(tc, per_layer), "lm_head": lm_head_flops(tc, positions)}
-    return {k: batch * v for k, v in parts.items()}
+    ``batch``: ``vision``, ``projector`` (every merger on each item's stage-1 rows), ``llm`` and ``lm_head``
+    (:func:`learnpruner.cost.items_breakdown`)."""
+    check_items(config, schedules, grids)
+    return items_breakdown(config.text_config, schedules, text_tokens, sum(vision_flops(config, g) for g in grids),
+                           lambda rows: merger_flops(config, rows), batch, lm_head)
 
 
 def analytic_kv_bytes(config, schedules, text_tokens: int, batch: int = 1, dtype=torch.bfloat16) -> int:
     """Bytes of the KV cache after the prefill (text plus each layer's visual tokens of every item)."""
-    per_layer = [text_tokens + sum(c) for c in zip(*(s.per_layer() for s in schedules))]
-    return kv_bytes(config.text_config, per_layer, batch, dtype)
+    return items_kv_bytes(config.text_config, schedules, text_tokens, batch, dtype)
 
 
 def random_pixels(config, batch: int = 1, image=BENCH_IMAGE, generator: torch.Generator | None = None) -> dict:
