@@ -213,18 +213,24 @@ class Qwen2_5_VLAdapter(Adapter):
         if pixel_values_videos is not None:
             feats[VIDEO] = self.vision_features(pixel_values_videos, grid_thw=video_grid_thw)
         order = self.item_order(input_ids, [f.shape[0] for f in feats[IMAGE]], [f.shape[0] for f in feats[VIDEO]])
+        return self.item_features(order, feats, grids)
+
+    def item_features(self, order: list[tuple[int, int]], feats: dict, grids: dict, **extra) -> VisualFeatures:
+        """The :class:`VisualFeatures` of the items in prompt ``order`` (``[(kind, index)]``): each item's rows
+        (``feats[kind][index]``), every placeholder holding a token, ``crops`` its temporal group, ``patches`` its
+        index in the frame (from ``grids[kind][index]``); ``extra`` passed on (e.g. ``streams``)."""
         merge = self.model.config.vision_config.spatial_merge_size
         features, slots, crops, patches = [], [], [], []
         for kind, j in order:
             f = feats[kind][j]
-            t, h, w = grids[kind][j].tolist()
+            _, h, w = grids[kind][j].tolist()
             per_frame = (h // merge) * (w // merge)
             idx = torch.arange(f.shape[0], device=f.device)
             features.append(f)
             slots.append(idx)
             crops.append(idx // per_frame)
             patches.append(idx % per_frame)
-        return VisualFeatures(features, slots, crops=crops, patches=patches)
+        return VisualFeatures(features, slots, crops=crops, patches=patches, **extra)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The merger on (kept) rows: ``[..., 4 * hidden] -> [..., out_hidden]`` (``ln_q`` per patch, then the MLP)."""

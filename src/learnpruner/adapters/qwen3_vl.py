@@ -105,19 +105,8 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             if pixels is not None:
                 feats[kind], streams[kind] = self._tower(pixels, grids[kind])
         order = self.item_order(input_ids, [f.shape[0] for f in feats[IMAGE]], [f.shape[0] for f in feats[VIDEO]])
-        merge = self.model.config.vision_config.spatial_merge_size
-        features, slots, crops, patches = [], [], [], []
-        for kind, j in order:
-            f = feats[kind][j]
-            _, h, w = grids[kind][j].tolist()
-            per_frame = (h // merge) * (w // merge)
-            idx = torch.arange(f.shape[0], device=f.device)
-            features.append(f)
-            slots.append(idx)
-            crops.append(idx // per_frame)
-            patches.append(idx % per_frame)
         tapped = [[streams[kind][t][j] for kind, j in order] for t in range(taps)]
-        return VisualFeatures(features, slots, crops=crops, patches=patches, streams=tapped or None)
+        return self.item_features(order, feats, grids, streams=tapped or None)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The main merger on (kept) rows: ``[..., 4 * hidden] -> [..., out_hidden]``."""

@@ -48,6 +48,15 @@ class KeptPositions:
     def item_grids(self, mm_features):
         raise NotImplementedError
 
+    def check_encoder_path(self, vllm_config) -> None:
+        """Refuse, at engine start, the encoder modes that run the tower outside the plugin's encoder step."""
+        if self.use_data_parallel:
+            raise ValueError("mm_encoder_tp_mode='data' runs the vision tower outside learnpruner's stage 1; "
+                             "serve with the default mm_encoder_tp_mode")
+        if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
+            raise ValueError("cudagraph_mm_encoder replays the vision tower outside learnpruner's stage 1; "
+                             "serve without it")
+
     # --- positions ----------------------------------------------------------------------------------------
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         """``[3, len(input_tokens)]`` positions of the pruned prompt: its text exactly as in the unpruned prompt,

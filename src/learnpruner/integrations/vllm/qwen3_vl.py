@@ -81,12 +81,7 @@ class PrunedQwen3VL(KeptPositions, Qwen3VLForConditionalGeneration):
         if mm is not None and mm.get_limit_per_prompt("video") > 0:
             raise ValueError(NO_VIDEO)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.use_data_parallel:
-            raise ValueError("mm_encoder_tp_mode='data' runs the vision tower outside learnpruner's stage 1; "
-                             "serve with the default mm_encoder_tp_mode")
-        if getattr(vllm_config.compilation_config, "cudagraph_mm_encoder", False):
-            raise ValueError("cudagraph_mm_encoder replays the vision tower outside learnpruner's stage 1; "
-                             "serve without it")
+        self.check_encoder_path(vllm_config)
         config = vllm_config.model_config.hf_config
         spec = _spec(config)
         vc = config.vision_config
