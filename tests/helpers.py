@@ -224,8 +224,17 @@ def qwen_inputs(model, prompts, seed: int = 0, padding: str = "left", second_per
             ids += [cfg.vision_start_token_id] + [pad] * n + [cfg.vision_end_token_id]
             (images if kind == "image" else videos).append(thw)
         seqs.append(ids)
+    out = _qwen_batch(cfg, seqs, images, videos, tok.pad_token_id, padding, QWEN_PATCH_ROW, g)
+    if videos:
+        out["second_per_grid_ts"] = torch.full((len(videos),), second_per_grid_t)
+    return out
+
+
+def _qwen_batch(cfg, seqs, images, videos, pad_id: int, padding: str, patch_row: int, g) -> dict:
+    """Token sequences padded into a batch (``input_ids``, ``attention_mask``, ``mm_token_type_ids``) and random
+    pixel rows for the image and video grids, as the Qwen processors lay them out."""
     width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for i, ids in enumerate(seqs):
         cols = slice(width - len(ids), width) if padding == "left" else slice(0, len(ids))
@@ -233,14 +242,12 @@ def qwen_inputs(model, prompts, seed: int = 0, padding: str = "left", second_per
         mask[i, cols] = 1
     types = torch.where(input_ids == cfg.image_token_id, 1, torch.where(input_ids == cfg.video_token_id, 2, 0))
     out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}
-    if images:
-        out["image_grid_thw"] = torch.tensor(images)
-        out["pixel_values"] = torch.randn(int(out["image_grid_thw"].prod(-1).sum()), QWEN_PATCH_ROW, generator=g)
-    if videos:
-        out["video_grid_thw"] = torch.tensor(videos)
-        out["pixel_values_videos"] = torch.randn(int(out["video_grid_thw"].prod(-1).sum()), QWEN_PATCH_ROW,
-                                                 generator=g)
-        out["second_per_grid_ts"] = torch.full((len(videos),), second_per_grid_t)
+    for kind, grids in (("image", images), ("video", videos)):
+        if grids:
+            suffix = "" if kind == "image" else "_videos"
+            out[f"{kind}_grid_thw"] = torch.tensor(grids)
+            out[f"pixel_values{suffix}"] = torch.randn(int(out[f"{kind}_grid_thw"].prod(-1).sum()), patch_row,
+                                                       generator=g)
     return out
 
 
@@ -341,23 +348,7 @@ def qwen3_inputs(model, prompts, seed: int = 0, padding: str = "left"):
                     ids += [cfg.vision_end_token_id]
             (images if kind == "image" else videos).append(thw)
         seqs.append(ids)
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, ids in enumerate(seqs):
-        cols = slice(width - len(ids), width) if padding == "left" else slice(0, len(ids))
-        input_ids[i, cols] = torch.tensor(ids)
-        mask[i, cols] = 1
-    types = torch.where(input_ids == cfg.image_token_id, 1, torch.where(input_ids == cfg.video_token_id, 2, 0))
-    out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}
-    if images:
-        out["image_grid_thw"] = torch.tensor(images)
-        out["pixel_values"] = torch.randn(int(out["image_grid_thw"].prod(-1).sum()), QWEN3_PATCH_ROW, generator=g)
-    if videos:
-        out["video_grid_thw"] = torch.tensor(videos)
-        out["pixel_values_videos"] = torch.randn(int(out["video_grid_thw"].prod(-1).sum()), QWEN3_PATCH_ROW,
-                                                 generator=g)
-    return out
+    return _qwen_batch(cfg, seqs, images, videos, tok.pad_token_id, padding, QWEN3_PATCH_ROW, g)
 
 
 def qwen3_single(inp, i):

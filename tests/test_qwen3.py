@@ -14,30 +14,15 @@ import torch
 from harness import layer_lengths
 from helpers import qwen3_inputs, qwen3_single, tiny_qwen3
 
+# Qwen2.5-VL's prompts and method lists (grids in patches, 16 px here; a video is written group by group here)
+from test_qwen import CLS_METHODS, COUNTS, FULL, ITEMS_PER_SAMPLE, METHODS, OPTIONS, PROMPTS, RATIO
+
 import learnpruner
 from learnpruner.adapters import adapter_for
 
 torch.set_num_threads(1)
 
 SCALE = 30.0
-OPTIONS = {"learnpruner": {"lpm": "random"}, "lpm-only": {"lpm": "random"}, "random": {"seed": 1}}
-CLS_METHODS = ["cls-text", "visionzip", "vispruner"]
-METHODS = [m for m in sorted(learnpruner.METHODS) if m not in CLS_METHODS]
-PRUNED = [m for m in METHODS if m != "none"]
-RATIO = 0.5
-FULL = 1280
-
-PROMPTS = {
-    "images": [["user :", ("image", (8, 8)), "what colour is the circle ?", "assistant :"],
-               ["user :", ("image", (4, 12)), "how many squares ?", "assistant :"]],
-    "video": [["user :", ("video", (3, 4, 8)), "what colour is the circle ?", "assistant :"],
-              ["user :", ("video", (2, 4, 4)), "how many squares ?", "assistant :"]],
-    "mixed": [["user :", ("image", (8, 8)), "what colour is the circle ?", "assistant :"],
-              ["user :", ("video", (3, 4, 8)), "how many squares ?", ("image", (4, 12)), "is it red ?",
-               "assistant :"]],
-}
-COUNTS = {"images": [16, 12], "video": [24, 8], "mixed": [16, 24, 12]}
-ITEMS_PER_SAMPLE = {"images": [1, 1], "video": [1, 1], "mixed": [1, 2]}
 
 
 @pytest.fixture(scope="module")

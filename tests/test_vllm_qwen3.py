@@ -18,6 +18,8 @@ import torch
 vllm = pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from test_vllm_qwen import _assert_equal  # noqa: E402  (tokens, first-step log-probabilities, prompt lengths)
+
 import learnpruner  # noqa: E402
 from learnpruner.integrations.vllm import overrides  # noqa: E402
 
@@ -112,14 +114,6 @@ def _generate(llm):
     params = vllm.SamplingParams(max_tokens=3, min_tokens=3, temperature=0, logprobs=5)
     inputs = [{"prompt": p, "multi_modal_data": {"image": ims if len(ims) > 1 else ims[0]}} for p, ims in _requests()]
     return llm.generate(inputs, params, use_tqdm=False)
-
-
-def _assert_equal(outs, reference):
-    for o, ref in zip(outs, reference, strict=True):
-        assert len(o.prompt_token_ids) == ref["length"]
-        assert list(o.outputs[0].token_ids) == ref["tokens"]
-        for t, lp in o.outputs[0].logprobs[0].items():
-            assert abs(lp.logprob - ref["logprobs"][t].item()) < 1e-4
 
 
 def test_images_equal_the_transformers_engine_deepstack_included(folder):
