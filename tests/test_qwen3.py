@@ -516,3 +516,27 @@ def test_lmms_eval_accepts_a_qwen3_folder_and_refuses_cls_methods_by_name(tmp_pa
     check_model(parse_model_args(str(folder), method="fastv", ratio=0.5))
     with pytest.raises(ValueError, match="visionzip.*qwen3_vl"):
         check_model(parse_model_args(str(folder), method="visionzip", ratio=0.5))
+
+
+def test_budgets_are_met_per_item_where_items_have_their_own_counts(model, batches, tmp_path):
+    """apply() cannot know a Qwen item's count: a budget the nominal 1280-token image cannot reach is accepted and
+    met by a 16-token image at the forward, and refused there, naming the item's count, when that item cannot
+    reach it; eval records such a cell as unreachable with that reason."""
+    from learnpruner.evaluation import evaluate, load_items
+
+    inp = batches["images"]
+    learnpruner.apply(model, "fastv", tokens=8)
+    with torch.no_grad():
+        model(**inp)
+    assert [(im.count, round(im.average_tokens)) for im in learnpruner.stats(model).images] == [(16, 8), (12, 8)]
+    learnpruner.remove(model)
+    learnpruner.apply(model, "fastv", tokens=2)
+    with pytest.raises(ValueError, match="at least 5 visual tokens for 16-token images; got tokens=2"):
+        with torch.no_grad():
+            model(**inp)
+    learnpruner.remove(model)
+    recs = evaluate(model, _stand_in_processor(), load_items("shapesvqa", 3), ["fastv"], [1, 8], tmp_path / "eval",
+                    batch_size=3, progress=False)
+    by = {r["tokens"]: r for r in recs}
+    assert by[8]["status"] == "ok" and by[8]["n"] == 3
+    assert by[1]["status"] == "unreachable" and "got tokens=1" in by[1]["reason"]

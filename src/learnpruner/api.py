@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .adaptive import adaptive_threshold, lpm_options
-from .budget import BUDGETS, check_budget, check_ratio, check_tokens, tokens_for
+from .budget import BUDGETS, UnreachableBudget, check_budget, check_ratio, check_tokens, tokens_for
 from .engine import PruneState, Stats, pruned_forward
 from .engine.graphs import GraphCache
 from .lpm import LearnablePruningModule, LPMConfig
@@ -159,8 +159,14 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     adapter.check_options(m, opts)
     n = adapter.num_visual_tokens()
     num_layers = adapter.text_config.num_hidden_layers
-    m.schedule(tokens_for(n, tokens, ratio), n, num_layers, {k: v for k, v in opts.items() if k != "lpm"},  # early
-               budget)
+    try:  # early: options, and the budget where every image has n tokens
+        m.schedule(tokens_for(n, tokens, ratio), n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget)
+    except UnreachableBudget:
+        if adapter.uniform_token_count:
+            raise
+        # items with their own counts (n is nominal): each item's budget is met, or refused naming its count, at
+        # the forward; here only the options are checked (at the full budget no schedule drops anything)
+        m.schedule(n, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget)
     seed = opts.get("seed", 0)
     lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if m.needs_lpm else None
     if lpm is not None:  # settings validated with this LPM (lpm.json), for the options the caller left out

@@ -17,11 +17,17 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["Schedule", "BUDGETS", "POSITIONS", "check_budget", "check_tokens", "check_ratio", "tokens_for",
-            "average", "default_layer", "two_stage", "single_drop", "describe"]
+__all__ = ["Schedule", "BUDGETS", "POSITIONS", "UnreachableBudget", "check_budget", "check_tokens", "check_ratio",
+           "tokens_for", "average", "default_layer", "two_stage", "single_drop", "describe"]
 
 BUDGETS = ("average", "paper")  # how a budget T is read (see the module docstring)
 POSITIONS = ("original", "contiguous")  # position ids of the tokens kept after a drop
+
+
+class UnreachableBudget(ValueError):
+    """A budget a method's schedule cannot reach for an item of its token count (e.g. below what a drop at layer
+    K allows): the message names the lowest reachable budget. Families whose items have their own counts
+    (Qwen-VL) meet it per item at the forward, as :func:`learnpruner.apply` cannot know the counts."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ def single_drop(tokens: int, n: int, num_layers: int, layer: int, method: str) -
     if r < 1:
         lowest = -(-(layer * n + (num_layers - layer)) // num_layers)
         earlier = " or an earlier layer (layer=1)" if layer > 1 else ""
-        raise ValueError(
+        raise UnreachableBudget(
             f"{method} prunes at LLM layer {layer} of {num_layers}, so its average budget is at least "
             f"{lowest} visual tokens for {n}-token images; got tokens={tokens}. Use tokens >= {lowest}{earlier}."
         )

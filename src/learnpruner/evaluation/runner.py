@@ -15,6 +15,7 @@ import torch
 
 import learnpruner
 
+from ..budget import UnreachableBudget
 from ..utils import atomic_write
 from .data import EvalItem, is_correct
 from .report import _cell_record, _write_results, summarize
@@ -38,6 +39,17 @@ def answer_batch(model, processor, items: list[EvalItem], max_new_tokens: int, d
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+@contextlib.contextmanager
+def _unreachable_items():
+    """Within this context an item whose budget its method cannot reach (:class:`UnreachableBudget`, raised at the
+    forward on families whose items have their own counts) ends the cell: the list yielded gets the reason."""
+    refused: list[str] = []
+    try:
+        yield refused
+    except UnreachableBudget as e:
+        refused.append(str(e))
 
 
 def evaluate(
@@ -124,7 +136,10 @@ def evaluate(
                 schedule = learnpruner.get_method(method).schedule(
                     tokens, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget=budget)
             except ValueError as e:
-                schedule, status, reason = None, "unreachable", str(e)
+                schedule = None
+                # items with their own counts (Qwen-VL; n is nominal) meet their budgets at the forward
+                if ad.uniform_token_count or not isinstance(e, UnreachableBudget):
+                    status, reason = "unreachable", str(e)
             reference = out / "preds" / f"{_cell_name('none', max(budgets))}.jsonl"
             noop = schedule is not None and schedule.is_noop and ad.uniform_token_count  # ragged: per image
             if todo and noop and method != "none" and "none" in methods:
@@ -139,7 +154,7 @@ def evaluate(
             if todo and status == "ok":
                 learnpruner.apply(model, method, tokens=tokens, budget=budget, **opts)
                 try:
-                    with open(path, "a") as f:
+                    with open(path, "a") as f, _unreachable_items() as refused:
                         for start in range(0, len(todo), batch_size):
                             chunk = todo[start:start + batch_size]
                             t0 = time.perf_counter()
@@ -157,6 +172,8 @@ def evaluate(
                             bar.update(len(chunk))
                 finally:
                     learnpruner.remove(model)
+                if refused:
+                    status, reason = "unreachable", refused[0]
                 done = _read_preds(path)
             if status != "ok":
                 bar.update(len(todo))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..budget import Schedule, default_layer
+from ..budget import Schedule, UnreachableBudget, default_layer
 from ..engine.layout import image_samples, instruction_rows
 from ..rules import LLMContext
 
@@ -71,7 +71,7 @@ def staged_schedule(
     target = tokens * num_layers - layers[0] * n
     if target < sum(widths):
         lowest = -(-(layers[0] * n + sum(widths)) // num_layers)
-        raise ValueError(
+        raise UnreachableBudget(
             f"{method} first prunes at LLM layer {layers[0]} of {num_layers}, so its average budget is at least "
             f"{lowest} visual tokens for {n}-token images; got tokens={tokens}. Use tokens >= {lowest} or earlier "
             f"layers (layers=...)."

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..budget import Schedule
+from ..budget import Schedule, UnreachableBudget
 from ..methods import Method, register
 from .llm_common import _layers_option, lambda_schedule, staged_schedule
 
@@ -63,7 +63,7 @@ def _pdrop_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedul
         layers = _layers_option(options, num_layers, _PDROP_PAPER_LAYERS)
         lowest = -(-(layers[0] * n) // num_layers) + 1
         if tokens < lowest:
-            raise ValueError(
+            raise UnreachableBudget(
                 f"pyramiddrop (budget='paper') first prunes at LLM layer {layers[0]} of {num_layers}, so its average "
                 f"is at least {lowest} visual tokens for {n}-token images; got tokens={tokens}. Use tokens >= "
                 f"{lowest} or earlier layers (layers=...)."

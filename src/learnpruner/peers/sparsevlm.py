@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..budget import Schedule
+from ..budget import Schedule, UnreachableBudget
 from ..methods import Method, register
 from ..rules import LLMContext, Selection, llm_rule
 from ..selection import topk_sorted
@@ -173,7 +173,7 @@ def _sparsevlm_paper(tokens: int, n: int, num_layers: int, options: dict) -> Sch
     if tokens >= n:
         return Schedule(n=n, num_layers=num_layers)
     if n != 576 or tokens not in _SPARSEVLM_COUNTS:
-        raise ValueError(
+        raise UnreachableBudget(
             f"sparsevlm publishes budget='paper' configurations for 576-token images at "
             f"{', '.join(map(str, _SPARSEVLM_COUNTS))} visual tokens; got tokens={tokens} for {n}-token images. "
             f"Use budget='average' for other budgets."
