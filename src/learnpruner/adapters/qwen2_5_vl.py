@@ -54,8 +54,9 @@ __all__ = ["Qwen2_5_VLAdapter", "ROPE_DELTAS_ATTR", "merge_rows", "grid_offsets"
 ROPE_DELTAS_ATTR = "_learnpruner_rope_deltas"  # on the cache: [b, 1] rope_deltas of the unpruned prompt
 
 # Qwen2.5-VL keeps images near their native resolution, so no count is "the" image's: apply() checks a method's
-# options early against this nominal one, the largest image the stock image processor makes by default
-# (max_pixels 1003520 = 1280 x 28^2 px; an 896x1120 px image); budgets are met per image at the forward
+# options against this nominal one, the largest image the stock image processor makes by default (max_pixels
+# 1003520 = 1280 x 28^2 px; an 896x1120 px image); budgets are met (or refused, naming the item's count) per
+# item at the forward
 NOMINAL_TOKENS = 1280
 
 IMAGE, VIDEO = 1, 2  # mm_token_type_ids values (text 0)
