@@ -14,8 +14,6 @@ from . import baselines, fastv, learnpruner  # noqa: F401  (register in this ord
 from .base import (
     ABLATIONS,
     METHODS,
-    STAGE1_RULES,
-    STAGE2_RULES,
     Method,
     check_layer,
     describe_budgets,
@@ -28,5 +26,4 @@ from .base import (
 from .learnpruner import learnpruner_schedule
 
 __all__ = ["Method", "METHODS", "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets",
-           "check_layer", "stage1_schedule", "stage2_schedule", "learnpruner_schedule", "STAGE1_RULES",
-           "STAGE2_RULES"]
+           "check_layer", "stage1_schedule", "stage2_schedule", "learnpruner_schedule"]

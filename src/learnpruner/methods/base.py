@@ -25,11 +25,6 @@ from ..budget import (
 __all__ = ["Method", "METHODS", "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets",
            "check_layer", "stage1_schedule", "stage2_schedule"]
 
-# Stage-1 rules: "lpm" (learnable pruning module), "random". Stage-2 rules: "text" (mean attention
-# from the instruction tokens after the image), "last" (attention from the last token).
-STAGE1_RULES = ("lpm", "random")
-STAGE2_RULES = ("text", "last")
-
 
 @dataclass(frozen=True)
 class Method:
