@@ -63,20 +63,26 @@ IMAGE, VIDEO = 1, 2  # mm_token_type_ids values (text 0)
 
 
 @contextmanager
-def _merger_input(visual):
-    """Within this context the tower returns the merger's input (grouped patches ``[N/4, 4*hidden]``, raster
-    order) in place of the merger's output: the merger's forward is swapped for the grouping alone."""
-    merger = visual.merger
-    width = merger.hidden_size
-    saved = merger.__dict__.get("forward")
-    merger.forward = lambda x: x.reshape(-1, width)
+def grouped_outputs(*mergers):
+    """Within this context each of ``mergers`` (patch mergers) returns its input grouped per LLM token
+    (``[N/4, 4*hidden]``, raster order) in place of its output: its forward is swapped for the grouping alone."""
+    saved = [m.__dict__.get("forward") for m in mergers]
+    for m in mergers:
+        m.forward = lambda x, width=m.hidden_size: x.reshape(-1, width)
     try:
         yield
     finally:
-        if saved is None:
-            del merger.forward
-        else:
-            merger.forward = saved
+        for m, forward in zip(mergers, saved):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
+def _merger_input(visual):
+    """Within this context the tower returns the merger's input (grouped patches ``[N/4, 4*hidden]``, raster
+    order) in place of the merger's output."""
+    return grouped_outputs(visual.merger)
 
 
 def merge_rows(merger, features: torch.Tensor) -> torch.Tensor:

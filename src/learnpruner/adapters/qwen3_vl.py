@@ -29,29 +29,18 @@ and ``get_rope_index`` numbers each group's run after its timestamp.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from ..engine.layout import VisualFeatures
-from .qwen2_5_vl import IMAGE, VIDEO, Qwen2_5_VLAdapter
+from .qwen2_5_vl import IMAGE, VIDEO, Qwen2_5_VLAdapter, grouped_outputs
 
 __all__ = ["Qwen3VLAdapter", "merge_rows3"]
 
 
-@contextmanager
 def _grouped_taps(visual):
     """Within this context the tower's merger and DeepStack mergers return their inputs grouped per LLM token
     (``[N/4, 4 * hidden]``, raster order) in place of their outputs."""
-    mergers = [visual.merger, *visual.deepstack_merger_list]
-    width = visual.merger.hidden_size
-    for m in mergers:
-        m.forward = lambda x: x.reshape(-1, width)
-    try:
-        yield
-    finally:
-        for m in mergers:
-            del m.forward
+    return grouped_outputs(visual.merger, *visual.deepstack_merger_list)
 
 
 def merge_rows3(merger, rows: torch.Tensor) -> torch.Tensor:

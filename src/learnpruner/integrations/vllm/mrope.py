@@ -48,6 +48,20 @@ class KeptPositions:
     def item_grids(self, mm_features):
         raise NotImplementedError
 
+    def start_stage1(self, vllm_config, family: str, project) -> None:
+        """At engine start: refuse the encoder modes that bypass the plugin, then attach the served stage 1 (the
+        spec from the config's learnpruner entry, the LPM of ``family`` on the merger's input, ``project`` the
+        merger on kept rows)."""
+        from . import POSITIONS
+        from .stage1 import attach, spec_of
+
+        self.check_encoder_path(vllm_config)
+        config = vllm_config.model_config.hf_config
+        spec = spec_of(config, positions=POSITIONS[family])
+        vc = config.vision_config
+        lpm = spec.load_lpm(vllm_config.model_config.model, family, vc.hidden_size * vc.spatial_merge_size ** 2, -1)
+        attach(self, spec, lpm, project)
+
     def check_encoder_path(self, vllm_config) -> None:
         """Refuse, at engine start, the encoder modes that run the tower outside the plugin's encoder step."""
         if self.use_data_parallel:

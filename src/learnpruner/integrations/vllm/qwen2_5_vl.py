@@ -36,7 +36,7 @@ from vllm.multimodal.processing import PromptReplacement
 from ...adapters.qwen2_5_vl import _merger_input, grid_offsets, merge_rows
 from . import POSITIONS
 from .mrope import KeptPositions, encode_offsets
-from .stage1 import attach, select_kept, spec_of
+from .stage1 import select_kept, spec_of
 
 FAMILY = "qwen2_5_vl"
 ARCHITECTURE = "LearnPrunerQwen2_5_VLForConditionalGeneration"
@@ -93,13 +93,7 @@ class PrunedQwen2_5_VL(KeptPositions, Qwen2_5_VLForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.is_multimodal_pruning_enabled:
             raise ValueError("video_pruning_rate (vLLM's EVS) and a learnpruner budget both prune videos: use one")
-        self.check_encoder_path(vllm_config)
-        config = vllm_config.model_config.hf_config
-        spec = _spec(config)
-        vc = config.vision_config
-        lpm = spec.load_lpm(vllm_config.model_config.model, FAMILY, vc.hidden_size * vc.spatial_merge_size ** 2, -1)
-        attach(self, spec, lpm, lambda rows: merge_rows(self.visual.merger, rows))
-        self._pending_offsets = None
+        self.start_stage1(vllm_config, FAMILY, lambda rows: merge_rows(self.visual.merger, rows))
 
     # --- the encoder: stage 1 on the merger's input, offsets appended -------------------------------------------
     def _pruned(self, pixels: torch.Tensor, grid_thw: torch.Tensor, t_factors: list[float]) -> tuple[torch.Tensor, ...]:

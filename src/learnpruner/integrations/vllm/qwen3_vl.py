@@ -33,7 +33,7 @@ from ...adapters.qwen2_5_vl import grid_offsets
 from ...adapters.qwen3_vl import _grouped_taps, merge_rows3
 from . import POSITIONS
 from .mrope import KeptPositions, encode_offsets
-from .stage1 import attach, select_kept, spec_of
+from .stage1 import select_kept, spec_of
 
 FAMILY = "qwen3_vl"
 ARCHITECTURE = "LearnPrunerQwen3VLForConditionalGeneration"
@@ -81,12 +81,7 @@ class PrunedQwen3VL(KeptPositions, Qwen3VLForConditionalGeneration):
         if mm is not None and mm.get_limit_per_prompt("video") > 0:
             raise ValueError(NO_VIDEO)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.check_encoder_path(vllm_config)
-        config = vllm_config.model_config.hf_config
-        spec = _spec(config)
-        vc = config.vision_config
-        lpm = spec.load_lpm(vllm_config.model_config.model, FAMILY, vc.hidden_size * vc.spatial_merge_size ** 2, -1)
-        attach(self, spec, lpm, lambda rows: merge_rows3(self.visual.merger, rows))
+        self.start_stage1(vllm_config, FAMILY, lambda rows: merge_rows3(self.visual.merger, rows))
 
     def item_grids(self, mm_features):
         merge = self.config.vision_config.spatial_merge_size
