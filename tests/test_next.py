@@ -13,8 +13,8 @@ from helpers import next_inputs, next_processor, tiny_llava_next
 
 import learnpruner
 from learnpruner.adapters import adapter_for
+from learnpruner.budget import split_evenly
 from learnpruner.engine import STRUCTURE
-from learnpruner.engine.prefill import split_evenly
 
 torch.set_num_threads(1)
 

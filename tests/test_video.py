@@ -12,7 +12,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoL
 
 import learnpruner
 from learnpruner.adapters import adapter_for
-from learnpruner.engine.prefill import split_evenly
+from learnpruner.budget import split_evenly
 
 torch.set_num_threads(1)
 

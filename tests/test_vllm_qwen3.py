@@ -1,5 +1,6 @@
-"""learnpruner inside vLLM, Qwen3-VL: images (DeepStack pruned with the main embedding) against the transformers
-engine.
+"""learnpruner inside vLLM, Qwen3-VL: images, timestamped videos and both in one prompt (DeepStack pruned with the
+main embedding) against the transformers engine (``stage1_unit="crop"``: vLLM splits a video's budget over its
+frame groups).
 
 A tiny random Qwen3-VL (3-block tower with 16 px patches and DeepStack taps after blocks 0 and 2, a 4-layer LLM
 with head size 32 for vLLM's CPU attention) saved with a Qwen3-VL processor over the testbed vocabulary. Its
@@ -10,6 +11,7 @@ DeepStack mergers are scaled up so that their additions move the logits. Runs wh
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 
 import pytest
@@ -26,6 +28,8 @@ from learnpruner.integrations.vllm import overrides  # noqa: E402
 TOKENS = 12
 IMAGE = (128, 192)  # (height, width) px: an 8 x 12 patch grid, 24 tokens
 SMALL = (64, 96)  # 4 x 6 patches: 6 tokens, below the budget (kept whole)
+VIDEO = (10, 64, 96)  # frames, height, width: 5 temporal groups of 2 x 3 = 6 tokens; 12 kept as 3, 3, 2, 2, 2
+VID = "<|vision_start|><|video_pad|><|vision_end|>"
 QUESTION = "what colour is the circle ?"
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 INIT = 0.15
@@ -39,7 +43,7 @@ def folder(tmp_path_factory):
     from learnpruner.adapters.qwen2_5_vl_bench import token_ids
     from learnpruner.adapters.qwen3_vl_bench import word_processor
 
-    processor = word_processor(min_pixels=32 * 32, max_pixels=128 * 192)
+    processor = word_processor(min_pixels=32 * 32, max_pixels=10 * 64 * 96)  # a video's bound is on all its frames
     tok = processor.tokenizer
     torch.manual_seed(0)
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
@@ -67,13 +71,14 @@ def _engine(folder, hf_overrides):
     key = repr(hf_overrides)
     if key not in _ENGINES:
         _ENGINES[key] = vllm.LLM(folder, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-                                 mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 2, "video": 0},
+                                 mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 2, "video": 1},
                                  gpu_memory_utilization=0.1, hf_overrides=hf_overrides)
     return _ENGINES[key]
 
 
 def _requests():
-    """(prompt, images): one image, and two images (one below the budget)."""
+    """(prompt, images, video): one image; two images (one below the budget); a video; an image, a video and an
+    image."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
@@ -82,23 +87,34 @@ def _requests():
         return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
 
     big, small = image(*IMAGE), image(*SMALL)
-    return [(f"<s> user : {IMG} {QUESTION} assistant :", [big]),
-            (f"<s> user : {IMG} and {IMG} {QUESTION} assistant :", [big, small])]
+    video = (torch.rand(*VIDEO, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return [(f"<s> user : {IMG} {QUESTION} assistant :", [big], None),
+            (f"<s> user : {IMG} and {IMG} {QUESTION} assistant :", [big, small], None),
+            (f"<s> user : {VID} {QUESTION} assistant :", [], video),
+            (f"<s> user : {IMG} {VID} and {IMG} {QUESTION} assistant :", [big, small], video)]
+
+
+def _metadata(video) -> dict:
+    """The video's metadata as both engines read it: every frame, at 2 fps."""
+    return {"fps": 2.0, "frames_indices": list(range(len(video))), "total_num_frames": len(video),
+            "duration": len(video) / 2.0}
 
 
 @torch.no_grad()
 def _reference(folder, method, tokens):
     """Per request: greedy tokens, first-step log-probabilities and the prompt length, from the transformers
-    engine (``method`` None: the unpruned model)."""
+    engine (``method`` None: the unpruned model), stage 1 per frame group as vLLM runs it."""
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)
     if method is not None:
-        learnpruner.apply(model, method, tokens=tokens, lpm="random")
+        learnpruner.apply(model, method, tokens=tokens, lpm="random", stage1_unit="crop")
     out = []
-    for prompt, images in _requests():
-        inp = processor(text=[prompt], images=images, return_tensors="pt")
+    for prompt, images, video in _requests():
+        kw = {} if video is None else {"videos": [video], "video_metadata": [_metadata(video)],
+                                       "do_sample_frames": False}
+        inp = processor(text=[prompt], images=images or None, return_tensors="pt", **kw)
         g = model.generate(**inp, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
                            return_dict_in_generate=True)
         stats = learnpruner.stats(model).images if method is not None else []
@@ -112,21 +128,38 @@ def _reference(folder, method, tokens):
 
 def _generate(llm):
     params = vllm.SamplingParams(max_tokens=3, min_tokens=3, temperature=0, logprobs=5)
-    inputs = [{"prompt": p, "multi_modal_data": {"image": ims if len(ims) > 1 else ims[0]}} for p, ims in _requests()]
+    inputs = []
+    for prompt, images, video in _requests():
+        data = {"image": images if len(images) > 1 else images[0]} if images else {}
+        if video is not None:
+            data["video"] = (video, {**_metadata(video), "video_backend": "opencv", "do_sample_frames": False})
+        inputs.append({"prompt": prompt, "multi_modal_data": data})
     return llm.generate(inputs, params, use_tqdm=False)
 
 
-def test_images_equal_the_transformers_engine_deepstack_included(folder):
+def test_images_videos_and_both_equal_the_transformers_engine_deepstack_included(folder):
     llm = _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
     reference = _reference(folder, "lpm-only", TOKENS)
-    assert [r["counts"] for r in reference] == [[24], [24, 6]]
-    assert [r["kept"] for r in reference] == [[12], [12, 6]]
+    assert [r["counts"] for r in reference] == [[24], [24, 6], [30], [24, 30, 6]]
+    assert [r["kept"] for r in reference] == [[12], [12, 6], [12], [12, 12, 6]]
     _assert_equal(_generate(llm), reference)
 
 
-def test_a_budget_that_keeps_every_token_is_stock_vllm(folder):
+def test_a_videos_placeholder_runs_are_its_groups_shares(folder):
+    from learnpruner.integrations.vllm.qwen3_vl import group_shares
+    from learnpruner.integrations.vllm.stage1 import Stage1Spec
+
+    llm = _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
+    video_id = llm.llm_engine.model_config.hf_config.video_token_id
+    ids = _generate(llm)[2].prompt_token_ids
+    runs = [len(list(run)) for token, run in itertools.groupby(ids) if token == video_id]
+    assert runs == [3, 3, 2, 2, 2]
+    assert group_shares(Stage1Spec.check("learnpruner", TOKENS), 5, 6) == [3, 3, 2, 2, 2]
+
+
+def test_a_budget_that_keeps_every_token_is_stock_vllm(folder):  # 30: the video's count, the largest
     stock = _generate(_engine(folder, None))
-    whole = _generate(_engine(folder, overrides("qwen3_vl", "divprune", 24)))
+    whole = _generate(_engine(folder, overrides("qwen3_vl", "divprune", 30)))
     _assert_equal(stock, _reference(folder, None, None))
     for s, w in zip(stock, whole, strict=True):
         assert w.prompt_token_ids == s.prompt_token_ids
@@ -135,10 +168,11 @@ def test_a_budget_that_keeps_every_token_is_stock_vllm(folder):
             assert abs(w.outputs[0].logprobs[0][t].logprob - lp.logprob) < 1e-5
 
 
-def test_videos_are_refused_when_the_engine_starts(folder):
-    with pytest.raises(ValueError, match=r"Qwen3-VL images only.*limit_mm_per_prompt=\{'video': 0\}"):
+def test_evs_with_a_learnpruner_budget_is_refused_when_the_engine_starts(folder):
+    with pytest.raises(ValueError, match=r"video_pruning_rate \(vLLM's EVS\) and a learnpruner budget both prune"):
         vllm.LLM(folder, dtype="float32", enforce_eager=True, max_model_len=1024, mm_processor_cache_gb=0,
-                 gpu_memory_utilization=0.1, hf_overrides=overrides("qwen3_vl", "divprune", TOKENS))
+                 gpu_memory_utilization=0.1, video_pruning_rate=0.5,
+                 hf_overrides=overrides("qwen3_vl", "divprune", TOKENS))
 
 
 def test_vllm_bench_serves_a_qwen3_architecture(tmp_path):

@@ -18,7 +18,7 @@ import numbers
 from dataclasses import dataclass
 
 __all__ = ["Schedule", "BUDGETS", "POSITIONS", "UnreachableBudget", "check_budget", "check_tokens", "check_ratio",
-           "tokens_for", "average", "default_layer", "two_stage", "single_drop", "describe"]
+           "tokens_for", "split_evenly", "average", "default_layer", "two_stage", "single_drop", "describe"]
 
 BUDGETS = ("average", "paper")  # how a budget T is read (see the module docstring)
 POSITIONS = ("original", "contiguous")  # position ids of the tokens kept after a drop
@@ -173,3 +173,17 @@ def describe(schedule: Schedule) -> str:
             runs.append(f"{counts[start]} ({'layers ' if not runs else ''}{where})")
             start = i
     return f"{', '.join(runs)}; average {schedule.average:.1f}"
+
+
+def split_evenly(total: int, sizes: list[int]) -> list[int]:
+    """``total`` spread as evenly as possible over parts of capacity ``sizes`` (earlier parts first)."""
+    share = [0] * len(sizes)
+    left = min(total, sum(sizes))
+    while left:
+        open_parts = [j for j, c in enumerate(sizes) if share[j] < c]
+        base, extra = divmod(left, len(open_parts))
+        for rank, j in enumerate(open_parts):
+            add = min(sizes[j] - share[j], base + (rank < extra))
+            share[j] += add
+            left -= add
+    return share

@@ -221,6 +221,20 @@ def random_pixels(config, batch: int = 1, image=BENCH_IMAGE, video=None,
 QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
+def qwen_chat_template() -> str:
+    """The testbed's chat template (``USER: ... ASSISTANT:``) with Qwen's vision tags: an image as
+    ``<|vision_start|><|image_pad|><|vision_end|>``, a video with ``<|video_pad|>``, as Qwen's own templates write
+    them (the processor then expands each pad to the item's tokens)."""
+    from ..testbed.model import CHAT_TEMPLATE
+
+    llava = "{% if c['type'] == 'image' %}<image>\n{% else %}"
+    if llava not in CHAT_TEMPLATE:
+        raise RuntimeError("the testbed's chat template no longer writes an image as <image>")
+    qwen = ("{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+            "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% else %}")
+    return CHAT_TEMPLATE.replace(llava, qwen)
+
+
 def word_processor(min_pixels: int = 3136, max_pixels: int = 1003520):
     """A ``Qwen2_5_VLProcessor`` over the testbed's word-level vocabulary plus Qwen's vision tokens
     (:data:`QWEN_TOKENS`; the tokenizer names ``<|image_pad|>`` and ``<|video_pad|>`` as its image and video
@@ -234,7 +248,7 @@ def word_processor(min_pixels: int = 3136, max_pixels: int = 1003520):
         Qwen2VLVideoProcessor,
     )
 
-    from ..testbed.model import CHAT_TEMPLATE, build_tokenizer
+    from ..testbed.model import build_tokenizer
 
     words = build_tokenizer()
     words.add_tokens(list(QWEN_TOKENS), special_tokens=True)
@@ -244,7 +258,7 @@ def word_processor(min_pixels: int = 3136, max_pixels: int = 1003520):
     pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels),
                                video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tok,
-                               chat_template=CHAT_TEMPLATE)
+                               chat_template=qwen_chat_template())
 
 
 def token_ids(tokenizer) -> dict:

@@ -141,17 +141,21 @@ def word_processor(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
     tokenizer can be downloaded."""
     from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    from ..testbed.model import CHAT_TEMPLATE, build_tokenizer
-    from .qwen2_5_vl_bench import QWEN_TOKENS
+    from ..testbed.model import build_tokenizer
+    from .qwen2_5_vl_bench import QWEN_TOKENS, qwen_chat_template
 
     words = build_tokenizer()
     words.add_tokens(list(QWEN_TOKENS), special_tokens=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", pad_token="<pad>", padding_side="left", model_max_length=1 << 17,
                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
-    pixels = dict(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=16)
+    # Qwen3-VL normalises images and videos alike (mean and std 0.5, as its checkpoints' processors do; vLLM
+    # normalises both with the image processor's values)
+    pixels = dict(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=16,
+                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels),
-                            video_processor=Qwen3VLVideoProcessor(**pixels), tokenizer=tok, chat_template=CHAT_TEMPLATE)
+                            video_processor=Qwen3VLVideoProcessor(**pixels), tokenizer=tok,
+                            chat_template=qwen_chat_template())
 
 
 def bench_processor(config):

@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .. import selection as sel
-from ..budget import Schedule
+from ..budget import Schedule, split_evenly
 from ..methods import positions_for
 from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext, lpm_of
 from .graphs import graphed_modules
@@ -109,20 +109,6 @@ def _stage1_adaptive(state: PruneState, visual: VisualFeatures, layout: Layout, 
     selection = STAGE1_RULES[state.method.stage1](ctx, schedule.r1)
     rows = _replace_rows(feats.gather(1, selection.kept[:, :, None].expand(-1, -1, feats.shape[-1])), selection)
     return selection.kept[0], rows[0], schedule
-
-
-def split_evenly(total: int, sizes: list[int]) -> list[int]:
-    """``total`` spread as evenly as possible over parts of capacity ``sizes`` (earlier parts first)."""
-    share = [0] * len(sizes)
-    left = min(total, sum(sizes))
-    while left:
-        open_parts = [j for j, c in enumerate(sizes) if share[j] < c]
-        base, extra = divmod(left, len(open_parts))
-        for rank, j in enumerate(open_parts):
-            add = min(sizes[j] - share[j], base + (rank < extra))
-            share[j] += add
-            left -= add
-    return share
 
 
 def _stage1_per_crop(state: PruneState, visual: VisualFeatures, layout: Layout, image: int, r1: int, pixel_values,

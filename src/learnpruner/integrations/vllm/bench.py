@@ -61,8 +61,8 @@ def _requests(n: int, family: str, size: tuple[int, int] | None = None, seed: in
 
 
 def _limits(family: str) -> dict:
-    """One image a prompt, and no video where the family's vLLM model takes videos (the requests hold none, and
-    the Qwen3-VL plugin serves images only)."""
+    """One image a prompt, and no video where the family's vLLM model takes videos (the requests hold none: no
+    video budget is profiled)."""
     from . import model_class
 
     try:

@@ -40,12 +40,14 @@ def decode_offsets(channels: torch.Tensor) -> torch.Tensor:
 
 class KeptPositions:
     """Mixed in before a vLLM Qwen model class: the positions of the module docstring. The subclass gives
-    :meth:`item_grids` (per item in prompt order: ``(offset, t, h, w, t_factor)``, the LLM grid after the merge)
-    and ``self.learnpruner`` (:func:`~.stage1.attach`); its encoder appends the offsets."""
+    :meth:`visual_runs` and ``self.learnpruner`` (:func:`~.stage1.attach`); its encoder appends the offsets."""
 
     _pending_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def item_grids(self, mm_features):
+    def visual_runs(self, input_tokens: list[int], mm_features):
+        """Per run of visual placeholders, in prompt order: ``(offset, kept, (t, h, w), t_factor)``: where the run
+        starts, how many placeholders it holds, and the LLM grid (after the merge) it is numbered as. An image is
+        one run; a Qwen3-VL video one per frame group."""
         raise NotImplementedError
 
     def start_stage1(self, vllm_config, family: str, project) -> None:
@@ -78,11 +80,10 @@ class KeptPositions:
         ``mrope_position_delta`` decode steps continue with (the unpruned prompt's)."""
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
         parts, start, nxt = [], 0, 0
-        for offset, t, h, w, factor in self.item_grids(features):
-            kept = self.learnpruner.kept(t * h * w)
+        for offset, kept, grid, factor in self.visual_runs(input_tokens, features):
             text = offset - start
             parts += [torch.arange(text).expand(3, text) + nxt, torch.full((3, kept), nxt + text)]
-            nxt += text + grid_extent((t, h, w), factor)
+            nxt += text + grid_extent(grid, factor)
             start = offset + kept
         tail = len(input_tokens) - start
         parts.append(torch.arange(tail).expand(3, tail) + nxt)

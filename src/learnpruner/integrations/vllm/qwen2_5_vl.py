@@ -125,8 +125,9 @@ class PrunedQwen2_5_VL(KeptPositions, Qwen2_5_VLForConditionalGeneration):
         return self._pruned(video_input["pixel_values_videos"], grid, self._t_factors(
             video_input.get("second_per_grid_ts"), grid.shape[0]))
 
-    def item_grids(self, mm_features):
-        return self.iter_mm_grid_thw(mm_features)
+    def visual_runs(self, input_tokens, mm_features):
+        for offset, t, h, w, factor in self.iter_mm_grid_thw(mm_features):
+            yield offset, self.learnpruner.kept(t * h * w), (t, h, w), factor
 
     def _t_factors(self, seconds, count: int) -> list[float]:
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)

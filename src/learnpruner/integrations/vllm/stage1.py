@@ -189,10 +189,11 @@ class Stage1Runner:
         self.rule = STAGE1_RULES.get(get_method(spec.runs_as).stage1 or "")
 
     @torch.no_grad()
-    def select(self, features: torch.Tensor) -> torch.Tensor | None:
-        """``[g, k]`` ascending kept indices of each image (``features``: ``[g, n, d]``), or None to keep all."""
+    def select(self, features: torch.Tensor, k: int | None = None) -> torch.Tensor | None:
+        """``[g, k]`` ascending kept indices of each image (``features``: ``[g, n, d]``), or None to keep all; ``k``
+        (default: the spec's count for ``n`` tokens) for a part of an item with its own share."""
         g, n = features.shape[:2]
-        k = self.spec.kept(n)
+        k = self.spec.kept(n) if k is None else k
         if self.rule is None or k >= n:
             return None
         empty = torch.zeros(0, 0, dtype=torch.long, device=features.device)
@@ -242,8 +243,9 @@ def attach(model, spec: Stage1Spec, lpm: LearnablePruningModule | None, project)
     model.__dict__["_lpm"] = lpm  # not a submodule: vLLM's weight loading and checks never see it
 
 
-def select_kept(model, features: torch.Tensor) -> torch.Tensor | None:
-    """``[g, k]``: stage 1's kept indices of ``features`` (``[g, n, d]``, one item each), None to keep all."""
+def select_kept(model, features: torch.Tensor, k: int | None = None) -> torch.Tensor | None:
+    """``[g, k]``: stage 1's kept indices of ``features`` (``[g, n, d]``, one item each, or one part of an item
+    keeping ``k``), None to keep all."""
     if model._lpm is not None:
         model._lpm.to(features.device, features.dtype)
-    return model._stage1.select(features)
+    return model._stage1.select(features, k)
