@@ -9,6 +9,8 @@ groups of 4x8 patches 24, written group by group after a timestamp, as Qwen3-VL'
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from harness import layer_lengths
@@ -505,6 +507,44 @@ def test_bench_runs_on_the_tiny_architecture():
     assert lp["family"] == "qwen3_vl" and lp["visual_tokens"] == 1280 and abs(lp["avg_visual_tokens"] - 64) <= 1
     assert none["flops_breakdown"]["vision"] == b3.vision_flops(cfg, (1, 64, 80))
     assert lp["flops"] < none["flops"] and lp["kv_cache_bytes"] < none["kv_cache_bytes"]
+
+
+def test_bench_video_item_laid_out_group_by_group_with_timestamps():
+    """A Qwen3-VL bench video: four temporal groups, each its own placeholder run after its timestamp text, as the
+    processor writes it; the engine reads it as one item; the analytic KV bytes (the timestamps counted as text)
+    equal the measured cache, for the unpruned and the pruned prefill."""
+    from learnpruner import bench
+    from learnpruner.adapters import adapter_for
+    from learnpruner.adapters import qwen3_vl_bench as b3
+    from learnpruner.bench.inputs import _make_inputs
+    from learnpruner.budget import Schedule
+
+    records = bench.run_bench(arch="qwen3-vl-tiny", methods="none,learnpruner", tokens="114", batch_sizes="1",
+                              new_tokens=2, repeats=1, warmup=0, progress=False, item="video")
+    none = next(r for r in records if r["method"] == "none")
+    lp = next(r for r in records if r["method"] == "learnpruner")
+    cfg = b3.QWEN3_ARCHS["qwen3-vl-tiny"]()
+    assert lp["item"] == "video" and lp["visual_tokens"] == 1024 and lp["crops"] == 4
+    assert abs(lp["avg_visual_tokens"] - 114) <= 1
+    assert none["flops_breakdown"]["vision"] == b3.vision_flops(cfg, (4, 32, 32))
+    full = Schedule(n=1024, num_layers=cfg.text_config.num_hidden_layers)
+    assert none["kv_cache_bytes"] == b3.analytic_kv_bytes(cfg, [full], 64 + 4 * b3.GROUP_TEXT, dtype=torch.float32)
+    assert lp["kv_cache_bytes"] < none["kv_cache_bytes"]
+    assert "8-frame video (512x512 frames, 4 temporal groups): 1024 visual tokens + 32 timestamp" in \
+        bench.speed_table(records)
+
+    model = tiny_qwen3()
+    ad = adapter_for(model).bench_item("video")
+    [inp], start = _make_inputs(ad, 2, 12, 1, "cpu", torch.float32)
+    ids = inp["input_ids"][0].tolist()
+    runs = [len(list(r)) for token, r in itertools.groupby(ids) if token == model.config.video_token_id]
+    assert runs == [256] * 4 and len(ids) == 12 + 1024 + 4 * b3.GROUP_TEXT and start == 5
+    assert ids.count(model.config.vision_start_token_id) == 4 and inp["video_grid_thw"].tolist() == [[4, 32, 32]] * 2
+    learnpruner.apply(model, "learnpruner", ratio=0.25, lpm="random")
+    with torch.no_grad():
+        model(**inp)
+    items = learnpruner.stats(model).images
+    assert [im.count for im in items] == [1024] * 2 and all(abs(im.average_tokens - 256) <= 1 for im in items)
 
 
 def test_lmms_eval_accepts_a_qwen3_folder_and_refuses_cls_methods_by_name(tmp_path):

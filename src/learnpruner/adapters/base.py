@@ -215,6 +215,12 @@ class Adapter:
         other.bench_kind = kind
         return other
 
+    def bench_region(self) -> torch.Tensor:
+        """``[k]`` token ids of one bench item's part of the prompt, as the processor lays it out: its
+        placeholders, and any text it writes inside the item (:attr:`ItemGeometry.text`). Default: the
+        item's placeholders in one run."""
+        return torch.full((self.item_geometry().placeholders,), self.bench_token_id, dtype=torch.long)
+
     def bench_note(self, image: ItemGeometry) -> str:
         """How ``learnpruner bench`` describes one sample's item of geometry ``image`` under its table."""
         text = f"{image.tokens} visual tokens"
@@ -260,13 +266,16 @@ class Adapter:
 class ItemGeometry:
     """One benchmark item (an image, or a video whose frames or frame groups are its crops) as the model sees it:
     its ``size`` ``(height, width)``, the vision encoder's ``crops``
-    (passes) for it, its visual ``tokens`` (selectable, the budget's reference) and its ``structure``
-    placeholders (kept, outside the budget: LLaVA-NeXT's row newlines)."""
+    (passes) for it, its visual ``tokens`` (selectable, the budget's reference), its ``structure``
+    placeholders (kept, outside the budget: LLaVA-NeXT's row newlines) and the ``text`` tokens the processor
+    writes inside it (Qwen3-VL's timestamps and delimiters between a video's frame groups: plain text, in every
+    layer)."""
 
     size: tuple[int, int]
     crops: int
     tokens: int
     structure: int = 0
+    text: int = 0
 
     @property
     def placeholders(self) -> int:

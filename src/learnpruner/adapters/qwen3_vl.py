@@ -56,7 +56,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     visual_inputs = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
-    bench_kinds = ("image",)
+    bench_kinds = ("image", "video")
 
     def output_class(self) -> type:
         return self.model_module_attr("Qwen3VLMoeCausalLMOutputWithPast", "Qwen3VLCausalLMOutputWithPast",
@@ -108,19 +108,46 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     # --- benchmark helpers (geometry and FLOPs in qwen3_vl_bench) -----------------------------------------
     def item_geometry(self, image_size=None):
-        """One bench image after the processor's resize (default :data:`~.qwen3_vl_bench.BENCH_IMAGE`, 1280
-        tokens): one pass of the tower, ``h * w / 4`` tokens."""
+        """One bench item after the processor's resize. An image of ``image_size`` ``(height, width)`` px (default
+        :data:`~.qwen3_vl_bench.BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens. With
+        ``bench_item("video")``, a video of ``image_size`` ``(frames, height, width)`` (default
+        :data:`~.qwen3_vl_bench.BENCH_VIDEO`, 4 temporal groups of 256 tokens): the groups are its crops, and
+        each group's timestamp and delimiters are its ``text`` (:data:`~.qwen3_vl_bench.GROUP_TEXT` tokens)."""
         from . import qwen3_vl_bench as b3
         from .base import ItemGeometry
+        from .qwen2_5_vl_bench import video_grid
 
         cfg = self.model.config
-        t, h, w = b3.image_grid(cfg, *(image_size or b3.BENCH_IMAGE))
+        if self.bench_kind == "video":
+            t, h, w = video_grid(cfg, *(image_size or b3.BENCH_VIDEO))
+        else:
+            t, h, w = b3.image_grid(cfg, *(image_size or b3.BENCH_IMAGE))
         patch = cfg.vision_config.patch_size
-        return ItemGeometry(size=(h * patch, w * patch), crops=t, tokens=b3.grid_tokens(cfg, (t, h, w)))
+        return ItemGeometry(size=(h * patch, w * patch), crops=t, tokens=b3.grid_tokens(cfg, (t, h, w)),
+                            text=t * b3.GROUP_TEXT if self.bench_kind == "video" else 0)
+
+    def bench_region(self) -> torch.Tensor:
+        """An image: its placeholders. A video: per temporal group a timestamp (:data:`~.qwen3_vl_bench.GROUP_TEXT`
+        - 2 plain text tokens), ``<|vision_start|>``, the group's placeholders and ``<|vision_end|>``, as the
+        processor writes it."""
+        if self.bench_kind != "video":
+            return super().bench_region()
+        from . import qwen3_vl_bench as b3
+
+        geo, cfg = self.item_geometry(), self.model.config
+        group = [2] * (b3.GROUP_TEXT - 2) + [cfg.vision_start_token_id] + [cfg.video_token_id] * (
+            geo.tokens // geo.crops) + [cfg.vision_end_token_id]
+        return torch.tensor(group * geo.crops, dtype=torch.long)
+
+    def bench_note(self, image) -> str:
+        note = super().bench_note(image)
+        return note + f" + {image.text} timestamp and delimiter tokens (text)" if image.text else note
 
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
         from . import qwen3_vl_bench as b3
 
+        if self.bench_kind == "video":
+            return b3.random_pixels(self.model.config, batch, video=image_size or b3.BENCH_VIDEO, generator=generator)
         return b3.random_pixels(self.model.config, batch, image=image_size or b3.BENCH_IMAGE, generator=generator)
 
     def vision_flops(self, image=None) -> int:

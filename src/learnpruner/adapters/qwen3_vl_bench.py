@@ -23,11 +23,15 @@ import torch
 from ..cost import items_breakdown, items_kv_bytes
 from .qwen2_5_vl_bench import check_items, grid_tokens
 
-__all__ = ["QWEN3_ARCHS", "BENCH_IMAGE", "qwen3_config", "image_grid", "grid_tokens", "vision_flops", "merger_flops",
-           "flops_breakdown", "analytic_kv_bytes", "random_pixels", "word_processor",
+__all__ = ["QWEN3_ARCHS", "BENCH_IMAGE", "BENCH_VIDEO", "GROUP_TEXT", "qwen3_config", "image_grid", "grid_tokens",
+           "vision_flops", "merger_flops", "flops_breakdown", "analytic_kv_bytes", "random_pixels", "word_processor",
            "bench_processor"]
 
 BENCH_IMAGE = (1024, 1280)  # height, width in px: 32 x 40 merged tokens = 1280
+BENCH_VIDEO = (8, 512, 512)  # frames, height, width: 4 temporal groups x 16 x 16 merged tokens = 1024
+# text tokens the processor writes per temporal group of a video: a timestamp ("<0.5 seconds>": 6 tokens of Qwen's
+# tokenizer), <|vision_start|> and <|vision_end|>
+GROUP_TEXT = 8
 MIN_PIXELS, MAX_PIXELS = 65536, 16777216  # the stock processor's size bounds (shortest_edge, longest_edge)
 
 # Qwen/Qwen3-VL-8B-Instruct (config.json)
@@ -123,15 +127,22 @@ def analytic_kv_bytes(config, schedules, text_tokens: int, batch: int = 1, dtype
     return items_kv_bytes(config.text_config, schedules, text_tokens, batch, dtype)
 
 
-def random_pixels(config, batch: int = 1, image=BENCH_IMAGE, generator: torch.Generator | None = None) -> dict:
-    """``pixel_values`` + ``image_grid_thw`` of ``batch`` random images of ``image`` = (height, width) px, resized
-    as the processor would (one row per 16 px patch). The prompt around them is the benchmark's."""
+def random_pixels(config, batch: int = 1, image=BENCH_IMAGE, video=None,
+                  generator: torch.Generator | None = None) -> dict:
+    """The visual forward arguments of ``batch`` random items of one size, one row per 16 px patch: images of
+    ``image`` = (height, width) px resized as the processor would (``pixel_values`` + ``image_grid_thw``), or
+    videos of ``video`` = (frames, height, width) (``pixel_values_videos`` + ``video_grid_thw``; Qwen3-VL reads
+    time from the prompt's timestamps). The prompt around them is the benchmark's."""
+    from .qwen2_5_vl_bench import video_grid
+
     vc = config.vision_config
-    grid = image_grid(config, *image)
+    grid = video_grid(config, *video) if video is not None else image_grid(config, *image)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-    return {"pixel_values": torch.randn(batch * math.prod(grid), row, generator=g),
-            "image_grid_thw": torch.tensor([list(grid)] * batch)}
+    pixels, grids = torch.randn(batch * math.prod(grid), row, generator=g), torch.tensor([list(grid)] * batch)
+    if video is not None:
+        return {"pixel_values_videos": pixels, "video_grid_thw": grids}
+    return {"pixel_values": pixels, "image_grid_thw": grids}
 
 
 def word_processor(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):

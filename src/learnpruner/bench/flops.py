@@ -11,9 +11,9 @@ FLOPS_CONVENTION = (
     "FLOPs: analytic, prefill only, 2 FLOPs per multiply-add; vision tower (patch conv + every encoder "
     "layer, as HF runs them, on every crop of the image or frame of the video) + projector (kept rows) + LLM "
     "(q/k/v/o, SwiGLU MLP with 3 matrices, attention scores and weighted values counted full non-causal q x kv like "
-    "FlopCounterMode counts SDPA; per layer the text tokens, the structure tokens (LLaVA-NeXT row newlines) "
-    "and the visual tokens of Schedule.per_layer()) + lm_head on the last position; selection work not "
-    "counted"
+    "FlopCounterMode counts SDPA; per layer the text tokens, the structure tokens (LLaVA-NeXT row newlines), "
+    "the item's own text (Qwen3-VL video timestamps) and the visual tokens of Schedule.per_layer()) + lm_head on "
+    "the last position; selection work not counted"
 )
 
 
@@ -42,7 +42,7 @@ def flops_breakdown(model, schedule, batch: int, text_tokens: int, lm_head: str 
     ad = _adapter(model)
     image = _image_for(ad, schedule, image)
     rows = schedule.r1 if schedule.r1 is not None else schedule.n
-    fixed = text_tokens + image.structure  # text and structure: in every layer, outside the budget
+    fixed = text_tokens + image.structure + image.text  # in every layer, outside the budget
     tokens = [fixed + v for v in schedule.per_layer()]
     positions = 1 if lm_head == "last" else tokens[-1]
     parts = {"vision": ad.vision_flops(image), "projector": ad.projector_flops(rows),
@@ -60,7 +60,8 @@ def analytic_kv_bytes(model, schedule, batch: int, text_tokens: int, dtype=torch
     and that layer's visual tokens (what :func:`kv_cache_bytes` measures on the real cache)."""
     ad = _adapter(model)
     image = _image_for(ad, schedule, image)
-    return kv_bytes(ad.text_config, [text_tokens + image.structure + v for v in schedule.per_layer()], batch, dtype)
+    fixed = text_tokens + image.structure + image.text
+    return kv_bytes(ad.text_config, [fixed + v for v in schedule.per_layer()], batch, dtype)
 
 
 def _cache_tensors(cache):

@@ -13,24 +13,25 @@ _TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dtype, seed: int = 0):
-    """``variants`` input dicts of ``batch`` prompts ``<s> t*4 <image>*L t*rest`` with random images (the
-    adapter's ``random_images``, ``L`` its placeholders per image; for a video item ``<video>*L`` and one
-    random video); and the index of the first placeholder. ``model``: a model or its adapter (whose
-    ``bench_item`` chose the item)."""
+    """``variants`` input dicts of ``batch`` prompts ``<s> t*4 <item> t*rest`` with random images (the adapter's
+    ``random_images``; ``<item>`` its :meth:`~learnpruner.adapters.base.Adapter.bench_region`: ``<image>*L``, or
+    ``<video>*L``, or a Qwen3-VL video's timestamped frame groups), ``text_tokens`` prompt tokens besides the item;
+    and the index of the item's first token. ``model``: a model or its adapter (whose ``bench_item`` chose the
+    item)."""
     ad = _adapter(model)
-    slots = ad.item_geometry().placeholders
+    region = ad.bench_region()
     pre = min(4, text_tokens - 1)
     post = text_tokens - 1 - pre
-    start = 1 + pre  # index of the first image placeholder
-    image_token, vocab = ad.bench_token_id, ad.text_config.vocab_size
+    start = 1 + pre  # index of the item's first token
+    vocab = ad.text_config.vocab_size
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(variants):
         text = torch.randint(2, vocab, (batch, text_tokens - 1), generator=g)
         text[ad.placeholders(text)] = 2  # no stray placeholder of any kind in the text
         ids = torch.cat([
-            torch.ones(batch, 1, dtype=torch.long), text[:, :pre],
-            torch.full((batch, slots), image_token, dtype=torch.long), text[:, pre:pre + post],
+            torch.ones(batch, 1, dtype=torch.long), text[:, :pre], region[None].expand(batch, -1),
+            text[:, pre:pre + post],
         ], dim=1)
         images = ad.random_images(batch, generator=g)
         out.append({
@@ -50,7 +51,7 @@ class _Batch:
     inputs: list[dict]
     start: int  # index of the first image placeholder
     feats: list[torch.Tensor]  # [batch, n, d] feature rows of the images, before the projector
-    text_ids: list[torch.Tensor]  # [batch, text_tokens]: the prompts without their placeholders
+    text_ids: list[torch.Tensor]  # [batch, text]: the prompts without their placeholders
     structure: torch.Tensor | None  # [k, hidden]: the structure rows each image adds (None: none)
 
 
@@ -58,7 +59,6 @@ def _prepare_batch(model, ad, size: int, text_tokens: int, variants: int, device
     from ..engine import STRUCTURE
 
     inputs, start = _make_inputs(ad, size, text_tokens, variants, device, dtype, seed)
-    slots = ad.item_geometry().placeholders
     feats, structure = [], None
     with torch.inference_mode():
         for inp in inputs:
@@ -67,15 +67,16 @@ def _prepare_batch(model, ad, size: int, text_tokens: int, variants: int, device
             k = int((visual.slots[0] == STRUCTURE).sum())
             if k and visual.structure is not None:
                 structure = visual.structure.reshape(1, -1).expand(k, -1)
-    text_ids = [torch.cat([inp["input_ids"][:, :start], inp["input_ids"][:, start + slots:]], dim=1)
-                for inp in inputs]
+    # the prompts without their placeholders (a Qwen3-VL video's timestamps stay: they are text)
+    text_ids = [inp["input_ids"][~ad.placeholders(inp["input_ids"])].view(size, -1) for inp in inputs]
     return _Batch(size, inputs, start, feats, text_ids, structure)
 
 
-def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: int, structure=None):
+def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, structure=None):
     """The kept tokens only, no selection: projector on pre-sliced rows, layers on pre-sized sequences
-    (text, then the image's structure rows, if any, in every layer). Side streams (Qwen3-VL's DeepStack mergers
-    and additions) are left out: there the ideal is a little faster than any real forward."""
+    (``text_ids``, with the kept rows and the image's structure rows, if any, at ``start``, in every layer). Side
+    streams (Qwen3-VL's DeepStack mergers and additions) are left out: there the ideal is a little faster than any
+    real forward."""
     from transformers.cache_utils import DynamicCache
 
     from ..engine import call_layer, causal_mask
@@ -91,7 +92,7 @@ def _ideal_prefill(ad, feats_kept, text_ids, start: int, schedule, text_tokens: 
     pos = torch.arange(s, device=hidden.device)[None]
     cos, sin = lm.rotary_emb(hidden, position_ids=ad.decode_rope_positions(pos, None))
     cache = DynamicCache(config=ad.text_config)
-    fixed = text_tokens + (structure.shape[0] if structure is not None else 0)
+    fixed = text_ids.shape[1] + (structure.shape[0] if structure is not None else 0)
     lengths = [fixed + v for v in schedule.per_layer()]
     current, mask = s, causal_mask(ad, hidden, None, cache, pos)
     for i, layer in enumerate(ad.layers[: ad.text_config.num_hidden_layers]):

@@ -325,7 +325,7 @@ def _measure(model, ad, clock, batch: _Batch, name, t, sched, settings: _Setting
     kept_feats = [f[:, :rows].contiguous() for f in batch.feats]
 
     def ideal_logits(feats, text_ids):
-        return _ideal_prefill(ad, feats, text_ids, batch.start, sched, settings.text_tokens, batch.structure)[0]
+        return _ideal_prefill(ad, feats, text_ids, batch.start, sched, batch.structure)[0]
 
     # on the fast path the ideal is the graph floor: the same kept-only forward captured once and replayed (GPU)
     floors = GraphCache() if fast else GraphCache(enabled=False)
