@@ -36,9 +36,13 @@ INIT = 0.15
 _ENGINES: dict = {}
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def _save_tiny(path, moe: bool = False) -> str:
+    """A tiny random Qwen3-VL (or Qwen3-VL-MoE) with scaled-up DeepStack mergers and its processor, saved to
+    ``path``. MoE experts are written in the released checkpoints' layout (``gate_up_proj`` ``[experts, hidden,
+    2 * inter]``, ``down_proj`` ``[experts, inter, hidden]``), which vLLM reads and transformers reads too
+    (transformers 5.19 saves them transposed, which vLLM 0.32 cannot load)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
 
     from learnpruner.adapters.qwen2_5_vl_bench import token_ids
     from learnpruner.adapters.qwen3_vl_bench import word_processor
@@ -51,18 +55,40 @@ def folder(tmp_path_factory):
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=INIT,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6],
                                  "mrope_interleaved": True})
+    if moe:
+        # norm_topk_prob: as the released configs say (vLLM reads it; transformers always normalises)
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+                    norm_topk_prob=True)
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=64, deepstack_visual_indexes=[0, 2],
                   num_position_embeddings=64)
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids(tok))
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision, **token_ids(tok))
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     with torch.no_grad():
         for merger in model.model.visual.deepstack_merger_list:
             merger.linear_fc2.weight.mul_(30.0)
-    path = tmp_path_factory.mktemp("tiny-qwen3")
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    yield str(path)
+    if moe:
+        weights = load_file(path / "model.safetensors")
+        for key in weights:
+            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                weights[key] = weights[key].transpose(1, 2).contiguous()
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    yield _save_tiny(tmp_path_factory.mktemp("tiny-qwen3"))
+    _ENGINES.clear()
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory):
+    yield _save_tiny(tmp_path_factory.mktemp("tiny-qwen3-moe"), moe=True)
     _ENGINES.clear()
     gc.collect()
 
@@ -104,9 +130,9 @@ def _metadata(video) -> dict:
 def _reference(folder, method, tokens):
     """Per request: greedy tokens, first-step log-probabilities and the prompt length, from the transformers
     engine (``method`` None: the unpruned model), stage 1 per frame group as vLLM runs it."""
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)
     if method is not None:
         learnpruner.apply(model, method, tokens=tokens, lpm="random", stage1_unit="crop")
@@ -141,6 +167,18 @@ def test_images_videos_and_both_equal_the_transformers_engine_deepstack_included
     llm = _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
     reference = _reference(folder, "lpm-only", TOKENS)
     assert [r["counts"] for r in reference] == [[24], [24, 6], [30], [24, 30, 6]]
+    assert [r["kept"] for r in reference] == [[12], [12, 6], [12], [12, 12, 6]]
+    _assert_equal(_generate(llm), reference)
+
+
+def test_the_moe_model_equals_the_transformers_engine(moe_folder):
+    from transformers import AutoConfig
+
+    assert type(AutoConfig.from_pretrained(moe_folder)).__name__ == "Qwen3VLMoeConfig"
+    stock = _generate(_engine(moe_folder, None))
+    _assert_equal(stock, _reference(moe_folder, None, None))  # stock vLLM reads the checkpoint as transformers does
+    llm = _engine(moe_folder, overrides("qwen3_vl_moe", "learnpruner", TOKENS, lpm="random"))
+    reference = _reference(moe_folder, "lpm-only", TOKENS)
     assert [r["kept"] for r in reference] == [[12], [12, 6], [12], [12, 12, 6]]
     _assert_equal(_generate(llm), reference)
 

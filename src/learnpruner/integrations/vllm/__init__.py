@@ -27,10 +27,13 @@ ARCHITECTURES = {
                    "qwen2_5_vl:PrunedQwen2_5_VL"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "LearnPrunerQwen3VLForConditionalGeneration",
                  "qwen3_vl:PrunedQwen3VL"),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "LearnPrunerQwen3VLMoeForConditionalGeneration",
+                     "qwen3_vl:PrunedQwen3VLMoe"),
 }
 # how each family's vLLM model numbers the kept tokens: LLaVA's 1-D positions run on over the shortened prompt;
 # M-RoPE families keep the kept tokens' original 3-D positions (as the transformers engine does)
-POSITIONS = {"llava": "contiguous", "llava_next": "contiguous", "qwen2_5_vl": "original", "qwen3_vl": "original"}
+POSITIONS = {"llava": "contiguous", "llava_next": "contiguous", "qwen2_5_vl": "original", "qwen3_vl": "original",
+             "qwen3_vl_moe": "original"}
 TESTED_VLLM = ("0.32.",)  # the plugin uses private vLLM interfaces: the versions it is tested on
 
 

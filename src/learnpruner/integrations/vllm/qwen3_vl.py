@@ -18,9 +18,11 @@ earlier groups first) and each group's rule runs on that group alone: the transf
 Stage 1 in the transformers engine's default unit ranks all of a video's tokens at once; that is not available
 here, and is the one difference between the engines on Qwen3-VL videos.
 
+Qwen3-VL-MoE (``"qwen3_vl_moe"``) is the same pruned model over vLLM's MoE class: its tower, mergers and positions
+are the dense model's.
+
 Not served: precomputed embeddings, EVS (``video_pruning_rate``) on top of a learnpruner budget, the encoder's
-data-parallel mode and encoder CUDA graphs (both bypass this embedding step), Qwen3-VL-MoE (the pruned class
-derives from the dense one; vLLM's MoE class is not wrapped).
+data-parallel mode and encoder CUDA graphs (both bypass this embedding step).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLMultiModalProcessor,
     Qwen3VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
@@ -46,6 +49,7 @@ from .stage1 import select_kept, spec_of
 
 FAMILY = "qwen3_vl"
 ARCHITECTURE = "LearnPrunerQwen3VLForConditionalGeneration"
+MOE_ARCHITECTURE = "LearnPrunerQwen3VLMoeForConditionalGeneration"
 NO_EVS = "video_pruning_rate (vLLM's EVS) and a learnpruner budget both prune videos: use one"
 
 
@@ -191,3 +195,14 @@ class PrunedQwen3VL(KeptPositions, Qwen3VLForConditionalGeneration):
         if video_input["type"] == "video_embeds":
             raise ValueError("learnpruner prunes pixels, not precomputed video embeddings")
         return self._pruned(video_input["pixel_values_videos"], video_input["video_grid_thw"])
+
+
+class PrunedQwen3MoeProcessingInfo(Qwen3VLMoeProcessingInfo, PrunedQwen3ProcessingInfo):
+    """The MoE model's config, the pruned placeholder counts."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedQwen3Processor, info=PrunedQwen3MoeProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class PrunedQwen3VLMoe(PrunedQwen3VL, Qwen3VLMoeForConditionalGeneration):
+    """vLLM's Qwen3-VL-MoE with the same stage 1 (the tower, the mergers and the positions are the dense model's;
+    only the text model's MLPs differ)."""
