@@ -126,6 +126,42 @@ def test_compare_refuses_cells_over_different_data(tmp_path, monkeypatch, capsys
     assert "no answered cell vispruner@64" in capsys.readouterr().err
 
 
+def test_compare_in_the_paper_convention_reads_average_only_methods_from_their_average_cells(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """LearnPruner has no paper schedule of its own (both conventions run the same): ``compare --budget paper``
+    pairs its average cell with FastV's paper cell; FastV's average cell is not read as its paper one."""
+    import learnpruner
+
+    model, processor = load("tiny-random-llava")
+    monkeypatch.setattr(learnpruner, "stats", lambda m: None)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"id": str(i), "image": "a.png", "question": "q",
+                                                          "answer": "blue"}) + "\n" for i in range(1, 41)))
+    fake = {("learnpruner", "average"): 30, ("fastv", "paper"): 10, ("fastv", "average"): 20}
+
+    def answer(model, processor, items, max_new_tokens, device):
+        state = model._learnpruner
+        right = fake[(state.method.name, state.budget)]
+        return ["blue" if int(it.id) <= right else "red" for it in items]
+
+    monkeypatch.setattr(ev.runner, "answer_batch", answer)
+    items = ev.load_items(str(tmp_path / "d.jsonl"))
+    out = tmp_path / "out"
+    ev.evaluate(model, processor, items, ["learnpruner", "fastv"], [32], out, progress=False,
+                method_options={"learnpruner": {"lpm": "random"}})
+    ev.evaluate(model, processor, items, ["fastv"], [32], out, progress=False, budget="paper")
+    pair = ev.compare_cells(out, "learnpruner", "fastv", 32, budget="paper")
+    assert (pair["accuracy_a"], pair["accuracy_b"], pair["verdict"]) == (0.75, 0.25, "A better")
+    only_average = tmp_path / "only-average"
+    ev.evaluate(model, processor, items, ["learnpruner", "fastv"], [32], only_average, progress=False,
+                method_options={"learnpruner": {"lpm": "random"}})
+    with pytest.raises(ValueError, match=r"no answered cell fastv@32 \(paper budgets\)"):
+        ev.compare_cells(only_average, "learnpruner", "fastv", 32, budget="paper")
+    assert main(["compare", "learnpruner", "--out", str(out), "--budget", "paper"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 32 | learnpruner | fastv | 40 | 75.0 | 25.0 | +50.0 |" in printed
+
+
 def test_test_large_split_is_deterministic_and_apart_from_test_and_val():
     from learnpruner.testbed.shapes import SPLIT_SIZES, generate_item
 

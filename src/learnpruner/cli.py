@@ -312,7 +312,7 @@ def _compare(args: argparse.Namespace) -> int:
     import json
 
     from .evaluation import compare_cells
-    from .evaluation.report import all_cells
+    from .evaluation.report import all_cells, same_in_both_conventions
     from .intervals import LEVEL
 
     out = Path(args.out)
@@ -322,8 +322,11 @@ def _compare(args: argparse.Namespace) -> int:
     budgets = (parse_list(args.tokens, int, "--tokens") if args.tokens else
                sorted({r["tokens"] for r in cells if r["method"] != "none"}, reverse=True))
     others = [args.b] if args.b else sorted({r["method"] for r in cells} - {args.a})
-    have = {(r["method"], r["tokens"]) for r in cells} | {("none", t) for r in cells if r["method"] == "none"
-                                                          for t in budgets}
+    # the folder's cells under this convention (paper: a method the conventions treat alike has its average cell)
+    have = {(r["method"], r["tokens"]) for r in cells if r.get("budget", "average") == args.budget}
+    if args.budget == "paper":
+        have |= {(args.a, r["tokens"]) for r in cells if r["method"] == args.a and same_in_both_conventions(args.a)}
+    have |= {("none", t) for r in cells if r["method"] == "none" for t in budgets}
     rows = []
     for t in budgets:
         for b in others:

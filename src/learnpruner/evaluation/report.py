@@ -164,11 +164,21 @@ def paired_table(records: list[dict], against: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def same_in_both_conventions(method: str) -> bool:
+    """Whether ``method`` runs the same schedule under both budget conventions (its paper reports average tokens
+    per layer: no paper schedule of its own). Unknown names: False."""
+    from ..methods import METHODS
+
+    return method in METHODS and METHODS[method].paper_fn is None
+
+
 def compare_cells(out_dir: str | os.PathLike, a: str, b: str, tokens: int, budget: str = "average") -> dict:
     """The paired comparison of method ``a`` with method ``b`` at ``tokens`` in the eval folder ``out_dir``
     (``none`` for the unpruned cell), computed from their saved predictions: A - B with its interval, the
-    McNemar p-value and the verdict (see :func:`learnpruner.intervals.paired`). Cells evaluated on different
-    data, or over items the other does not hold, are refused, naming what differs."""
+    McNemar p-value and the verdict (see :func:`learnpruner.intervals.paired`). Under ``budget="paper"`` a
+    method whose paper uses the average convention (LearnPruner, every method that prunes after the encoder: no
+    paper schedule of its own) is read from its average cell, which is the same setting. Cells evaluated on
+    different data, or over items the other does not hold, are refused, naming what differs."""
     from ..intervals import paired
 
     out = Path(out_dir)
@@ -178,6 +188,8 @@ def compare_cells(out_dir: str | os.PathLike, a: str, b: str, tokens: int, budge
     for m in (a, b):
         key = (m, None, "average") if m == "none" else (m, tokens, budget)
         rec = records.get(key) or (records.get((m, None, budget)) if m == "none" else None)
+        if rec is None and m != "none" and budget == "paper" and same_in_both_conventions(m):
+            rec = records.get((m, tokens, "average"))
         if rec is None:
             have = sorted({f"{k[0]}@{k[1]}" for k in records if k[1] is not None} | {"none" for k in records
                                                                                     if k[0] == "none"})
