@@ -171,16 +171,30 @@ def test_images_videos_and_both_equal_the_transformers_engine_deepstack_included
     _assert_equal(_generate(llm), reference)
 
 
+def _fresh_engines() -> None:
+    """Drop the cached engines and vLLM's process-wide parallel state: in-process engines (no multiprocessing)
+    share it, and a MoE engine needs an expert-parallel group that an earlier dense engine's state lacks."""
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    _ENGINES.clear()
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
 def test_the_moe_model_equals_the_transformers_engine(moe_folder):
     from transformers import AutoConfig
 
     assert type(AutoConfig.from_pretrained(moe_folder)).__name__ == "Qwen3VLMoeConfig"
-    stock = _generate(_engine(moe_folder, None))
-    _assert_equal(stock, _reference(moe_folder, None, None))  # stock vLLM reads the checkpoint as transformers does
-    llm = _engine(moe_folder, overrides("qwen3_vl_moe", "learnpruner", TOKENS, lpm="random"))
-    reference = _reference(moe_folder, "lpm-only", TOKENS)
-    assert [r["kept"] for r in reference] == [[12], [12, 6], [12], [12, 12, 6]]
-    _assert_equal(_generate(llm), reference)
+    _fresh_engines()
+    try:
+        stock = _generate(_engine(moe_folder, None))
+        _assert_equal(stock, _reference(moe_folder, None, None))  # stock vLLM reads the checkpoint as transformers
+        llm = _engine(moe_folder, overrides("qwen3_vl_moe", "learnpruner", TOKENS, lpm="random"))
+        reference = _reference(moe_folder, "lpm-only", TOKENS)
+        assert [r["kept"] for r in reference] == [[12], [12, 6], [12], [12, 12, 6]]
+        _assert_equal(_generate(llm), reference)
+    finally:
+        _fresh_engines()
 
 
 def test_a_videos_placeholder_runs_are_its_groups_shares(folder):
