@@ -137,7 +137,8 @@ def test_compare_in_the_paper_convention_reads_average_only_methods_from_their_a
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"id": str(i), "image": "a.png", "question": "q",
                                                           "answer": "blue"}) + "\n" for i in range(1, 41)))
-    fake = {("learnpruner", "average"): 30, ("fastv", "paper"): 10, ("fastv", "average"): 20}
+    fake = {("learnpruner", "average"): 30, ("fastv", "paper"): 10, ("fastv", "average"): 20, ("none", "average"): 40,
+            ("none", "paper"): 40}
 
     def answer(model, processor, items, max_new_tokens, device):
         state = model._learnpruner
@@ -147,11 +148,14 @@ def test_compare_in_the_paper_convention_reads_average_only_methods_from_their_a
     monkeypatch.setattr(ev.runner, "answer_batch", answer)
     items = ev.load_items(str(tmp_path / "d.jsonl"))
     out = tmp_path / "out"
-    ev.evaluate(model, processor, items, ["learnpruner", "fastv"], [32], out, progress=False,
+    ev.evaluate(model, processor, items, ["none", "learnpruner", "fastv"], [32], out, progress=False,
                 method_options={"learnpruner": {"lpm": "random"}})
-    ev.evaluate(model, processor, items, ["fastv"], [32], out, progress=False, budget="paper")
+    ev.evaluate(model, processor, items, ["none", "fastv"], [32], out, progress=False, budget="paper")
     pair = ev.compare_cells(out, "learnpruner", "fastv", 32, budget="paper")
     assert (pair["accuracy_a"], pair["accuracy_b"], pair["verdict"]) == (0.75, 0.25, "A better")
+    # the one unpruned cell (last recorded by the paper run) serves both conventions
+    for budget in ("average", "paper"):
+        assert ev.compare_cells(out, "learnpruner", "none", 32, budget=budget)["accuracy_b"] == 1.0
     only_average = tmp_path / "only-average"
     ev.evaluate(model, processor, items, ["learnpruner", "fastv"], [32], only_average, progress=False,
                 method_options={"learnpruner": {"lpm": "random"}})

@@ -186,8 +186,10 @@ def compare_cells(out_dir: str | os.PathLike, a: str, b: str, tokens: int, budge
                for r in all_cells(out) if r.get("status") == "ok"}
     cells = []
     for m in (a, b):
-        key = (m, None, "average") if m == "none" else (m, tokens, budget)
-        rec = records.get(key) or (records.get((m, None, budget)) if m == "none" else None)
+        if m == "none":  # one unpruned cell serves every budget and both conventions (the last run records it)
+            rec = next((r for k, r in records.items() if k[0] == "none"), None)
+        else:
+            rec = records.get((m, tokens, budget))
         if rec is None and m != "none" and budget == "paper" and same_in_both_conventions(m):
             rec = records.get((m, tokens, "average"))
         if rec is None:
