@@ -5,8 +5,9 @@ and 16 with 576/192/64/32 visual tokens, methods none/fastv/learnpruner, on the 
 LLaVA-NeXT-7B (a 672x672 image) at 2880 and 160; Qwen2.5-VL-7B with an 896x1120 image (1280 -> 142) and an
 8-frame 448x448 video (1024 -> 114) at batch 1; Qwen3-VL-8B with a 1024x1280 image (1280 -> 142, DeepStack
 included) and an 8-frame 512x512 video (1024 -> 114, timestamped frame groups) at batch 1. ``--smoke`` runs the
-same code on tiny architectures on the CPU in seconds (CI runs it). Writes ``results.json``, ``table.md`` and the plots into ``--out`` and
-prints the table, with the card (device, dtype, versions, command) and the issue's targets checked.
+same code on tiny architectures on the CPU in seconds (CI runs it). Writes ``results.json``, ``table.md`` and the
+plots into ``--out`` and prints the table, with the card (device, dtype, versions, command) and the issue's
+targets checked.
 """
 
 from __future__ import annotations
