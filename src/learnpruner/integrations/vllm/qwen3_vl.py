@@ -27,6 +27,7 @@ data-parallel mode and encoder CUDA graphs (both bypass this embedding step).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -66,24 +67,12 @@ def group_shares(spec, groups: int, per_group: int) -> list[int]:
 def _cut_runs(tokens: list[int], token_id: int, spec) -> list[int]:
     """``tokens`` (a video's replacement: timestamp, start, run of ``token_id``, end, per group) with each run of
     ``token_id`` cut to its group's share."""
-    runs, out, j = [], [], 0
-    while j < len(tokens):
-        if tokens[j] == token_id:
-            end = j
-            while end < len(tokens) and tokens[end] == token_id:
-                end += 1
-            runs.append((len(out), end - j))
-            out.append(None)  # the run's slot, filled below
-            j = end
-        else:
-            out.append(tokens[j])
-            j += 1
-    if len({n for _, n in runs}) > 1:
-        raise ValueError(f"a video's frame groups hold different token counts {[n for _, n in runs]}")
-    shares = group_shares(spec, len(runs), runs[0][1]) if runs else []
-    for (slot, _), share in zip(runs, shares):
-        out[slot] = [token_id] * share
-    return [t for x in out for t in (x if isinstance(x, list) else [x])]
+    pieces = [(t, len(list(run))) for t, run in itertools.groupby(tokens)]
+    runs = [n for t, n in pieces if t == token_id]
+    if len(set(runs)) > 1:
+        raise ValueError(f"a video's frame groups hold different token counts {runs}")
+    shares = iter(group_shares(spec, len(runs), runs[0]) if runs else [])
+    return [t for t, n in pieces for _ in range(next(shares) if t == token_id else n)]
 
 
 class PrunedQwen3ProcessingInfo(Qwen3VLProcessingInfo):
