@@ -16,7 +16,7 @@ import torch
 
 from ...adapters.qwen2_5_vl import grid_extent
 
-__all__ = ["OFFSET_CHANNELS", "encode_offsets", "decode_offsets", "KeptPositions"]
+__all__ = ["OFFSET_CHANNELS", "encode_offsets", "decode_offsets", "KeptCounts", "KeptPositions"]
 
 OFFSET_CHANNELS = 6  # (t, h, w) offsets, each as (high byte, low byte): exact in bfloat16 up to 65535
 _BYTE = 256
@@ -36,6 +36,38 @@ def decode_offsets(channels: torch.Tensor) -> torch.Tensor:
     """``[3, k]`` offsets from :func:`encode_offsets`' channels (``[k, 6]``)."""
     parts = channels.float().round().long().T.reshape(3, 2, -1)
     return parts[:, 0] * _BYTE + parts[:, 1]
+
+
+class KeptCounts:
+    """Mixed in before a vLLM Qwen ``ProcessingInfo`` class (shared by the Qwen plugins): each image's and each
+    video's placeholder count is the count it keeps (:meth:`~.stage1.Stage1Spec.kept`). ``family`` names the
+    plugin's family; ``start_frames`` is where the frame search of profiling starts (the vLLM class's own)."""
+
+    family: str
+    start_frames: int = 1
+
+    def _kept(self, n: int) -> int:
+        from . import POSITIONS
+        from .stage1 import spec_of
+
+        return spec_of(self.get_hf_config(), positions=POSITIONS[self.family]).kept(n)
+
+    def get_num_image_tokens(self, **kwargs) -> int:
+        return self._kept(super().get_num_image_tokens(**kwargs))
+
+    def get_num_video_tokens(self, **kwargs) -> int:
+        return self._kept(super().get_num_video_tokens(**kwargs))
+
+    def _get_max_video_frames(self, max_tokens: int, start_num_frames: int | None = None) -> int:
+        """The most frames whose UNPRUNED tokens fit ``max_tokens`` (a kept count may stay constant as frames
+        grow, so the search runs on the tower's own count: the profiled encoder work is the unpruned one)."""
+        width, height = self.get_image_size_with_most_features()
+        processor = self.get_image_processor()
+        frames = self.start_frames if start_num_frames is None else start_num_frames
+        while super().get_num_video_tokens(image_width=width, image_height=height, num_frames=frames + 1,
+                                           image_processor=processor, mm_kwargs={}) <= max_tokens:
+            frames += 1
+        return frames
 
 
 class KeptPositions:

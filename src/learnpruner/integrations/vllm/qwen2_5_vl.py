@@ -35,36 +35,19 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ...adapters.qwen2_5_vl import _merger_input, grid_offsets, merge_rows
 from . import POSITIONS
-from .mrope import KeptPositions, encode_offsets
+from .mrope import KeptCounts, KeptPositions, encode_offsets
 from .stage1 import select_kept, spec_of
 
 FAMILY = "qwen2_5_vl"
-ARCHITECTURE = "LearnPrunerQwen2_5_VLForConditionalGeneration"
 
 
 def _spec(config):
     return spec_of(config, positions=POSITIONS[FAMILY])
 
-class PrunedQwenProcessingInfo(Qwen2_5_VLProcessingInfo):
+class PrunedQwenProcessingInfo(KeptCounts, Qwen2_5_VLProcessingInfo):
     """Each image's and each video's placeholders: the tokens it keeps."""
 
-    def get_num_image_tokens(self, **kwargs) -> int:
-        return _spec(self.get_hf_config()).kept(super().get_num_image_tokens(**kwargs))
-
-    def get_num_video_tokens(self, **kwargs) -> int:
-        return _spec(self.get_hf_config()).kept(super().get_num_video_tokens(**kwargs))
-
-    def _get_max_video_frames(self, max_tokens: int, start_num_frames: int = 1) -> int:
-        """The most frames whose UNPRUNED tokens fit ``max_tokens`` (a kept count may stay constant as frames
-        grow, so the search runs on the tower's own count: the profiled encoder work is the unpruned one)."""
-        width, height = self.get_image_size_with_most_features()
-        processor = self.get_image_processor()
-        frames = start_num_frames
-        while Qwen2_5_VLProcessingInfo.get_num_video_tokens(
-                self, image_width=width, image_height=height, num_frames=frames + 1, image_processor=processor,
-                mm_kwargs={}) <= max_tokens:
-            frames += 1
-        return frames
+    family = FAMILY
 
 
 class PrunedQwenProcessor(Qwen2_5_VLMultiModalProcessor):

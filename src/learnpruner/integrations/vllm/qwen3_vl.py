@@ -45,12 +45,10 @@ from ...adapters.qwen2_5_vl import grid_offsets
 from ...adapters.qwen3_vl import _grouped_taps, merge_rows3
 from ...budget import split_evenly
 from . import POSITIONS
-from .mrope import KeptPositions, encode_offsets
+from .mrope import KeptCounts, KeptPositions, encode_offsets
 from .stage1 import select_kept, spec_of
 
 FAMILY = "qwen3_vl"
-ARCHITECTURE = "LearnPrunerQwen3VLForConditionalGeneration"
-MOE_ARCHITECTURE = "LearnPrunerQwen3VLMoeForConditionalGeneration"
 NO_EVS = "video_pruning_rate (vLLM's EVS) and a learnpruner budget both prune videos: use one"
 
 
@@ -75,26 +73,11 @@ def _cut_runs(tokens: list[int], token_id: int, spec) -> list[int]:
     return [t for t, n in pieces for _ in range(next(shares) if t == token_id else n)]
 
 
-class PrunedQwen3ProcessingInfo(Qwen3VLProcessingInfo):
+class PrunedQwen3ProcessingInfo(KeptCounts, Qwen3VLProcessingInfo):
     """Each image's and each video's placeholders: the tokens it keeps."""
 
-    def get_num_image_tokens(self, **kwargs) -> int:
-        return _spec(self.get_hf_config()).kept(super().get_num_image_tokens(**kwargs))
-
-    def get_num_video_tokens(self, **kwargs) -> int:
-        return _spec(self.get_hf_config()).kept(super().get_num_video_tokens(**kwargs))
-
-    def _get_max_video_frames(self, max_tokens: int, start_num_frames: int = 2) -> int:
-        """The most frames whose UNPRUNED tokens fit ``max_tokens`` (a kept count may stay constant as frames
-        grow, so the search runs on the tower's own count: the profiled encoder work is the unpruned one)."""
-        width, height = self.get_image_size_with_most_features()
-        processor = self.get_image_processor()
-        frames = start_num_frames
-        while Qwen3VLProcessingInfo.get_num_video_tokens(
-                self, image_width=width, image_height=height, num_frames=frames + 1, image_processor=processor,
-                mm_kwargs={}) <= max_tokens:
-            frames += 1
-        return frames
+    family = FAMILY
+    start_frames = 2  # as vLLM's Qwen3-VL searches
 
 
 class PrunedQwen3Processor(Qwen3VLMultiModalProcessor):
