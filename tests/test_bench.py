@@ -147,7 +147,7 @@ def test_build_arch_configs_and_fast_random_weights():
 
 
 def test_unreachable_budget_is_skipped_with_its_reason():
-    plan = bench._plan(["none", "fastv"], [48, 8], n=64, num_layers=8)
+    plan = bench._plan(tiny_llava(layers=8), ["none", "fastv"], [48, 8], n=64)  # 112 px: 64 tokens
     assert [(m, t, s is None) for m, t, s, _ in plan] == [("none", 64, False), ("fastv", 48, False),
                                                           ("fastv", 8, True)]
     assert "at least 17" in plan[-1][3]

@@ -94,9 +94,13 @@ def test_resuming_a_cell_with_other_options_is_refused(tiny, tmp_path):
     items = ev.load_items("shapesvqa", limit=1)
     rand = {"learnpruner": {"lpm": "random"}}
     ev.evaluate(model, processor, items, ["learnpruner"], [64], tmp_path, method_options=rand, progress=False)
+    from learnpruner import LearnablePruningModule, LPMConfig
+
+    other = tmp_path.parent / f"{tmp_path.name}-lpm"
+    LearnablePruningModule(LPMConfig(feature_dim=96, num_tokens=576)).save(other)  # another LPM
     with pytest.raises(ValueError, match="another --out"):
         ev.evaluate(model, processor, items, ["learnpruner"], [64], tmp_path,
-                    method_options={"learnpruner": {"lpm": "elsewhere/lpm"}}, progress=False)
+                    method_options={"learnpruner": {"lpm": str(other)}}, progress=False)
     # the same setup resumes (nothing left to do), and the saved predictions are untouched
     before = (tmp_path / "preds" / "learnpruner@64.jsonl").read_text()
     ev.evaluate(model, processor, items, ["learnpruner"], [64], tmp_path, method_options=rand, progress=False)

@@ -57,9 +57,9 @@ def _dart_ctx(keys: torch.Tensor | None, **options) -> LLMContext:
     hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-0.6, -0.8], [0.7, 0.7], [0.0, 1.0]]])
     vis = torch.tensor([[0, 1, 2, 3, -1]])
     img = torch.tensor([[0, 0, 0, 0, -1]])
-    state = SimpleNamespace(options=options, adapter=SimpleNamespace(language_model=SimpleNamespace(
-        norm=torch.nn.Identity())))
-    return LLMContext(hidden, vis, img, None, None, 1, 4, 2, state, input_embeds=hidden, keys=keys)
+    options = {**get_method("dart").defaults(8), **options}  # a plan's options: every one resolved
+    adapter = SimpleNamespace(language_model=SimpleNamespace(norm=torch.nn.Identity()))
+    return LLMContext(hidden, vis, img, None, None, 1, 4, 2, options, adapter, input_embeds=hidden, keys=keys)
 
 
 def test_dart_pivots_follow_the_l1_norm_of_the_previous_layers_keys():
@@ -117,7 +117,7 @@ def _sparsevlm_ctx(state, layer, present, text_embeds, attention, scratch=None) 
     attention = torch.tensor(attention)[None]  # [1, q=2, s]
     scores = torch.full((1, 4), float("-inf"))
     scores[0, present] = attention[0, :, :m].mean(0)  # the engine's mean over every query row
-    return LLMContext(torch.randn(1, m + 2, 2), vis, img, None, scores, 1, 4, layer, state, input_embeds=embeds,
+    return LLMContext(torch.randn(1, m + 2, 2), vis, img, None, scores, 1, 4, layer, state.options, input_embeds=embeds,
                       attention=attention, query_index=torch.tensor([[m, m + 1]]),
                       query_valid=torch.ones(1, 2, dtype=torch.bool), scratch={} if scratch is None else scratch)
 

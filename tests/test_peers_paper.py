@@ -249,17 +249,17 @@ def test_contiguous_positions_on_the_fast_path_equal_the_plain_path():
 
 def test_contiguous_positions_are_refused_for_multidimensional_rotary_positions():
     rotary = object()
-    state = SimpleNamespace(method=get_method("divprune"), options={},
+    state = SimpleNamespace(plan=learnpruner.resolve("qwen2_5_vl", "divprune", 16),
                             adapter=SimpleNamespace(family="qwen2_5_vl",
                                                     language_model=SimpleNamespace(rotary_emb=rotary)))
     mrope, flat = torch.zeros(3, 1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)
     assert _renumber(state, flat) is rotary  # divprune's default: contiguous
     assert _renumber(state, mrope) is None  # the default falls back to the original positions
-    state.options = {"positions": "contiguous"}
+    state.plan = learnpruner.resolve("qwen2_5_vl", "divprune", 16, positions="contiguous")  # asked for explicitly
     with pytest.raises(ValueError, match=r"positions='contiguous' is not available for qwen2_5_vl: its rotary "
                                          r"positions are multi-dimensional \(M-RoPE\); use positions='original'"):
         _renumber(state, mrope)
-    state.options = {"positions": "original"}
+    state.plan = learnpruner.resolve("qwen2_5_vl", "divprune", 16, positions="original")
     assert _renumber(state, flat) is None
 
 

@@ -254,11 +254,13 @@ def test_visionzip_uses_head_mean_keys_when_the_engine_provides_them():
     # keys send 1 and 3 to target 4, 6 and 7 to target 0 (the features say the opposite); two heads, mean = key
     key = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1], [0, 1], [1, 1], [1, 0], [1, 0]], dtype=torch.float)[None]
     keys = torch.stack([key + 0.3, key - 0.3], dim=2)  # [1, n, heads, hd]
-    opts = {"contextual": 2}
-    state = SimpleNamespace(options=opts, adapter=SimpleNamespace(cls_row_in_features=lambda: False))
+    from learnpruner import get_method
+
+    opts = {**get_method("visionzip").defaults(32), "contextual": 2}  # a plan's options: every one resolved
+    adapter = SimpleNamespace(cls_row_in_features=lambda: False)
     rule = STAGE1_RULES["visionzip"]
-    plain = rule(VisionContext(feats, state, None, None, None, None, cache={"cls": cls}), 4)
-    keyed = rule(VisionContext(feats, state, None, None, None, None, cache={"cls": cls, "keys": keys}), 4)
+    plain = rule(VisionContext(feats, opts, adapter, cache={"cls": cls}), 4)
+    keyed = rule(VisionContext(feats, opts, adapter, cache={"cls": cls, "keys": keys}), 4)
     assert plain.kept.tolist() == keyed.kept.tolist() == [[0, 2, 4, 5]]
     torch.testing.assert_close(plain.replace[0, 0], torch.tensor([1 + 2.5, 0.05]))
     torch.testing.assert_close(keyed.replace[0, 0], torch.tensor([1 + 0.05, 3.0]))  # target 0 + mean(6, 7)

@@ -166,3 +166,218 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr("learnpruner.demo.run_demo", interrupted)
     assert main(["demo", "--model", "tiny-random-llava"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--method", "learnprunr"], "--method: unknown method 'learnprunr'"),
+    (["eval", "--methods", "random,random"], "--methods names 'random' twice"),
+    (["eval", "--methods", "random", "--tokens", "64,64"], "--tokens names 64 twice"),
+    (["bench", "--device", "cuda"], "device 'cuda' is not available"),
+    (["bench", "--device", "gpu"], "unknown device 'gpu'"),
+    (["bench", "--device", "meta"], "device 'meta' holds no data"),
+])
+def test_wrong_flags_duplicates_and_devices_are_one_line(capsys, monkeypatch, tmp_path, argv, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if argv[0] == "bench":
+        common = ["--arch", "llava-tiny", "--out", str(tmp_path / "b")]
+    elif argv[0] == "eval":
+        common = ["--model", "tiny-random-llava", "--limit", "1", "--out", str(tmp_path / "o")]
+        common += [] if "--tokens" in argv else ["--tokens", "64"]
+    else:
+        common = ["--model", "tiny-random-llava", "--image", "shapesvqa:0"]
+    assert main([*argv, *common]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_null_or_non_text_answer_is_refused_by_line(tmp_path):
+    for bad in (None, True, {"a": 1}, [None]):
+        path = _jsonl(tmp_path, "d.jsonl", [{"question": "q", "answer": "red"}, {"question": "q", "answer": bad}])
+        with pytest.raises(ValueError, match=r"d\.jsonl:2: answer .* is not a text or a number"):
+            ev.load_items(path)
+    path = _jsonl(tmp_path, "e.jsonl", [{"question": None, "answer": "red"}])
+    with pytest.raises(ValueError, match=r"e\.jsonl:1: question null is not a text"):
+        ev.load_items(path)
+    assert ev.load_items(_jsonl(tmp_path, "f.jsonl", [{"question": "q", "answer": 2}]))[0].answers == ["2"]
+
+
+def _two_cells(tiny, out, always_blue, tokens=(16,)):
+    model, processor = tiny
+    items = ev.load_items("shapesvqa", limit=4)
+    ev.evaluate(model, processor, items, ["none", "random"], list(tokens), out, progress=False)
+    return items
+
+
+def test_compare_pairs_with_any_unpruned_cell_of_the_same_data(tiny, tmp_path, always_blue, capsys):
+    """An eval at 16 tokens writes none@16; another at 64 none@64: compare finds the unpruned cell for both (every
+    none cell of the same data and model is the same setting), instead of the last one read."""
+    out = tmp_path / "out"
+    _two_cells(tiny, out, always_blue, (16,))
+    model, processor = tiny
+    ev.evaluate(model, processor, ev.load_items("shapesvqa", limit=4), ["none", "random"], [64], out, progress=False)
+    assert {p.name for p in (out / "preds").glob("none@*.jsonl")} == {"none@16.jsonl", "none@64.jsonl"}
+    for t in (16, 64):
+        assert ev.compare_cells(out, "random", "none", t)["n"] == 4
+    assert main(["compare", "random", "none", "--out", str(out)]) == 0
+
+
+def test_a_damaged_cell_record_or_predictions_line_is_refused_not_dropped(tiny, tmp_path, always_blue, capsys):
+    out = tmp_path / "out"
+    _two_cells(tiny, out, always_blue)
+    result = out / "preds" / "random@16.result.json"
+    good = result.read_text()
+    result.write_text(good[: len(good) // 2])  # truncated
+    assert main(["compare", "random", "none", "--out", str(out)]) == 2
+    assert "random@16.result.json cannot be read" in capsys.readouterr().err
+    result.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "tokens"}))
+    assert main(["compare", "random", "none", "--out", str(out)]) == 2
+    assert "is not a cell record" in capsys.readouterr().err
+    result.write_text(good)
+    preds = out / "preds" / "random@16.jsonl"
+    lines = preds.read_text().splitlines()
+    preds.write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")  # valid JSON, not a record
+    assert main(["compare", "random", "none", "--out", str(out)]) == 2
+    assert "random@16.jsonl:2: not a prediction record" in capsys.readouterr().err
+
+
+def test_compare_never_overwrites_the_eval_folders_own_files(tiny, tmp_path, always_blue, capsys):
+    out = tmp_path / "out"
+    _two_cells(tiny, out, always_blue)
+    preds = out / "preds" / "random@16.jsonl"
+    before = preds.read_bytes()
+    for target in (preds, out / "results.json", out / "preds" / "x.json"):
+        assert main(["compare", "random", "none", "--out", str(out), "--json", str(target)]) == 2
+        assert "eval folder's own files" in capsys.readouterr().err
+    assert preds.read_bytes() == before
+    assert main(["compare", "random", "none", "--out", str(out), "--json", str(out / "compare.json")]) == 0
+    assert json.loads((out / "compare.json").read_text())[0]["b"] == "none"
+
+
+def test_compare_names_an_unknown_method_and_exits_2(tiny, tmp_path, always_blue, capsys):
+    out = tmp_path / "out"
+    _two_cells(tiny, out, always_blue)
+    assert main(["compare", "learnprunr", "--out", str(out)]) == 2
+    assert "unknown method 'learnprunr'" in capsys.readouterr().err
+    assert main(["compare", "divprune", "--out", str(out)]) == 2
+    assert "'divprune' has no answered cell" in capsys.readouterr().err
+
+
+def test_cells_of_two_models_in_one_folder_never_meet(tiny, tmp_path, always_blue):
+    """Another model's cells in the same --out: no relative accuracy against the other model's none, no pairs."""
+    out = tmp_path / "out"
+    items = _two_cells(tiny, out, always_blue)
+    other, processor = load("tiny-random-llava")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)  # other weights: another fingerprint
+    ev.evaluate(other, processor, items, ["divprune"], [16], out, progress=False)
+    saved = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert "relative" in saved["random"] and "relative" not in saved["divprune"]
+    with pytest.raises(ValueError, match="different models"):
+        ev.compare_cells(out, "divprune", "random", 16)
+    with pytest.raises(ValueError, match="different models"):
+        ev.compare_cells(out, "divprune", "none", 16)
+
+
+def test_a_paper_eval_after_an_average_one_reuses_the_unpruned_answers(tiny, tmp_path, always_blue):
+    model, processor = tiny
+    items = ev.load_items("shapesvqa", limit=3)
+    out = tmp_path / "out"
+    ev.evaluate(model, processor, items, ["none", "random"], [192], out, progress=False)
+    asked = len(always_blue)
+    ev.evaluate(model, processor, items, ["none", "fastv"], [192], out, progress=False, budget="paper")
+    assert len(always_blue) == asked + len(items)  # fastv's items only: none's are answered already
+
+
+def test_unknown_settings_and_records_without_a_data_fingerprint_are_refused(tiny, tmp_path, always_blue):
+    model, processor = tiny
+    items = ev.load_items("shapesvqa", limit=2)
+    out = tmp_path / "out"
+    ev.evaluate(model, processor, items, ["random"], [16], out, progress=False)
+    setup = out / "preds" / "random@16.setup.json"
+    saved = json.loads(setup.read_text())
+    setup.write_text(json.dumps({**saved, "mystery": 1}))
+    with pytest.raises(ValueError, match="mystery"):
+        ev.evaluate(model, processor, items, ["random"], [16], out, progress=False)
+    setup.write_text(json.dumps(saved))
+    preds = out / "preds" / "random@16.jsonl"
+    recs = [json.loads(line) for line in preds.read_text().splitlines()]
+    preds.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "item"}) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="has no data fingerprint"):
+        ev.evaluate(model, processor, items, ["random"], [16], out, progress=False)
+
+
+def test_one_edited_item_fingerprint_makes_compare_refuse(tiny, tmp_path, always_blue):
+    out = tmp_path / "out"
+    _two_cells(tiny, out, always_blue)
+    assert ev.compare_cells(out, "random", "none", 16)["n"] == 4
+    preds = out / "preds" / "random@16.jsonl"
+    recs = [json.loads(line) for line in preds.read_text().splitlines()]
+    recs[2]["item"] = "0" * 16
+    preds.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="for different data"):
+        ev.compare_cells(out, "random", "none", 16)
+
+
+def test_an_lpm_retrained_in_place_or_shipping_another_layer_is_refused_on_rerun(tiny, tmp_path):
+    """A cell records the LPM's SHA-256 and the options resolved after what its lpm.json ships: a rerun into the
+    same --out with the LPM retrained in place (same path), or shipping another stage-2 layer, is refused."""
+    from learnpruner import LearnablePruningModule, LPMConfig
+    from learnpruner.adaptive import save_lpm_options
+
+    model, processor = tiny
+    items = ev.load_items("shapesvqa", limit=1)
+    lpm = tmp_path / "lpm"
+    torch.manual_seed(0)
+    LearnablePruningModule(LPMConfig(feature_dim=96, num_tokens=576)).save(lpm)
+    opts = {"learnpruner": {"lpm": str(lpm)}}
+    out = tmp_path / "out"
+    ev.evaluate(model, processor, items, ["learnpruner"], [64], out, method_options=opts, progress=False)
+    setup = json.loads((out / "preds" / "learnpruner@64.setup.json").read_text())
+    assert setup["plan"]["lpm"]["sha256"] and setup["plan"]["options"]["layer"] == 3
+    assert setup["plan"]["sources"]["layer"] == "default"
+    torch.manual_seed(1)
+    LearnablePruningModule(LPMConfig(feature_dim=96, num_tokens=576)).save(lpm)  # retrained in place
+    with pytest.raises(ValueError, match=r"plan\.lpm"):
+        ev.evaluate(model, processor, items, ["learnpruner"], [64], out, method_options=opts, progress=False)
+    out2 = tmp_path / "out2"
+    ev.evaluate(model, processor, items, ["learnpruner"], [64], out2, method_options=opts, progress=False)
+    save_lpm_options(lpm, {"layer": 4})  # now ships another layer (and so other weights' hash)
+    with pytest.raises(ValueError, match=r"plan\.(lpm|options|sources)"):
+        ev.evaluate(model, processor, items, ["learnpruner"], [64], out2, method_options=opts, progress=False)
+
+
+def test_a_resumed_random_cell_answers_as_an_uninterrupted_one(tiny, tmp_path, monkeypatch):
+    """Random draws are seeded per item (its id): an interrupted and resumed cell, or another batch size, keeps
+    exactly the tokens an uninterrupted run keeps."""
+    import learnpruner
+
+    model, processor = tiny
+    items = ev.load_items("shapesvqa", limit=8)
+    real = ev.runner.answer_batch
+
+    def run(out, batch_size, stop_after=None):
+        kept, calls = {}, []
+
+        def answer(model, processor, chunk, max_new_tokens, device):
+            if stop_after is not None and len(calls) == stop_after:
+                raise KeyboardInterrupt
+            calls.append(len(chunk))
+            preds = real(model, processor, chunk, max_new_tokens, device)
+            for it, k in zip(chunk, learnpruner.stats(model).stage1_kept):
+                kept[it.id] = k.tolist()
+            return preds
+
+        monkeypatch.setattr(ev.runner, "answer_batch", answer)
+        ev.evaluate(model, processor, items, ["random"], [16], out, batch_size=batch_size, progress=False,
+                    max_new_tokens=1)
+        return kept
+
+    whole = run(tmp_path / "a", 4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", 4, stop_after=1)
+    resumed = run(tmp_path / "b", 4)
+    assert set(resumed) == {it.id for it in items[4:]}  # the first batch was kept
+    assert all(resumed[i] == whole[i] for i in resumed)
+    other = run(tmp_path / "c", 3)
+    assert other == whole
+    assert len({tuple(v) for v in whole.values()}) > 1  # the draws differ from item to item

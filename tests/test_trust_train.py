@@ -221,3 +221,19 @@ def test_testbed_init_from_starts_stage_b_from_a_saved_model(tmp_path):
     save(bigger, processor, str(tmp_path / "big"))
     with pytest.raises(ValueError, match=r"is not this testbed architecture"):
         tb.Trainer(_tb_cfg(tmp_path / "run4", init_from=str(tmp_path / "big")))
+
+
+def test_train_never_writes_into_the_installed_package(capsys):
+    """--out naming a shipped LPM folder is refused before anything is deleted, with --overwrite too (calibrate
+    refuses the same); the shipped LPM keeps its bytes."""
+    from learnpruner.hub import BUILTIN_MODELS
+
+    shipped = BUILTIN_MODELS["shapes-tiny"] / "learnpruner-lpm"
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        rc = cli.main(["train", "--model", "shapes-tiny", "--data", "shapesvqa", "--steps", "1", "--out", str(shipped),
+                       *extra])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "lies inside the installed learnpruner package" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before

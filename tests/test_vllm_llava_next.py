@@ -104,3 +104,21 @@ def test_images_of_two_sizes_equal_the_transformers_engine(folder):
         for t, lp in o.outputs[0].logprobs[0].items():
             assert abs(lp.logprob - logprobs[t].item()) < 1e-4
     del llm
+
+
+def test_a_budget_between_the_count_without_and_with_newlines_keeps_every_token(folder):
+    """84 tokens for the 112x112 image (80 tokens + 8 newlines): the budget is counted on tokens, not on
+    placeholders, so nothing is pruned, in vLLM as in the transformers engine."""
+    llm = vllm.LLM(folder, dtype="float32", enforce_eager=True, max_model_len=1024, mm_processor_cache_gb=0,
+                   limit_mm_per_prompt={"image": 1}, gpu_memory_utilization=0.1,
+                   hf_overrides=overrides("llava_next", "learnpruner", 84, lpm="random"))
+    params = vllm.SamplingParams(max_tokens=3, min_tokens=3, temperature=0, logprobs=5)
+    image, prompt = _images()[0], _prompts()[0]
+    out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image}}], params, use_tqdm=False)[0]
+    toks, logprobs, kept, newlines, length = _reference(folder, "lpm-only", 84)[0]
+    assert (kept, newlines) == (80, 8)
+    assert len(out.prompt_token_ids) == length
+    assert list(out.outputs[0].token_ids) == toks
+    for t, lp in out.outputs[0].logprobs[0].items():
+        assert abs(lp.logprob - logprobs[t].item()) < 1e-4
+    del llm

@@ -135,7 +135,8 @@ def _reference(folder, method, tokens):
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(folder)
     if method is not None:
-        learnpruner.apply(model, method, tokens=tokens, lpm="random", stage1_unit="crop")
+        lpm = {"lpm": "random"} if learnpruner.get_method(method).needs_lpm else {}
+        learnpruner.apply(model, method, tokens=tokens, stage1_unit="crop", **lpm)
     out = []
     for prompt, images, video in _requests():
         kw = {} if video is None else {"videos": [video], "video_metadata": [_metadata(video)],
@@ -236,3 +237,99 @@ def test_vllm_bench_serves_a_qwen3_architecture(tmp_path):
                              print_fn=lambda *a: None)
     none, pruned = records
     assert none["prompt_tokens"] - pruned["prompt_tokens"] == 1280 - 16  # one 1024x1280 image: 1280 tokens
+
+
+def test_a_video_with_more_groups_than_kept_tokens_keeps_one_per_group_and_the_engine_lives(folder):
+    """divprune at 3 tokens on a 5-group video: every group keeps one token (no empty run for the mergers), as the
+    transformers engine's per-group split does, and the next ordinary request is answered."""
+    llm = _engine(folder, overrides("qwen3_vl", "divprune", 3))
+    reference = _reference(folder, "divprune", 3)
+    assert reference[2]["kept"] == [5]  # one per group, above the budget of 3: the floor, stated in stats
+    outs = _generate(llm)
+    _assert_equal(outs, reference)
+    video_id = llm.llm_engine.model_config.hf_config.video_token_id
+    runs = [len(list(run)) for token, run in itertools.groupby(outs[2].prompt_token_ids) if token == video_id]
+    assert runs == [1, 1, 1, 1, 1]
+    again = _generate(llm)  # the engine answers the same requests again
+    assert [list(o.outputs[0].token_ids) for o in again] == [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_the_processing_info_counts_what_the_processor_writes(folder):
+    """``get_num_video_tokens`` (vLLM's encoder-cache and scheduling size) is the kept count the prompt holds, one
+    per group included; the profiler's frame search finds the most frames whose unpruned tokens fit the bound."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    for tokens, kept in ((TOKENS, 12), (3, 5)):
+        llm = _engine(folder, overrides("qwen3_vl", "divprune", tokens))
+        info = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.model_config).info
+        video_id = llm.llm_engine.model_config.hf_config.video_token_id
+        held = sum(t == video_id for t in _generate(llm)[2].prompt_token_ids)
+        frames, height, width = VIDEO
+        counted = info.get_num_video_tokens(image_width=width, image_height=height, num_frames=frames,
+                                            image_processor=info.get_video_processor(), mm_kwargs={})
+        assert counted == held == kept
+    processor = info.get_image_processor()
+    w, h = info.get_image_size_with_most_features()
+
+    def unpruned(frames):
+        from vllm.model_executor.models.qwen3_vl import Qwen3VLProcessingInfo
+
+        return Qwen3VLProcessingInfo.get_num_video_tokens(info, image_width=w, image_height=h, num_frames=frames,
+                                                          image_processor=processor, mm_kwargs={})
+
+    for bound in (unpruned(4), unpruned(4) + 1, unpruned(9)):
+        found = info._get_max_video_frames(bound)
+        assert unpruned(found) <= bound < unpruned(found + 1)
+
+
+def test_positions_do_not_depend_on_the_order_of_the_items(folder):
+    """``get_mrope_input_positions`` numbers the prompt from its items sorted by place: the same positions whatever
+    order vLLM lists them in."""
+    llm = _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    out = _generate(llm)[3]  # image, video, image
+    from vllm.multimodal.inputs import MultiModalFeatureSpec  # noqa: F401  (the spec type vLLM passes)
+
+    captured = []
+    real = type(model).get_mrope_input_positions
+
+    def spy(self, input_tokens, mm_features):
+        captured.append((list(input_tokens), list(mm_features)))
+        return real(self, input_tokens, mm_features)
+
+    type(model).get_mrope_input_positions = spy
+    try:
+        _generate(llm)
+    finally:
+        type(model).get_mrope_input_positions = real
+    tokens, features = next(c for c in captured if len(c[1]) == 3)
+    assert tokens == list(out.prompt_token_ids)
+    forward, fwd_delta = real(model, tokens, features)
+    backward, bwd_delta = real(model, tokens, features[::-1])
+    assert torch.equal(forward, backward) and fwd_delta == bwd_delta
+
+
+def test_a_learnpruner_entry_without_its_architecture_is_refused(folder):
+    entry = overrides("qwen3_vl", "divprune", TOKENS)
+    with pytest.raises(ValueError, match="architectures do not name learnpruner's"):
+        vllm.LLM(folder, dtype="float32", enforce_eager=True, max_model_len=1024, mm_processor_cache_gb=0,
+                 gpu_memory_utilization=0.1, hf_overrides={"learnpruner": entry["learnpruner"]})
+
+
+def test_the_engine_says_what_it_prunes_when_it_starts(folder):
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("vllm.learnpruner")
+    logger.addHandler(handler)
+    _fresh_engines()
+    try:
+        _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
+        line = next(x for x in lines if "learnpruner: serving" in x)
+        assert "serving qwen3_vl with learnpruner learnpruner (runs as lpm-only: stage 1 only), tokens=12" in line
+        assert "LPM: random (untrained, seed 0)" in line
+    finally:
+        logger.removeHandler(handler)
+        _fresh_engines()

@@ -82,7 +82,7 @@ def test_runner_runs_the_registered_rule_itself():
 def test_qwen_keeps_original_positions_and_budgets_per_item():
     ov = overrides("qwen2_5_vl", "learnpruner", 142, lpm="/some/lpm")
     assert ov["architectures"] == ["LearnPrunerQwen2_5_VLForConditionalGeneration"]
-    spec = Stage1Spec.from_config(ov["learnpruner"], positions="original")
+    spec = Stage1Spec.from_config(ov["learnpruner"], family="qwen2_5_vl")
     assert spec.positions == "original" and "3-D M-RoPE" in spec.describe()
     assert [spec.kept(n) for n in (1280, 142, 60)] == [142, 142, 60]  # an item below the budget keeps all
     assert overrides("qwen2_5_vl", "divprune", 64, positions="original")["learnpruner"]["options"] == {
@@ -95,11 +95,11 @@ def test_a_served_config_is_checked_once_per_entry():
     from learnpruner.integrations.vllm.stage1 import spec_of
 
     config = SimpleNamespace(learnpruner=overrides("llava", "divprune", 64)["learnpruner"])
-    spec = spec_of(config)
-    assert spec_of(SimpleNamespace(**vars(config))) is spec  # the processor asks per request: no re-validation
+    spec = spec_of(config, "llava")
+    assert spec_of(SimpleNamespace(**vars(config)), "llava") is spec  # the processor asks per request: no re-validation
     assert [spec.kept(n) for n in (576, 2880, 40, 576)] == [64, 64, 40, 64]
-    assert spec_of(config, positions="original") is not spec  # another family's numbering is another spec
+    assert spec_of(config, "qwen2_5_vl") is not spec  # another family's numbering is another spec
     with pytest.raises(ValueError, match=r"need hf_overrides\['learnpruner'\]"):
-        spec_of(SimpleNamespace())
+        spec_of(SimpleNamespace(), "llava")
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        spec_of(SimpleNamespace(learnpruner={"method": "nope", "tokens": 8}))
+        spec_of(SimpleNamespace(learnpruner={"method": "nope", "tokens": 8}), "llava")

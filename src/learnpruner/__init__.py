@@ -11,6 +11,7 @@ from .api import apply, is_pruned, remove, stats
 from .engine import Stats, fixed_selection
 from .lpm import LearnablePruningModule, LPMConfig
 from .methods import METHODS, get_method
+from .plan import Plan, resolve
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,8 @@ __all__ = [
     "apply",
     "remove",
     "stats",
+    "resolve",
+    "Plan",
     "is_pruned",
     "fixed_selection",
     "Stats",

@@ -58,10 +58,9 @@ def calibrate(model, lpm, batches: Iterable[dict], tokens: list[int], method: st
     ``max(1, #(p > t))`` add up to what the fixed schedule of ``method`` keeps at ``T`` (its ``r1``, or every
     token where stage 1 keeps all), with the options shipped with ``lpm`` (its stage-2 layer moves ``r1``)."""
     from .adapters import adapter_for
-    from .methods import get_method
+    from .plan import resolve
 
     ad = adapter_for(model)
-    m, num_layers = get_method(method), ad.text_config.num_hidden_layers
     probs = []
     param = next(lpm.parameters())
     for batch in batches:
@@ -73,9 +72,10 @@ def calibrate(model, lpm, batches: Iterable[dict], tokens: list[int], method: st
         raise ValueError("calibration needs at least one image")
     out = {}
     for t in tokens:
+        plan = resolve(model, method, t, lpm=lpm)  # the options the LPM ships (its stage-2 layer) move r1
         goal = 0
         for p in probs:
-            r1 = m.schedule(t, p.numel(), num_layers, lpm_options(lpm, m)).r1
+            r1 = plan.schedule(p.numel()).r1
             goal += p.numel() if r1 is None else r1
         lo, hi = 0.0, 1.0
         for _ in range(40):  # bisection: the kept count falls as the threshold rises

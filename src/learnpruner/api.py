@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import inspect
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .adaptive import adaptive_threshold, lpm_options
-from .budget import BUDGETS, UnreachableBudget, check_budget, check_ratio, check_tokens, tokens_for
 from .engine import PruneState, Stats, pruned_forward
 from .engine.graphs import GraphCache
-from .lpm import LearnablePruningModule, LPMConfig
 from .methods import get_method
+from .plan import Plan, resolve
 
 __all__ = ["apply", "remove", "stats", "is_pruned"]
 
@@ -59,50 +55,16 @@ def is_pruned(model: nn.Module) -> bool:
     return "_learnpruner" in getattr(model, "__dict__", {})
 
 
-def _resolve_lpm(lpm, adapter, model, seed: int) -> LearnablePruningModule:
-    """An LPM from a path, a module, ``"random"`` (untrained, seeded) or the model folder's default."""
-    if lpm is None:
-        folder = getattr(model.config, "_name_or_path", "") or ""
-        default = Path(folder) / "learnpruner-lpm"
-        if folder and (default / "lpm.json").is_file():
-            lpm = default
-        else:
-            raise ValueError(
-                "method 'learnpruner' needs a Learnable Pruning Module: pass lpm=PATH (a folder written by "
-                "`learnpruner train`), lpm=<LearnablePruningModule>, or lpm='random' for an untrained one"
-            )
-    if isinstance(lpm, str) and lpm == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            module = LearnablePruningModule(
-                LPMConfig(
-                    feature_dim=adapter.feature_dim(),
-                    family=adapter.family,
-                    feature_layer=adapter.feature_layer(),
-                    num_tokens=adapter.num_visual_tokens(),
-                )
-            )
-    elif isinstance(lpm, (str, os.PathLike)):
-        module = LearnablePruningModule.load(lpm)
-    elif isinstance(lpm, LearnablePruningModule):
-        module = lpm
-    else:
-        raise TypeError(f"lpm must be a path, a LearnablePruningModule or 'random', got {type(lpm).__name__}")
-    module.check_compatible(adapter.family, adapter.feature_dim(), adapter.feature_layer())
-    param = next(model.parameters())
-    return module.to(param.device).eval()
-
-
-DEFAULT_TOKENS = 64
-
-
-def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = None, *, ratio: float | None = None,
-          fast: bool = False, stage1_unit: str | None = None, budget: str = "average", **options) -> nn.Module:
+def apply(model: nn.Module, method: str | Plan = "learnpruner", tokens: int | None = None, *,
+          ratio: float | None = None, fast: bool = False, stage1_unit: str | None = None, budget: str = "average",
+          **options) -> nn.Module:
     """Prune the visual tokens of ``model`` (patched in place; returns it).
 
     Args:
         model: a supported transformers VLM instance (e.g. ``LlavaForConditionalGeneration``).
-        method: a name from :data:`learnpruner.METHODS` (``none``, ``random``, ``fastv``, ``learnpruner``...).
+        method: a name from :data:`learnpruner.METHODS` (``none``, ``random``, ``fastv``, ``learnpruner``...), or a
+            :class:`~learnpruner.Plan` already resolved for this model's family (:func:`learnpruner.resolve`; then
+            nothing else but ``fast`` is given).
         tokens: the budget, as the AVERAGE number of visual tokens per LLM layer (per image). A budget of
             at least the image's token count is a no-op. Default 64 when ``ratio`` is not given either.
         ratio: the budget as a fraction ``0 < ratio <= 1`` of each image's own token count (an average per
@@ -141,47 +103,31 @@ def apply(model: nn.Module, method: str = "learnpruner", tokens: int | None = No
     if is_pruned(model):
         raise ValueError("this model is already pruned; call learnpruner.remove(model) before applying again")
     adapter = adapter_for(model)
-    m = get_method(method)
-    if tokens is not None and ratio is not None:
-        raise ValueError(f"give tokens= or ratio=, not both (got tokens={tokens!r}, ratio={ratio!r})")
-    ratio = check_ratio(ratio) if ratio is not None else None
-    tokens = check_tokens(tokens if tokens is not None else DEFAULT_TOKENS) if ratio is None else None
-    adaptive = budget == "adaptive"
-    if not adaptive and budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(repr(b) for b in (*BUDGETS, 'adaptive'))} (average "
-                         "visual tokens per LLM layer, the label of each method's published configuration, or a "
-                         f"per-image count the LPM decides), got {budget!r}")
-    budget = "average" if adaptive else check_budget(budget)
-    opts = m.check_options(options)
-    if stage1_unit not in (None, "image", "crop"):
-        raise ValueError(f"stage1_unit must be 'image' or 'crop', got {stage1_unit!r}")
-    adapter.check_method(m)
-    adapter.check_options(m, opts)
-    n = adapter.num_visual_tokens()
-    num_layers = adapter.text_config.num_hidden_layers
-    try:  # early: options, and the budget where every image has n tokens
-        m.schedule(tokens_for(n, tokens, ratio), n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget)
-    except UnreachableBudget:
-        if adapter.uniform_token_count:
-            raise
-        # items with their own counts (n is nominal): each item's budget is met, or refused naming its count, at
-        # the forward; here only the options are checked (at the full budget no schedule drops anything)
-        m.schedule(n, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget)
-    seed = opts.get("seed", 0)
-    lpm = _resolve_lpm(opts.pop("lpm", None), adapter, model, seed) if m.needs_lpm else None
-    if lpm is not None:  # settings validated with this LPM (lpm.json), for the options the caller left out
-        opts = m.check_options({**lpm_options(lpm, m), **opts})
-    generator = torch.Generator().manual_seed(seed) if m.stage1 == "random" else None
-    threshold = adaptive_threshold(m, lpm, tokens, ratio) if adaptive else None
+    if isinstance(method, Plan):
+        plan = method
+        if tokens is not None or ratio is not None or stage1_unit is not None or budget != "average" or options:
+            raise ValueError("apply(model, plan) takes the plan as resolved: give the budget and the options to "
+                             "learnpruner.resolve, not to apply")
+        if (plan.family, plan.num_layers) != (adapter.family, adapter.text_config.num_hidden_layers):
+            raise ValueError(f"this plan was resolved for {plan.family} with {plan.num_layers} LLM layers; the model "
+                             f"is {adapter.family} with {adapter.text_config.num_hidden_layers}: resolve it for "
+                             "this model")
+        if get_method(plan.method).needs_lpm and plan.module is None:
+            raise ValueError("this plan's LPM was deferred (defer_lpm=True); resolve it with its LPM to apply it")
+    else:
+        plan = resolve(model, method, tokens, ratio=ratio, budget=budget, stage1_unit=stage1_unit, **options)
     if fast and adapter.text_config._attn_implementation not in ("sdpa", "eager"):
         raise ValueError(
             f"fast=True supports attn_implementation 'sdpa' and 'eager', not "
             f"{adapter.text_config._attn_implementation!r}"
         )
+    lpm = plan.module.to(next(model.parameters()).device).eval() if plan.module is not None else None
+    m = get_method(plan.method)
+    generator = torch.Generator().manual_seed(plan.options["seed"]) if m.stage1 == "random" else None
     state = PruneState(
-        method=m, tokens=tokens, ratio=ratio, options=opts, adapter=adapter, base_class=type(model), lpm=lpm,
-        generator=generator, fast=bool(fast), stage1_unit=stage1_unit or m.stage1_unit, budget=budget,
-        adaptive=threshold, graphs=GraphCache() if fast else None,
+        method=m, tokens=plan.tokens, ratio=plan.ratio, options=dict(plan.options), adapter=adapter,
+        base_class=type(model), lpm=lpm, generator=generator, fast=bool(fast), stage1_unit=plan.stage1_unit,
+        budget=plan.convention, adaptive=plan.threshold, graphs=GraphCache() if fast else None, plan=plan,
     )
     model.__class__ = _pruned_class(type(model))
     model._learnpruner = state

@@ -175,10 +175,12 @@ def describe(schedule: Schedule) -> str:
     return f"{', '.join(runs)}; average {schedule.average:.1f}"
 
 
-def split_evenly(total: int, sizes: list[int]) -> list[int]:
-    """``total`` spread as evenly as possible over parts of capacity ``sizes`` (earlier parts first)."""
-    share = [0] * len(sizes)
-    left = min(total, sum(sizes))
+def split_evenly(total: int, sizes: list[int], at_least: int = 0) -> list[int]:
+    """``total`` spread as evenly as possible over parts of capacity ``sizes`` (earlier parts first). With
+    ``at_least``, every part gets at least that many (or its whole capacity, if smaller), even when ``total`` is
+    smaller than what that takes: a part is never left empty when the caller needs each one to hold a token."""
+    share = [min(at_least, c) for c in sizes]
+    left = max(0, min(total, sum(sizes)) - sum(share))
     while left:
         open_parts = [j for j, c in enumerate(sizes) if share[j] < c]
         base, extra = divmod(left, len(open_parts))

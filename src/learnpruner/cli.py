@@ -59,8 +59,12 @@ def _generate(args: argparse.Namespace) -> int:
     options = method_options(args.option)
     if args.lpm is not None:
         options["lpm"] = args.lpm
+    try:
+        method = learnpruner.get_method(args.method)
+    except ValueError as e:
+        raise ValueError(f"--method: {e}") from None
     try:  # refuse bad options before loading the model
-        learnpruner.get_method(args.method).check_options(options)
+        method.check_options(options)
     except ValueError as e:
         raise ValueError(f"--option: {e}") from None
     if args.overlay:
@@ -203,6 +207,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="replace the run in OUT (deletes its lpm.*, checkpoint.pt first); without it or --resume "
                    "a non-empty OUT is refused")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: accelerate's choice)")
+    p.add_argument("--features", default=None, metavar="DIR",
+                   help="feature cache: the frozen VLM's vision features and tokenized prompts of --records records, "
+                   "computed once into DIR (resumable) and read by every step instead of encoding each image again")
+    p.add_argument("--records", type=int, default=None,
+                   help="records the feature cache holds (the run cycles over them; default: every record of a "
+                   "LLaVA-format file; required for the shapesvqa stream)")
+    p.add_argument("--dropped-rows", type=int, default=d.dropped_rows,
+                   help="run the LLM on the text, the kept rows and this many of each image's dropped rows (their "
+                   "gradient scaled to stay unbiased); default: every row")
+    p.add_argument("--val", default=None, metavar="DATA",
+                   help="validation records for the curve: shapesvqa:val, shapesvqa:val-large or a LLaVA-format file "
+                   "(cached beside --features); the saved LPM is the best point of the curve")
+    p.add_argument("--val-every", type=int, default=250, help="steps between points of the validation curve")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="clip the LPM's gradient to this norm")
 
 
 @command("train", "train a Learnable Pruning Module for a frozen VLM (runs under `accelerate launch` too)",
@@ -211,9 +229,17 @@ def _train(args: argparse.Namespace) -> int:
     from .hub import load
     from .training import JsonlRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
 
-    for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every", "max_length", "frames"):
+    for name in ("steps", "batch_size", "tokens", "hidden_dim", "ckpt_every", "max_length", "frames", "val_every"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name, low, what in (("records", 1, "a positive"), ("dropped_rows", 0, "a non-negative")):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be {what} integer, got {getattr(args, name)}")
+    if (args.records is not None or args.val is not None) and args.features is None:
+        raise ValueError("--records and --val need --features DIR (the feature cache they are read from)")
+    if args.features is not None and args.data == "shapesvqa" and args.records is None:
+        raise ValueError("--features on the shapesvqa stream needs --records N (how many records to cache; the "
+                         "stream is endless)")
     budget_range = None
     if args.budget_range is not None:
         budget_range = tuple(parse_list(args.budget_range, int, "--budget-range"))
@@ -222,19 +248,41 @@ def _train(args: argparse.Namespace) -> int:
     check_out_dir(args.out, args.resume, args.overwrite)  # refuse a used --out before loading anything
     data = (ShapesRecords(args.seed) if args.data == "shapesvqa"
             else JsonlRecords(args.data, args.image_folder, num_frames=args.frames))
+    val_data = _val_records(args.val, args.frames) if args.val is not None else None
     model, processor = load(args.model, device=args.device or "cpu", dtype="bfloat16" if args.bf16 else "float32")
     cfg = TrainConfig(tokens=args.tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       ratio_weight=args.ratio_weight, mask=args.mask, distill_weight=args.distill_weight,
                       hidden_dim=args.hidden_dim, ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16,
                       grad_ckpt=args.grad_ckpt, max_length=args.max_length, budget_range=budget_range,
-                      stage2=args.stage2, layer=args.layer)
+                      stage2=args.stage2, layer=args.layer, dropped_rows=args.dropped_rows, clip_grad=args.clip_grad,
+                      val_every=args.val_every if val_data is not None else 0)
+    features = val = None
+    if args.features is not None:
+        from .training.features import build_cache
+
+        records = args.records if args.records is not None else len(data)
+        features = build_cache(args.features, model, processor, data, records, max_length=cfg.max_length)
+        if val_data is not None:
+            folder = Path(args.features) / ("val-" + "".join(c if c.isalnum() else "-" for c in args.val)[-60:])
+            val = build_cache(folder, model, processor, val_data, len(val_data), max_length=cfg.max_length)
     train_lpm(model, processor, data, args.out, cfg, resume=args.resume, device=args.device,
-              overwrite=args.overwrite)
+              overwrite=args.overwrite, features=features, val=val)
     if int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process under torchrun/accelerate
         if data.skipped:
             print(f"skipped {sum(data.skipped.values())} bad record(s): {data.skipped}")
         print(f"LPM written to {args.out}")
     return 0
+
+
+def _val_records(spec: str, frames: int):
+    """The validation records of ``--val``: a ShapesVQA split or a LLaVA-format file."""
+    from .training import JsonlRecords, ShapesRecords
+
+    if spec.startswith("shapesvqa:"):
+        return ShapesRecords(split=spec.partition(":")[2])
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"--val {spec!r}: not shapesvqa:val, shapesvqa:val-large nor a LLaVA-format file")
+    return JsonlRecords(spec, num_frames=frames)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -266,10 +314,14 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, load_items, markdown_table
     from .hub import load
 
-    methods = list(learnpruner.METHODS) if args.methods == "all" else parse_list(args.methods, str, "--methods")
+    methods = (list(learnpruner.METHODS) if args.methods == "all" else
+               parse_list(args.methods, str, "--methods", unique=True))
     for m in methods:
-        learnpruner.get_method(m)
-    budgets = parse_list(args.tokens, int, "--tokens")
+        try:
+            learnpruner.get_method(m)
+        except ValueError as e:
+            raise ValueError(f"--methods: {e}") from None
+    budgets = parse_list(args.tokens, int, "--tokens", unique=True)
     for t in budgets:
         if t <= 0:
             raise ValueError(f"--tokens values must be positive integers, got {t}")
@@ -318,8 +370,22 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not (out / "preds").is_dir():
         raise FileNotFoundError(f"--out {args.out!r} holds no eval results (no preds/ folder)")
+    if args.json:
+        _refuse_eval_files(out, Path(args.json))
     cells = [r for r in all_cells(out) if r.get("status") == "ok"]
-    budgets = (parse_list(args.tokens, int, "--tokens") if args.tokens else
+    named = {r["method"] for r in cells}
+    for flag, name in (("A", args.a), ("B", args.b)):
+        if name is not None and name not in named:
+            import learnpruner
+
+            if name != "none":
+                try:
+                    learnpruner.get_method(name)
+                except ValueError as e:
+                    raise ValueError(f"method {flag}: {e}") from None
+            raise ValueError(f"method {flag} {name!r} has no answered cell in {args.out}; its cells: "
+                             f"{', '.join(sorted(named)) or 'none'}")
+    budgets = (parse_list(args.tokens, int, "--tokens", unique=True) if args.tokens else
                sorted({r["tokens"] for r in cells if r["method"] != "none"}, reverse=True))
     others = [args.b] if args.b else sorted({r["method"] for r in cells} - {args.a})
     # the folder's cells under this convention (paper: a method the conventions treat alike has its average cell)
@@ -340,12 +406,23 @@ def _compare(args: argparse.Namespace) -> int:
               f"{100 * r['accuracy_b']:.1f} | {100 * r['difference']:+.1f} | [{100 * r['ci'][0]:+.1f}, "
               f"{100 * r['ci'][1]:+.1f}] | {r['mcnemar_p']:.3g} | {verdict} |")
     if not rows:
-        print(f"no pair to compare: {args.a} has no answered cell beside another method's in {args.out}")
+        raise ValueError(f"no pair to compare: {args.a} has no answered cell at {', '.join(map(str, budgets))} tokens "
+                         f"beside another method's in {args.out}")
     if args.json:
         from .utils import atomic_write
 
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1) + "\n"))
     return 0
+
+
+def _refuse_eval_files(out: Path, path: Path) -> None:
+    """``--json`` of compare: a new file, never one of the eval folder's own (its predictions, records, plot)."""
+    target, own = path.resolve(), out.resolve()
+    if target in (own, own / "preds") or (own / "preds") in target.parents or \
+            target in (own / "results.json", own / "accuracy.png", own / ".lock"):
+        raise ValueError(f"--json {str(path)!r} is one of the eval folder's own files (its predictions, results.json, "
+                         "accuracy.png), which it would overwrite: write it elsewhere (e.g. "
+                         f"{str(out / 'compare.json')!r})")
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
@@ -416,10 +493,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _check_calibrate_out(lpm: Path, out: Path) -> None:
     """``--out`` of calibrate: never inside the installed package; new, empty, or the (user's own) ``--lpm``."""
-    package = Path(__file__).resolve().parent
-    if out.resolve() == package or package in out.resolve().parents:
-        raise ValueError(f"--out {str(out)!r} lies inside the installed learnpruner package; a shipped LPM is never "
-                         "overwritten: give a folder of your own")
+    from .utils import refuse_package_path
+
+    refuse_package_path(out, "--out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and out.resolve() != lpm.resolve():
@@ -482,6 +558,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what each command writes (compare's --out is the eval folder it reads)
+OUTPUTS = {"train": ("out",), "eval": ("out",), "calibrate": ("out",), "generate": ("overlay",), "bench": ("out",),
+           "demo": ("out",), "lmms-task": ("out",), "vllm-bench": ("out",), "compare": ("json",)}
+
+
+def _refuse_outputs_in_package(args: argparse.Namespace) -> None:
+    from .utils import refuse_package_path
+
+    for attr in OUTPUTS.get(args.command, ()):
+        value = getattr(args, attr, None)
+        if value:
+            refuse_package_path(value, f"--{attr}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Bad input: one ``error: ...`` line on stderr and exit code 2 (argparse's
     usage errors too); Ctrl-C: one line (for ``eval``, how to resume) and exit code 130."""
@@ -490,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return e.code if isinstance(e.code, int) else 2
     try:
+        _refuse_outputs_in_package(args)
         return COMMANDS[args.command][1](args) or 0
     except KeyboardInterrupt:
         resume = f"; rerun the same command to resume from --out {args.out}" if args.command == "eval" else ""

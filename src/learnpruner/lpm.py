@@ -22,7 +22,7 @@ from torch import nn
 
 from .utils import atomic_write
 
-__all__ = ["LPMConfig", "LearnablePruningModule"]
+__all__ = ["LPMConfig", "LearnablePruningModule", "lpm_digest"]
 
 FORMAT = "learnpruner-lpm"
 WEIGHTS = "lpm.safetensors"
@@ -41,12 +41,28 @@ class LPMConfig:
     extra: dict = field(default_factory=dict)
 
 
+def lpm_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 of an LPM folder's two files (weights, then metadata): what its answers depend on, so a result can
+    tell two LPMs at the same path apart (an LPM retrained in place)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (WEIGHTS, META):
+        with open(Path(folder) / name, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 class LearnablePruningModule(nn.Module):
     """Keep/drop classifier over visual tokens. ``forward(x) -> keep-probability [..., n]``."""
 
     def __init__(self, config: LPMConfig):
         super().__init__()
         self.config = config
+        # where it was loaded from: {"path", "sha256"} (:func:`lpm_digest`); None for one built in memory
+        self.source: dict | None = None
         self.mlp = nn.Sequential(
             nn.Linear(config.feature_dim, config.hidden_dim),
             nn.GELU(),
@@ -111,6 +127,7 @@ class LearnablePruningModule(nn.Module):
         if bad:
             raise ValueError(f"{weights_path} holds NaN or infinite values in {', '.join(sorted(bad))}; "
                              f"the LPM is unusable (re-train it)")
+        module.source = {"path": str(folder.resolve()), "sha256": lpm_digest(folder)}
         return module
 
     def check_compatible(self, family: str, feature_dim: int, feature_layer: int | list[int]) -> None:

@@ -57,9 +57,9 @@ def per_method_options(pairs: list[str], methods: list[str]) -> dict[str, dict]:
     return out
 
 
-def parse_list(value, cast, what: str) -> list:
+def parse_list(value, cast, what: str, unique: bool = False) -> list:
     """A comma-separated list (or a sequence, or one int) as a list of ``cast`` values; ``ValueError`` naming
-    ``what`` and the bad value when it is empty or a value does not cast."""
+    ``what`` and the bad value when it is empty, a value does not cast, or (``unique``) a value comes twice."""
     if isinstance(value, str):
         items = [v.strip() for v in value.split(",") if v.strip()]
     elif isinstance(value, int):
@@ -74,4 +74,11 @@ def parse_list(value, cast, what: str) -> list:
             out.append(cast(item))
         except (TypeError, ValueError):
             raise ValueError(f"{what}: {item!r} is not a valid value (give a comma-separated list)") from None
+    if unique:
+        seen = set()
+        for v in out:
+            if v in seen:
+                raise ValueError(f"{what} names {v!r} twice: each value once (a repeated cell would run twice and be "
+                                 "paired with itself)")
+            seen.add(v)
     return out

@@ -12,7 +12,7 @@ Methods in :mod:`learnpruner.methods` name the rules they use.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "LLM_RULES",
     "stage1_rule",
     "llm_rule",
+    "item_seed",
 ]
 
 
@@ -47,26 +48,31 @@ class Selection:
 
 @dataclass
 class VisionContext:
-    """What a stage-1 rule may read. ``features``: ``[num_images, n, d]`` before the projector."""
+    """What a stage-1 rule may read, built by the engine from the plan and the step's tensors (never its state).
+
+    ``features``: ``[num_images, n, d]`` before the projector. ``options``: the plan's resolved options (every option
+    of the method, defaults filled). ``adapter``: the family's adapter (its ``project``, embeddings, tokenizer path).
+    ``lpm`` and ``generator``: the plan's LPM and the random generator, where the method has one. ``items``: per
+    image, a key its random draws are seeded by (eval: the item's id, so an answer never depends on the batch or on
+    a resume); None: draws follow ``generator``. ``shared``: one dict for every rule of one forward (what stage 1
+    leaves for stage 2).
+    """
 
     features: torch.Tensor
-    state: Any
-    pixel_values: torch.Tensor
-    input_ids: torch.Tensor
-    vis: torch.Tensor  # [b, s] visual-token index of each position, -1 for text
-    img: torch.Tensor  # [b, s] image number of each position, -1 for text
+    options: Mapping[str, Any]
+    adapter: Any = None
+    pixel_values: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+    vis: torch.Tensor | None = None  # [b, s] visual-token index of each position, -1 for text
+    img: torch.Tensor | None = None  # [b, s] image number of each position, -1 for text
     attention_mask: torch.Tensor | None = None  # [b, s] padding mask as given by the user
+    lpm: Any = None
+    generator: torch.Generator | None = None
+    items: list | None = None
     # filled by the engine for rules registered with needs_cls=True: "cls" [num_images, n] and
     # "keys" [num_images, n, head_dim] of the encoder layer that produced the feature layer
     cache: dict = field(default_factory=dict)
-
-    @property
-    def options(self) -> dict:
-        return self.state.options
-
-    @property
-    def adapter(self):
-        return self.state.adapter
+    shared: dict = field(default_factory=dict)
 
     def cls_attention(self) -> torch.Tensor:
         """``[num_images, n]`` attention from [CLS] to each visual token at the feature layer.
@@ -77,6 +83,20 @@ class VisionContext:
         if "cls" not in self.cache:
             raise RuntimeError("this stage-1 rule must be registered with needs_cls=True to read [CLS] attention")
         return self.cache["cls"]
+
+    def item_generators(self) -> list[torch.Generator] | None:
+        """Per image, a generator seeded by its item key and the ``seed`` option (None without item keys)."""
+        if self.items is None:
+            return None
+        seed = int(self.options.get("seed", 0))
+        return [torch.Generator().manual_seed(item_seed(seed, key)) for key in self.items]
+
+
+def item_seed(seed: int, key) -> int:
+    """A 63-bit seed for item ``key`` under ``seed`` (stable across processes and versions: SHA-256)."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 
 @dataclass
@@ -91,7 +111,8 @@ class LLMContext:
     num_images: int
     n: int
     layer: int
-    state: Any
+    options: Mapping[str, Any]  # the plan's resolved options
+    adapter: Any = None  # the family's adapter (its final norm, for rules that read normed hidden states)
     # the LLM's input embeddings of these rows (after stage 1; merged rows as merged)
     input_embeds: torch.Tensor | None = None
     # when the rule has a query: each query row's attention probabilities [b, q, s] (mean over heads) in
@@ -101,12 +122,10 @@ class LLMContext:
     query_valid: torch.Tensor | None = None
     # when the rule was registered with keys=True: layer ``layer - 1``'s keys after RoPE [b, kv_heads, s, head_dim]
     keys: torch.Tensor | None = None
-    # one dict shared by every drop of the same forward (what a rule decides at its first drop and reuses)
+    # one dict shared by every drop of the same forward for this group of images (what a rule decides at its first
+    # drop and reuses), and one shared by every rule of the forward (what stage 1 leaves for stage 2)
     scratch: dict = field(default_factory=dict)
-
-    @property
-    def options(self) -> dict:
-        return self.state.options
+    shared: dict = field(default_factory=dict)
 
     def visual_rows(self) -> torch.Tensor:
         """``[num_images, n, d]`` hidden rows of the visual tokens present (zeros where absent)."""
@@ -171,9 +190,9 @@ def llm_rule(name: str, query: str | Callable | None = None, keys: bool = False)
 
 
 def lpm_of(ctx: VisionContext):
-    """The state's LPM, moved to the features' device and dtype (it is not a submodule of the model, so it
+    """The plan's LPM, moved to the features' device and dtype (it is not a submodule of the model, so it
     follows the model's moves here)."""
-    lpm = ctx.state.lpm
+    lpm = ctx.lpm
     p, f = next(lpm.parameters()), ctx.features
     if p.device != f.device or p.dtype != f.dtype:
         lpm.to(device=f.device, dtype=f.dtype)
@@ -183,13 +202,16 @@ def lpm_of(ctx: VisionContext):
 @stage1_rule("lpm", needs_lpm=True)
 def _lpm(ctx: VisionContext, k: int) -> Selection:
     keep_prob = lpm_of(ctx)(ctx.features)
-    return Selection(sel.lpm_select(keep_prob, ctx.features, k, ctx.options.get("diversity", 0.1)))
+    return Selection(sel.lpm_select(keep_prob, ctx.features, k, ctx.options["diversity"]))
 
 
 @stage1_rule("random")
 def _random(ctx: VisionContext, k: int) -> Selection:
     f = ctx.features
-    return Selection(sel.random_select(f.shape[0], f.shape[1], k, ctx.state.generator, device=f.device))
+    per_item = ctx.item_generators()
+    if per_item is None:
+        return Selection(sel.random_select(f.shape[0], f.shape[1], k, ctx.generator, device=f.device))
+    return Selection(torch.cat([sel.random_select(1, f.shape[1], k, g, device=f.device) for g in per_item]))
 
 
 def _top_scores(ctx: LLMContext, k: int) -> Selection:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save", "check_out_dir", "read_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["atomic_write", "atomic_torch_save", "check_out_dir", "refuse_package_path", "read_checkpoint", "rng_state",
+           "set_rng_state"]
 
 
 def _umask() -> int:
@@ -55,6 +56,18 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+PACKAGE = Path(__file__).resolve().parent
+
+
+def refuse_package_path(path: str | os.PathLike, flag: str) -> None:
+    """``ValueError`` when ``path`` lies inside the installed learnpruner package (its shipped models and LPMs):
+    nothing a command writes ever lands there."""
+    resolved = Path(path).resolve()
+    if resolved == PACKAGE or PACKAGE in resolved.parents:
+        raise ValueError(f"{flag} {str(path)!r} lies inside the installed learnpruner package ({PACKAGE}); its shipped "
+                         "models and LPMs are never written over: give a folder outside it")
+
+
 def check_out_dir(out_dir: str | os.PathLike, resume: bool, overwrite: bool, run_files: tuple[str, ...]) -> list[Path]:
     """Refuse to start a new run in a non-empty ``out_dir``; returns the old run's files ``overwrite`` deletes.
 
@@ -63,6 +76,7 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, overwrite: bool, run
     folder are never deleted.
     """
     out = Path(out_dir)
+    refuse_package_path(out, "--out")
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
                          "--overwrite replaces it")

@@ -150,3 +150,35 @@ def overlay_image_stats(im, pixels: list[np.ndarray], path: str | os.PathLike, t
         ax.set_title(caption, fontsize=8)
         ax.axis("off")
     _save(fig, path, title)
+
+
+def plot_training_curve(history: list[dict], points: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """An LPM run's curve: validation accuracy (%) against training samples (left), the training answer loss
+    smoothed over 50 steps (right); the best validation point is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10.0, 3.8), dpi=110)
+    xs = [p["samples"] for p in points]
+    ys = [100 * p["accuracy"] for p in points]
+    a.plot(xs, ys, marker="o", ms=3.5, lw=1.6, color="tab:blue")
+    best = max(range(len(points)), key=lambda i: (points[i]["accuracy"], -points[i]["ce"]))
+    a.plot([xs[best]], [ys[best]], marker="*", ms=13, color="tab:red", ls="none",
+           label=f"best: {ys[best]:.1f}% at {xs[best]:,} samples")
+    a.set_xlabel("training samples")
+    a.set_ylabel("validation accuracy (%)")
+    a.grid(alpha=0.3)
+    a.legend(loc="lower right", fontsize=8)
+    steps = [h["step"] for h in history if "ce" in h]
+    ce = np.array([h["ce"] for h in history if "ce" in h], dtype=float)
+    if len(ce):
+        w = min(50, len(ce))
+        smooth = np.convolve(ce, np.ones(w) / w, mode="valid")
+        per_step = xs[-1] / points[-1]["step"] if points and points[-1]["step"] else 1
+        b.plot(np.array(steps[w - 1:]) * per_step, smooth, lw=1.4, color="tab:gray")
+    b.set_xlabel("training samples")
+    b.set_ylabel("training answer loss (50-step mean)")
+    b.grid(alpha=0.3)
+    _save(fig, path, title)

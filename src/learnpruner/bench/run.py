@@ -35,19 +35,16 @@ def _resolve_dtype(dtype, device: torch.device):
     return dt
 
 
-def _plan(methods, tokens, n: int, num_layers: int):
-    """``[(method, tokens, schedule or None, reason)]``: ``none`` once (tokens = n); unreachable budgets noted."""
-    from ..methods import get_method
+def _plan(model, methods, tokens, n: int):
+    """``[(method, tokens, schedule or None, reason)]`` for items of ``n`` tokens, each from the method's resolved plan
+    (:func:`learnpruner.resolve`): ``none`` once (tokens = n); unreachable budgets noted."""
+    from ..plan import resolve
 
     plan = []
     for name in methods:
-        m = get_method(name)
-        if name == "none":
-            plan.append((name, n, m.schedule(n, n, num_layers, {}), None))
-            continue
-        for t in tokens:
+        for t in [n] if name == "none" else tokens:
             try:
-                plan.append((name, t, m.schedule(t, n, num_layers, {}), None))
+                plan.append((name, t, resolve(model, name, t, **_options(name)).schedule(n), None))
             except ValueError as e:
                 plan.append((name, t, None, str(e)))
     return plan
@@ -109,6 +106,12 @@ def run_bench(
     methods, tokens, batch_sizes = _check_args(model, arch, methods, tokens, batch_sizes, item, new_tokens=new_tokens,
                                                text_tokens=text_tokens, repeats=repeats, warmup=warmup,
                                                variants=variants)
+    from ..hub import check_device
+
+    if device is not None:
+        check_device(device)
+        if torch.device(device).type == "meta":
+            raise ValueError("bench times real runs; device 'meta' holds no data: use cpu or cuda")
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = _resolve_dtype(dtype, dev)
     model, label = _load_model(model, arch, dev, dt, seed)
@@ -118,7 +121,7 @@ def run_bench(
         tokens = ad.bench_budgets()
     settings = _Settings(new_tokens, text_tokens, repeats, warmup, variants, seed)
     env = _environment(label, ad, dev, dt, settings)
-    plan = _plan(methods, tokens, env["visual_tokens"], env["num_layers"])
+    plan = _plan(model, methods, tokens, env["visual_tokens"])
     runs = [(name, t, sched, reason, on_fast) for name, t, sched, reason in plan
             for on_fast in ([False, True] if fast and name == "none" else [fast])]
     records = _measure_grid(model, ad, runs, batch_sizes, env, settings, dev, dt, progress)
@@ -132,12 +135,12 @@ def _check_args(model, arch, methods, tokens, batch_sizes, item=None, **counts):
     from ..methods import get_method
     from ..options import parse_list
 
-    methods = parse_list(methods, str, "methods")
+    methods = parse_list(methods, str, "methods", unique=True)
     for name in methods:
         get_method(name)
     if tokens is not None:
-        tokens = [check_tokens(t) for t in parse_list(tokens, _int_like, "tokens")]
-    batch_sizes = _check_positive(parse_list(batch_sizes, _int_like, "batch sizes"), "batch sizes",
+        tokens = [check_tokens(t) for t in parse_list(tokens, _int_like, "tokens", unique=True)]
+    batch_sizes = _check_positive(parse_list(batch_sizes, _int_like, "batch sizes", unique=True), "batch sizes",
                                   "positive integers")
     lows = {"new_tokens": 1, "text_tokens": 2, "repeats": 1, "warmup": 0, "variants": 1}
     for what, v in counts.items():

@@ -12,14 +12,13 @@ Steps, each a function below:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from .. import selection as sel
 from ..budget import Schedule, split_evenly
-from ..methods import positions_for
 from ..rules import LLM_RULES, STAGE1_RULES, LLMContext, Selection, VisionContext, lpm_of
 from .graphs import graphed_modules
 from .layout import STRUCTURE, TEXT, Layout, VisualFeatures, fill_streams, fill_visual, pad_rows, project_rows
@@ -93,52 +92,79 @@ def adaptive_schedule(base: Schedule, k: int) -> Schedule:
     return Schedule(n=base.n, num_layers=base.num_layers, r1=k if k < base.n else None, drops=drops)
 
 
-def _stage1_adaptive(state: PruneState, visual: VisualFeatures, layout: Layout, image: int, base: Schedule,
-                     pixel_values, input_ids, attention_mask):
+@dataclass
+class _Step:
+    """What every stage-1 context of one forward shares: the state's plan and the step's tensors."""
+
+    state: PruneState
+    visual: VisualFeatures
+    layout: Layout
+    pixel_values: torch.Tensor | None
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    shared: dict
+
+    def context(self, images: list[int], feats: torch.Tensor, index: torch.Tensor | None = None,
+                part: str | None = None) -> VisionContext:
+        """The typed context of a stage-1 rule on ``images`` (one group of equal count) with rows ``feats``
+        (``[g, n', d]``); ``index``: the rows of one crop (or frame) of a single image, ``part`` its name."""
+        state, visual = self.state, self.visual
+        vis_g, img_g = self.layout.view(self.layout.vis, self.layout.img, images)
+        items = None if state.items is None else [state.items[i] if part is None else f"{state.items[i]}/{part}"
+                                                  for i in images]
+        ctx = VisionContext(feats, state.plan.options, state.adapter, self.pixel_values, self.input_ids, vis_g,
+                            img_g, self.attention_mask, lpm=state.lpm, generator=state.generator, items=items,
+                            shared=self.shared)
+        for name, v in visual.extras.items():
+            ctx.cache[name] = visual.rows(images, v) if index is None else v[images[0]][index][None]
+        return ctx
+
+    def select(self, ctx: VisionContext, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rule on ``ctx`` keeping ``k``: ``(kept [g, k], their rows [g, k, d])`` (merged rows in place)."""
+        selection = STAGE1_RULES[self.state.method.stage1](ctx, k)
+        feats = ctx.features
+        picked = feats.gather(1, selection.kept[:, :, None].expand(-1, -1, feats.shape[-1]))
+        return selection.kept, _replace_rows(picked, selection)
+
+
+def _stage1_adaptive(step: _Step, image: int, base: Schedule):
     """Stage 1 of one image under ``budget="adaptive"``: it keeps the tokens its LPM keep-probability puts
     above the calibrated threshold (at least one), then the stage-1 rule runs with that count; returns the kept
     indices, their rows and the image's own schedule."""
-    feats = visual.rows([image])
-    vis_g, img_g = layout.view(layout.vis, layout.img, [image])
-    ctx = VisionContext(feats, state, pixel_values, input_ids, vis_g, img_g, attention_mask=attention_mask)
-    ctx.cache.update({k: visual.rows([image], v) for k, v in visual.extras.items()})
-    k = int((lpm_of(ctx)(feats) > state.adaptive).sum().clamp(min=1))
+    feats = step.visual.rows([image])
+    ctx = step.context([image], feats)
+    k = int((lpm_of(ctx)(feats) > step.state.adaptive).sum().clamp(min=1))
     schedule = adaptive_schedule(base, k)
     if schedule.r1 is None:
         return None, feats[0], schedule
-    selection = STAGE1_RULES[state.method.stage1](ctx, schedule.r1)
-    rows = _replace_rows(feats.gather(1, selection.kept[:, :, None].expand(-1, -1, feats.shape[-1])), selection)
-    return selection.kept[0], rows[0], schedule
+    kept, rows = step.select(ctx, schedule.r1)
+    return kept[0], rows[0], schedule
 
 
-def _stage1_per_crop(state: PruneState, visual: VisualFeatures, layout: Layout, image: int, r1: int, pixel_values,
-                     input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def _stage1_per_crop(step: _Step, image: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1 on each crop of one image alone (``stage1_unit="crop"``); the image's ``r1`` is
-    split evenly over its crops. Returns the image's kept indices (ascending) and their rows."""
-    feats = visual.features[image] if isinstance(visual.features, list) else visual.features[image]
+    split evenly over its crops, each crop keeping at least one token (as vLLM must for Qwen3-VL's frame groups,
+    whose placeholder runs are fixed before encoding). Returns the image's kept indices (ascending) and their
+    rows."""
+    visual = step.visual
+    feats = visual.features[image]
     crops = visual.crops[image]
     members = [(crops == c).nonzero()[:, 0] for c in crops.unique().tolist()]
-    budget = split_evenly(r1, [m.shape[0] for m in members])
+    budget = split_evenly(r1, [m.shape[0] for m in members], at_least=1)
     kept, picked = [], []
-    for idx, k in zip(members, budget):
+    for c, (idx, k) in enumerate(zip(members, budget)):
         if k == 0:
             continue
         if k >= idx.shape[0]:
             kept.append(idx)
             picked.append(feats[idx])
             continue
-        vis_g, img_g = layout.view(layout.vis, layout.img, [image])
-        ctx = VisionContext(feats[idx][None], state, pixel_values, input_ids, vis_g, img_g,
-                            attention_mask=attention_mask)
-        ctx.cache.update({name: v[image][idx][None] for name, v in visual.extras.items()})
-        selection = STAGE1_RULES[state.method.stage1](ctx, k)
-        rows = _replace_rows(feats[idx][selection.kept[0]][None], selection)[0]
-        kept.append(idx[selection.kept[0]])
-        picked.append(rows)
+        chosen, rows = step.select(step.context([image], feats[idx][None], idx, part=f"crop{c}"), k)
+        kept.append(idx[chosen[0]])
+        picked.append(rows[0])
     kept_all, rows_all = torch.cat(kept), torch.cat(picked)
     order = torch.argsort(kept_all)
     return kept_all[order], rows_all[order]
-
 
 
 @dataclass
@@ -151,10 +177,14 @@ class VisionResult:
     kept1: torch.Tensor | None  # [num_images, k] stage-1 kept (-1 padded), None when stage 1 kept all
     kept_per_image: list  # per image: its stage-1 kept indices, None where its stage 1 kept all
     adds: torch.Tensor | None = None  # [streams, b, s, D]: the kept tokens' side streams (fill_streams), or None
+    shared: dict = field(default_factory=dict)  # what stage 1 left for the LLM rules of this forward
 
 
 def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, attention_mask, cache, forced1,
                  vision_kwargs) -> VisionResult:
+    """Encode, then for each group of items of one count: context -> rule -> gather (the unit's strategy: the whole
+    group at once, each crop alone, or each image at its adaptive count), then project the kept rows and write them
+    into the prompt."""
     ad = state.adapter
     pixel_values = visual_inputs.get("pixel_values")
     if input_ids is None:
@@ -175,38 +205,29 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
     num_images, width, device = layout.num_images, layout.width, embeds.device
     rows: list = [None] * num_images  # per image: the feature rows to project
     kept: list = [None] * num_images  # per image: stage-1 kept indices (None: all)
+    step = _Step(state, visual, layout, pixel_values, input_ids, attention_mask, shared={})
     with state.section("stage1"):
         per_crop = state.stage1_unit == "crop" and visual.crops is not None and forced1 is None
         for n, images in layout.groups.items():
             feats = visual.rows(images)
+            r1 = by_count[n].r1
             if forced1 is not None:
                 for j, i in enumerate(images):
                     kept[i] = forced1[i][forced1[i] >= 0].to(feats.device)
                     rows[i] = feats[j, kept[i]]
-                continue
-            r1 = by_count[n].r1
-            if r1 is None:
+            elif r1 is None:
                 for j, i in enumerate(images):
                     rows[i] = feats[j]
-                continue
-            if state.adaptive is not None:
+            elif state.adaptive is not None:
                 for i in images:
-                    kept[i], rows[i], schedules[i] = _stage1_adaptive(state, visual, layout, i, by_count[n],
-                                                                      pixel_values, input_ids, attention_mask)
-                continue
-            if per_crop:
+                    kept[i], rows[i], schedules[i] = _stage1_adaptive(step, i, by_count[n])
+            elif per_crop:
                 for i in images:
-                    kept[i], rows[i] = _stage1_per_crop(state, visual, layout, i, r1, pixel_values, input_ids,
-                                                        attention_mask)
-                continue
-            vis_g, img_g = layout.view(layout.vis, layout.img, images)
-            ctx = VisionContext(feats, state, pixel_values, input_ids, vis_g, img_g, attention_mask=attention_mask)
-            ctx.cache.update({k: visual.rows(images, v) for k, v in visual.extras.items()})
-            selection = STAGE1_RULES[state.method.stage1](ctx, r1)
-            picked = feats.gather(1, selection.kept[:, :, None].expand(-1, -1, feats.shape[-1]))
-            picked = _replace_rows(picked, selection)
-            for j, i in enumerate(images):
-                kept[i], rows[i] = selection.kept[j], picked[j]
+                    kept[i], rows[i] = _stage1_per_crop(step, i, r1)
+            else:
+                chosen, picked = step.select(step.context(images, feats), r1)
+                for j, i in enumerate(images):
+                    kept[i], rows[i] = chosen[j], picked[j]
     with state.section("projector"):
         proj = project_rows(ad, rows, stack=len(layout.groups) == 1)
     kept1, keep, slot = None, None, layout.vis >= 0
@@ -218,7 +239,7 @@ def vision_stage(state: PruneState, embeds, input_ids, visual_inputs: dict, atte
     with state.section("projector"):
         adds = fill_streams(ad, visual, kept, embeds, slot)
     embeds = fill_visual(embeds, slot, proj, layout, visual.structure)
-    return VisionResult(layout, visual, schedules, embeds, keep, kept1, kept, adds)
+    return VisionResult(layout, visual, schedules, embeds, keep, kept1, kept, adds, step.shared)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,8 +285,8 @@ def _llm_select(state: PruneState, rule, vision: VisionResult, seq: Seq, hidden,
         vis_g, img_g = layout.view(seq.vis, seq.img, images)
         table = sel.per_image_scores(readout["scores"], vis_g, img_g, len(images), n) if rule.query else None
         ctx = LLMContext(
-            hidden, vis_g, img_g, seq.mask, table, len(images), n, layer, state,
-            input_embeds=input_embeds,
+            hidden, vis_g, img_g, seq.mask, table, len(images), n, layer, state.plan.options, state.adapter,
+            input_embeds=input_embeds, shared=vision.shared,
             attention=readout.get("attention"), query_index=readout.get("query_index"),
             query_valid=readout.get("query_valid"), keys=readout.get("keys"),
             scratch=scratch.setdefault(tuple(images), {}),
@@ -396,6 +417,7 @@ def record_stats(state: PruneState, vision: VisionResult, llm: LLMResult) -> Sta
         stage2_scores=llm.scores,
         num_images=layout.num_images,
         images=images,
+        plan=state.plan,
     )
 
 
@@ -404,7 +426,8 @@ def _renumber(state: PruneState, rope: torch.Tensor):
 
     Families with multi-dimensional rotary positions (M-RoPE, ``rope`` of shape ``[3, b, s]``) keep the original
     ones: by default, and refused when ``positions="contiguous"`` is asked for explicitly."""
-    positions, explicit = positions_for(state.method, state.options)
+    plan = state.plan
+    positions, explicit = plan.options["positions"], plan.sources["positions"] == "caller"
     if positions != "contiguous":
         return None
     if rope.dim() != 2:

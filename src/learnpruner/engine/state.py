@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..budget import Schedule, tokens_for
+from ..budget import Schedule
 
 if TYPE_CHECKING:  # annotations only: the engine never imports the adapters (they import the engine's layout)
     from ..adapters import Adapter
     from ..lpm import LearnablePruningModule
     from ..methods import Method
 
-__all__ = ["ItemStats", "ImageStats", "Stats", "PruneState", "fixed_selection"]
+__all__ = ["ItemStats", "Stats", "PruneState", "fixed_selection", "item_keys"]
 
 
 @dataclass
@@ -49,9 +49,6 @@ class ItemStats:
         return self.llm_kept[-1] if self.llm_kept else self.stage1_kept
 
 
-ImageStats = ItemStats  # the name before videos were items too; kept for existing code
-
-
 @dataclass
 class Stats:
     """What the last forward with images did.
@@ -78,6 +75,7 @@ class Stats:
     stage2_scores: torch.Tensor | None = None
     num_images: int = 0
     images: list[ItemStats] = field(default_factory=list)
+    plan: object | None = None  # the resolved plan the forward ran (learnpruner.resolve)
 
     @property
     def average_tokens(self) -> float:
@@ -117,21 +115,17 @@ class PruneState:
     adaptive: float | None = None
     # fast=True: the CUDA graphs of the fast prefill (vision passes, LLM segments); see learnpruner.engine.graphs
     graphs: object | None = None
-    _schedules: dict = field(default_factory=dict)
+    # the resolved plan (learnpruner.resolve): the one place the budget becomes a schedule
+    plan: object | None = None
+    # per item of the next forwards, in prompt order: the key its random draws are seeded by (see item_keys)
+    items: list | None = None
 
     def section(self, name: str):
         return self.timer(name) if self.timer is not None else nullcontext()
 
     def schedule(self, n: int) -> Schedule:
-        """The schedule of an image with ``n`` visual tokens (cached per ``n``)."""
-        if n not in self._schedules:
-            num_layers = self.adapter.text_config.num_hidden_layers
-            if self.tokens is None and self.ratio is None:
-                self._schedules[n] = Schedule(n=n, num_layers=num_layers)
-            else:
-                budget = tokens_for(n, self.tokens, self.ratio)
-                self._schedules[n] = self.method.schedule(budget, n, num_layers, self.options, self.budget)
-        return self._schedules[n]
+        """The schedule of an image with ``n`` visual tokens (the plan's, cached per ``n``)."""
+        return self.plan.schedule(n)
 
 
 @contextmanager
@@ -149,6 +143,20 @@ def fixed_selection(model, stage1_kept: torch.Tensor | None, llm_kept=None):
         yield model
     finally:
         state.forced = previous
+
+
+@contextmanager
+def item_keys(model, keys):
+    """Within this context, the random draws of a stage-1 rule (``random``) for each item of a forward are seeded by
+    that item's key (``keys``: one per image or video, in prompt order) and the ``seed`` option, not by a generator
+    that advances from call to call: an item's answer then never depends on its batch, or on whether a run was
+    interrupted and resumed (``learnpruner eval`` passes the item ids)."""
+    state: PruneState = model._learnpruner
+    previous, state.items = state.items, list(keys)
+    try:
+        yield model
+    finally:
+        state.items = previous
 
 
 @dataclass

@@ -117,9 +117,17 @@ def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
             continue
         try:
             rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise TypeError(f"a record is a JSON object, got {type(rec).__name__}")
             answers = rec["answers"] if "answers" in rec else [rec["answer"]]
-            if isinstance(answers, (str, int, float)):
+            if isinstance(answers, (str, int, float)) and not isinstance(answers, bool):
                 answers = [answers]  # one answer, not a sequence of characters
+            if not isinstance(answers, list) or any(
+                    isinstance(a, bool) or not isinstance(a, (str, int, float)) for a in answers):
+                bad = answers if not isinstance(answers, list) else next(
+                    a for a in answers if isinstance(a, bool) or not isinstance(a, (str, int, float)))
+                raise ValueError(f"{data}:{lineno}: answer {json.dumps(bad)} is not a text or a number; give the "
+                                 "accepted answer (or a list of them) as text")
             if "video" in rec and "image" in rec:
                 raise ValueError(f"{data}:{lineno}: the record has both image ({rec['image']!r}) and video "
                                  f"({rec['video']!r}); a record holds one of them")
@@ -131,6 +139,8 @@ def load_items(data: str, limit: int | None = None) -> list[EvalItem]:
             raise ValueError(
                 f"{data}:{lineno}: bad record ({e!r}); expected image (or video), question and answer or answers"
             ) from None
+        if not isinstance(rec.get("question"), str):
+            raise ValueError(f"{data}:{lineno}: question {json.dumps(rec.get('question'))} is not a text")
         if not item.answers:
             raise ValueError(f"{item.where()}: answers is empty; give at least one accepted answer")
         if item.id in lines:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -19,10 +18,11 @@ def _cell_record(method, tokens, preds, status, reason) -> dict:
         rec["reason"] = reason
     if preds:
         rec["accuracy"] = sum(p["correct"] for p in preds) / len(preds)
-        from ..intervals import bootstrap_interval
+        from ..intervals import accuracy_interval
 
-        rec["ci"] = list(bootstrap_interval([float(p["correct"]) for p in preds]))
+        rec["ci"] = list(accuracy_interval([p["correct"] for p in preds]))
         rec["ci_level"] = LEVEL
+        rec["interval"] = "wilson"
         by_type: dict[str, list[bool]] = {}
         for p in preds:
             by_type.setdefault(p["qtype"], []).append(p["correct"])
@@ -34,19 +34,18 @@ def _cell_record(method, tokens, preds, status, reason) -> dict:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Add ``relative`` (% of the unpruned accuracy) to each record when a ``none`` cell on the same data exists.
+    """Add ``relative`` (% of the unpruned accuracy) to each record when a ``none`` cell of the same model on the
+    same data exists.
 
-    Records from runs on different data (``run["data"]``, the items' fingerprint) are never compared.
+    Records from runs on different data (``run["data"]``, the items' fingerprint) or of different models
+    (``model``, the model's fingerprint) are never compared.
     """
-    def data(r: dict):
-        return (r.get("run") or {}).get("data")
-
     bases: dict = {}
     for r in records:
         if r["method"] == "none" and r.get("accuracy"):
-            bases.setdefault(data(r), r["accuracy"])
+            bases.setdefault(cell_key(r), r["accuracy"])
     for r in records:
-        base = bases.get(data(r))
+        base = bases.get(cell_key(r))
         if base and r.get("accuracy") is not None:
             r["relative"] = 100.0 * r["accuracy"] / base
         else:
@@ -54,11 +53,16 @@ def summarize(records: list[dict]) -> list[dict]:
     return records
 
 
+def cell_key(r: dict) -> tuple:
+    """What two cells must share to be compared: the data's fingerprint and the model's."""
+    return (r.get("run") or {}).get("data"), (r.get("model") or {}).get("fingerprint")
+
+
 def all_cells(out: Path) -> list[dict]:
     """Every cell in ``out/preds``: its saved record (with the run that made it), ``none`` first.
 
     A predictions file without a saved record (an older learnpruner) is summarized from all its lines,
-    with ``run: None``.
+    with ``run: None``. A record that cannot be read is refused, naming its file (nothing is left out silently).
     """
     records = []
     for path in sorted((out / "preds").glob("*.jsonl")):
@@ -68,9 +72,17 @@ def all_cells(out: Path) -> list[dict]:
             if method and tokens.isdigit():
                 rec = _cell_record(method, int(tokens), list(_read_preds(path).values()), "ok", None)
                 records.append({**rec, "run": None})
-    for result in (out / "preds").glob("*.result.json"):
-        with contextlib.suppress(ValueError, OSError):
-            records.append(json.loads(result.read_text()))
+    for result in sorted((out / "preds").glob("*.result.json")):
+        try:
+            rec = json.loads(result.read_text())
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{result} cannot be read ({e}); rerun the eval into the same --out to rewrite it, or "
+                             "delete the cell's files") from None
+        missing = [k for k in ("method", "tokens", "status") if not isinstance(rec, dict) or k not in rec]
+        if missing or not isinstance(rec.get("tokens"), int):
+            raise ValueError(f"{result} is not a cell record (it lacks {', '.join(missing) or 'an integer tokens'}); "
+                             "rerun the eval into the same --out to rewrite it, or delete the cell's files")
+        records.append(rec)
     return sorted(records, key=lambda r: (r["method"] != "none", r["method"], -r["tokens"]))
 
 
@@ -164,6 +176,19 @@ def paired_table(records: list[dict], against: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _unpruned_cell(answered: list[dict], other: str, tokens: int, budget: str, records: dict) -> dict | None:
+    """The ``none`` cell to pair with ``other@tokens``: one unpruned cell serves every budget and both conventions
+    (its label is the eval's largest budget), so every ``none`` cell of the other's data and model is a candidate;
+    the one with the most items is taken."""
+    mate = records.get((other, tokens, budget))
+    if mate is None and budget == "paper" and same_in_both_conventions(other):
+        mate = records.get((other, tokens, "average"))
+    nones = [r for r in answered if r["method"] == "none"]
+    if mate is not None:
+        nones = [r for r in nones if cell_key(r) == cell_key(mate)] or nones
+    return max(nones, key=lambda r: r.get("n", 0), default=None)
+
+
 def same_in_both_conventions(method: str) -> bool:
     """Whether ``method`` runs the same schedule under both budget conventions (its paper reports average tokens
     per layer: no paper schedule of its own). Unknown names: False."""
@@ -182,22 +207,26 @@ def compare_cells(out_dir: str | os.PathLike, a: str, b: str, tokens: int, budge
     from ..intervals import paired
 
     out = Path(out_dir)
-    records = {(r["method"], r["tokens"] if r["method"] != "none" else None, r.get("budget", "average")): r
-               for r in all_cells(out) if r.get("status") == "ok"}
+    answered = [r for r in all_cells(out) if r.get("status") == "ok"]
+    records = {(r["method"], r["tokens"], r.get("budget", "average")): r for r in answered if r["method"] != "none"}
     cells = []
-    for m in (a, b):
-        if m == "none":  # one unpruned cell serves every budget and both conventions (the last run records it)
-            rec = next((r for k, r in records.items() if k[0] == "none"), None)
+    for m, other in ((a, b), (b, a)):
+        if m == "none":
+            rec = _unpruned_cell(answered, other, tokens, budget, records)
         else:
             rec = records.get((m, tokens, budget))
-        if rec is None and m != "none" and budget == "paper" and same_in_both_conventions(m):
-            rec = records.get((m, tokens, "average"))
+            if rec is None and budget == "paper" and same_in_both_conventions(m):
+                rec = records.get((m, tokens, "average"))
         if rec is None:
-            have = sorted({f"{k[0]}@{k[1]}" for k in records if k[1] is not None} | {"none" for k in records
-                                                                                    if k[0] == "none"})
+            have = sorted({f"{k[0]}@{k[1]}" for k in records} | {"none" for r in answered if r["method"] == "none"})
             raise ValueError(f"{out} has no answered cell {m}@{tokens} ({budget} budgets); it has: "
                              f"{', '.join(have) or 'none'}")
         cells.append(rec)
+    models = [(r.get("model") or {}).get("fingerprint") for r in cells]
+    if models[0] != models[1]:
+        names = [(r.get("model") or {}).get("model") for r in cells]
+        raise ValueError(f"{a} and {b} were evaluated with different models ({names[0]} {models[0]} against "
+                         f"{names[1]} {models[1]}); a paired comparison needs the same model")
     data = [(r.get("run") or {}).get("data") for r in cells]
     if data[0] != data[1] or None in data:
         n = [(r.get("run") or {}).get("items", r.get("n")) for r in cells]

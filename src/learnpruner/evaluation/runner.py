@@ -16,6 +16,7 @@ import torch
 import learnpruner
 
 from ..budget import UnreachableBudget
+from ..engine import item_keys
 from ..utils import atomic_write
 from .data import EvalItem, is_correct
 from .report import _cell_record, _write_results, summarize
@@ -80,6 +81,11 @@ def evaluate(
 
     if not items:
         raise ValueError("no items to evaluate")
+    for what, values in (("methods", list(methods)), ("budgets", list(budgets))):
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise ValueError(f"{what} names {twice!r} twice: each once (a repeated cell would run twice and be paired "
+                             "with itself)")
     hashes: dict[str, str] = {}
     for it in items:
         if it.id in hashes:
@@ -94,15 +100,12 @@ def evaluate(
         except ValueError as e:
             first = next(it for it in items if it.kind == kind)
             raise ValueError(f"{first.where()}: {e}") from None
-    n, num_layers = ad.num_visual_tokens(), ad.text_config.num_hidden_layers
+    n = ad.num_visual_tokens()
     method_options = method_options or {}
     for m in dict.fromkeys(methods):
-        method = learnpruner.get_method(m)
-        opts = method_options.get(m, {})
-        try:  # at the full budget a schedule fails only on bad options (a low budget may be unreachable)
-            method.check_options(opts)
-            method.schedule(n, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget=budget)
-        except (ValueError, TypeError) as e:
+        try:  # at the full budget a plan fails only on bad options or a bad LPM (a low budget may be unreachable)
+            learnpruner.resolve(model, m, n, budget=budget, **method_options.get(m, {}))
+        except (ValueError, TypeError, OSError) as e:
             raise ValueError(f"{m}: {e}") from None
     out = Path(out_dir)
     (out / "preds").mkdir(parents=True, exist_ok=True)
@@ -123,23 +126,23 @@ def evaluate(
     with _out_lock(out), contextlib.closing(bar):
         for method, tokens in cells:
             opts = method_options.get(method, {})
+            status, reason, plan, schedule = "ok", None, None, None
+            try:  # the cell's plan: the one place its budget becomes a schedule (recorded in its setup)
+                plan = learnpruner.resolve(model, method, tokens, budget=budget, **opts)
+                schedule = plan.schedule(n)
+            except UnreachableBudget as e:
+                # items with their own counts (Qwen-VL; n is nominal) meet their budgets at the forward
+                if ad.uniform_token_count or plan is None:
+                    status, reason = "unreachable", str(e)
             path = out / "preds" / f"{_cell_name(method, tokens, budget)}.jsonl"
-            _check_cell_setup(path, model, opts, max_new_tokens, device, fingerprint=fingerprint)
+            _check_cell_setup(path, model, opts, max_new_tokens, device, fingerprint=fingerprint,
+                              plan=plan.as_dict() if plan is not None else None)
             _repair_tail(path)
             done = _read_preds(path)
             _check_data(out, path, done, hashes)
             bar.update(len([i for i in done if i in by_id]))
             bar.set_postfix(cell=_cell_name(method, tokens, budget))
-            status, reason = "ok", None
             todo = [it for it in items if it.id not in done]
-            try:
-                schedule = learnpruner.get_method(method).schedule(
-                    tokens, n, num_layers, {k: v for k, v in opts.items() if k != "lpm"}, budget=budget)
-            except ValueError as e:
-                schedule = None
-                # items with their own counts (Qwen-VL; n is nominal) meet their budgets at the forward
-                if ad.uniform_token_count or not isinstance(e, UnreachableBudget):
-                    status, reason = "unreachable", str(e)
             reference = out / "preds" / f"{_cell_name('none', max(budgets))}.jsonl"
             noop = schedule is not None and schedule.is_noop and ad.uniform_token_count  # ragged: per image
             if todo and noop and method != "none" and "none" in methods:
@@ -152,13 +155,14 @@ def evaluate(
                 todo = [it for it in items if it.id not in done]
                 bar.update(len(reused))
             if todo and status == "ok":
-                learnpruner.apply(model, method, tokens=tokens, budget=budget, **opts)
+                learnpruner.apply(model, plan)
                 try:
                     with open(path, "a") as f, _unreachable_items() as refused:
                         for start in range(0, len(todo), batch_size):
                             chunk = todo[start:start + batch_size]
                             t0 = time.perf_counter()
-                            preds = answer_batch(model, processor, chunk, max_new_tokens, device)
+                            with item_keys(model, [it.id for it in chunk]):  # random draws seeded per item
+                                preds = answer_batch(model, processor, chunk, max_new_tokens, device)
                             dt = (time.perf_counter() - t0) / len(chunk)
                             st = learnpruner.stats(model)
                             avg = st.average_tokens if st is not None else None
@@ -178,7 +182,7 @@ def evaluate(
             if status != "ok":
                 bar.update(len(todo))
             rec = _cell_record(method, tokens, [done[i] for i in by_id if i in done], status, reason)
-            rec["run"], rec["budget"] = run, budget
+            rec["run"], rec["budget"], rec["model"] = run, budget, fingerprint
             records.append(rec)
             if status == "ok":
                 correct[_cell_name(method, tokens, budget)] = {i: bool(done[i]["correct"]) for i in by_id

@@ -22,15 +22,29 @@ def _cell_name(method: str, tokens: int, budget: str = "average") -> str:
 
 
 def _read_preds(path: Path) -> dict[str, dict]:
-    """Predictions already written; unparseable lines (an interrupted write) are ignored."""
+    """Predictions already written, by item id. An unterminated last line (a write killed midway) is left out;
+    any other line that is not a prediction record refuses the file, naming its line."""
     done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["id"]] = rec
-            except (json.JSONDecodeError, KeyError):
+    if not path.is_file():
+        return done
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = not data.endswith(b"\n")
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not isinstance(
+                    rec.get("correct"), bool):
+                raise ValueError("not a prediction record")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if torn and lineno == len(lines):
                 continue
+            raise ValueError(f"{path}:{lineno}: {e if not isinstance(e, json.JSONDecodeError) else 'not JSON'} "
+                             "(expected one JSON object per line with id, pred and correct, as learnpruner eval "
+                             "writes); delete the file to recompute its cell") from None
+        done[rec["id"]] = rec
     return done
 
 
@@ -123,33 +137,42 @@ def _lock_holder(lock: Path) -> str | None:
 
 
 def _cell_setup(model, options: dict, max_new_tokens: int, device: str = "cpu", num_frames: int = 8,
-                fingerprint: dict | None = None) -> dict:
+                fingerprint: dict | None = None, plan: dict | None = None) -> dict:
     """Every setting that changes a cell's answers: the model (name, configuration and weights), its dtype, the
-    device type, the method options, the generation length and the frames sampled from a video.
+    device type, the method options as given and as resolved (``plan``: the cell's :meth:`~learnpruner.Plan.as_dict`,
+    every option with its default and the LPM's SHA-256), the generation length and the frames sampled from a video.
     ``fingerprint``: the model's :func:`~learnpruner.hub.model_fingerprint`, if already computed."""
     opts = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)) for k, v in options.items()}
     if fingerprint is None:
         from ..hub import model_fingerprint
 
         fingerprint = model_fingerprint(model)
-    return {**fingerprint, "options": opts, "max_new_tokens": max_new_tokens,
-            "dtype": str(model.dtype).removeprefix("torch."), "device": torch.device(device).type,
-            "frames": num_frames}
+    setup = {**fingerprint, "options": opts, "max_new_tokens": max_new_tokens,
+             "dtype": str(model.dtype).removeprefix("torch."), "device": torch.device(device).type,
+             "frames": num_frames}
+    if plan is not None:
+        setup["plan"] = plan
+    return setup
 
 
 def _check_cell_setup(path: Path, model, options: dict, max_new_tokens: int, device: str = "cpu",
-                      num_frames: int = 8, fingerprint: dict | None = None) -> None:
+                      num_frames: int = 8, fingerprint: dict | None = None, plan: dict | None = None) -> None:
     """Refuse to resume a cell whose saved predictions came from another setup (:func:`_cell_setup`).
 
     The setup is written beside the predictions (``<cell>.setup.json``) before the first of them; a
     cell with predictions but no setup file (an older run) adopts the current setup, and a setup file of an
     older learnpruner (fewer settings) is checked on the settings it holds, then completed.
     """
-    setup = _cell_setup(model, options, max_new_tokens, device, num_frames, fingerprint)
+    setup = _cell_setup(model, options, max_new_tokens, device, num_frames, fingerprint, plan)
     meta = path.with_suffix(".setup.json")
     if meta.is_file():
         saved = json.loads(meta.read_text())
         differ = {k: (saved[k], setup[k]) for k in setup if k in saved and saved[k] != setup[k]}
+        if "plan" in differ:  # name what changed inside the plan (the LPM's hash, an option, the layer)
+            a, b = differ.pop("plan")
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    differ[f"plan.{key}"] = (a.get(key), b.get(key))
         if differ or not set(saved) <= set(setup):
             what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items()) or \
                 f"settings {sorted(set(saved) - set(setup))} this learnpruner does not know"

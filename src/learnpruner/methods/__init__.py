@@ -13,17 +13,25 @@ does.
 from . import baselines, fastv, learnpruner  # noqa: F401  (register in this order)
 from .base import (
     ABLATIONS,
+    COMMON,
     METHODS,
     Method,
+    Option,
+    boolean,
     check_layer,
+    choice,
     describe_budgets,
+    fraction,
     get_method,
+    int_sequence,
     positions_for,
+    positive_int,
     register,
     stage1_schedule,
     stage2_schedule,
 )
 from .learnpruner import learnpruner_schedule
 
-__all__ = ["Method", "METHODS", "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets",
+__all__ = ["Method", "Option", "COMMON", "boolean", "choice", "fraction", "int_sequence", "positive_int", "METHODS",
+           "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets",
            "check_layer", "stage1_schedule", "stage2_schedule", "learnpruner_schedule"]

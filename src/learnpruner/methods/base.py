@@ -10,20 +10,128 @@ its official code does.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..budget import (
     BUDGETS,
     POSITIONS,
     Schedule,
+    UnreachableBudget,
     check_budget,
     describe,
     single_drop,
 )
 
-__all__ = ["Method", "METHODS", "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets",
-           "check_layer", "stage1_schedule", "stage2_schedule"]
+__all__ = ["Method", "Option", "COMMON", "METHODS", "ABLATIONS", "register", "get_method", "positions_for",
+           "describe_budgets", "check_layer", "stage1_schedule", "stage2_schedule", "positive_int", "fraction",
+           "choice", "boolean", "int_sequence"]
+
+
+# --- options: declared once per method, typed, with their defaults ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: its name, its default and the check of a given value.
+
+    ``default`` is a value, or a function of the LLM's depth (``num_layers``) giving one (e.g. a stage-2 layer scaled
+    with depth); ``None`` means the schedule derives it from the budget (``r1``, ``r2``, ``layers``). ``check``
+    raises ``ValueError`` naming a bad value and returns the value as used. :func:`learnpruner.resolve` fills every
+    option of a method, records where each came from, and nothing else reads a default.
+    """
+
+    name: str
+    default: Any = None
+    check: Callable[[Any], Any] | None = None
+    doc: str = ""
+    counts: bool = False  # a given value sets the kept counts itself (r1, r2, PyramidDrop's lam): not the budget
+
+    def default_for(self, num_layers: int | None) -> Any:
+        return self.default(num_layers) if callable(self.default) else self.default
+
+    def validate(self, value: Any) -> Any:
+        return value if self.check is None or value is None else self.check(value)
+
+
+def positive_int(name: str, low: int = 1) -> Callable[[Any], int]:
+    what = "a positive integer" if low else "a non-negative integer"
+
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"option {name} must be {what}, got {v!r}")
+        return int(v)
+
+    return check
+
+
+def fraction(name: str, low: float = 0.0, high: float = 1.0, open_low: bool = False, open_high: bool = False):
+    def check(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (low < v if open_low else low <= v) and \
+            (v < high if open_high else v <= high)
+        if not ok:
+            raise ValueError(f"option {name} must be a number in {'(' if open_low else '['}{low:g}, {high:g}"
+                             f"{')' if open_high else ']'}, got {v!r}")
+        return float(v) if isinstance(v, float) else v
+
+    return check
+
+
+def choice(name: str, choices: tuple, listed: bool = True) -> Callable[[Any], Any]:
+    shown = ", ".join(repr(c) for c in choices) if listed else repr(choices)
+
+    def check(v):
+        if v not in choices:
+            raise ValueError(f"option {name} must be one of {shown}, got {v!r}")
+        return v
+
+    return check
+
+
+def boolean(name: str) -> Callable[[Any], bool]:
+    def check(v):
+        if not isinstance(v, bool):
+            raise ValueError(f"option {name} must be True or False, got {v!r}")
+        return v
+
+    return check
+
+
+def int_sequence(name: str) -> Callable[[Any], tuple]:
+    def check(v):
+        if isinstance(v, (int, str)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise ValueError(f"option {name} must be a sequence of integers, got {v!r}")
+        v = tuple(v)
+        if list(v) != sorted(set(v)) or not v:
+            raise ValueError(f"option {name} must be strictly increasing and non-empty, got {v!r}")
+        return v
+
+    return check
+
+
+def _lpm_check(v):
+    from ..lpm import LearnablePruningModule
+
+    if not (isinstance(v, (str, os.PathLike, LearnablePruningModule))):
+        raise ValueError(f"option lpm must be a path, a LearnablePruningModule or 'random', got {type(v).__name__}")
+    return v
+
+
+# the options several methods share, with their common defaults (a method may declare its own default instead)
+COMMON = {
+    "r1": Option("r1", None, positive_int("r1"), "tokens stage 1 keeps (default: the schedule's for the budget)",
+                 counts=True),
+    "r2": Option("r2", None, positive_int("r2"), "tokens the first LLM drop keeps (default: the schedule's)",
+                 counts=True),
+    "layer": Option("layer", None, positive_int("layer", 0), "the LLM layer of the (first) drop"),
+    "diversity": Option("diversity", 0.1, fraction("diversity"),
+                        "share of the stage-1 budget filled by max-min diversity"),
+    "seed": Option("seed", 0, positive_int("seed", 0), "the random generator's seed (per item)"),
+    "lpm": Option("lpm", None, _lpm_check, "the Learnable Pruning Module: a folder, a module or 'random' (default: "
+                  "the model folder's learnpruner-lpm/)"),
+}
 
 
 @dataclass(frozen=True)
@@ -33,26 +141,39 @@ class Method:
     ``schedule_fn`` maps a budget in the average convention, ``paper_fn`` in the paper convention (``None``:
     the method's paper uses the average convention, so both are the same). ``positions`` is the default of the
     ``positions`` option every method takes: what the method's official code does to the position ids of the
-    tokens kept after a drop.
+    tokens kept after a drop. ``options``: the :class:`Option` declarations (or names of :data:`COMMON` ones);
+    after construction ``options`` holds their names and ``specs`` the declarations by name.
     """
 
     name: str
     stage1: str | None
     stage2: str | None
     schedule_fn: Callable[[int, int, int, dict], Schedule]
-    options: tuple[str, ...] = ()
+    options: tuple = ()
     doc: str = ""
     # "image": stage 1 ranks all of an image's tokens at once; "crop": on families with crops (LLaVA-NeXT) the
     # image's stage-1 budget is split evenly over its crops and the rule runs on each crop alone
     stage1_unit: str = "image"
     paper_fn: Callable[[int, int, int, dict], Schedule] | None = None
     positions: str = "original"
+    specs: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if "positions" not in self.options:  # every method takes it
-            object.__setattr__(self, "options", (*self.options, "positions"))
+        known = {**COMMON, **(self.specs or {})}  # a copy of a method (Method(**m.__dict__)) brings its specs
+        specs = {}
+        for o in self.options:
+            if o == "positions" and "positions" not in known:
+                continue  # every method's, added below
+            spec = known.get(o) if isinstance(o, str) else o
+            if not isinstance(spec, Option):
+                raise TypeError(f"method {self.name!r}: an option is an Option or a common option's name, got {o!r}")
+            specs[spec.name] = spec
+        specs.setdefault("positions", Option("positions", self.positions, choice("positions", POSITIONS),
+                                             "position ids of the tokens kept after a drop"))
+        object.__setattr__(self, "specs", specs)
+        object.__setattr__(self, "options", tuple(specs))
 
     @property
     def needs_cls(self) -> bool:
@@ -70,37 +191,39 @@ class Method:
         return bool(getattr(STAGE1_RULES.get(self.stage1), name, False)) if self.stage1 else False
 
     def schedule(self, tokens: int, n: int, num_layers: int, options: dict, budget: str = "average") -> Schedule:
-        """The token schedule for a budget, ``n`` visual tokens per image and ``num_layers`` layers.
+        """The token schedule for a budget, ``n`` visual tokens per image and ``num_layers`` layers: the method's
+        mapping, which :meth:`learnpruner.plan.Plan.schedule` calls (the one place a budget becomes a schedule).
 
         ``budget`` is the convention ``tokens`` is read in: ``"average"`` (average visual tokens per LLM layer)
-        or ``"paper"`` (the label of the method's published configuration). Explicit ``r1``/``r2`` options must
-        lie in ``[1, n]``: a larger count would silently break the budget.
+        or ``"paper"`` (the label of the method's published configuration). Options left out take their declared
+        defaults. Explicit ``r1``/``r2`` options must lie in ``[1, n]``: a larger count would silently break the
+        budget.
         """
         check_budget(budget)
+        options = {**self.defaults(num_layers), **{k: v for k, v in options.items() if k != "lpm"}}
         for key in ("r1", "r2"):
             value = options.get(key)
             if value is not None and value > n:
                 raise ValueError(f"option {key}={value} exceeds the image's {n} visual tokens; accepted: 1..{n}")
         fn = self.paper_fn if budget == "paper" and self.paper_fn is not None else self.schedule_fn
-        return fn(tokens, n, num_layers, options)
+        schedule = fn(tokens, n, num_layers, options)
+        if budget == "average" and tokens < n and not schedule.is_noop and not any(
+                options.get(k) is not None for k, o in self.specs.items() if o.counts):
+            check_reached(schedule, tokens, self.name)
+        return schedule
 
     def check_options(self, options: dict) -> dict:
-        unknown = sorted(set(options) - set(self.options))
+        """The given options checked (names and values, each by its declaration); ``ValueError`` naming the first
+        bad one and what is accepted."""
+        unknown = sorted(set(options) - set(self.specs))
         if unknown:
             accepted = ", ".join(self.options) or "none"
             raise ValueError(f"method {self.name!r} does not take option(s) {unknown}; accepted: {accepted}")
-        for key, low in (("r1", 1), ("r2", 1), ("layer", 0), ("seed", 0)):
-            value = options.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                what = "a positive integer" if low else "a non-negative integer"
-                raise ValueError(f"option {key} must be {what}, got {value!r}")
-        div = options.get("diversity")
-        if div is not None and not (isinstance(div, (int, float)) and 0.0 <= div <= 1.0):
-            raise ValueError(f"option diversity must be a number in [0, 1], got {div!r}")
-        pos = options.get("positions")
-        if pos is not None and pos not in POSITIONS:
-            raise ValueError(f"option positions must be one of {', '.join(repr(p) for p in POSITIONS)}, got {pos!r}")
-        return dict(options)
+        return {k: self.specs[k].validate(v) for k, v in options.items()}
+
+    def defaults(self, num_layers: int | None) -> dict:
+        """Every option's default for an LLM of ``num_layers`` layers (``lpm`` excluded: it is resolved apart)."""
+        return {k: o.default_for(num_layers) for k, o in self.specs.items() if k != "lpm"}
 
 
 METHODS: dict[str, Method] = {}
@@ -137,13 +260,17 @@ def describe_budgets(method: Method | str, n: int = 576, num_layers: int = 32,
     """Lines showing how each budget label maps to visual tokens per layer in both conventions (``learnpruner
     methods NAME`` prints them): for ``n`` visual tokens per image and ``num_layers`` LLM layers (LLaVA-1.5-7B:
     576 and 32). A label a convention cannot serve shows why."""
+    from ..plan import resolve
+
     m = get_method(method) if isinstance(method, str) else method
     opts = {k: v for k, v in (options or {}).items() if k != "lpm"}
     lines = [f"budgets ({n} visual tokens, {num_layers} LLM layers; visual tokens per layer):"]
     for t in labels:
         for j, budget in enumerate(BUDGETS):
             try:
-                text = describe(m.schedule(t, n, num_layers, opts, budget=budget))
+                plan = resolve("llava", m.name, t, budget=budget, num_layers=num_layers, defer_lpm=True,
+                               uniform_count=n, **opts)
+                text = describe(plan.schedule(n))
             except ValueError as e:
                 text = f"not available: {e}"
             head = f"{t:>5}" if j == 0 else " " * 5
@@ -152,6 +279,18 @@ def describe_budgets(method: Method | str, n: int = 576, num_layers: int = 32,
     lines.append(f"  positions after a drop: {m.positions} (official; option positions=original|contiguous)"
                  + ("; both conventions are the same for this method" if same else ""))
     return lines
+
+
+def check_reached(schedule: Schedule, tokens: int, method: str) -> None:
+    """Refuse a schedule whose average is not the asked budget beyond rounding (``max(0.5, 15%)`` of it), naming what
+    it reaches: e.g. LearnPruner at ``tokens=1`` keeps ``r1 = 3, r2 = 1`` (its 3 : 1 split needs ``r2 >= 1``), 1.75 to
+    2.0 per layer, which a table must never show as a 1-token cell. Within rounding (64 -> 111/37 = 64.75 on 32
+    layers) the reached average is what ``stats`` and every eval record report, and tables flag it."""
+    reached = schedule.average
+    if abs(reached - tokens) > max(0.5, 0.15 * tokens):
+        raise UnreachableBudget(
+            f"{method} cannot average {tokens} visual tokens per layer for {schedule.n}-token items: its schedule "
+            f"({describe(schedule)}) reaches {reached:.1f}; use a budget it reaches (or r1=/r2= to set the counts)")
 
 
 def check_layer(layer: int, num_layers: int) -> int:

@@ -11,7 +11,7 @@ def _none_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Sched
 
 
 def _random_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    r1 = options.get("r1", tokens)
+    r1 = options["r1"] if options.get("r1") is not None else tokens
     return Schedule(n=n, num_layers=num_layers, r1=r1 if r1 < n else None)
 
 

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from ..budget import Schedule
-from .base import Method, check_layer, register, stage2_schedule
+from .base import Method, Option, check_layer, positive_int, register, stage2_schedule
 
 
 def _fastv_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    return stage2_schedule(tokens, n, num_layers, options, check_layer(options.get("layer", 2), num_layers), "fastv")
+    return stage2_schedule(tokens, n, num_layers, options, check_layer(options["layer"], num_layers), "fastv")
 
 
 def _fastv_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
     """FastV's own parametrisation: K=2, ATTENTION_RANK = T tokens kept from layer K on (R = 1 - T / n). K is the
     paper's layer 2 at any depth, as in the average convention (not scaled: on a shallow LLM a drop after
     layer 1 keeps little of the signal FastV relies on)."""
-    layer = check_layer(options.get("layer", 2), num_layers)
-    r = options.get("r2", tokens)
+    layer = check_layer(options["layer"], num_layers)
+    r = options["r2"] if options.get("r2") is not None else tokens
     return Schedule(n=n, num_layers=num_layers, drops=((layer, r),) if r < n else ())
 
 
@@ -25,7 +25,8 @@ register(Method(
     stage2="last",
     schedule_fn=_fastv_schedule,
     paper_fn=_fastv_paper,
-    options=("layer", "r2"),
+    options=(Option("layer", 2, positive_int("layer", 0), "the LLM layer K of the drop (paper: 2, at any depth)"),
+             "r2"),
     doc=(
         "FastV (Chen et al., 'An Image is Worth 1/2 Tokens After Layer 2', ECCV 2024). After LLM layer K-1 "
         "(paper default K=2) the visual tokens receiving the least attention from the LAST token (mean over "

@@ -29,25 +29,29 @@ from .. import selection as sel
 from ..budget import Schedule, default_layer, two_stage
 from ..rules import LLMContext, Selection, VisionContext, llm_rule, lpm_of, stage1_rule
 from ..selection import topk_sorted
-from .base import Method, check_layer, register, stage1_schedule, stage2_schedule
+from .base import COMMON, Method, Option, check_layer, register, stage1_schedule, stage2_schedule
 
 __all__ = ["learnpruner_schedule", "variant", "VARIANTS"]
 
 OPTION_ORDER = ("lpm", "r1", "r2", "layer", "diversity")
+# stage 2's layer K: 12 of 32 layers in the paper, scaled with depth (round(12 L / 32))
+LAYER = Option("layer", lambda num_layers: default_layer(num_layers, 12), COMMON["layer"].check,
+               "stage 2's LLM layer K (paper: 12 of 32, scaled with depth: round(12 L / 32))")
 LPM_STAGE1 = ("lpm", "lpm-lpm")  # the stage-1 rules that read the LPM (option lpm, diversity fill)
 
 
 def stage2_layer(options: dict, num_layers: int) -> int:
-    """Stage 2's layer K: option ``layer``, default 12 of 32 scaled with depth (``round(12 L / 32)``)."""
-    return check_layer(options.get("layer", default_layer(num_layers, 12)), num_layers)
+    """Stage 2's layer K: option ``layer`` (its default, :data:`LAYER`, 12 of 32 scaled with depth)."""
+    return check_layer(options["layer"] if options.get("layer") is not None else LAYER.default_for(num_layers),
+                       num_layers)
 
 
 def learnpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
     """Both stages: ``two_stage``'s r1:r2 = 3:1 split at layer K, or the ``r1``/``r2`` options."""
     layer = stage2_layer(options, num_layers)
     s = two_stage(tokens, n, num_layers, layer)
-    r1 = options.get("r1", s.r1)
-    r2 = options.get("r2", s.r2)
+    r1 = options["r1"] if options.get("r1") is not None else s.r1
+    r2 = options["r2"] if options.get("r2") is not None else s.r2
     if r1 is not None and r1 >= n:
         r1 = None
     first = n if r1 is None else r1
@@ -79,7 +83,7 @@ def variant(name: str, stage1: str | None, stage2: str | None, doc: str, listed:
         wanted.add("r1")
     if stage2:
         wanted |= {"r2", "layer"}
-    options = tuple(o for o in OPTION_ORDER if o in wanted)
+    options = tuple(LAYER if o == "layer" else o for o in OPTION_ORDER if o in wanted)
     return register(Method(name=name, stage1=stage1, stage2=stage2, schedule_fn=schedule, options=options, doc=doc),
                     listed=listed)
 
@@ -93,19 +97,19 @@ def _cls_top(ctx: VisionContext, k: int) -> Selection:
     return Selection(topk_sorted(ctx.cls_attention().float().to(ctx.features.device), k))
 
 
-_LPM_LPM_STASH = "_lpm_lpm_keep_prob"  # on the PruneState: {n: (keep_prob [images, n], stage-1 kept table)}
+_LPM_LPM_STASH = "lpm_lpm_keep_prob"  # in the forward's shared dict: {n: (keep_prob [images, n], stage-1 kept)}
 
 
 @stage1_rule("lpm-lpm", needs_lpm=True)
 def _lpm_lpm_stage1(ctx: VisionContext, k: int) -> Selection:
     """Stage 1 of lpm-lpm: exactly learnpruner's (top r1 by the LPM's keep-probability, the diversity fill);
-    the keep-probabilities stay on the state for stage 2 of the same forward."""
+    the keep-probabilities stay in the forward's shared dict for stage 2 of the same forward."""
     with torch.no_grad():
         keep_prob = lpm_of(ctx)(ctx.features)
-        kept = sel.lpm_select(keep_prob, ctx.features, k, ctx.options.get("diversity", 0.1))
+        kept = sel.lpm_select(keep_prob, ctx.features, k, ctx.options["diversity"])
     table = torch.zeros_like(keep_prob, dtype=torch.bool)
     table.scatter_(1, kept, True)
-    ctx.state.__dict__.setdefault(_LPM_LPM_STASH, {})[ctx.features.shape[1]] = (keep_prob, table)
+    ctx.shared.setdefault(_LPM_LPM_STASH, {})[ctx.features.shape[1]] = (keep_prob, table)
     return Selection(kept)
 
 
@@ -113,7 +117,7 @@ def _lpm_lpm_stage1(ctx: VisionContext, k: int) -> Selection:
 def _lpm_lpm_stage2(ctx: LLMContext, k: int) -> Selection:
     """Stage 2 of lpm-lpm: the tokens present ranked again by the keep-probability stage 1's LPM gave them in this
     forward (no diversity fill); the top ``k`` are kept."""
-    stash = ctx.state.__dict__.get(_LPM_LPM_STASH, {}).pop(ctx.n, None)
+    stash = ctx.shared.get(_LPM_LPM_STASH, {}).pop(ctx.n, None)
     present = ctx.present()
     if stash is None or stash[0].shape != (ctx.num_images, ctx.n) or not torch.equal(
             stash[1].to(present.device), present):

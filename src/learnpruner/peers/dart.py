@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import Schedule, default_layer, single_drop
-from ..methods import Method, register
+from ..methods import Method, Option, positive_int, register
 from ..rules import LLMContext, Selection, llm_rule
 from ..selection import topk_sorted
 from .llm_common import _image_sample, _instruction_rows, _per_image
@@ -72,7 +72,7 @@ def _dart_rule(ctx: LLMContext, k: int) -> Selection:
     # pivot score: L1 norm of layer K-1's keys after RoPE, over all (kv) heads and dims (as official)
     key_l1 = ctx.keys.float().abs().sum(dim=(1, 3))  # [b, s]
     with torch.no_grad():
-        normed = ctx.state.adapter.language_model.norm(ctx.hidden)
+        normed = ctx.adapter.language_model.norm(ctx.hidden)
     vis_rows = _per_image(ctx, normed, 0.0)
     vis_norm = _per_image(ctx, key_l1)
     present = ctx.present()
@@ -84,7 +84,7 @@ def _dart_rule(ctx: LLMContext, k: int) -> Selection:
         t = text_rows[b]
         kept.append(dart_keep(
             vis_rows[i], vis_norm[i], present[i], k, normed[b, t], key_l1[b, t],
-            opts.get("pivot_image", 4), opts.get("pivot_text", 4),
+            opts["pivot_image"], opts["pivot_text"],
         ))
     width = min(len(x) for x in kept)
     return Selection(torch.stack([x[:width] for x in kept]))
@@ -94,12 +94,8 @@ llm_rule("dart", keys=True)(_dart_rule)
 
 
 def _dart_layer(options: dict, num_layers: int) -> int:
-    """Validates DART's options; returns its pruning layer."""
-    for key in ("pivot_image", "pivot_text"):
-        v = options.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ValueError(f"option {key} must be a non-negative integer, got {v!r}")
-    layer = options.get("layer", default_layer(num_layers, 2))
+    """DART's pruning layer (option ``layer``, checked against the depth)."""
+    layer = options["layer"]
     if not 1 <= layer < num_layers:
         raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}")
     return layer
@@ -125,7 +121,7 @@ def _dart_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedule
     layer = _dart_layer(options, num_layers)
     r = options.get("r2")
     if r is None:
-        r = dart_paper_count(tokens, options.get("pivot_image", 4), options.get("pivot_text", 4))
+        r = dart_paper_count(tokens, options["pivot_image"], options["pivot_text"])
     r = max(1, r)
     return Schedule(n=n, num_layers=num_layers, drops=((layer, r),) if r < n else ())
 
@@ -136,7 +132,11 @@ register(Method(
     stage2="dart",
     schedule_fn=_dart_schedule,
     paper_fn=_dart_paper,
-    options=("layer", "r2", "pivot_image", "pivot_text"),
+    options=(Option("layer", lambda num_layers: default_layer(num_layers, 2), positive_int("layer", 0),
+                    "the LLM layer of the drop (official K=2 of 32, scaled with depth)"),
+             "r2",
+             Option("pivot_image", 4, positive_int("pivot_image", 0), "visual pivot tokens (official 4)"),
+             Option("pivot_text", 4, positive_int("pivot_text", 0), "instruction pivot tokens (official 4)")),
     doc=(
         "DART (Wen et al., 'Stop Looking for Important Tokens in Multimodal Language Models: Duplication "
         "Matters More', EMNLP 2025, arXiv 2502.11494). Before LLM layer K (official K=2) pivot tokens are "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..budget import Schedule, UnreachableBudget
-from ..methods import Method, register
+from ..methods import Method, Option, fraction, int_sequence, register
 from .llm_common import _layers_option, lambda_schedule, staged_schedule
 
 
@@ -80,7 +80,10 @@ register(Method(
     schedule_fn=_pdrop_schedule,
     paper_fn=_pdrop_paper,
     positions="contiguous",
-    options=("layers", "lam"),
+    options=(Option("layers", None, int_sequence("layers"),
+                    "drop layers (default: 8/16/24 of 32, scaled with depth; budget='paper' below 270: 2/8/16)"),
+             Option("lam", None, fraction("lam", open_low=True),
+                    "the ratio kept at each stage (default: solved for the budget)", counts=True)),
     doc=(
         "PyramidDrop (Xing et al., 'PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid "
         "Visual Redundancy Reduction', CVPR 2025). The LLM is split into stages at layers 8/16/24 (32 layers; "

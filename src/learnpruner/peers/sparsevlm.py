@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..budget import Schedule, UnreachableBudget
-from ..methods import Method, register
+from ..methods import Method, Option, boolean, int_sequence, register
 from ..rules import LLMContext, Selection, llm_rule
 from ..selection import topk_sorted
 from .llm_common import _image_sample, _layers_option, _per_image, staged_schedule
@@ -137,7 +137,7 @@ def sparsevlm_scores(ctx: LLMContext) -> torch.Tensor:
 
 def _sparsevlm_rule(ctx: LLMContext, r: int) -> Selection:
     rows = ctx.visual_rows()
-    recycle = ctx.options.get("recycle", True)
+    recycle = ctx.options["recycle"]
     scores = sparsevlm_scores(ctx)
     out = [sparsevlm_select(scores[i], rows[i], r, recycle) for i in range(ctx.num_images)]
     kept = torch.stack([o[0] for o in out])
@@ -178,16 +178,13 @@ def _sparsevlm_paper(tokens: int, n: int, num_layers: int, options: dict) -> Sch
             f"{', '.join(map(str, _SPARSEVLM_COUNTS))} visual tokens; got tokens={tokens} for {n}-token images. "
             f"Use budget='average' for other budgets."
         )
-    counts = sparsevlm_paper_counts(tokens, options.get("recycle", True) is not False, n)
+    counts = sparsevlm_paper_counts(tokens, options["recycle"], n)
     counts = (counts + [counts[-1]] * len(layers))[: len(layers)]
     return Schedule(n=n, num_layers=num_layers, drops=tuple(zip(layers, counts)))
 
 
 def _sparsevlm_layers(options: dict, num_layers: int) -> tuple[int, ...]:
-    """Validates SparseVLM's options; returns its drop layers."""
-    rec = options.get("recycle")
-    if rec is not None and not isinstance(rec, bool):
-        raise ValueError(f"option recycle must be True or False, got {rec!r}")
+    """SparseVLM's drop layers (option ``layers``, else 3/7/16 of 32 scaled with depth)."""
     return _layers_option(options, num_layers, (3, 7, 16))
 
 
@@ -206,7 +203,8 @@ register(Method(
     schedule_fn=_sparsevlm_schedule,
     paper_fn=_sparsevlm_paper,
     positions="contiguous",
-    options=("layers", "recycle"),
+    options=(Option("layers", None, int_sequence("layers"), "drop layers (default: 3/7/16 of 32, scaled with depth)"),
+             Option("recycle", True, boolean("recycle"), "merge the top 30% of the pruned tokens (official v1)")),
     doc=(
         "SparseVLM (Zhang et al., 'SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model "
         "Inference', ICML 2025), official v1 defaults. Visual tokens are pruned after LLM layers 2, 6 and 15 "

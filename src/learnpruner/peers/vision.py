@@ -16,7 +16,7 @@ from torch import nn
 
 from ..budget import Schedule
 from ..engine.layout import TEXT, image_samples, instruction_rows
-from ..methods import Method, register, stage1_schedule
+from ..methods import Method, Option, choice, fraction, positive_int, register, stage1_schedule
 from ..rules import Selection, VisionContext, stage1_rule
 from . import clip_text as ct
 from . import vision_select as vs
@@ -102,7 +102,7 @@ def _check_ratio(options: dict, key: str, hi_open: bool = False) -> None:
 @stage1_rule("visionzip", needs_cls=True)
 def _visionzip(ctx: VisionContext, k: int) -> Selection:
     opts = ctx.options
-    dominant, contextual = vs.visionzip_split(k, opts.get("contextual"))
+    dominant, contextual = vs.visionzip_split(k, opts["contextual"])
     scores = _cls_scores(ctx)
     if _cls_row_kept(ctx):  # the official code always keeps [CLS] as a dominant token
         scores = scores.clone()
@@ -112,13 +112,12 @@ def _visionzip(ctx: VisionContext, k: int) -> Selection:
     with torch.no_grad():
         kept, replace, mask = vs.visionzip_select(
             scores, metric.to(ctx.features.device), ctx.features, dominant, contextual,
-            opts.get("merge", "official"),
+            opts["merge"],
         )
     return Selection(kept, replace if bool(mask.any()) else None, mask if bool(mask.any()) else None)
 
 
 def _visionzip_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    _check_choice(options, "merge", ("official", "mean"))
     c = options.get("contextual")
     if c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= min(tokens, n)):
         raise ValueError(f"option contextual must be an integer in [0, {min(tokens, n)}], got {c!r}")
@@ -131,7 +130,10 @@ register(Method(
     stage1="visionzip",
     stage2=None,
     schedule_fn=_visionzip_schedule,
-    options=("contextual", "merge"),
+    options=(Option("contextual", None, positive_int("contextual", 0),
+                    "merged contextual tokens (default round(10 T / 64): 64 = 54 + 10)"),
+             Option("merge", "official", choice("merge", ("official", "mean"), listed=False),
+                    "a contextual row: target + mean(assigned) (official) or their mean")),
     stage1_unit="crop",
     doc=(
         "VisionZip (Yang et al., 'VisionZip: Longer is Better but Not Necessary in Vision Language Models', "
@@ -167,12 +169,11 @@ register(Method(
 @stage1_rule("vispruner", needs_cls=True)
 def _vispruner(ctx: VisionContext, k: int) -> Selection:
     with torch.no_grad():
-        kept = vs.vispruner_select(_cls_scores(ctx), ctx.features, k, ctx.options.get("important_ratio", 0.5))
+        kept = vs.vispruner_select(_cls_scores(ctx), ctx.features, k, ctx.options["important_ratio"])
     return Selection(kept)
 
 
 def _vispruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    _check_ratio(options, "important_ratio")
     return stage1_schedule(tokens, n, num_layers, options)
 
 
@@ -182,7 +183,8 @@ register(Method(
     stage1="vispruner",
     stage2=None,
     schedule_fn=_vispruner_schedule,
-    options=("important_ratio",),
+    options=(Option("important_ratio", 0.5, fraction("important_ratio"),
+                    "share of T kept by [CLS] attention (official default 0.5)"),),
     doc=(
         "VisPruner (Zhang et al., 'Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token "
         "Pruning in VLMs', ICCV 2025). Important tokens: the int(T * important_ratio) tokens with the highest "
@@ -206,12 +208,11 @@ register(Method(
 @stage1_rule("divprune")
 def _divprune(ctx: VisionContext, k: int) -> Selection:
     with torch.no_grad():
-        feats = ctx.features if ctx.options.get("features", "projected") == "vision" else _projected(ctx)
+        feats = ctx.features if ctx.options["features"] == "vision" else _projected(ctx)
         return Selection(vs.divprune_select(feats, k).to(ctx.features.device))
 
 
 def _divprune_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    _check_choice(options, "features", ("projected", "vision"))
     return stage1_schedule(tokens, n, num_layers, options)
 
 
@@ -221,7 +222,8 @@ register(Method(
     stage1="divprune",
     stage2=None,
     schedule_fn=_divprune_schedule,
-    options=("features",),
+    options=(Option("features", "projected", choice("features", ("projected", "vision"), listed=False),
+                    "the rows diversity is measured on: the projected tokens (official) or the vision features"),),
     doc=(
         "DivPrune (Alvar et al., 'DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models', "
         "CVPR 2025). Greedy max-min diversity (cosine distance): T tokens are picked one at a time, each the "
@@ -304,7 +306,7 @@ def _cdpruner(ctx: VisionContext, k: int) -> Selection:
         projected = _projected(ctx)
         if ctx.options.get("text_model") is not None:
             raw = clip_text_relevance(ctx)
-        elif ctx.options.get("fallback", "uniform") == "uniform":  # no relevance: the DPP on similarity alone
+        elif ctx.options["fallback"] == "uniform":  # no relevance: the DPP on similarity alone
             raw = torch.ones(projected.shape[:2], device=projected.device)
         else:
             raw = _relevance(ctx, projected)
@@ -314,8 +316,6 @@ def _cdpruner(ctx: VisionContext, k: int) -> Selection:
 
 
 def _cdpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Schedule:
-    _check_ratio(options, "theta", hi_open=True)
-    _check_choice(options, "fallback", ("instruction", "uniform"))
     tm = options.get("text_model")
     if tm is not None and not isinstance(tm, (str, os.PathLike, nn.Module, ct.ClipText)):
         raise ValueError(f"option text_model must be a path, a hub id or a CLIP module, got {type(tm).__name__}")
@@ -334,7 +334,13 @@ register(Method(
     stage2=None,
     schedule_fn=_cdpruner_schedule,
     positions="contiguous",
-    options=("theta", "text_model", "text_tokenizer", "tokenizer", "fallback"),
+    options=(Option("theta", None, fraction("theta", open_high=True),
+                    "the paper's trade-off exp(theta / (2 (1 - theta)) r) (default: r linearly, as official)"),
+             Option("text_model", None, None, "the CLIP whose text tower gives the official relevance"),
+             Option("text_tokenizer", None, None, "text_model's tokenizer (with a module text_model)"),
+             Option("tokenizer", None, None, "the VLM's tokenizer, to read the instruction (default: the model's)"),
+             Option("fallback", "uniform", choice("fallback", ("instruction", "uniform"), listed=False),
+                    "relevance without text_model: constant (uniform) or the instruction's embeddings")),
     doc=(
         "CDPruner (Zhang et al., 'Beyond Attention or Similarity: Maximizing Conditional Diversity for Token "
         "Pruning in MLLMs', 2025). Conditional DPP: kernel L = diag(r) S diag(r), S the cosine similarity of the "

@@ -231,3 +231,61 @@ def dpp_greedy(kernel: torch.Tensor, k: int, eps: float = 1e-10, rtol: float = 1
         gain[rows, j] = float("-inf")
         quality[rows, j] = float("-inf")
     return torch.sort(picked, dim=-1).values
+
+
+# --- SCOPE -------------------------------------------------------------------------------------------
+
+
+def scope_select(features: torch.Tensor, k: int, saliency: torch.Tensor | None = None,
+                 alpha: float = 1.0) -> torch.Tensor:
+    """SCOPE (Deng et al., NeurIPS 2025): greedy saliency x coverage gain over cosine similarity.
+
+    The set's coverage of token ``j`` is its highest cosine similarity to a selected token (0 for the empty
+    set); token ``i``'s coverage gain is ``sum_j max(0, sim(j, i) - cover_j)`` over every token ``j``; each step
+    adds the unselected token with the largest ``gain_i * saliency_i ** alpha`` (as kinredon/SCOPE,
+    scope/clip_encoder.py, ``COMBINED=multi``, ``ALPHA=1.0``). ``saliency`` ``[b, n]`` >= 0 (None: 1, coverage
+    alone). Returns ``[b, k]`` sorted indices.
+    """
+    b, n, _ = features.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    sim = _cosine(features)
+    weight = torch.ones(b, n, device=features.device) if saliency is None else saliency.float().clamp(min=0) ** alpha
+    rows = torch.arange(b, device=features.device)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+    cover = torch.zeros(b, n, device=features.device)
+    for _ in range(k):
+        gain = (sim - cover[:, :, None]).clamp(min=0).sum(dim=1)  # [b, n]: column i's gain over rows j
+        best = (gain * weight).masked_fill(taken, float("-inf")).argmax(dim=-1)
+        taken[rows, best] = True
+        cover = torch.maximum(cover, sim[rows, best])
+    return taken.nonzero()[:, 1].view(b, k)
+
+
+# --- IDPruner (maximal marginal relevance) ---------------------------------------------------------------
+
+
+def mmr_select(features: torch.Tensor, importance: torch.Tensor, k: int, lam: float = 0.5) -> torch.Tensor:
+    """IDPruner's maximal marginal relevance (Tencent/AngelSlim, arXiv 2602.13315): the first pick is the most
+    important token; each next one maximises ``lam * imp_i - (1 - lam) * max_{s in S} cos(i, s)``, ``imp`` the
+    importance min-max normalised to ``[0, 1]`` per image (as the official ``_default_importance_compute``).
+    ``features`` ``[b, n, d]`` (the official code: the projected visual tokens), ``importance`` ``[b, n]``.
+    Returns ``[b, k]`` sorted indices."""
+    b, n, _ = features.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    imp = importance.float()
+    lo, hi = imp.amin(dim=-1, keepdim=True), imp.amax(dim=-1, keepdim=True)
+    imp = (imp - lo) / (hi - lo + 1e-6)
+    sim = _cosine(features)
+    rows = torch.arange(b, device=features.device)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+    closest = torch.full((b, n), -2.0, device=features.device)
+    for step in range(k):
+        score = imp.clone() if step == 0 else lam * imp - (1 - lam) * closest
+        best = score.masked_fill(taken, float("-inf")).argmax(dim=-1)
+        taken[rows, best] = True
+        closest = torch.maximum(closest, sim[rows, best])
+    return taken.nonzero()[:, 1].view(b, k)

@@ -30,9 +30,9 @@ QTYPES = ("color", "shape", "count", "exist", "position", "read")
 KINDS = ("background", "object", "text")
 BOX_SIZE = 30
 MIN_OBJECTS, MAX_OBJECTS = 3, 8
-SPLIT_TAGS = {"train": 0, "val": 1, "test": 2, "test-large": 3}
+SPLIT_TAGS = {"train": 0, "val": 1, "test": 2, "test-large": 3, "val-large": 4}
 # test-large: 6000 items, so that a cell's 95% interval at 80% accuracy is about +-1 point (1.96 sqrt(.16 / n))
-SPLIT_SIZES = {"val": 500, "test": 1200, "test-large": 6000}
+SPLIT_SIZES = {"val": 500, "test": 1200, "test-large": 6000, "val-large": 3000}
 MAX_COUNT = 4  # counting questions are only asked when the answer is at most this
 MIN_SEPARATION = 24  # px between centres for a left/above relation to count as unambiguous
 

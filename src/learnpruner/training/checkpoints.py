@@ -23,7 +23,7 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool = False, overwrite: b
     return _check_out_dir(out_dir, resume, overwrite, RUN_FILES)
 
 
-RESUME_MAY_CHANGE = ("steps", "ckpt_every")
+RESUME_MAY_CHANGE = ("steps", "ckpt_every", "val_every")
 
 
 def _check_trained_on(saved: dict | None, now: dict, path: Path) -> None:
@@ -47,10 +47,12 @@ def _check_resume_config(saved: dict, now: dict, path: Path) -> None:
                          "use the checkpoint's settings or another --out")
 
 
-def _save_checkpoint(path: Path, lpm: nn.Module, opt, scheduler, step, pos, history, data, cfg) -> None:
+def _save_checkpoint(path: Path, lpm: nn.Module, opt, scheduler, step, pos, history, data, cfg,
+                     extra: dict | None = None) -> None:
     state = {"lpm": lpm.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict(), "step": step,
              "pos": pos, "history": history, "skipped": dict(data.skipped), "bad": sorted(data._bad),
-             "rng": rng_state(), "config": asdict(cfg), "trained_on": lpm.config.extra.get("trained_on")}
+             "rng": rng_state(), "config": asdict(cfg), "trained_on": lpm.config.extra.get("trained_on"),
+             **(extra or {})}
     atomic_torch_save(state, path)
 
 

@@ -13,7 +13,7 @@ logger = logging.getLogger("learnpruner.training")
 
 GATED_ATTENTION = "learnpruner_gated"
 MASKS = ("threshold", "topk")
-RUN_FILES = ("lpm.safetensors", "lpm.json", "checkpoint.pt")  # what a run writes into its out_dir
+RUN_FILES = ("lpm.safetensors", "lpm.json", "checkpoint.pt", "curve.png")  # what a run writes into its out_dir
 
 
 @dataclass
@@ -42,6 +42,11 @@ class TrainConfig:
     # sample the training budget per step, log-uniformly in [lo, hi] (seeded by step: resumable), so one LPM
     # ranks tokens for every budget it will be used at; None: always ``tokens``
     budget_range: tuple[int, int] | None = None
+    # the LLM runs on the text, the kept rows and this many of each image's dropped rows (their gradient scaled to
+    # stay unbiased: see loss.row_subset); None: on every row, as the gated forward over the whole prompt
+    dropped_rows: int | None = None
+    clip_grad: float | None = None  # clip the LPM's gradient to this global norm (None: no clipping)
+    val_every: int = 0  # steps between points of the validation curve (0: no curve)
     extra: dict = field(default_factory=dict)
 
     def step_tokens(self, step: int) -> int:

@@ -157,20 +157,26 @@ class JsonlRecords(_Records):
 
 
 class ShapesRecords(_Records):
-    """The ShapesVQA training stream as examples (one question per image)."""
+    """The ShapesVQA training stream as examples (one question per image); ``split`` another ShapesVQA split (``val``,
+    ``val-large``: validation records for a training run's curve), whose fixed items ignore ``seed``."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, split: str = "train"):
         super().__init__()
-        self.seed = seed
-        self.identity = {"data": "shapesvqa", "seed": seed}
+        from ..testbed.shapes import SPLIT_SIZES
+
+        if split != "train" and split not in SPLIT_SIZES:
+            raise ValueError(f"ShapesVQA has no split {split!r}; accepted: train, {', '.join(SPLIT_SIZES)}")
+        self.seed, self.split = (seed, split) if split == "train" else (0, split)
+        self.identity = {"data": "shapesvqa", "seed": seed} if split == "train" else {"data": f"shapesvqa:{split}"}
+        self._len = 10**9 if split == "train" else SPLIT_SIZES[split]
 
     def __len__(self) -> int:
-        return 10**9
+        return self._len
 
     def get(self, index: int) -> Example:
         from ..testbed.shapes import generate_item
 
-        item = generate_item("train", index, seed=self.seed)
+        item = generate_item(self.split, index, seed=self.seed)
         return Example(item.image, [(f"<image>\n{item.question}", item.answer)])
 
 

@@ -8,17 +8,31 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..adapters import Adapter, adapter_for
+from ..engine.layout import fill_streams
+from ..engine.sequence import layer_additions
 from ..hub import model_fingerprint
 from ..lpm import LearnablePruningModule, LPMConfig
 from ..utils import read_checkpoint, set_rng_state
 from .checkpoints import _check_resume_config, _check_trained_on, _save_checkpoint, check_out_dir
 from .config import GATED_ATTENTION, TrainConfig
-from .data import JsonlRecords, ShapesRecords, _Batches
+from .data import JsonlRecords, ShapesRecords, _Batches, _order
+from .features import FeatureCache
 from .gating import _register_gated_attention
-from .loss import _check_mask, _Targets, step_loss
+from .loss import (
+    _check_mask,
+    _feature_table,
+    _take_rows,
+    _Targets,
+    prompt_embeddings,
+    rotary_positions,
+    row_subset,
+    rule_mask,
+    step_loss,
+)
 from .runtime import _Runtime
 
 logger = logging.getLogger("learnpruner.training")
@@ -54,7 +68,7 @@ def _targets(ad: Adapter, cfg: TrainConfig, frames: int | None = None) -> tuple[
     if cfg.layer is not None and not 0 < cfg.layer < ad.text_config.num_hidden_layers:
         raise ValueError(f"layer must lie in 1..{ad.text_config.num_hidden_layers - 1} (the LLM's layers after the "
                          f"first), got {cfg.layer}")
-    targets = _Targets(cfg.tokens, ad.text_config.num_hidden_layers, cfg.layer)
+    targets = _Targets(cfg.tokens, ad.text_config.num_hidden_layers, cfg.layer, family=ad.family)
     if targets.r1(n) is None:
         raise ValueError(f"tokens={cfg.tokens} keeps every one of the {n} visual tokens in stage 1: nothing to train")
     if cfg.max_length <= n and video:
@@ -136,6 +150,10 @@ def train_lpm(
     progress: bool = True,
     stop_after: int | None = None,
     overwrite: bool = False,
+    features: FeatureCache | None = None,
+    val: FeatureCache | None = None,
+    select=None,
+    val_select=None,
 ) -> LearnablePruningModule:
     """Train an LPM for ``model`` (frozen; any family with an adapter) and save it into ``out_dir``; returns it.
 
@@ -144,6 +162,14 @@ def train_lpm(
     the old run's ``lpm.*`` and ``checkpoint.pt`` first). ``stop_after`` ends the run after that many steps
     of this call (for tests of interrupted runs); the checkpoint in ``out_dir`` then lets ``resume=True``
     continue exactly.
+
+    ``features``: a :class:`~learnpruner.training.features.FeatureCache` of ``data`` (built by
+    :func:`~learnpruner.training.features.build_cache`): the steps read each record's features from it instead of
+    encoding its pixels. ``val``: a feature cache of validation records; every ``cfg.val_every`` steps the LPM's
+    inference selection is scored on it (:func:`validate`), the curve is plotted into ``out_dir/curve.png``, and
+    the LPM saved at the end is the one of the best point of the curve. ``select(keep_prob, features, k, valid)``:
+    the training forward's hard mask (default: ``cfg.mask``); ``val_select``: the selection the curve scores
+    (default: learnpruner's stage 1, :func:`lpm_stage1`).
     """
     cfg = config or TrainConfig()
     _check_mask(cfg.mask)
@@ -155,60 +181,219 @@ def train_lpm(
     previous_impl = _freeze(model, ad, cfg, rt)
     try:
         lpm, opt, scheduler = _new_lpm(ad, cfg, targets, n, rt)
-        batches = _Batches(data, processor, ad, cfg, rt)
+        batches = (_CachedBatches(features, processor, cfg, rt, model.dtype) if features is not None
+                   else _Batches(data, processor, ad, cfg, rt))
         trained_on = {**model_fingerprint(model), **data.identity}
+        if features is not None:
+            _check_cache_of(features, trained_on)
         step, history = _restore(out / "checkpoint.pt", resume, cfg, lpm, opt, scheduler, batches, data, trained_on)
         lpm.config.extra["trained_on"] = trained_on
         lpm_t, opt_t = rt.prepare(lpm, opt)
-        step = _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches, targets, cfg, rt, out, step, history,
-                            stop_after, progress, previous_impl)
+        curve = _Curve(val, cfg, out, select=val_select or lpm_stage1, pad_id=processor.tokenizer.pad_token_id or 0)
+        curve.load(out / "checkpoint.pt" if resume else None)
+        step = _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches, data, targets, cfg, rt, out, step,
+                            history, stop_after, progress, previous_impl, select=select, curve=curve)
     finally:
         _unfreeze(model, cfg, previous_impl)
-    return _finish(rt.unwrap(lpm_t).eval(), data, cfg, rt, out, step)
+    return _finish(rt.unwrap(lpm_t).eval(), data, cfg, rt, out, step, curve)
 
 
-def _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches: _Batches, targets: _Targets, cfg: TrainConfig,
+def _check_cache_of(cache: FeatureCache, trained_on: dict) -> None:
+    differ = {k: (cache.identity.get(k), v) for k, v in trained_on.items() if cache.identity.get(k) != v}
+    if differ:
+        shown = "; ".join(f"{k}: {a!r} in the cache, {b!r} in this run" for k, (a, b) in differ.items())
+        raise ValueError(f"the feature cache {cache.folder} was built for another model or other data ({shown}); "
+                         "build one for this run's --model and --data")
+
+
+class _CachedBatches:
+    """The training stream read from a feature cache: a seeded order of its records, reshuffled each epoch;
+    each process reads its own slice (as :class:`~learnpruner.training.data._Batches`); ``pos`` is where it is."""
+
+    def __init__(self, cache: FeatureCache, processor, cfg: TrainConfig, rt, dtype):
+        if not len(cache):
+            raise ValueError(f"the feature cache {cache.folder} holds no usable record ({cache.skipped})")
+        self.cache, self.cfg, self.rt, self.dtype = cache, cfg, rt, dtype
+        self.pad_id = processor.tokenizer.pad_token_id or 0
+        self.pos = 0
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _record(self) -> int:
+        index = self.pos * self.rt.world + self.rt.rank
+        self.pos += 1
+        epoch, offset = divmod(index, len(self.cache))
+        if epoch not in self._orders:
+            self._orders = {epoch: _order(len(self.cache), self.cfg.seed + epoch)}
+        return self.cache.records[int(self._orders[epoch][offset])]
+
+    def next(self):
+        return self.cache.batch([self._record() for _ in range(self.cfg.batch_size)], self.pad_id, self.rt.device,
+                                self.dtype)
+
+
+def lpm_stage1(keep_prob: torch.Tensor, feats: torch.Tensor, k: int, diversity: float = 0.1) -> torch.Tensor:
+    """LearnPruner's stage 1 at inference (:func:`~learnpruner.selection.lpm_select`: the top ``k`` by
+    keep-probability, ``diversity`` of them filled by max-min diversity) as a training-time selection."""
+    from ..selection import lpm_select
+
+    return lpm_select(keep_prob, feats, k, diversity)
+
+
+@torch.no_grad()
+def validate(model, ad: Adapter, lpm, cache: FeatureCache, targets, select, pad_id: int, batch_size: int = 32
+             ) -> dict:
+    """Stage 1 scored on a feature cache of validation records: each record's tokens selected by ``select``
+    (``rule(keep_prob, features, k) -> kept``) at the stage-1 count ``targets`` gives its item, the LLM run on the
+    text and the kept rows only (what inference computes after stage 1), and the answer read teacher-forced.
+    Returns ``{"accuracy": share of records whose every answer token is the argmax, "ce": mean answer
+    cross-entropy, "records": count}``."""
+    was = lpm.training
+    lpm.eval()
+    right = total = 0
+    ce_sum, tokens = 0.0, 0
+    device = next(lpm.parameters()).device
+    dtype = next(model.parameters()).dtype
+    for start in range(0, len(cache), batch_size):
+        cb = cache.batch(cache.records[start:start + batch_size], pad_id, device, dtype)
+        batch, visual = cb.batch, cb.visual
+        embeds, visual, layout = prompt_embeddings(model, ad, batch, visual)
+        positions = rotary_positions(ad, batch)
+        adds = fill_streams(ad, visual, [None] * visual.num_images, embeds, layout.vis >= 0)
+        feats, valid = _feature_table(visual)
+        keep_prob = lpm(feats)
+        fractions = [targets(n) for n in visual.counts()]
+        k = [n if f is None else max(1, round(f * n)) for n, f in zip(visual.counts(), fractions)]
+        hard = rule_mask(select, keep_prob.float(), feats, k, valid)
+        rows, _ = row_subset(hard, valid, layout, 0)
+        token = layout.vis >= 0
+        gate = torch.ones(token.shape, dtype=embeds.dtype, device=embeds.device)
+        e, gate, mask, labels, pos, adds = _take_rows(rows, embeds, gate, batch["attention_mask"], batch["labels"],
+                                                      positions, adds)
+        with layer_additions(ad, adds):
+            logits = model(inputs_embeds=e, attention_mask=mask, learnpruner_gate=gate, use_cache=False,
+                           **pos).logits[:, :-1].float()
+        target = labels[:, 1:]
+        answer = target != -100
+        logp = torch.log_softmax(logits, dim=-1)
+        ce_sum += float(-logp.gather(-1, target.clamp(min=0)[..., None])[..., 0][answer].sum())
+        tokens += int(answer.sum())
+        ok = (logits.argmax(dim=-1) == target) | ~answer
+        right += int(ok.all(dim=1).sum())
+        total += labels.shape[0]
+    lpm.train(was)
+    return {"accuracy": right / max(1, total), "ce": ce_sum / max(1, tokens), "records": total}
+
+
+class _Curve:
+    """The validation curve of a run: points every ``cfg.val_every`` steps, the best point's LPM weights, a plot."""
+
+    def __init__(self, cache: FeatureCache | None, cfg: TrainConfig, out: Path, select, pad_id: int):
+        self.cache, self.cfg, self.out, self.select, self.pad_id = cache, cfg, out, select, pad_id
+        self.points: list[dict] = []
+        self.best: dict | None = None  # {"step", "accuracy", "ce", "state"}
+
+    @property
+    def active(self) -> bool:
+        return self.cache is not None and self.cfg.val_every > 0
+
+    def load(self, ckpt: Path | None) -> None:
+        if ckpt is not None and ckpt.is_file():
+            state = read_checkpoint(ckpt)
+            self.points = list(state.get("val_points", []))
+            self.best = state.get("val_best")
+
+    def due(self, step: int, total: int) -> bool:
+        return self.active and (step % self.cfg.val_every == 0 or step == total)
+
+    def add(self, model, ad, lpm, targets, step: int, samples: int) -> dict:
+        point = {"step": step, "samples": samples,
+                 **validate(model, ad, lpm, self.cache, targets, self.select, self.pad_id)}
+        self.points.append(point)
+        if self.best is None or (point["accuracy"], -point["ce"]) > (self.best["accuracy"], -self.best["ce"]):
+            self.best = {**point, "state": {k: v.detach().cpu().clone() for k, v in lpm.state_dict().items()}}
+        return point
+
+    def state(self) -> dict:
+        return {"val_points": self.points, "val_best": self.best}
+
+    def plot(self, history: list[dict]) -> None:
+        if self.points:
+            from ..viz import plot_training_curve
+
+            plot_training_curve(history, self.points, self.out / "curve.png",
+                                title=f"validation: {self.points[-1]['records']} records ({self.cache.folder.name})")
+
+
+def _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches, data, targets: _Targets, cfg: TrainConfig,
                  rt: _Runtime, out: Path, step: int, history: list, stop_after: int | None, progress: bool,
-                 previous_impl: str) -> int:
+                 previous_impl: str, select=None, curve: _Curve | None = None) -> int:
     """The optimisation loop from ``step`` to ``cfg.steps`` (or ``stop_after`` steps); checkpoints on the way."""
+    import time
+
     from tqdm.auto import tqdm
 
-    data, total, done_here = batches.data, cfg.steps, 0
+    total, done_here = cfg.steps, 0
     per_budget = {cfg.tokens: targets}
     bar = tqdm(total=total, initial=step, desc="train LPM", disable=not (progress and rt.is_main), dynamic_ncols=True)
     while step < total and (stop_after is None or done_here < stop_after):
-        batch = {k: v.to(rt.device) for k, v in batches.next().items()}
+        t0 = time.perf_counter()
+        nxt = batches.next()
+        visual = None
+        if isinstance(batches, _CachedBatches):
+            batch, visual = nxt.batch, nxt.visual
+        else:
+            batch = {k: v.to(rt.device) for k, v in nxt.items()}
         tokens = cfg.step_tokens(step)
         if tokens not in per_budget:
-            per_budget[tokens] = _Targets(tokens, targets.num_layers, targets.layer)
-        loss, parts = step_loss(model, ad, lpm_t, batch, per_budget[tokens], cfg, previous_impl)
+            per_budget[tokens] = _Targets(tokens, targets.num_layers, targets.layer, family=ad.family)
+        rows_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if cfg.dropped_rows is not None else None
+        loss, parts = step_loss(model, ad, lpm_t, batch, per_budget[tokens], cfg, previous_impl, visual=visual,
+                                select=select, generator=rows_rng)
         opt_t.zero_grad(set_to_none=True)
         rt.backward(loss)
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(lpm_t.parameters(), cfg.clip_grad)
         opt_t.step()
         scheduler.step()
         step += 1
         done_here += 1
         rec = {"step": step, "loss": rt.reduce_mean(loss), "lr": scheduler.get_last_lr()[0],
+               "seconds": time.perf_counter() - t0,
                **{k: rt.reduce_mean(v) for k, v in parts.items() if v.dim() == 0}}
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", kept=f"{rec['kept']:.3f}",
                         target=f"{rec['target']:.3f}", skipped=sum(data.skipped.values()))
+        if curve is not None and curve.due(step, total) and rt.is_main:
+            point = curve.add(model, ad, rt.unwrap(lpm_t), targets, step, step * cfg.batch_size * rt.world)
+            curve.plot(history)
+            bar.write(f"step {step}: validation accuracy {100 * point['accuracy']:.1f}% (answer CE "
+                      f"{point['ce']:.3f}, {point['records']} records)")
         if rt.is_main and (step % cfg.ckpt_every == 0 or step == total or
                            (stop_after is not None and done_here == stop_after)):
             _save_checkpoint(out / "checkpoint.pt", rt.unwrap(lpm_t), opt, scheduler, step, batches.pos, history,
-                             data, cfg)
+                             data, cfg, extra=curve.state() if curve is not None else None)
     bar.close()
     rt.wait()
     return step
 
 
-def _finish(trained: LearnablePruningModule, data, cfg: TrainConfig, rt: _Runtime, out: Path, step: int):
-    """Report skipped records; a finished run saves the LPM (with its run's settings) into ``out``."""
+def _finish(trained: LearnablePruningModule, data, cfg: TrainConfig, rt: _Runtime, out: Path, step: int,
+            curve: _Curve | None = None):
+    """Report skipped records; a finished run saves the LPM (with its run's settings) into ``out``: with a
+    validation curve, the weights of its best point (the curve ships in ``lpm.json``)."""
     if data.skipped:
         logger.warning("skipped %d bad record(s): %s", sum(data.skipped.values()), data.skipped)
     if rt.is_main and step >= cfg.steps:
-        trained.config.extra.update({"steps": step, "skipped": data.skipped, "train_config": asdict(cfg)})
+        extra = {"steps": step, "skipped": data.skipped, "train_config": asdict(cfg)}
+        if curve is not None and curve.best is not None:
+            trained.load_state_dict(curve.best["state"])
+            extra["validation"] = {"data": curve.cache.identity.get("data"), "records": curve.best["records"],
+                                   "chosen_step": curve.best["step"], "accuracy": curve.best["accuracy"],
+                                   "ce": curve.best["ce"],
+                                   "curve": [{k: p[k] for k in ("step", "samples", "accuracy", "ce")}
+                                             for p in curve.points]}
+        trained.config.extra.update(extra)
         if getattr(data, "has_video", False):
             trained.config.extra["frames"] = data.num_frames
         trained.save(out)

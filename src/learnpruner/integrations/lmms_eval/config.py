@@ -24,10 +24,10 @@ import torch
 
 import learnpruner
 
-from ...api import DEFAULT_TOKENS
 from ...budget import check_ratio, check_tokens
 from ...hub import BUILTIN_MODELS, check_device, parse_dtype, resolve
 from ...options import option_value
+from ...plan import DEFAULT_TOKENS
 
 __all__ = ["ModelArgs", "APPLY_KEYWORDS", "parse_model_args", "parse_option", "check_model", "load_model",
            "default_device"]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import learnpruner
 
-from ...api import DEFAULT_TOKENS
+from ...plan import DEFAULT_TOKENS
 from .config import ModelArgs, check_model, default_device, load_model, parse_model_args
 
 __all__ = ["LearnPrunerLMM"]

@@ -18,17 +18,18 @@ import json
 
 __all__ = ["register", "overrides", "model_class", "ARCHITECTURES", "POSITIONS", "TESTED_VLLM"]
 
-# family -> (vLLM's architecture, the pruned one, the module holding it)
+# family -> (vLLM's architecture, the pruned one, the module holding it, the guarded stock class)
 ARCHITECTURES = {
-    "llava": ("LlavaForConditionalGeneration", "LearnPrunerLlavaForConditionalGeneration", "llava:PrunedLlava"),
+    "llava": ("LlavaForConditionalGeneration", "LearnPrunerLlavaForConditionalGeneration", "llava:PrunedLlava",
+              "llava:GuardedLlava"),
     "llava_next": ("LlavaNextForConditionalGeneration", "LearnPrunerLlavaNextForConditionalGeneration",
-                   "llava_next:PrunedLlavaNext"),
+                   "llava_next:PrunedLlavaNext", "llava_next:GuardedLlavaNext"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "LearnPrunerQwen2_5_VLForConditionalGeneration",
-                   "qwen2_5_vl:PrunedQwen2_5_VL"),
+                   "qwen2_5_vl:PrunedQwen2_5_VL", "qwen2_5_vl:GuardedQwen2_5_VL"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "LearnPrunerQwen3VLForConditionalGeneration",
-                 "qwen3_vl:PrunedQwen3VL"),
+                 "qwen3_vl:PrunedQwen3VL", "qwen3_vl:GuardedQwen3VL"),
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "LearnPrunerQwen3VLMoeForConditionalGeneration",
-                     "qwen3_vl:PrunedQwen3VLMoe"),
+                     "qwen3_vl:PrunedQwen3VLMoe", "qwen3_vl:GuardedQwen3VLMoe"),
 }
 # how each family's vLLM model numbers the kept tokens: LLaVA's 1-D positions run on over the shortened prompt;
 # M-RoPE families keep the kept tokens' original 3-D positions (as the transformers engine does)
@@ -50,13 +51,16 @@ def check_vllm_version(version: str | None = None) -> None:
 
 
 def register() -> None:
-    """Register the pruned model classes with vLLM (the ``vllm.general_plugins`` entry point)."""
+    """Register the pruned model classes with vLLM (the ``vllm.general_plugins`` entry point), and, under vLLM's own
+    architecture names, its classes guarded against a learnpruner entry that names no pruned architecture
+    (:func:`~.stage1.guarded`: they refuse it at engine start; without the entry they are vLLM's classes)."""
     from vllm import ModelRegistry
 
     check_vllm_version()
-    for _, arch, target in ARCHITECTURES.values():
+    for stock, arch, target, guard in ARCHITECTURES.values():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"{__name__}.{target}")
+        ModelRegistry.register_model(stock, f"{__name__}.{guard}")
 
 
 def model_class(family: str):
@@ -77,7 +81,7 @@ def overrides(family: str, method: str = "learnpruner", tokens: int | None = Non
 
     if family not in ARCHITECTURES:
         raise ValueError(f"family {family!r} has no vLLM integration; accepted: {', '.join(ARCHITECTURES)}")
-    spec = Stage1Spec.check(method, tokens, ratio, options, positions=POSITIONS[family])
+    spec = Stage1Spec.check(method, tokens, ratio, options, family=family)
     entry = {"method": spec.method, "tokens": spec.tokens, "ratio": spec.ratio, "options": spec.options}
     result = {"architectures": [ARCHITECTURES[family][1]], CONFIG_KEY: entry}
     return json.dumps(result) if as_json else result

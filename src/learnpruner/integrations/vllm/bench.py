@@ -182,8 +182,8 @@ def _args(p: argparse.ArgumentParser) -> None:
 def _vllm_bench(args: argparse.Namespace) -> int:
     from ...options import parse_list
 
-    methods = parse_list(args.methods, str, "--methods")
-    budgets = parse_list(args.tokens, int, "--tokens")
+    methods = parse_list(args.methods, str, "--methods", unique=True)
+    budgets = parse_list(args.tokens, int, "--tokens", unique=True)
     for name, value in (("requests", args.requests), ("new_tokens", args.new_tokens), ("repeats", args.repeats)):
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")

@@ -23,7 +23,7 @@ from vllm.model_executor.models.llava import (
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .stage1 import attach, select_kept, spec_of
+from .stage1 import attach, guarded, select_kept, spec_of
 
 FAMILY = "llava"  # the LPM family (as learnpruner.adapters names it)
 ARCHITECTURE = "LearnPrunerLlavaForConditionalGeneration"
@@ -34,7 +34,7 @@ class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return spec_of(self.get_hf_config()).kept(n)
+        return spec_of(self.get_hf_config(), FAMILY).kept(n)
 
 
 # transformers 5 saves the CLIP tower without its ``vision_model`` level; vLLM 0.32's loaders expect it
@@ -45,11 +45,9 @@ CLIP_WEIGHT_NAMES = WeightsMapper(
 def stage1_for(model, vllm_config, family: str) -> None:
     """Give a vLLM LLaVA-like ``model`` its checked spec (``model.learnpruner``) and stage-1 runner."""
     config = vllm_config.model_config.hf_config
-    spec = spec_of(config)
     layer = config.vision_feature_layer
     width = config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
-    lpm = spec.load_lpm(vllm_config.model_config.model, family, width, layer)
-    attach(model, spec, lpm, model.multi_modal_projector)
+    attach(model, vllm_config, family, width, layer, model.multi_modal_projector)
 
 
 def select_rows(model, features: torch.Tensor) -> torch.Tensor:
@@ -78,3 +76,6 @@ class PrunedLlava(LlavaForConditionalGeneration):
         if not isinstance(features, torch.Tensor):  # ragged images (Pixtral towers): not a LLaVA-1.5 model
             raise ValueError(f"{ARCHITECTURE} runs CLIP/SigLIP LLaVA-1.5 models")
         return self.multi_modal_projector(select_rows(self, features))
+
+
+GuardedLlava = guarded(LlavaForConditionalGeneration)  # vLLM's own class, refusing a stray learnpruner entry

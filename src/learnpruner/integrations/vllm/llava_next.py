@@ -20,7 +20,7 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .llava import CLIP_WEIGHT_NAMES, stage1_for
-from .stage1 import select_kept, spec_of
+from .stage1 import guarded, select_kept, spec_of
 
 FAMILY = "llava_next"
 ARCHITECTURE = "LearnPrunerLlavaNextForConditionalGeneration"
@@ -32,7 +32,7 @@ class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         total = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         newlines = self.num_newlines(image_width, image_height)
-        return spec_of(self.get_hf_config()).kept(total - newlines) + newlines
+        return spec_of(self.get_hf_config(), FAMILY).kept(total - newlines) + newlines
 
     def num_newlines(self, image_width: int, image_height: int) -> int:
         from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
@@ -107,3 +107,6 @@ class PrunedLlavaNext(LlavaNextForConditionalGeneration):
             embeds[~is_token] = self.image_newline.to(embeds.dtype)
             out.append(embeds)
         return out
+
+
+GuardedLlavaNext = guarded(LlavaNextForConditionalGeneration)  # vLLM's own class, refusing a stray learnpruner entry

@@ -47,10 +47,9 @@ class KeptCounts:
     start_frames: int = 1
 
     def _kept(self, n: int) -> int:
-        from . import POSITIONS
         from .stage1 import spec_of
 
-        return spec_of(self.get_hf_config(), positions=POSITIONS[self.family]).kept(n)
+        return spec_of(self.get_hf_config(), self.family).kept(n)
 
     def get_num_image_tokens(self, **kwargs) -> int:
         return self._kept(super().get_num_image_tokens(**kwargs))
@@ -86,15 +85,11 @@ class KeptPositions:
         """At engine start: refuse the encoder modes that bypass the plugin, then attach the served stage 1 (the
         spec from the config's learnpruner entry, the LPM of ``family`` on the merger's input, ``project`` the
         merger on kept rows)."""
-        from . import POSITIONS
-        from .stage1 import attach, spec_of
+        from .stage1 import attach
 
         self.check_encoder_path(vllm_config)
-        config = vllm_config.model_config.hf_config
-        spec = spec_of(config, positions=POSITIONS[family])
-        vc = config.vision_config
-        lpm = spec.load_lpm(vllm_config.model_config.model, family, vc.hidden_size * vc.spatial_merge_size ** 2, -1)
-        attach(self, spec, lpm, project)
+        vc = vllm_config.model_config.hf_config.vision_config
+        attach(self, vllm_config, family, vc.hidden_size * vc.spatial_merge_size ** 2, -1, project)
 
     def check_encoder_path(self, vllm_config) -> None:
         """Refuse, at engine start, the encoder modes that run the tower outside the plugin's encoder step."""

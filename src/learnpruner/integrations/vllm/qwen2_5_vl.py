@@ -34,15 +34,14 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from ...adapters.qwen2_5_vl import _merger_input, grid_offsets, merge_rows
-from . import POSITIONS
 from .mrope import KeptCounts, KeptPositions, encode_offsets
-from .stage1 import select_kept, spec_of
+from .stage1 import guarded, select_kept, spec_of
 
 FAMILY = "qwen2_5_vl"
 
 
 def _spec(config):
-    return spec_of(config, positions=POSITIONS[FAMILY])
+    return spec_of(config, FAMILY)
 
 class PrunedQwenProcessingInfo(KeptCounts, Qwen2_5_VLProcessingInfo):
     """Each image's and each video's placeholders: the tokens it keeps."""
@@ -117,3 +116,6 @@ class PrunedQwen2_5_VL(KeptPositions, Qwen2_5_VLForConditionalGeneration):
         if seconds is None:
             return [float(per_second)] * count
         return [float(s) * per_second for s in torch.as_tensor(seconds).flatten().tolist()]
+
+
+GuardedQwen2_5_VL = guarded(Qwen2_5_VLForConditionalGeneration)  # vLLM's own class, refusing a stray learnpruner entry

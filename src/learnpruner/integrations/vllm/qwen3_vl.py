@@ -44,22 +44,24 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 from ...adapters.qwen2_5_vl import grid_offsets
 from ...adapters.qwen3_vl import _grouped_taps, merge_rows3
 from ...budget import split_evenly
-from . import POSITIONS
 from .mrope import KeptCounts, KeptPositions, encode_offsets
-from .stage1 import select_kept, spec_of
+from .stage1 import guarded, select_kept, spec_of
 
 FAMILY = "qwen3_vl"
 NO_EVS = "video_pruning_rate (vLLM's EVS) and a learnpruner budget both prune videos: use one"
 
 
 def _spec(config):
-    return spec_of(config, positions=POSITIONS[FAMILY])
+    return spec_of(config, FAMILY)
 
 
 def group_shares(spec, groups: int, per_group: int) -> list[int]:
     """Placeholders each temporal group of an item keeps: the item's kept count (``spec.kept`` of all its tokens)
-    split evenly over its ``groups`` runs of ``per_group`` tokens, earlier groups first (an image: one group)."""
-    return split_evenly(spec.kept(groups * per_group), [per_group] * groups)
+    split evenly over its ``groups`` runs of ``per_group`` tokens, earlier groups first (an image: one group), and
+    at least one per group: vLLM fixes every run's length before the tower runs, and an empty run would leave a group
+    with no row to merge (a budget below the group count keeps one token per group, as the transformers engine's
+    ``stage1_unit="crop"`` does)."""
+    return split_evenly(spec.kept(groups * per_group), [per_group] * groups, at_least=1)
 
 
 def _cut_runs(tokens: list[int], token_id: int, spec) -> list[int]:
@@ -74,10 +76,16 @@ def _cut_runs(tokens: list[int], token_id: int, spec) -> list[int]:
 
 
 class PrunedQwen3ProcessingInfo(KeptCounts, Qwen3VLProcessingInfo):
-    """Each image's and each video's placeholders: the tokens it keeps."""
+    """Each image's and each video's placeholders: the tokens it keeps (a video: the sum of its groups' shares)."""
 
     family = FAMILY
     start_frames = 2  # as vLLM's Qwen3-VL searches
+
+    def get_num_video_tokens(self, *, num_frames: int, **kwargs) -> int:
+        full = super(KeptCounts, self).get_num_video_tokens(num_frames=num_frames, **kwargs)
+        tps = self.get_hf_config().vision_config.temporal_patch_size
+        groups = max(1, -(-num_frames // tps))
+        return sum(group_shares(_spec(self.get_hf_config()), groups, full // groups))
 
 
 class PrunedQwen3Processor(Qwen3VLMultiModalProcessor):
@@ -150,8 +158,8 @@ class PrunedQwen3VL(KeptPositions, Qwen3VLForConditionalGeneration):
             grid = (1, h // merge, w // merge)
             per = grid[1] * grid[2]
             pieces = []
-            for group, share in zip(item.split(per), group_shares(self.learnpruner, t, per)):
-                kept = select_kept(self, group[None, :, :width], share) if share else group.new_zeros(1, 0).long()
+            for group, share in zip(item.split(per), group_shares(self.learnpruner, t, per)):  # share >= 1
+                kept = select_kept(self, group[None, :, :width], share)
                 index = torch.arange(per, device=group.device) if kept is None else kept[0].to(group.device)
                 parts = [merge_rows3(m, group[index, j * width:(j + 1) * width]) for j, m in enumerate(mergers)]
                 pieces.append(torch.cat([*parts, encode_offsets(grid_offsets(index, grid), parts[0].dtype)], dim=1))
@@ -178,3 +186,7 @@ class PrunedQwen3MoeProcessingInfo(Qwen3VLMoeProcessingInfo, PrunedQwen3Processi
 class PrunedQwen3VLMoe(PrunedQwen3VL, Qwen3VLMoeForConditionalGeneration):
     """vLLM's Qwen3-VL-MoE with the same stage 1 (the tower, the mergers and the positions are the dense model's;
     only the text model's MLPs differ)."""
+
+
+GuardedQwen3VL = guarded(Qwen3VLForConditionalGeneration)  # vLLM's own classes, refusing a stray learnpruner entry
+GuardedQwen3VLMoe = guarded(Qwen3VLMoeForConditionalGeneration)

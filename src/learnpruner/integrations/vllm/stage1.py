@@ -17,55 +17,53 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ...budget import check_ratio, check_tokens, tokens_for
 from ...lpm import LearnablePruningModule
 from ...methods import get_method
 from ...rules import STAGE1_RULES, VisionContext
 
-__all__ = ["Stage1Spec", "Stage1Runner", "STAGE1_ONLY", "CONFIG_KEY", "spec_of", "attach", "select_kept"]
+__all__ = ["Stage1Spec", "Stage1Runner", "STAGE1_ONLY", "CONFIG_KEY", "spec_of", "attach", "select_kept",
+           "serving_line", "guarded"]
 
 CONFIG_KEY = "learnpruner"  # the key of hf_overrides (and so of the HF config) holding the spec
 # what a method runs as in vLLM, where it differs from its name
 STAGE1_ONLY = {"learnpruner": "lpm-only"}
-DEFAULT_TOKENS = 64
-
-
-@dataclass
-class _State:
-    """What a stage-1 rule reads of the engine's state (``options``, ``lpm``, ``generator``, ``adapter``)."""
-
-    options: dict
-    lpm: LearnablePruningModule | None
-    generator: torch.Generator | None
-    adapter: Any  # has ``project(features)``: the model's projector
 
 
 @dataclass
 class _Projector:
+    """What a stage-1 rule may ask of the family in vLLM: the projector (the rules that read projected tokens)."""
+
     project: Any
 
 
 @dataclass
 class Stage1Spec:
-    """A validated stage-1 setting: ``method`` (as asked), ``rule`` (the stage-1 rule that runs), the budget
-    (``tokens`` or ``ratio``) and the method's options (``lpm`` among them)."""
+    """A validated stage-1 setting for one family: ``method`` (as asked), ``runs_as`` (the method that runs: stage 1
+    only), the budget (``tokens`` or ``ratio``), the caller's options (``lpm`` among them) and ``plan``, the method
+    resolved by :func:`learnpruner.resolve` (its LPM deferred to engine start: placeholder counts never depend on
+    it), which gives every count."""
 
     method: str
     runs_as: str
+    family: str
     tokens: int | None
     ratio: float | None
     options: dict = field(default_factory=dict)
-    positions: str = "contiguous"
+    plan: Any = None
+
+    @property
+    def positions(self) -> str:
+        from . import POSITIONS
+
+        return POSITIONS[self.family]
 
     @classmethod
-    def from_config(cls, spec: dict | None, positions: str = "contiguous") -> Stage1Spec | None:
-        """The spec in an HF config's ``learnpruner`` entry (from ``hf_overrides``), checked; None when absent.
-        ``positions``: how the family's vLLM model numbers the kept tokens (see :meth:`check`)."""
+    def from_config(cls, spec: dict | None, family: str = "llava") -> Stage1Spec | None:
+        """The spec in an HF config's ``learnpruner`` entry (from ``hf_overrides``), checked; None when absent."""
         if spec is None:
             return None
         if not isinstance(spec, dict):
@@ -76,23 +74,21 @@ class Stage1Spec:
         if unknown:
             raise ValueError(f"hf_overrides[{CONFIG_KEY!r}] has unknown keys {unknown}; accepted: {sorted(known)}")
         return cls.check(spec.get("method", "learnpruner"), spec.get("tokens"), spec.get("ratio"),
-                         dict(spec.get("options") or {}), positions=positions)
+                         dict(spec.get("options") or {}), family=family)
 
     @classmethod
     def check(cls, method: str, tokens: int | None = None, ratio: float | None = None,
-              options: dict | None = None, positions: str = "contiguous") -> Stage1Spec:
-        """Validate as :func:`learnpruner.apply` does, plus what vLLM cannot run; ``ValueError`` naming it.
-        ``positions`` is the family's numbering in vLLM: ``"contiguous"`` (LLaVA: vLLM numbers the kept tokens
-        one after another) or ``"original"`` (M-RoPE families: the kept tokens keep their 3-D positions); a
-        ``positions`` option must name it."""
+              options: dict | None = None, family: str = "llava") -> Stage1Spec:
+        """Validate as :func:`learnpruner.apply` does (through :func:`learnpruner.resolve`), plus what vLLM cannot
+        run; ``ValueError`` naming it. The kept tokens' positions are the family's numbering in vLLM
+        (:data:`~learnpruner.integrations.vllm.POSITIONS`: LLaVA's contiguous, the M-RoPE families' original 3-D
+        ones); a ``positions`` option must name it."""
+        from . import POSITIONS
+
         options = dict(options or {})
         m = get_method(method)
         runs_as = STAGE1_ONLY.get(m.name, m.name)
         rm = get_method(runs_as)
-        if tokens is not None and ratio is not None:
-            raise ValueError(f"give tokens= or ratio=, not both (got tokens={tokens!r}, ratio={ratio!r})")
-        ratio = check_ratio(ratio) if ratio is not None else None
-        tokens = check_tokens(tokens if tokens is not None else DEFAULT_TOKENS) if ratio is None else None
         if rm.stage2 is not None or rm.stage1 is None and rm.name != "none":
             raise ValueError(
                 f"method {m.name!r} drops visual tokens inside the LLM, which vLLM cannot run (its paged KV cache "
@@ -109,63 +105,49 @@ class Stage1Spec:
             raise ValueError("cdpruner's text relevance (text_model=, fallback='instruction') reads the prompt, "
                              "which vLLM's image embedding step does not see; in vLLM cdpruner runs with "
                              "fallback='uniform' (the DPP on similarity alone)")
+        positions = POSITIONS[family]
         if options.get("positions") not in (None, positions):
             how = ("numbers the kept tokens one after another" if positions == "contiguous" else
                    "keeps the kept tokens' original 3-D (M-RoPE) positions")
             raise ValueError(f"positions={options['positions']!r}: for this family vLLM {how}; only "
                              f"positions={positions!r} is available")
-        lpm = options.pop("lpm", None)
-        rm.check_options(options)
-        n = 576  # any count: stage-1 schedules read only the budget (checked again per image)
-        rm.schedule(tokens_for(n, tokens, ratio), n, 2, options)
-        if lpm is not None:
-            options["lpm"] = lpm if lpm == "random" else os.fspath(lpm)
-        return cls(m.name, runs_as, tokens, ratio, options, positions)
+        if options.get("lpm") is not None and not isinstance(options["lpm"], str):
+            options["lpm"] = os.fspath(options["lpm"])
+        plan = cls._resolve(family, runs_as, tokens, ratio, {**options, "positions": positions}, defer_lpm=True)
+        return cls(m.name, runs_as, family, plan.tokens, plan.ratio, options, plan)
+
+    @staticmethod
+    def _resolve(family, runs_as, tokens, ratio, options, **kwargs):
+        from ...plan import resolve
+
+        opts = {k: v for k, v in options.items() if k in get_method(runs_as).options}
+        return resolve(family, runs_as, tokens, ratio=ratio, **kwargs, **opts)
 
     # --- per image -----------------------------------------------------------------------------------
     def kept(self, n: int) -> int:
-        """Visual tokens an image of ``n`` tokens keeps (the placeholders vLLM schedules for it); computed once per
-        count (a request stream holds few distinct sizes)."""
-        counts = self.__dict__.setdefault("_kept", {})
-        if n not in counts:
-            if self.runs_as == "none":
-                counts[n] = n
-            else:
-                schedule = get_method(self.runs_as).schedule(tokens_for(n, self.tokens, self.ratio), n, 2,
-                                                             self._rule_options())
-                counts[n] = n if schedule.r1 is None else schedule.r1
-        return counts[n]
-
-    def _rule_options(self) -> dict:
-        return {k: v for k, v in self.options.items() if k != "lpm"}
+        """Visual tokens an image of ``n`` tokens keeps (the placeholders vLLM schedules for it): the plan's stage-1
+        count (cached per count by the plan)."""
+        schedule = self.plan.schedule(n)
+        return n if schedule.r1 is None else schedule.r1
 
     def needs_lpm(self) -> bool:
         return get_method(self.runs_as).needs_lpm
 
-    def load_lpm(self, model_path: str | os.PathLike | None, family: str, feature_dim: int,
-                 feature_layer) -> LearnablePruningModule | None:
-        """The LPM the rule reads (``options["lpm"]``, else the model folder's ``learnpruner-lpm/``), checked
-        against the model as ``apply`` checks it; None for rules without one."""
-        if not self.needs_lpm():
-            return None
-        from ...lpm import LPMConfig
+    def plan_for(self, lpm: LearnablePruningModule | None):
+        """The plan with ``lpm`` (a module already loaded; None for methods without one)."""
+        options = {**self.options, "positions": self.positions}
+        if lpm is not None:
+            options["lpm"] = lpm
+        return self._resolve(self.family, self.runs_as, self.tokens, self.ratio, options)
 
-        path = self.options.get("lpm")
-        if path == "random":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(self.options.get("seed", 0)))
-                lpm = LearnablePruningModule(LPMConfig(feature_dim=feature_dim, family=family,
-                                                       feature_layer=feature_layer))
-        else:
-            if path is None:
-                default = Path(model_path or "") / "learnpruner-lpm"
-                if not (default / "lpm.json").is_file():
-                    raise ValueError(f"method {self.method!r} needs a Learnable Pruning Module: give lpm=PATH in "
-                                     f"the overrides (the model folder {model_path!r} ships none)")
-                path = default
-            lpm = LearnablePruningModule.load(path)
-        lpm.check_compatible(family, feature_dim, feature_layer)
-        return lpm.eval()
+    def engine_plan(self, model_path: str | os.PathLike | None, feature_dim: int, feature_layer,
+                    num_layers: int | None = None):
+        """The full plan at engine start: the spec's method with its LPM (``lpm=`` of the options, else the model
+        folder's ``learnpruner-lpm/``) loaded and checked against the model as ``apply`` checks it, the options that
+        LPM ships, and the served LLM's depth."""
+        options = {**self.options, "positions": self.positions}
+        return self._resolve(self.family, self.runs_as, self.tokens, self.ratio, options,
+                             model_path=model_path, feature=(feature_dim, feature_layer), num_layers=num_layers)
 
     def describe(self) -> str:
         budget = f"tokens={self.tokens}" if self.ratio is None else f"ratio={self.ratio}"
@@ -176,17 +158,20 @@ class Stage1Spec:
 
 
 class Stage1Runner:
-    """Runs the spec's rule on the features of a batch of images of one token count (``[g, n, d]``)."""
+    """Runs the plan's rule on the features of a batch of images of one token count (``[g, n, d]``)."""
 
-    def __init__(self, spec: Stage1Spec, lpm: LearnablePruningModule | None, project):
-        self.spec = spec
-        seed = int(spec.options.get("seed", 0))
-        generator = torch.Generator().manual_seed(seed) if get_method(spec.runs_as).stage1 == "random" else None
-        from ...adaptive import lpm_options
+    def __init__(self, spec: Stage1Spec, lpm, project):
+        """``lpm``: the engine plan (:meth:`Stage1Spec.engine_plan`), or the loaded LPM (None without one) to plan
+        with."""
+        from ...plan import Plan
 
-        options = {**lpm_options(lpm, get_method(spec.runs_as)), **spec._rule_options()}  # as apply merges them
-        self.state = _State(options, lpm, generator, _Projector(project))
-        self.rule = STAGE1_RULES.get(get_method(spec.runs_as).stage1 or "")
+        plan = lpm if isinstance(lpm, Plan) else spec.plan_for(lpm)
+        self.spec, self.plan = spec, plan
+        method = get_method(plan.method)
+        self.lpm = plan.module.eval() if plan.module is not None else None
+        self.generator = torch.Generator().manual_seed(plan.options["seed"]) if method.stage1 == "random" else None
+        self.projector = _Projector(project)
+        self.rule = STAGE1_RULES.get(method.stage1 or "")
 
     @torch.no_grad()
     def select(self, features: torch.Tensor, k: int | None = None) -> torch.Tensor | None:
@@ -197,7 +182,8 @@ class Stage1Runner:
         if self.rule is None or k >= n:
             return None
         empty = torch.zeros(0, 0, dtype=torch.long, device=features.device)
-        ctx = VisionContext(features, self.state, None, empty, empty, empty)
+        ctx = VisionContext(features, self.plan.options, self.projector, None, empty, empty, empty, lpm=self.lpm,
+                            generator=self.generator)
         selection = self.rule(ctx, k)
         if selection.replace is not None:
             raise ValueError(f"{self.spec.runs_as} merges tokens, which the vLLM integration does not run")
@@ -216,9 +202,9 @@ def supported_methods() -> list[str]:
     return out
 
 
-def spec_of(config, positions: str = "contiguous") -> Stage1Spec:
-    """The checked spec of a served model's HF ``config`` (its ``learnpruner`` entry, from ``hf_overrides``).
-    Checked once per distinct entry: the processor asks for it on every request."""
+def spec_of(config, family: str) -> Stage1Spec:
+    """The checked spec of a served model's HF ``config`` (its ``learnpruner`` entry, from ``hf_overrides``) for
+    ``family``. Checked once per distinct entry: the processor asks for it on every request."""
     entry = getattr(config, CONFIG_KEY, None)
     if entry is None:
         raise ValueError(f"learnpruner's vLLM architectures need hf_overrides[{CONFIG_KEY!r}] "
@@ -226,21 +212,56 @@ def spec_of(config, positions: str = "contiguous") -> Stage1Spec:
     try:
         key = json.dumps(entry, sort_keys=True)
     except TypeError:  # not JSON data: from_config names what is wrong
-        return Stage1Spec.from_config(entry, positions=positions)
-    return _checked_spec(key, positions)
+        return Stage1Spec.from_config(entry, family)
+    return _checked_spec(key, family)
 
 
 @functools.lru_cache(maxsize=32)
-def _checked_spec(entry_json: str, positions: str) -> Stage1Spec:
-    return Stage1Spec.from_config(json.loads(entry_json), positions=positions)
+def _checked_spec(entry_json: str, family: str) -> Stage1Spec:
+    return Stage1Spec.from_config(json.loads(entry_json), family)
 
 
-def attach(model, spec: Stage1Spec, lpm: LearnablePruningModule | None, project) -> None:
-    """Give a vLLM ``model`` its spec (``model.learnpruner``) and a stage-1 runner; ``project`` maps kept
-    feature rows to LLM embeddings (the rules that read projected tokens call it)."""
+def attach(model, vllm_config, family: str, feature_dim: int, feature_layer, project) -> None:
+    """Give a vLLM ``model`` its spec (``model.learnpruner``), its engine plan (the LPM loaded: ``feature_dim`` and
+    ``feature_layer`` are the rows stage 1 reads) and a stage-1 runner; ``project`` maps kept feature rows to LLM
+    embeddings (the rules that read projected tokens call it). Logs one line saying what the engine prunes: the
+    family, the method, the budget and the LPM."""
+    config = vllm_config.model_config.hf_config
+    spec = spec_of(config, family)
+    depth = getattr(config.get_text_config(), "num_hidden_layers", None)
+    plan = spec.engine_plan(vllm_config.model_config.model, feature_dim, feature_layer, depth)
     model.learnpruner = spec
-    model._stage1 = Stage1Runner(spec, lpm, project)
-    model.__dict__["_lpm"] = lpm  # not a submodule: vLLM's weight loading and checks never see it
+    model._stage1 = Stage1Runner(spec, plan, project)
+    model.__dict__["_lpm"] = model._stage1.lpm  # not a submodule: vLLM's weight loading never sees it
+    from vllm.logger import init_logger
+
+    init_logger("vllm.learnpruner").info("%s", serving_line(spec, plan))  # vLLM's handlers show "vllm.*"
+
+
+def serving_line(spec: Stage1Spec, plan) -> str:
+    """The one line an engine logs at start: what it prunes, in which family, at which budget, with which LPM."""
+    from ...plan import describe_lpm
+
+    which = "no LPM" if plan.lpm is None else f"LPM: {describe_lpm(plan.lpm)}"
+    return f"learnpruner: serving {spec.family} with {spec.describe()}; {which}"
+
+
+def guarded(stock: type) -> type:
+    """vLLM's ``stock`` model class, unchanged but for one check at engine start: a config holding a learnpruner
+    entry (``hf_overrides``) without naming learnpruner's architecture is refused, never served unpruned in silence.
+    :func:`~learnpruner.integrations.vllm.register` registers it under the stock architecture's own name."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+        if getattr(vllm_config.model_config.hf_config, CONFIG_KEY, None) is not None:
+            raise ValueError(
+                f"hf_overrides holds a {CONFIG_KEY!r} entry but its architectures do not name learnpruner's, so "
+                f"vLLM would serve {stock.__name__} unpruned: add the architectures entry "
+                "(learnpruner.integrations.vllm.overrides(family, method, tokens) builds both), or drop the "
+                f"{CONFIG_KEY!r} entry to serve the model unpruned")
+        stock.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
+
+    return type(stock.__name__, (stock,), {"__init__": __init__, "__module__": __name__,
+                                           "__qualname__": stock.__qualname__, "__doc__": stock.__doc__})
 
 
 def select_kept(model, features: torch.Tensor, k: int | None = None) -> torch.Tensor | None:
