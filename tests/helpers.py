@@ -374,3 +374,13 @@ def qwen3_single(inp, i):
         out[grid] = inp[grid][first:stop]
         out[pixels] = inp[pixels][start:start + int(rows[first:stop].sum())]
     return out
+
+
+def method_options(method: str) -> dict:
+    """The options a test applies ``method`` with on a random tiny model: an untrained LPM for methods that read
+    one (from the registry, so a new LPM method is covered), a fixed seed for ``random``."""
+    import learnpruner
+
+    if method == "random":
+        return {"seed": 1}
+    return {"lpm": "random"} if learnpruner.get_method(method).needs_lpm else {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import layer_lengths
-from helpers import next_inputs, next_processor, tiny_llava_next
+from helpers import method_options, next_inputs, next_processor, tiny_llava_next
 
 import learnpruner
 from learnpruner.adapters import adapter_for
@@ -18,7 +18,6 @@ from learnpruner.engine import STRUCTURE
 
 torch.set_num_threads(1)
 
-OPTIONS = {"learnpruner": {"lpm": "random"}, "lpm-only": {"lpm": "random"}, "random": {"seed": 1}}
 METHODS = sorted(learnpruner.METHODS)
 PRUNED = [m for m in METHODS if m != "none"]
 BUDGET = 32
@@ -73,7 +72,7 @@ def test_packed_order_maps_every_placeholder_to_its_crop_and_patch(model, inp):
 def test_full_budget_is_identical_to_unpatched(model, inp, method):
     ref = model(**inp).logits
     ref_gen = model.generate(**inp, max_new_tokens=3, do_sample=False)
-    learnpruner.apply(model, method, tokens=80, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, tokens=80, **method_options(method))
     assert torch.equal(model(**inp).logits, ref)
     assert torch.equal(model.generate(**inp, max_new_tokens=3, do_sample=False), ref_gen)
 
@@ -81,7 +80,7 @@ def test_full_budget_is_identical_to_unpatched(model, inp, method):
 @torch.no_grad()
 @pytest.mark.parametrize("method", PRUNED)
 def test_each_image_follows_its_own_schedule(model, inp, method):
-    learnpruner.apply(model, method, tokens=BUDGET, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, tokens=BUDGET, **method_options(method))
     model(**inp)
     st = learnpruner.stats(model)
     assert [im.count for im in st.images] == [80, 48]
@@ -105,7 +104,7 @@ def test_each_image_follows_its_own_schedule(model, inp, method):
 @torch.no_grad()
 @pytest.mark.parametrize("method", PRUNED)
 def test_padded_batch_of_different_sizes_equals_each_alone(model, inp, method):
-    learnpruner.apply(model, method, tokens=BUDGET, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, tokens=BUDGET, **method_options(method))
     if method == "random":
         pytest.skip("random draws new indices per forward")
     batched = model(**inp)
@@ -132,7 +131,7 @@ def test_padded_batch_of_different_sizes_equals_each_alone(model, inp, method):
 def test_cached_generation_equals_stepwise_recomputation(model, inp, method):
     # merged rows are not replayed by fixed_selection (only the kept sets): run the mergers without merging
     unmerged = {"sparsevlm": {"recycle": False}, "visionzip": {"contextual": 0}}
-    learnpruner.apply(model, method, tokens=BUDGET, **OPTIONS.get(method, {}), **unmerged.get(method, {}))
+    learnpruner.apply(model, method, tokens=BUDGET, **method_options(method), **unmerged.get(method, {}))
     steps = 3
     banned = [model.config.image_token_id, model.generation_config.eos_token_id]  # no early stop: every step counts
     gen = model.generate(**inp, max_new_tokens=steps, do_sample=False, output_logits=True,

@@ -137,7 +137,7 @@ def test_apply_with_the_paper_budget_runs_its_schedule():
 
 
 def test_positions_defaults_follow_the_official_code():
-    contiguous = {"visionzip", "vispruner", "divprune", "cdpruner", "pyramiddrop", "sparsevlm"}
+    contiguous = {"visionzip", "vispruner", "divprune", "cdpruner", "pyramiddrop", "sparsevlm", "scope"}
     for name, m in {**METHODS, **ABLATIONS}.items():
         assert "positions" in m.options
         assert m.positions == ("contiguous" if name in contiguous else "original"), name

@@ -21,6 +21,9 @@ PEERS = [
     ("divprune", {"tokens": 12}),
     ("cdpruner", {"tokens": 12}),
     ("lpm-only", {"tokens": 12, "lpm": "random"}),
+    ("scope", {"tokens": 12}),
+    ("mmr", {"tokens": 12, "lpm": "random"}),
+    ("learnpruner-set", {"tokens": 12, "lpm": "random"}),
     ("cls-text", {"tokens": 16}),
     ("text-only", {"tokens": 40}),
 ]
@@ -119,6 +122,49 @@ def test_dpp_greedy_picks_the_largest_marginal_determinant():
     assert all(len(set(row)) == 192 for row in vs.dpp_greedy(kern, 192).tolist())
 
 
+def test_scope_picks_by_saliency_times_coverage_gain():
+    # three near-duplicates of one direction, two of another, one orthogonal token
+    feats = torch.tensor([[1, 0, 0], [1, .05, 0], [1, 0, .05], [0, 1, 0], [0, 1, .05], [0, 0, 1]], dtype=torch.float)
+    feats = feats[None]
+    # without saliency: the first pick covers the largest cluster, then the next largest
+    first = vs.scope_select(feats, 1)[0].tolist()
+    assert first[0] in (0, 1, 2)
+    two = vs.scope_select(feats, 2)[0].tolist()
+    assert two[1] in (3, 4)
+    # saliency on the lone token wins the first pick (gain 1 * 10 > gain ~3 * 1)
+    sal = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 10.0]])
+    assert 5 in vs.scope_select(feats, 1, sal)[0].tolist()
+    # alpha = 0 ignores saliency
+    assert vs.scope_select(feats, 1, sal, alpha=0.0).tolist() == vs.scope_select(feats, 1).tolist()
+    # against a brute-force greedy on the coverage-gain objective
+    g = torch.Generator().manual_seed(2)
+    f, s = torch.randn(1, 15, 4, generator=g), torch.rand(1, 15, generator=g)
+    sim = torch.nn.functional.normalize(f[0], dim=-1) @ torch.nn.functional.normalize(f[0], dim=-1).T
+    cover, chosen = torch.zeros(15), []
+    for _ in range(5):
+        gain = (sim - cover[:, None]).clamp(min=0).sum(0) * s[0]
+        gain[chosen] = -math.inf
+        j = int(gain.argmax())
+        chosen.append(j)
+        cover = torch.maximum(cover, sim[j])
+    assert vs.scope_select(f, 5, s).tolist() == [sorted(chosen)]
+    with pytest.raises(ValueError, match="k must be"):
+        vs.scope_select(f, 16)
+
+
+def test_mmr_starts_from_the_most_important_then_trades_importance_for_novelty():
+    feats = torch.tensor([[1, 0], [1, .01], [0, 1], [.7, .7]], dtype=torch.float)[None]
+    imp = torch.tensor([[1.0, 0.95, 0.5, 0.0]])
+    assert vs.mmr_select(feats, imp, 1).tolist() == [[0]]
+    # 1 is nearly as important as 0 but a duplicate: 0.5 * 0.95 - 0.5 * 1.0 < 0.5 * 0.5 - 0.5 * 0.0
+    assert vs.mmr_select(feats, imp, 2).tolist() == [[0, 2]]
+    # lam = 1: importance alone (top-k); lam = 0: after the first, novelty alone
+    assert vs.mmr_select(feats, imp, 2, lam=1.0).tolist() == [[0, 1]]
+    assert vs.mmr_select(feats, imp, 3, lam=0.0).tolist() == [[0, 2, 3]]
+    with pytest.raises(ValueError, match="lam"):
+        vs.mmr_select(feats, imp, 2, lam=1.5)
+
+
 def test_relevance_normalisation_and_theta():
     r = vs.normalize_relevance(torch.tensor([[-1.0, 0.0, 1.0], [2.0, 2.0, 2.0]]))
     torch.testing.assert_close(r[0], torch.tensor([1e-6 / 2, 0.5 + 5e-7, 1.0 + 5e-7]))
@@ -151,7 +197,8 @@ def test_every_method_documents_paper_and_defaults():
         doc = learnpruner.get_method(name).doc
         assert len(doc) > 200, name
     for name, cite in (("visionzip", "CVPR 2025"), ("vispruner", "ICCV 2025"), ("divprune", "CVPR 2025"),
-                       ("cdpruner", "2025"), ("lpm-only", "2604.23950")):
+                       ("cdpruner", "2025"), ("lpm-only", "2604.23950"), ("scope", "NeurIPS 2025"),
+                       ("mmr", "2602.13315")):
         assert cite in learnpruner.get_method(name).doc
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import layer_lengths
-from helpers import make_inputs, qwen_inputs, qwen_single, qwen_tokenizer, tiny_llava, tiny_qwen
+from helpers import make_inputs, method_options, qwen_inputs, qwen_single, qwen_tokenizer, tiny_llava, tiny_qwen
 
 import learnpruner
 from learnpruner.adapters import adapter_for
@@ -19,8 +19,7 @@ from learnpruner.adapters.qwen2_5_vl import ROPE_DELTAS_ATTR
 
 torch.set_num_threads(1)
 
-OPTIONS = {"learnpruner": {"lpm": "random"}, "lpm-only": {"lpm": "random"}, "random": {"seed": 1}}
-CLS_METHODS = ["cls-text", "visionzip", "vispruner"]
+CLS_METHODS = sorted(m for m in learnpruner.METHODS if learnpruner.get_method(m).needs_cls)
 METHODS = [m for m in sorted(learnpruner.METHODS) if m not in CLS_METHODS]
 PRUNED = [m for m in METHODS if m != "none"]
 RATIO = 0.5
@@ -60,7 +59,7 @@ def _unpatch(model):
 
 
 def _options(method):
-    return OPTIONS.get(method, {})
+    return method_options(method)
 
 
 def _banned(model):

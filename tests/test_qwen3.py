@@ -14,10 +14,10 @@ import itertools
 import pytest
 import torch
 from harness import layer_lengths
-from helpers import qwen3_inputs, qwen3_single, tiny_qwen3
+from helpers import method_options, qwen3_inputs, qwen3_single, tiny_qwen3
 
 # Qwen2.5-VL's prompts and method lists (grids in patches, 16 px here; a video is written group by group here)
-from test_qwen import CLS_METHODS, COUNTS, FULL, ITEMS_PER_SAMPLE, METHODS, OPTIONS, PROMPTS, RATIO
+from test_qwen import CLS_METHODS, COUNTS, FULL, ITEMS_PER_SAMPLE, METHODS, PROMPTS, RATIO
 
 import learnpruner
 from learnpruner.adapters import adapter_for
@@ -125,7 +125,7 @@ def test_full_budget_is_identical_to_unpatched(model, batches, kind, method):
     inp = batches[kind]
     ref = model(**inp).logits
     ref_gen = model.generate(**inp, max_new_tokens=3, do_sample=False, suppress_tokens=_banned(model))
-    learnpruner.apply(model, method, tokens=FULL, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, tokens=FULL, **method_options(method))
     assert torch.equal(model(**inp).logits, ref)
     assert torch.equal(model.generate(**inp, max_new_tokens=3, do_sample=False, suppress_tokens=_banned(model)),
                        ref_gen)
@@ -137,10 +137,10 @@ def test_moe_full_budget_parity_and_pruned_generation(method):
     moe = tiny_qwen3(moe=True, scale=SCALE)
     inp = qwen3_inputs(moe, PROMPTS["mixed"], seed=5)
     ref = moe(**inp).logits
-    learnpruner.apply(moe, method, tokens=FULL, **OPTIONS.get(method, {}))
+    learnpruner.apply(moe, method, tokens=FULL, **method_options(method))
     assert torch.equal(moe(**inp).logits, ref)
     learnpruner.remove(moe)
-    learnpruner.apply(moe, method, ratio=RATIO, **OPTIONS.get(method, {}))
+    learnpruner.apply(moe, method, ratio=RATIO, **method_options(method))
     out = moe.generate(**inp, max_new_tokens=3, do_sample=False, suppress_tokens=_banned(moe))
     assert out.shape == (2, inp["input_ids"].shape[1] + 3)
     if method != "none":
@@ -152,7 +152,7 @@ def test_moe_full_budget_parity_and_pruned_generation(method):
 @pytest.mark.parametrize("method", ["learnpruner", "divprune", "fastv", "pyramiddrop", "dart", "sparsevlm"])
 def test_each_item_follows_its_own_schedule(model, batches, kind, method):
     inp = batches[kind]
-    learnpruner.apply(model, method, ratio=RATIO, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, ratio=RATIO, **method_options(method))
     model(**inp)
     st = learnpruner.stats(model)
     assert [im.count for im in st.images] == COUNTS[kind]
@@ -176,7 +176,7 @@ def test_each_item_follows_its_own_schedule(model, batches, kind, method):
 @pytest.mark.parametrize("method", ["learnpruner", "divprune", "fastv", "dart"])
 def test_padded_batch_equals_each_alone(model, batches, kind, method):
     inp = batches[kind]
-    learnpruner.apply(model, method, ratio=RATIO, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, ratio=RATIO, **method_options(method))
     batched = model(**inp)
     st = learnpruner.stats(model)
     gen = model.generate(**inp, max_new_tokens=3, do_sample=False, suppress_tokens=_banned(model))
@@ -204,7 +204,7 @@ def test_cached_generation_equals_stepwise_recomputation(model, batches, kind, m
     """Greedy decoding with the pruned cache equals recomputing every step without a cache over the same kept
     sets: decode steps continue at the unpruned prompt's 3-D positions, and DeepStack touches the prefill only."""
     inp = batches[kind]
-    learnpruner.apply(model, method, ratio=RATIO, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, ratio=RATIO, **method_options(method))
     steps, banned = 3, _banned(model)
     gen = model.generate(**inp, max_new_tokens=steps, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, suppress_tokens=banned)
@@ -466,7 +466,7 @@ def test_bench_analytic_flops_and_kv_bytes_equal_the_measured(method):
     model = tiny_qwen3(attn="eager")
     inp = qwen3_single(qwen3_inputs(model, [["user :", ("image", (10, 24)), "squares ?"]]), 0)
     grids = [tuple(inp["image_grid_thw"][0].tolist())]
-    learnpruner.apply(model, method, ratio=0.5, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, ratio=0.5, **method_options(method))
     with FlopCounterMode(display=False) as counter:
         out = model(**inp, logits_to_keep=1, use_cache=True)
     st = learnpruner.stats(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import method_options
 from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
 import learnpruner
@@ -18,7 +19,6 @@ torch.set_num_threads(1)
 
 VOCAB, IMAGE, VIDEO, PAD = 96, 94, 95, 0
 FRAMES, PER_IMAGE, PER_FRAME = 4, 16, 17
-OPTIONS = {"learnpruner": {"lpm": "random"}, "lpm-only": {"lpm": "random"}, "random": {"seed": 1}}
 METHODS = sorted(learnpruner.METHODS)
 
 
@@ -108,7 +108,7 @@ def test_full_budget_is_identical_to_unpatched(model, method, prompts):
     batch = make_batch(prompts)
     ref = model(**batch).logits
     ref_gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
-    learnpruner.apply(model, method, tokens=FRAMES * PER_FRAME, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, tokens=FRAMES * PER_FRAME, **method_options(method))
     assert torch.equal(model(**batch).logits, ref)
     assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), ref_gen)
 
@@ -117,7 +117,7 @@ def test_full_budget_is_identical_to_unpatched(model, method, prompts):
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
 def test_each_item_follows_its_own_schedule(model, method):
     batch = make_batch(PROMPTS)
-    learnpruner.apply(model, method, tokens=40, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, tokens=40, **method_options(method))
     model(**batch)
     st = learnpruner.stats(model)
     assert [im.count for im in st.images] == [68, 16, 68]  # prompt order: video; image, video
@@ -131,7 +131,7 @@ def test_each_item_follows_its_own_schedule(model, method):
 @pytest.mark.parametrize("method", ["learnpruner", "fastv", "divprune", "visionzip", "pyramiddrop"])
 def test_padded_batch_equals_each_sample_alone(model, method):
     batch = make_batch(PROMPTS)
-    learnpruner.apply(model, method, tokens=40, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, tokens=40, **method_options(method))
     out = model(**batch)
     st = learnpruner.stats(model)
     items = [[0], [1, 2]]
@@ -152,7 +152,7 @@ def test_padded_batch_equals_each_sample_alone(model, method):
 @pytest.mark.parametrize("method", ["learnpruner", "fastv", "divprune"])
 def test_cached_generation_equals_stepwise_recomputation(model, method):
     batch = make_batch(PROMPTS)
-    learnpruner.apply(model, method, tokens=40, **OPTIONS.get(method, {}))
+    learnpruner.apply(model, method, tokens=40, **method_options(method))
     steps = 3
     gen = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)

@@ -1,7 +1,11 @@
 """learnpruner: LearnPruner and peer visual-token pruning for Hugging Face VLMs.
 
-Subcommands: ``generate`` (answer one question about one image, pruned), ``methods`` (list the
-registered methods with their papers and defaults). Others register themselves in ``COMMANDS``.
+Subcommands, each a function registered in :data:`~learnpruner.commands.COMMANDS` with its arguments:
+``generate`` (one question about one image or video, pruned), ``eval`` (methods x budgets with intervals,
+resumable), ``compare`` (paired differences of an eval folder's cells), ``train`` (an LPM for a frozen VLM),
+``calibrate`` (adaptive-budget thresholds), ``demo``, ``methods`` (the registry with papers and defaults), and from
+their own modules ``bench`` (:mod:`learnpruner.bench`), ``vllm-bench`` and ``lmms-task`` (:mod:`learnpruner.
+integrations`).
 """
 
 from __future__ import annotations
@@ -221,11 +225,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    "(cached beside --features); the saved LPM is the best point of the curve")
     p.add_argument("--val-every", type=int, default=250, help="steps between points of the validation curve")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="clip the LPM's gradient to this norm")
+    p.add_argument("--method", default=d.method,
+                   help="the method whose stage-1 module is trained: learnpruner or lpm-only (the paper's LPM, "
+                   "straight-through estimator) or learnpruner-set (its quality term and gamma, REINFORCE on the "
+                   "answer loss)")
+    p.add_argument("--tau", type=float, default=d.tau, help="learnpruner-set: the policy's temperature")
+    p.add_argument("--policy-samples", type=int, default=d.policy_samples,
+                   help="learnpruner-set: sets drawn per record (leave-one-out baseline; at least 2)")
+    p.add_argument("--gamma", type=float, default=d.gamma,
+                   help="learnpruner-set: the start of the learned position weight gamma (> 0)")
 
 
 @command("train", "train a Learnable Pruning Module for a frozen VLM (runs under `accelerate launch` too)",
          _train_args)
 def _train(args: argparse.Namespace) -> int:
+    import learnpruner
+
     from .hub import load
     from .training import JsonlRecords, ShapesRecords, TrainConfig, check_out_dir, train_lpm
 
@@ -240,6 +255,20 @@ def _train(args: argparse.Namespace) -> int:
     if args.features is not None and args.data == "shapesvqa" and args.records is None:
         raise ValueError("--features on the shapesvqa stream needs --records N (how many records to cache; the "
                          "stream is endless)")
+    method = learnpruner.get_method(args.method)
+    if not method.needs_lpm:
+        trainable = ", ".join(m for m in sorted(learnpruner.METHODS) if learnpruner.get_method(m).needs_lpm)
+        raise ValueError(f"--method {args.method!r} has no learned stage-1 module to train; accepted: {trainable}")
+    if method.stage1 == "coverage":
+        if args.policy_samples < 2:
+            raise ValueError(f"--policy-samples must be at least 2 (the leave-one-out baseline), got "
+                             f"{args.policy_samples}")
+        for name in ("tau", "gamma"):
+            if not getattr(args, name) > 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+        if args.stage2 or args.dropped_rows is not None:
+            raise ValueError("--method learnpruner-set trains stage 1 alone, the LLM on the kept rows only: drop "
+                             "--stage2 and --dropped-rows")
     budget_range = None
     if args.budget_range is not None:
         budget_range = tuple(parse_list(args.budget_range, int, "--budget-range"))
@@ -255,7 +284,8 @@ def _train(args: argparse.Namespace) -> int:
                       hidden_dim=args.hidden_dim, ckpt_every=args.ckpt_every, seed=args.seed, bf16=args.bf16,
                       grad_ckpt=args.grad_ckpt, max_length=args.max_length, budget_range=budget_range,
                       stage2=args.stage2, layer=args.layer, dropped_rows=args.dropped_rows, clip_grad=args.clip_grad,
-                      val_every=args.val_every if val_data is not None else 0)
+                      val_every=args.val_every if val_data is not None else 0, method=method.name, tau=args.tau,
+                      policy_samples=args.policy_samples, gamma=args.gamma)
     features = val = None
     if args.features is not None:
         from .training.features import build_cache
@@ -332,7 +362,7 @@ def _eval(args: argparse.Namespace) -> int:
     extra_opts = per_method_options(args.option, methods)
     items = load_items(args.data, args.limit)
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
-    lpm_methods = ("learnpruner", "lpm-only", "lpm-lpm")
+    lpm_methods = [m for m in methods if learnpruner.get_method(m).needs_lpm]
     opts = {m: {"lpm": args.lpm} for m in lpm_methods if args.lpm}
     if args.model == "tiny-random-llava" and not args.lpm:
         opts = {m: {"lpm": "random"} for m in lpm_methods}

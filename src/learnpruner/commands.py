@@ -1,7 +1,8 @@
 """The registry of ``learnpruner`` subcommands.
 
-:mod:`learnpruner.cli` builds the parser from :data:`COMMANDS`; modules that add a subcommand
-(``bench``) register it here with :func:`command`, so they need not import the CLI (no import cycle).
+:mod:`learnpruner.cli` builds the parser from :data:`COMMANDS`. A module adds a subcommand by decorating its function
+with :func:`command`; the CLI imports those modules (``bench``, the integrations) when it builds the parser, so none
+of them imports the CLI (no import cycle).
 """
 
 from __future__ import annotations

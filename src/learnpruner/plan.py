@@ -106,17 +106,19 @@ def describe_lpm(ref) -> str:
     return f"{ref['path']} (sha256 {ref['sha256'][:12]})"
 
 
-def _lpm_from(spec, model_path, family: str, feature: tuple[int, Any] | None, num_tokens: int | None, seed: int):
-    """``(module, ref)``: the LPM a plan reads, from a path, a module, ``"random"`` or the model folder's own."""
+def _lpm_from(spec, model_path, family: str, feature: tuple[int, Any] | None, num_tokens: int | None, seed: int,
+              folder: str = "learnpruner-lpm"):
+    """``(module, ref)``: the LPM a plan reads, from a path, a module, ``"random"`` or the model folder's own
+    (``folder`` inside it: the method's :attr:`~learnpruner.methods.Method.lpm_folder`)."""
     if spec is None:
-        default = Path(model_path or "") / "learnpruner-lpm"
+        default = Path(model_path or "") / folder
         if model_path and (default / "lpm.json").is_file():
             spec = default
         else:
             raise ValueError(
                 "this method needs a Learnable Pruning Module: pass lpm=PATH (a folder written by `learnpruner "
                 "train`), lpm=<LearnablePruningModule>, or lpm='random' for an untrained one"
-                + (f" (the model folder {model_path!r} ships none)" if model_path else ""))
+                + (f" (the model folder {model_path!r} ships no {folder}/)" if model_path else ""))
     if isinstance(spec, str) and spec == "random":
         if feature is None:
             return None, MappingProxyType({"random": seed})
@@ -191,7 +193,7 @@ def resolve(model_or_family, method: str = "learnpruner", tokens: int | None = N
     elif m.needs_lpm:
         seed = int(given.get("seed", 0))
         n_nominal = adapter.num_visual_tokens() if adapter is not None else None
-        module, ref = _lpm_from(lpm_spec, model_path, family, feature, n_nominal, seed)
+        module, ref = _lpm_from(lpm_spec, model_path, family, feature, n_nominal, seed, m.lpm_folder)
         if module is not None and feature is not None:
             module.check_compatible(family, *feature)
         elif module is not None and module.config.family != family:

@@ -54,8 +54,9 @@ class VisionContext:
     of the method, defaults filled). ``adapter``: the family's adapter (its ``project``, embeddings, tokenizer path).
     ``lpm`` and ``generator``: the plan's LPM and the random generator, where the method has one. ``items``: per
     image, a key its random draws are seeded by (eval: the item's id, so an answer never depends on the batch or on
-    a resume); None: draws follow ``generator``. ``shared``: one dict for every rule of one forward (what stage 1
-    leaves for stage 2).
+    a resume); None: draws follow ``generator``. ``coords``: ``[num_images, n, 2]``, each token's (row, column) in its
+    crop or frame grid in ``[-1, 1]`` (None where the adapter gives none). ``shared``: one dict for every rule of one
+    forward (what stage 1 leaves for stage 2).
     """
 
     features: torch.Tensor
@@ -69,6 +70,7 @@ class VisionContext:
     lpm: Any = None
     generator: torch.Generator | None = None
     items: list | None = None
+    coords: torch.Tensor | None = None  # [num_images, n, 2]: each token's place in its crop grid (VisualFeatures)
     # filled by the engine for rules registered with needs_cls=True: "cls" [num_images, n] and
     # "keys" [num_images, n, head_dim] of the encoder layer that produced the feature layer
     cache: dict = field(default_factory=dict)

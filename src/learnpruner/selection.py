@@ -12,6 +12,9 @@ __all__ = [
     "topk_sorted",
     "maxmin_extend",
     "lpm_select",
+    "coverage_similarity",
+    "coverage_greedy",
+    "coverage_sample",
     "random_select",
     "attention_probs",
     "aggregate_scores",
@@ -89,6 +92,79 @@ def lpm_select(keep_prob: torch.Tensor, features: torch.Tensor, k: int, diversit
     n_div = int(round(diversity * k))
     important = topk_sorted(keep_prob, k - n_div)
     return maxmin_extend(features, important, n_div)
+
+
+def coverage_similarity(features: torch.Tensor, coords: torch.Tensor | None = None, gamma: float | torch.Tensor = 0.0
+                        ) -> torch.Tensor:
+    """``[b, n, n]`` cosine similarity of tokens in a joint appearance-and-place space (learnpruner-set's metric).
+
+    Each token is ``normalize([normalize(x); gamma * coords])``: its unit feature ``x`` (``features`` ``[b, n, d]``)
+    beside its grid position (``coords`` ``[b, n, c]``, e.g. (row, column) in ``[-1, 1]``) weighted by ``gamma``,
+    so two patches that look alike but lie apart (two objects of one kind) are told apart, and two far-apart
+    patches of one plain background still count as near. ``gamma = 0`` (or no ``coords``) is the plain cosine
+    similarity of the features. Differentiable in ``gamma``.
+    """
+    z = torch.nn.functional.normalize(features.float(), dim=-1)
+    if coords is not None:
+        z = torch.cat([z, coords.to(z) * gamma], dim=-1)
+        z = torch.nn.functional.normalize(z, dim=-1)
+    return z @ z.transpose(1, 2)
+
+
+def _coverage_scores(sim: torch.Tensor, closest: torch.Tensor | None, quality: torch.Tensor | None) -> torch.Tensor:
+    """Each token's pick score: its quality minus its highest similarity to the set kept so far (``closest``; for
+    the empty set, to its nearest other token, DivPrune's first pick)."""
+    if closest is None:
+        eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
+        closest = sim.masked_fill(eye, float("-inf")).amax(dim=-1)
+    return -closest if quality is None else quality - closest
+
+
+def coverage_greedy(sim: torch.Tensor, k: int, quality: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy max-min coverage with a per-token quality bonus: ``[b, k]`` sorted indices.
+
+    Each step keeps the unkept token maximising ``quality_i - max_{s in kept} sim[i, s]`` (the first one:
+    ``quality_i - max_{j != i} sim[i, j]``). Without ``quality`` this is DivPrune's rule (Alvar et al., CVPR 2025)
+    on ``sim``; ``sim`` from :func:`coverage_similarity`, ``quality`` ``[b, n]`` (learnpruner-set's learned term).
+    """
+    b, n, _ = sim.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    rows = torch.arange(b, device=sim.device)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=sim.device)
+    closest = None
+    for _ in range(k):
+        best = _coverage_scores(sim, closest, quality).masked_fill(taken, float("-inf")).argmax(dim=-1)
+        taken[rows, best] = True
+        picked = sim[rows, best]
+        closest = picked if closest is None else torch.maximum(closest, picked)
+    return taken.nonzero()[:, 1].view(b, k)
+
+
+def coverage_sample(sim: torch.Tensor, k: int, quality: torch.Tensor | None, tau: float,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stochastic policy of :func:`coverage_greedy`: each step draws the next token from ``softmax(score /
+    tau)`` over the unkept ones (``tau -> 0`` is the greedy rule). Returns ``(kept [b, k] sorted, log_prob [b])``,
+    the log-probability of the drawn sequence, differentiable in ``sim`` and ``quality`` (for REINFORCE)."""
+    b, n, _ = sim.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    rows = torch.arange(b, device=sim.device)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=sim.device)
+    closest, log_prob = None, sim.new_zeros(b)
+    for _ in range(k):
+        logp = torch.log_softmax((_coverage_scores(sim, closest, quality) / tau).masked_fill(taken, float("-inf")),
+                                 dim=-1)
+        u = torch.rand(b, n, generator=generator).to(sim.device).clamp(1e-12, 1 - 1e-12)
+        pick = (logp.detach() - torch.log(-torch.log(u))).argmax(dim=-1)  # Gumbel-max: a draw from softmax
+        log_prob = log_prob + logp[rows, pick]
+        taken = taken.clone()
+        taken[rows, pick] = True
+        picked = sim[rows, pick]
+        closest = picked if closest is None else torch.maximum(closest, picked)
+    return taken.nonzero()[:, 1].view(b, k), log_prob
 
 
 def random_select(batch: int, n: int, k: int, generator: torch.Generator, device=None) -> torch.Tensor:

@@ -8,6 +8,18 @@ from torch import nn
 __all__ = ["clip_features"]
 
 
+def crop_coords(vision_config, n: int, device=None) -> torch.Tensor:
+    """``[n, 2]``: where each of a CLIP crop's ``n`` feature rows lies in the tower's square patch grid, in ``[-1, 1]``
+    (:func:`~learnpruner.engine.layout.grid_coords`); a leading [CLS] row (the ``full`` strategy) at the centre."""
+    from ..engine.layout import grid_coords
+
+    side = vision_config.image_size // vision_config.patch_size
+    cls = n - side * side
+    if cls not in (0, 1):
+        raise ValueError(f"{n} feature rows do not fit a {side}x{side} patch grid (plus at most a [CLS] row)")
+    return grid_coords(torch.arange(n, device=device) - cls, side, side)
+
+
 def clip_features(tower: nn.Module, pixel_values: torch.Tensor, layer, strategy: str, cls_attention: bool = False):
     """``[num_crops, n, d]`` hidden states of ``tower`` at ``layer`` (an int or a list, concatenated).
 

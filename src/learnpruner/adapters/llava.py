@@ -11,7 +11,7 @@ import torch
 
 from ..engine.layout import VisualFeatures
 from .base import Adapter, ItemGeometry
-from .clip import clip_features
+from .clip import clip_features, crop_coords
 
 
 class LlavaAdapter(Adapter):
@@ -58,7 +58,12 @@ class LlavaAdapter(Adapter):
         out = self.vision_features(pixel_values, cls_attention, **kwargs)
         feats, extras = out if cls_attention else (out, {})
         slots = torch.arange(feats.shape[1], device=feats.device)
-        return VisualFeatures(feats, [slots] * feats.shape[0], extras=extras)
+        coords = self.crop_coords(feats.shape[1], feats.device)
+        return VisualFeatures(feats, [slots] * feats.shape[0], extras=extras, coords=[coords] * feats.shape[0])
+
+    def crop_coords(self, n: int, device=None) -> torch.Tensor:
+        """``[n, 2]``: each of a crop's ``n`` feature rows' place in the patch grid (:func:`.clip.crop_coords`)."""
+        return crop_coords(self.model.config.vision_config, n, device)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)

@@ -86,8 +86,10 @@ class LlavaNextAdapter(LlavaAdapter):
             for k, v in extras.items():
                 per_image_extras[k].append(v[start:start + c].reshape(c * p, *v.shape[2:])[flat])
             start += c
+        grid = self.crop_coords(p, device)
         return VisualFeatures(features, slots, structure=self.model.model.image_newline,
-                              extras=per_image_extras, crops=crop_of, patches=patch_of)
+                              extras=per_image_extras, crops=crop_of, patches=patch_of,
+                              coords=[grid[q] for q in patch_of])
 
     def output_class(self) -> type:
         return self.model_module_attr("LlavaNextCausalLMOutputWithPast")

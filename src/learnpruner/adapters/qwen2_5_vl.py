@@ -46,7 +46,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..engine.layout import VisualFeatures
+from ..engine.layout import VisualFeatures, grid_coords
 from .base import Adapter
 
 __all__ = ["Qwen2_5_VLAdapter", "ROPE_DELTAS_ATTR", "merge_rows", "grid_offsets", "grid_extent"]
@@ -227,7 +227,7 @@ class Qwen2_5_VLAdapter(Adapter):
         (``feats[kind][index]``), every placeholder holding a token, ``crops`` its temporal group, ``patches`` its
         index in the frame (from ``grids[kind][index]``); ``extra`` passed on (e.g. ``streams``)."""
         merge = self.model.config.vision_config.spatial_merge_size
-        features, slots, crops, patches = [], [], [], []
+        features, slots, crops, patches, coords = [], [], [], [], []
         for kind, j in order:
             f = feats[kind][j]
             _, h, w = grids[kind][j].tolist()
@@ -237,7 +237,8 @@ class Qwen2_5_VLAdapter(Adapter):
             slots.append(idx)
             crops.append(idx // per_frame)
             patches.append(idx % per_frame)
-        return VisualFeatures(features, slots, crops=crops, patches=patches, **extra)
+            coords.append(grid_coords(patches[-1], h // merge, w // merge))
+        return VisualFeatures(features, slots, crops=crops, patches=patches, coords=coords, **extra)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The merger on (kept) rows: ``[..., 4 * hidden] -> [..., out_hidden]`` (``ln_q`` per patch, then the MLP)."""

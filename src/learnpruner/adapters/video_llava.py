@@ -79,6 +79,7 @@ class VideoLlavaAdapter(LlavaAdapter):
             features, [torch.arange(x.shape[0], device=x.device) for x in features],
             extras={k: [it[2][k] for it in items] for k in (items[0][2] if items else {})},
             crops=[it[3] for it in items], patches=[it[4] for it in items],
+            coords=[self.crop_coords(int(it[4].max()) + 1, it[4].device)[it[4]] for it in items],
         )
 
     @staticmethod

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TEXT", "STRUCTURE", "VisualFeatures", "Layout", "instruction_rows", "pad_rows", "fill_streams"]
+__all__ = ["TEXT", "STRUCTURE", "VisualFeatures", "Layout", "grid_coords", "instruction_rows", "pad_rows",
+           "fill_streams"]
 
 TEXT = -1
 STRUCTURE = -2
@@ -40,6 +41,9 @@ class VisualFeatures:
     through stage 1 (each image keeps the same tokens in every stream), projected by the adapter's
     ``project_stream(j, rows)`` and added to the residual stream after decoder layer ``j`` at the rows of the
     tokens still present (Qwen3-VL's DeepStack features); None for families without any.
+    ``coords``: per image ``[n_i, 2]`` float, each token's (row, column) centre in its crop (or frame) grid scaled to
+    ``[-1, 1]`` (:func:`grid_coords`; a [CLS] row sits at the centre), for rules that weigh where a token lies;
+    None where the adapter gives none.
     """
 
     features: torch.Tensor | list[torch.Tensor]
@@ -49,6 +53,7 @@ class VisualFeatures:
     crops: list[torch.Tensor] | None = None
     patches: list[torch.Tensor] | None = None
     streams: list[list[torch.Tensor]] | None = None
+    coords: list[torch.Tensor] | None = None
 
     @property
     def num_images(self) -> int:
@@ -65,6 +70,19 @@ class VisualFeatures:
         if isinstance(what, torch.Tensor):
             return what if len(images) == what.shape[0] else what[images]
         return torch.stack([what[i] for i in images])
+
+
+def grid_coords(patch: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[n, 2]`` float: the (row, column) centre of raster patch index ``patch`` (``[n]``) in a ``rows x cols`` grid,
+    each scaled to ``[-1, 1]`` (``(2 r + 1) / rows - 1``); an index outside the grid (a [CLS] row, given as -1) gets
+    the centre ``(0, 0)``."""
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"grid_coords needs a positive grid, got {rows} x {cols}")
+    patch = patch.long()
+    inside = (patch >= 0) & (patch < rows * cols)
+    r, c = (patch // cols).float(), (patch % cols).float()
+    out = torch.stack([(2 * r + 1) / rows - 1, (2 * c + 1) / cols - 1], dim=-1)
+    return torch.where(inside[:, None], out, torch.zeros_like(out))
 
 
 def pad_rows(rows: list[torch.Tensor], fill: int | float = -1) -> torch.Tensor:

@@ -115,6 +115,8 @@ class _Step:
         ctx = VisionContext(feats, state.plan.options, state.adapter, self.pixel_values, self.input_ids, vis_g,
                             img_g, self.attention_mask, lpm=state.lpm, generator=state.generator, items=items,
                             shared=self.shared)
+        if visual.coords is not None:
+            ctx.coords = visual.rows(images, visual.coords) if index is None else visual.coords[images[0]][index][None]
         for name, v in visual.extras.items():
             ctx.cache[name] = visual.rows(images, v) if index is None else v[images[0]][index][None]
         return ctx

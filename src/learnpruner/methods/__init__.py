@@ -10,7 +10,7 @@ option (``"original"`` or ``"contiguous"`` position ids after a drop), its defau
 does.
 """
 
-from . import baselines, fastv, learnpruner  # noqa: F401  (register in this order)
+from . import baselines, fastv, learnpruner, learnpruner_set  # noqa: F401  (register in this order)
 from .base import (
     ABLATIONS,
     COMMON,

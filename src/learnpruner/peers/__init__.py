@@ -1,3 +1,3 @@
 """Peer methods in the same harness: importing this package registers their rules and methods."""
 
-from . import llm, vision  # noqa: F401
+from . import coverage, llm, vision  # noqa: F401

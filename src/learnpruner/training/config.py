@@ -21,6 +21,8 @@ class TrainConfig:
     """Defaults for LPM training; every weight is configurable."""
 
     tokens: int = 64
+    # the method whose stage 1 the module is trained for: its plan gives each item's stage-1 count at the budget
+    method: str = "learnpruner"
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
@@ -47,6 +49,11 @@ class TrainConfig:
     dropped_rows: int | None = None
     clip_grad: float | None = None  # clip the LPM's gradient to this global norm (None: no clipping)
     val_every: int = 0  # steps between points of the validation curve (0: no curve)
+    # learnpruner-set (method="learnpruner-set": REINFORCE, training.set_policy): the policy's temperature, draws per
+    # record (leave-one-out baseline) and the start of the learned gamma
+    tau: float = 0.02
+    policy_samples: int = 4
+    gamma: float = 0.5
     extra: dict = field(default_factory=dict)
 
     def step_tokens(self, step: int) -> int:

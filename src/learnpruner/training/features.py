@@ -36,6 +36,7 @@ logger = logging.getLogger("learnpruner.training")
 __all__ = ["FeatureCache", "build_cache", "SHARD", "CACHE_FORMAT"]
 
 CACHE_FORMAT = "learnpruner-features"
+CACHE_VERSION = 2  # 2: records hold each token's grid coordinates
 SHARD = 256  # records per shard
 INDEX = "index.json"
 STRUCTURE = "structure.safetensors"
@@ -75,6 +76,8 @@ def _item_tensors(visual: VisualFeatures, j: int, dtype: torch.dtype) -> dict[st
         out["crops"] = own(visual.crops[j], torch.int64)
     if visual.patches is not None:
         out["patches"] = own(visual.patches[j], torch.int64)
+    if visual.coords is not None:
+        out["coords"] = own(visual.coords[j], torch.float32)
     for s, stream in enumerate(visual.streams or []):
         out[f"stream{s}"] = own(stream[j], dtype)
     return out
@@ -118,8 +121,9 @@ def build_cache(folder: str | os.PathLike, model, processor, data, records: int,
         if stray:
             raise ValueError(f"--features {str(out)!r} is not empty and holds no feature cache ({', '.join(stray[:3])}"
                              f"{' ...' if len(stray) > 3 else ''}): pass an empty or new folder")
-        index = {"format": CACHE_FORMAT, "version": 1, "identity": identity, "dtype": dtype, "family": ad.family,
-                 "max_length": max_length, "shard": SHARD, "records": 0, "shards": [], "skipped": {}}
+        index = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "identity": identity, "dtype": dtype,
+                 "family": ad.family, "max_length": max_length, "shard": SHARD, "records": 0, "shards": [],
+                 "skipped": {}}
     else:
         _check_identity(index, identity, dtype, max_length, out)
     if index["records"] >= records:
@@ -184,6 +188,10 @@ def build_cache(folder: str | os.PathLike, model, processor, data, records: int,
 
 
 def _check_identity(index: dict, identity: dict, dtype: str, max_length: int, out: Path) -> None:
+    if index.get("version") != CACHE_VERSION:
+        raise ValueError(f"the feature cache in {out} has version {index.get('version')!r}, this learnpruner writes "
+                         f"version {CACHE_VERSION} (it adds each token's grid coordinates): pass another --features "
+                         "folder (or delete this one to rebuild it)")
     saved = index.get("identity", {})
     differ = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
     if differ:
@@ -270,6 +278,7 @@ class FeatureCache:
             structure=None if self.structure is None else self.structure.to(device, dtype),
             crops=[x["crops"].to(device) for x in recs] if "crops" in recs[0] else None,
             patches=[x["patches"].to(device) for x in recs] if "patches" in recs[0] else None,
+            coords=[x["coords"].to(device) for x in recs] if "coords" in recs[0] else None,
             streams=[[x[s].to(device, dtype) for x in recs] for s in streams] or None,
         )
         return CachedBatch(batch, visual)

@@ -68,7 +68,7 @@ def _targets(ad: Adapter, cfg: TrainConfig, frames: int | None = None) -> tuple[
     if cfg.layer is not None and not 0 < cfg.layer < ad.text_config.num_hidden_layers:
         raise ValueError(f"layer must lie in 1..{ad.text_config.num_hidden_layers - 1} (the LLM's layers after the "
                          f"first), got {cfg.layer}")
-    targets = _Targets(cfg.tokens, ad.text_config.num_hidden_layers, cfg.layer, family=ad.family)
+    targets = _Targets(cfg.tokens, ad.text_config.num_hidden_layers, cfg.layer, family=ad.family, method=cfg.method)
     if targets.r1(n) is None:
         raise ValueError(f"tokens={cfg.tokens} keeps every one of the {n} visual tokens in stage 1: nothing to train")
     if cfg.max_length <= n and video:
@@ -109,6 +109,10 @@ def _new_lpm(ad: Adapter, cfg: TrainConfig, targets: _Targets, n: int, rt: _Runt
                **({"budget_range": list(cfg.budget_range)} if cfg.budget_range else {}),
                **({"options": {"layer": cfg.layer}} if cfg.layer is not None else {})},
     )).to(rt.device)
+    if _is_set(cfg):
+        from .set_policy import SetPolicy
+
+        lpm = SetPolicy(lpm, gamma=cfg.gamma, tau=cfg.tau).to(rt.device)
     opt = torch.optim.AdamW(lpm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -117,6 +121,13 @@ def _new_lpm(ad: Adapter, cfg: TrainConfig, targets: _Targets, n: int, rt: _Runt
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
 
     return lpm, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def _is_set(cfg: TrainConfig) -> bool:
+    """Whether the run trains learnpruner-set's module (REINFORCE on its coverage rule) rather than an LPM (STE)."""
+    from ..methods import get_method
+
+    return get_method(cfg.method).stage1 == "coverage"
 
 
 def _restore(ckpt_path: Path, resume: bool, cfg: TrainConfig, lpm, opt, scheduler, batches: _Batches, data,
@@ -191,11 +202,15 @@ def train_lpm(
         lpm_t, opt_t = rt.prepare(lpm, opt)
         curve = _Curve(val, cfg, out, select=val_select or lpm_stage1, pad_id=processor.tokenizer.pad_token_id or 0)
         curve.load(out / "checkpoint.pt" if resume else None)
+        if _is_set(cfg) and curve.active and step == 0 and rt.is_main:  # the untrained start: coverage alone
+            point = curve.add(model, ad, lpm, targets, 0, 0)
+            logger.info("step 0: validation accuracy %.1f%% (answer CE %.3f)", 100 * point["accuracy"], point["ce"])
         step = _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches, data, targets, cfg, rt, out, step,
                             history, stop_after, progress, previous_impl, select=select, curve=curve)
     finally:
         _unfreeze(model, cfg, previous_impl)
-    return _finish(rt.unwrap(lpm_t).eval(), data, cfg, rt, out, step, curve)
+    trained = _finish(rt.unwrap(lpm_t).eval(), data, cfg, rt, out, step, curve)
+    return trained.lpm if _is_set(cfg) else trained
 
 
 def _check_cache_of(cache: FeatureCache, trained_on: dict) -> None:
@@ -260,10 +275,12 @@ def validate(model, ad: Adapter, lpm, cache: FeatureCache, targets, select, pad_
         positions = rotary_positions(ad, batch)
         adds = fill_streams(ad, visual, [None] * visual.num_images, embeds, layout.vis >= 0)
         feats, valid = _feature_table(visual)
-        keep_prob = lpm(feats)
         fractions = [targets(n) for n in visual.counts()]
         k = [n if f is None else max(1, round(f * n)) for n, f in zip(visual.counts(), fractions)]
-        hard = rule_mask(select, keep_prob.float(), feats, k, valid)
+        if hasattr(lpm, "keep_mask"):  # learnpruner-set's policy: its greedy rule
+            hard = lpm.keep_mask(ad, visual, feats, valid, k)
+        else:
+            hard = rule_mask(select, lpm(feats).float(), feats, k, valid)
         rows, _ = row_subset(hard, valid, layout, 0)
         token = layout.vis >= 0
         gate = torch.ones(token.shape, dtype=embeds.dtype, device=embeds.device)
@@ -345,10 +362,18 @@ def _train_steps(model, ad, lpm_t, opt_t, opt, scheduler, batches, data, targets
             batch = {k: v.to(rt.device) for k, v in nxt.items()}
         tokens = cfg.step_tokens(step)
         if tokens not in per_budget:
-            per_budget[tokens] = _Targets(tokens, targets.num_layers, targets.layer, family=ad.family)
+            per_budget[tokens] = _Targets(tokens, targets.num_layers, targets.layer, family=ad.family,
+                                          method=cfg.method)
         rows_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if cfg.dropped_rows is not None else None
-        loss, parts = step_loss(model, ad, lpm_t, batch, per_budget[tokens], cfg, previous_impl, visual=visual,
-                                select=select, generator=rows_rng)
+        if _is_set(cfg):
+            from .set_policy import policy_loss
+
+            draws = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            loss, parts = policy_loss(model, ad, lpm_t, batch, per_budget[tokens], cfg, visual=visual,
+                                      generator=draws)
+        else:
+            loss, parts = step_loss(model, ad, lpm_t, batch, per_budget[tokens], cfg, previous_impl, visual=visual,
+                                    select=select, generator=rows_rng)
         opt_t.zero_grad(set_to_none=True)
         rt.backward(loss)
         if cfg.clip_grad:

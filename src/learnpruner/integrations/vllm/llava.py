@@ -23,6 +23,7 @@ from vllm.model_executor.models.llava import (
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from ...adapters.clip import crop_coords
 from .stage1 import attach, guarded, select_kept, spec_of
 
 FAMILY = "llava"  # the LPM family (as learnpruner.adapters names it)
@@ -52,7 +53,7 @@ def stage1_for(model, vllm_config, family: str) -> None:
 
 def select_rows(model, features: torch.Tensor) -> torch.Tensor:
     """``[g, k, d]``: the rows of ``features`` (``[g, n, d]``, one image each) that stage 1 keeps."""
-    kept = select_kept(model, features)
+    kept = select_kept(model, features, coords=crop_coords(model.config.vision_config, features.shape[1]))
     if kept is None:
         return features
     return features.gather(1, kept.to(features.device)[..., None].expand(-1, -1, features.shape[-1]))

@@ -19,6 +19,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from ...adapters.clip import crop_coords
 from .llava import CLIP_WEIGHT_NAMES, stage1_for
 from .stage1 import guarded, select_kept, spec_of
 
@@ -94,7 +95,8 @@ class PrunedLlavaNext(LlavaNextForConditionalGeneration):
             order = self.packed_order(image_sizes[i], c, feats.shape[1]).to(feats.device)
             token = order >= 0
             rows = feats.reshape(-1, feats.shape[-1])[order[token]][None]  # [1, n, d] in packed order
-            kept = select_kept(self, rows)
+            place = crop_coords(self.config.vision_config, feats.shape[1], feats.device)[order[token] % feats.shape[1]]
+            kept = select_kept(self, rows, coords=place)
             keep = token.clone()
             if kept is not None:
                 mine = torch.zeros(int(token.sum()), dtype=torch.bool, device=feats.device)

@@ -34,6 +34,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from ...adapters.qwen2_5_vl import _merger_input, grid_offsets, merge_rows
+from ...engine.layout import grid_coords
 from .mrope import KeptCounts, KeptPositions, encode_offsets
 from .stage1 import guarded, select_kept, spec_of
 
@@ -86,7 +87,9 @@ class PrunedQwen2_5_VL(KeptPositions, Qwen2_5_VLForConditionalGeneration):
         sizes = (grid_thw.prod(-1) // merge ** 2).tolist()
         out = []
         for features, (t, h, w), factor in zip(rows.split(sizes), grids, t_factors):
-            kept = select_kept(self, features[None])
+            place = grid_coords(torch.arange(features.shape[0], device=features.device) % ((h // merge) * (w // merge)),
+                                h // merge, w // merge)
+            kept = select_kept(self, features[None], coords=place)
             index = (torch.arange(features.shape[0], device=features.device) if kept is None
                      else kept[0].to(features.device))
             embeds = merge_rows(self.visual.merger, features[index])

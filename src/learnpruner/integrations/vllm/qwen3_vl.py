@@ -44,6 +44,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 from ...adapters.qwen2_5_vl import grid_offsets
 from ...adapters.qwen3_vl import _grouped_taps, merge_rows3
 from ...budget import split_evenly
+from ...engine.layout import grid_coords
 from .mrope import KeptCounts, KeptPositions, encode_offsets
 from .stage1 import guarded, select_kept, spec_of
 
@@ -159,7 +160,8 @@ class PrunedQwen3VL(KeptPositions, Qwen3VLForConditionalGeneration):
             per = grid[1] * grid[2]
             pieces = []
             for group, share in zip(item.split(per), group_shares(self.learnpruner, t, per)):  # share >= 1
-                kept = select_kept(self, group[None, :, :width], share)
+                place = grid_coords(torch.arange(per, device=group.device), grid[1], grid[2])
+                kept = select_kept(self, group[None, :, :width], share, coords=place)
                 index = torch.arange(per, device=group.device) if kept is None else kept[0].to(group.device)
                 parts = [merge_rows3(m, group[index, j * width:(j + 1) * width]) for j, m in enumerate(mergers)]
                 pieces.append(torch.cat([*parts, encode_offsets(grid_offsets(index, grid), parts[0].dtype)], dim=1))

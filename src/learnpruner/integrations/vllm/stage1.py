@@ -174,9 +174,11 @@ class Stage1Runner:
         self.rule = STAGE1_RULES.get(method.stage1 or "")
 
     @torch.no_grad()
-    def select(self, features: torch.Tensor, k: int | None = None) -> torch.Tensor | None:
+    def select(self, features: torch.Tensor, k: int | None = None, coords: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
         """``[g, k]`` ascending kept indices of each image (``features``: ``[g, n, d]``), or None to keep all; ``k``
-        (default: the spec's count for ``n`` tokens) for a part of an item with its own share."""
+        (default: the spec's count for ``n`` tokens) for a part of an item with its own share; ``coords`` (``[g, n,
+        2]`` or ``[n, 2]``): each token's place in its crop or frame grid, as the adapter gives it."""
         g, n = features.shape[:2]
         k = self.spec.kept(n) if k is None else k
         if self.rule is None or k >= n:
@@ -184,6 +186,8 @@ class Stage1Runner:
         empty = torch.zeros(0, 0, dtype=torch.long, device=features.device)
         ctx = VisionContext(features, self.plan.options, self.projector, None, empty, empty, empty, lpm=self.lpm,
                             generator=self.generator)
+        if coords is not None:
+            ctx.coords = (coords if coords.dim() == 3 else coords[None].expand(g, -1, -1)).to(features.device)
         selection = self.rule(ctx, k)
         if selection.replace is not None:
             raise ValueError(f"{self.spec.runs_as} merges tokens, which the vLLM integration does not run")
@@ -264,9 +268,11 @@ def guarded(stock: type) -> type:
                                            "__qualname__": stock.__qualname__, "__doc__": stock.__doc__})
 
 
-def select_kept(model, features: torch.Tensor, k: int | None = None) -> torch.Tensor | None:
+def select_kept(model, features: torch.Tensor, k: int | None = None, coords: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
     """``[g, k]``: stage 1's kept indices of ``features`` (``[g, n, d]``, one item each, or one part of an item
-    keeping ``k``), None to keep all."""
+    keeping ``k``; ``coords`` each token's grid place, :class:`~learnpruner.engine.layout.VisualFeatures`), None to
+    keep all."""
     if model._lpm is not None:
         model._lpm.to(features.device, features.dtype)
-    return model._stage1.select(features, k)
+    return model._stage1.select(features, k, coords)
