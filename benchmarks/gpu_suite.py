@@ -127,7 +127,7 @@ def report(records: list[dict], smoke: bool) -> str:
         for path in ("plain", "fast"):
             rs = [r for r in records if r["arch"] == arch and r["path"] == path]
             if rs:
-                lines += [f"### {arch}, {path} path", "", bench.speed_table(rs), ""]
+                lines += [f"### {arch}, {path} path", "", bench.speed_table(rs, full=True), ""]
     lines += ["### Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for what, value, goal, met in targets(records, smoke):
         lines.append(f"| {what} | {'-' if value is None else f'{value:.3f}'} | {goal} | "

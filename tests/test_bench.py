@@ -409,3 +409,27 @@ def test_bench_item_leaves_the_adapter_as_it_was():
     assert video is not ad and video.bench_kind == "video" and ad.bench_kind == "image"
     assert video.item_geometry().crops == 4 and ad.item_geometry().crops == 1
     assert ad.bench_item(None) is ad
+
+
+def test_every_figure_has_its_spread_and_no_time_is_negative_and_no_op_rows_get_no_speedup():
+    model = tiny_llava(layers=4)
+    records = bench.run_bench(model=model, methods="none,random", tokens=[64, 16], batch_sizes=[1], new_tokens=3,
+                              text_tokens=8, repeats=2, warmup=0, variants=1, device="cpu", progress=False)
+    by = {(r["method"], r["tokens"]): r for r in records}
+    for r in records:
+        assert r["prefill_ms_min"] <= r["prefill_ms"] <= r["prefill_ms_max"]
+        assert r["e2e_ms_min"] <= r["e2e_ms"] <= r["e2e_ms_max"]
+        assert r["decode_ms_per_token"] >= 0 and len(r["first_token_ms_all"]) == 2
+    noop = by[("random", 64)]  # keeps every one of the 64 tokens
+    assert noop["prunes"] is False and noop["prefill_speedup"] is None and noop["e2e_speedup"] is None
+    assert by[("random", 16)]["prunes"] is True and by[("random", 16)]["prefill_speedup"] > 0
+    table = bench.speed_table(records)
+    assert "| random (prunes nothing: every token kept) | 64 |" in table
+    assert "(min-max)" in table and len(table.splitlines()[0].split("|")) - 2 == 11
+    assert len(bench.speed_table(records, full=True).splitlines()[0].split("|")) - 2 == 20
+
+
+def test_bench_help_lists_the_architectures_the_registry_holds():
+    from learnpruner.bench.command import ARCH_NAMES
+
+    assert ARCH_NAMES == tuple(bench.ARCHS)

@@ -40,7 +40,7 @@ def test_methods_lists_every_registered_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in learnpruner.METHODS:
-        assert re.search(rf"^{re.escape(name)}$", out, re.M)
+        assert re.search(rf"^\| {re.escape(name)} \|", out, re.M)
 
 
 def test_eval_all_methods(capsys, tmp_path):
@@ -77,3 +77,82 @@ def test_eval_method_options(tmp_path, capsys):
         assert main([*base, str(tmp_path / "c"), *bad]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_help_version_and_usage_errors_import_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom learnpruner.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['eval'], ['train', '--help'], ['bench', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "heavy: []" in out.stdout, out.stdout + out.stderr
+    assert "learnpruner 0.1.0" in out.stdout
+
+
+def test_env_reports_what_a_bug_report_needs(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("learnpruner", "python", "torch", "transformers", "vllm", "lmms-eval", "device", "threads",
+                "built-in models"):
+        assert re.search(rf"^{key}\s+\S", out, re.M), key
+    assert "shapes-tiny-full" in out
+
+
+def test_generate_prints_the_question_and_the_reference_answer(capsys, tmp_path):
+    from PIL import Image
+
+    rc = main(["generate", "--model", "shapes-tiny", "--image", "shapesvqa:3", "--tokens", "32",
+               "--max-new-tokens", "2", "--overlay", str(tmp_path / "o.png")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^question: \S.*\?$", out, re.M)
+    assert re.search(r"^reference answer: \S+ \((right|wrong)\)$", out, re.M)
+    assert Image.open(tmp_path / "o.png").size[0] >= 500  # large enough to read
+
+
+def test_accuracy_plot_has_error_bars_a_title_and_every_method(tmp_path):
+    from unittest import mock
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    from learnpruner import viz
+
+    recs = [{"method": "none", "tokens": 64, "accuracy": 0.9, "ci": [0.85, 0.94], "n": 50, "status": "ok",
+             "model": {"model": "/x/shapes-tiny"}, "run": {"data_name": "shapesvqa"}}]
+    for m in ("a", "b", "c"):  # three tied methods
+        recs += [{"method": m, "tokens": t, "accuracy": 0.7, "ci": [0.6, 0.8], "n": 50, "status": "ok",
+                  "model": {"model": "/x/shapes-tiny"}, "run": {"data_name": "shapesvqa"}} for t in (32, 64)]
+    calls = []
+    real = matplotlib.axes.Axes.errorbar
+    with mock.patch.object(matplotlib.axes.Axes, "errorbar", autospec=True,
+                           side_effect=lambda ax, *a, **k: calls.append((a, k)) or real(ax, *a, **k)):
+        viz.plot_accuracy(recs, tmp_path / "acc.png")
+    assert [k["label"] for _, k in calls] == ["a", "b", "c"]
+    xs = [tuple(a[0]) for a, _ in calls]
+    assert len(set(xs)) == 3  # ties drawn side by side, not on top of each other
+    assert all(abs(v - 10.0) < 1e-9 for _, k in calls for row in k["yerr"] for v in row)  # the 95% intervals
+    assert len({k["marker"] for _, k in calls}) == 3
+    assert viz._accuracy_title(recs) == "shapes-tiny · data shapesvqa · 50 items"
+    assert (tmp_path / "acc.png").stat().st_size > 10_000
+
+
+def test_methods_opens_with_one_table_and_explains_budgets_once(capsys):
+    import learnpruner
+    from learnpruner.methods import ABLATIONS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted({*learnpruner.METHODS, *ABLATIONS})
+    assert out.count("Budgets: tokens=T") == 1 and len(out) < 6000
+    assert main(["methods", "learnpruner-set"]) == 0
+    one = capsys.readouterr().out
+    assert "gamma = 0.5" in one and "served in vLLM: yes" in one and "families: " in one
+    assert main(["methods", "learnpruner"]) == 0
+    assert "served in vLLM: as lpm-only (stage 1 only)" in capsys.readouterr().out

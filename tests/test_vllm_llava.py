@@ -76,11 +76,11 @@ def transformers_model():
 
 
 @torch.no_grad()
-def reference(model_processor, method: str | None, tokens: int):
+def reference(model_processor, method: str | None, tokens: int, **options):
     """The transformers engine with the same rule, budget and contiguous positions (vLLM's numbering)."""
     model, processor = model_processor
     if method is not None:
-        learnpruner.apply(model, method, tokens=tokens, positions="contiguous")
+        learnpruner.apply(model, method, tokens=tokens, positions="contiguous", **options)
     try:
         out = []
         for p, it in zip(PROMPTS, ITEMS):
@@ -95,12 +95,14 @@ def reference(model_processor, method: str | None, tokens: int):
             learnpruner.remove(model)
 
 
-@pytest.mark.parametrize("method,runs_as,tokens", [("learnpruner", "lpm-only", 64), ("divprune", "divprune", 32)])
-def test_greedy_tokens_and_logprobs_equal_the_transformers_engine(transformers_model, method, runs_as, tokens):
-    got = served(overrides("llava", method, tokens))
+@pytest.mark.parametrize("method,runs_as,tokens,options", [
+    ("learnpruner", "lpm-only", 64, {}), ("divprune", "divprune", 32, {}),
+    ("learnpruner-set", "learnpruner-set", 32, {"lpm": "random", "gamma": 0.5})])
+def test_greedy_tokens_and_logprobs_equal_the_transformers_engine(transformers_model, method, runs_as, tokens, options):
+    got = served(overrides("llava", method, tokens, **options))
     stock = served(None)
     for (n_tokens, toks, lps), (n_stock, *_), (ref_toks, ref_lp) in zip(got, stock, reference(
-            transformers_model, runs_as, tokens)):
+            transformers_model, runs_as, tokens, **options)):
         assert n_tokens == n_stock - 576 + tokens  # the prompt holds the kept visual tokens only
         assert toks == ref_toks
         for t, lp in lps.items():

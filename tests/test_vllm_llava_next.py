@@ -89,14 +89,15 @@ def _reference(path, method, tokens):
     return out
 
 
-def test_images_of_two_sizes_equal_the_transformers_engine(folder):
+@pytest.mark.parametrize("method,runs_as", [("learnpruner", "lpm-only"), ("learnpruner-set", "learnpruner-set")])
+def test_images_of_two_sizes_equal_the_transformers_engine(folder, method, runs_as):
     llm = vllm.LLM(folder, dtype="float32", enforce_eager=True, max_model_len=1024, mm_processor_cache_gb=0,
                    limit_mm_per_prompt={"image": 1}, gpu_memory_utilization=0.1,
-                   hf_overrides=overrides("llava_next", "learnpruner", 24, lpm="random"))
+                   hf_overrides=overrides("llava_next", method, 24, lpm="random"))
     params = vllm.SamplingParams(max_tokens=3, min_tokens=3, temperature=0, logprobs=5)
     outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(_prompts(), _images())],
                         params, use_tqdm=False)  # one batch: both sizes together
-    reference = _reference(folder, "lpm-only", 24)
+    reference = _reference(folder, runs_as, 24)
     for o, (toks, logprobs, kept, newlines, length) in zip(outs, reference):
         assert kept == 24 and newlines in (8, 4)
         assert len(o.prompt_token_ids) == length  # the text, the kept tokens and every row newline

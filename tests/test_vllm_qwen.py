@@ -138,9 +138,10 @@ def _assert_equal(outs, reference):
             assert abs(lp.logprob - ref["logprobs"][t].item()) < 1e-4
 
 
-def test_images_videos_and_both_equal_the_transformers_engine(folder):
-    llm = _engine(folder, overrides("qwen2_5_vl", "learnpruner", TOKENS, lpm="random"))
-    reference = _reference(folder, "lpm-only", TOKENS)
+@pytest.mark.parametrize("method,runs_as", [("learnpruner", "lpm-only"), ("learnpruner-set", "learnpruner-set")])
+def test_images_videos_and_both_equal_the_transformers_engine(folder, method, runs_as):
+    llm = _engine(folder, overrides("qwen2_5_vl", method, TOKENS, lpm="random"))
+    reference = _reference(folder, runs_as, TOKENS)
     assert [r["counts"] for r in reference] == [[24], [24], [24, 24, 6]]
     assert [r["kept"] for r in reference] == [[12], [12], [12, 12, 6]]
     _assert_equal(_generate(llm), reference)

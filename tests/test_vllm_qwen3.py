@@ -164,9 +164,10 @@ def _generate(llm):
     return llm.generate(inputs, params, use_tqdm=False)
 
 
-def test_images_videos_and_both_equal_the_transformers_engine_deepstack_included(folder):
-    llm = _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
-    reference = _reference(folder, "lpm-only", TOKENS)
+@pytest.mark.parametrize("method,runs_as", [("learnpruner", "lpm-only"), ("learnpruner-set", "learnpruner-set")])
+def test_images_videos_and_both_equal_the_transformers_engine_deepstack_included(folder, method, runs_as):
+    llm = _engine(folder, overrides("qwen3_vl", method, TOKENS, lpm="random"))
+    reference = _reference(folder, runs_as, TOKENS)
     assert [r["counts"] for r in reference] == [[24], [24, 6], [30], [24, 30, 6]]
     assert [r["kept"] for r in reference] == [[12], [12, 6], [12], [12, 12, 6]]
     _assert_equal(_generate(llm), reference)

@@ -4,29 +4,37 @@
 >>> learnpruner.apply(model, method="learnpruner", tokens=64, lpm="path/to/lpm")
 >>> model.generate(**inputs)
 >>> learnpruner.stats(model).tokens_per_layer
+
+The names below load on first use (PEP 562), so ``import learnpruner`` and the ``learnpruner`` command's
+``--help``, ``--version`` and argument errors answer without importing torch or transformers.
 """
 
-from . import peers  # noqa: E402,F401  (registers the peer methods)
-from .api import apply, is_pruned, remove, stats
-from .engine import Stats, fixed_selection
-from .lpm import LearnablePruningModule, LPMConfig
-from .methods import METHODS, get_method
-from .plan import Plan, resolve
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "apply",
-    "remove",
-    "stats",
-    "resolve",
-    "Plan",
-    "is_pruned",
-    "fixed_selection",
-    "Stats",
-    "LearnablePruningModule",
-    "LPMConfig",
-    "METHODS",
-    "get_method",
-    "__version__",
-]
+# public name -> the module that defines it
+_LAZY = {
+    "apply": ".api", "remove": ".api", "stats": ".api", "is_pruned": ".api",
+    "resolve": ".plan", "Plan": ".plan",
+    "fixed_selection": ".engine", "Stats": ".engine",
+    "LearnablePruningModule": ".lpm", "LPMConfig": ".lpm",
+    "METHODS": ".methods", "get_method": ".methods",
+}
+
+__all__ = ["apply", "remove", "stats", "resolve", "Plan", "is_pruned", "fixed_selection", "Stats",
+           "LearnablePruningModule", "LPMConfig", "METHODS", "get_method", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'learnpruner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

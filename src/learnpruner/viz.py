@@ -12,40 +12,65 @@ from .utils import atomic_write
 __all__ = ["plot_accuracy", "overlay_kept", "crop_pixels", "overlay_image_stats"]
 
 
-def plot_accuracy(records: list[dict], path: str | os.PathLike) -> None:
-    """Accuracy (%) against visual tokens, one line per method; the unpruned model as a dashed line."""
+def plot_accuracy(records: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
+    """Accuracy (%) against visual tokens, one line per method with its cells' 95% intervals as error bars; the
+    unpruned model as a dashed line in its interval's band. Methods sit at small horizontal offsets of one another
+    so ties stay visible, each with its own marker; the title names the model, the data and the item count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=110)
-    none = next((r for r in records if r["method"] == "none" and r.get("accuracy") is not None), None)
+    fig, ax = plt.subplots(figsize=(9.0, 4.8), dpi=110)
+    ok = [r for r in records if r.get("accuracy") is not None and r.get("status", "ok") == "ok"]
+    none = next((r for r in ok if r["method"] == "none"), None)
     if none is not None:
         ax.axhline(100 * none["accuracy"], color="black", ls="--", lw=1, label="none (all tokens)")
-    methods = [m for m in dict.fromkeys(r["method"] for r in records) if m != "none"]
+        if none.get("ci"):
+            ax.axhspan(100 * none["ci"][0], 100 * none["ci"][1], color="black", alpha=0.07, lw=0)
+    methods = [m for m in dict.fromkeys(r["method"] for r in ok) if m != "none"]
     colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
-    markers = "os^Dvp<>hX*P"
+    markers = "osD^vp<>hX*P"
+    spread = 0.06  # log2 units between neighbouring methods: ties side by side
     for i, m in enumerate(methods):
-        pts = sorted((r["tokens"], 100 * r["accuracy"]) for r in records
-                     if r["method"] == m and r.get("accuracy") is not None and r["status"] == "ok")
-        if pts:
-            xs, ys = zip(*pts)
-            main = m == "learnpruner"  # this library's method stands out
-            ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[i % len(colors)], label=m,
-                    lw=2.6 if main else 1.4, ms=6 if main else 4.5, zorder=3 if main else 2)
+        cells = sorted((r for r in ok if r["method"] == m), key=lambda r: r["tokens"])
+        if not cells:
+            continue
+        shift = 2 ** (spread * (i - (len(methods) - 1) / 2))
+        xs = [r["tokens"] * shift for r in cells]
+        ys = [100 * r["accuracy"] for r in cells]
+        lo = [100 * (r["accuracy"] - r["ci"][0]) if r.get("ci") else 0.0 for r in cells]
+        hi = [100 * (r["ci"][1] - r["accuracy"]) if r.get("ci") else 0.0 for r in cells]
+        main = m.startswith("learnpruner")  # this library's methods stand out
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[i % len(markers)], color=colors[i % len(colors)], label=m,
+                    lw=2.2 if main else 1.2, ms=6 if main else 4.5, capsize=2.5, elinewidth=0.9,
+                    zorder=3 if main else 2)
     ax.set_xscale("log", base=2)
-    ticks = sorted({r["tokens"] for r in records if r["method"] != "none"})
+    ticks = sorted({r["tokens"] for r in ok if r["method"] != "none"})
     if ticks:
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel("visual tokens (average per LLM layer)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%), 95% interval")
     ax.grid(alpha=0.3)
+    if title is None:
+        title = _accuracy_title(ok)
+    if title:
+        ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def _accuracy_title(records: list[dict]) -> str:
+    """``model · data · N items`` from the cells' records (what they share; several named where they differ)."""
+    models = sorted({Path(str((r.get("model") or {}).get("model") or "?")).name for r in records})
+    data = sorted({(r.get("run") or {}).get("data_name") or (r.get("run") or {}).get("data") or "?" for r in records})
+    items = sorted({r.get("n") for r in records if r.get("n")})
+    count = f"{items[0]} items" if len(items) == 1 else f"{items[0]}-{items[-1]} items" if items else ""
+    return " · ".join(x for x in (", ".join(models), "data " + ", ".join(data), count) if x)
 
 
 def overlay_kept(image, panels: list[tuple[str, object, object]], grid: int, path: str | os.PathLike,
@@ -83,12 +108,12 @@ def overlay_kept(image, panels: list[tuple[str, object, object]], grid: int, pat
     _save(fig, path, title)
 
 
-def _save(fig, path, title: str = "") -> None:
+def _save(fig, path, title: str = "", fontsize: int = 9) -> None:
     """Title, layout, an atomic PNG write (the folder made if needed), and the figure closed."""
     import matplotlib.pyplot as plt
 
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -130,7 +155,7 @@ def overlay_image_stats(im, pixels: list[np.ndarray], path: str | os.PathLike, t
         patches = patches - 1  # token 0 of each crop is its [CLS] row (Video-LLaVA frames): not drawn
         side = round(np.sqrt(patches.max() + 1))
     grid = side
-    fig, axes = plt.subplots(1, len(pixels), figsize=(max(3.6, 2.6 * len(pixels)), 3.2), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(pixels), figsize=(max(5.0, 4.0 * len(pixels)), 5.2), dpi=120, squeeze=False)
     for c, (ax, arr) in enumerate(zip(axes[0], pixels)):
         mine = crops == c
         h, w = arr.shape[:2]
@@ -147,9 +172,9 @@ def overlay_image_stats(im, pixels: list[np.ndarray], path: str | os.PathLike, t
         caption = f"{label}: {int((mine & s1).sum())}/{int(mine.sum())}"
         if final is not None:
             caption += f", red {int((mine & final).sum())}"
-        ax.set_title(caption, fontsize=8)
+        ax.set_title(caption, fontsize=10)
         ax.axis("off")
-    _save(fig, path, title)
+    _save(fig, path, title, fontsize=11)
 
 
 def plot_training_curve(history: list[dict], points: list[dict], path: str | os.PathLike, title: str = "") -> None:

@@ -29,12 +29,28 @@ an untrained LPM costs exactly what a trained one does.
 
 from __future__ import annotations
 
-from . import command as _command  # noqa: F401  (registers the `bench` subcommand)
-from .archs import ARCHS, arch_adapter, arch_config, build_arch
-from .flops import FLOPS_CONVENTION, _output_cache, analytic_flops, analytic_kv_bytes, flops_breakdown, kv_cache_bytes
-from .inputs import _make_inputs
-from .report import plot_results, speed_table, write_results
-from .run import _plan, cpu_name, run_bench
+import importlib
+
+from . import command as _command  # noqa: F401  (registers the `bench` subcommand; imports nothing heavy)
+
+# name -> the submodule defining it, loaded on first use (PEP 562): building the CLI's parser imports no torch
+_LAZY = {
+    "ARCHS": ".archs", "arch_adapter": ".archs", "arch_config": ".archs", "build_arch": ".archs",
+    "FLOPS_CONVENTION": ".flops", "_output_cache": ".flops", "analytic_flops": ".flops", "analytic_kv_bytes": ".flops",
+    "flops_breakdown": ".flops", "kv_cache_bytes": ".flops",
+    "_make_inputs": ".inputs",
+    "plot_results": ".report", "speed_table": ".report", "write_results": ".report",
+    "_plan": ".run", "cpu_name": ".run", "run_bench": ".run",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'learnpruner.bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ARCHS",

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..commands import command
-from .archs import ARCHS
-from .report import plot_results, speed_table, write_results
-from .run import run_bench
+
+# the named architectures' names, for --help without importing torch (a test checks them against bench.ARCHS)
+ARCH_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "llava-mid", "llava-tiny", "llava-next-7b", "llava-next-mid",
+              "llava-next-tiny", "video-llava-7b", "video-llava-mid", "video-llava-tiny", "qwen2.5-vl-7b",
+              "qwen2.5-vl-mid", "qwen2.5-vl-tiny", "qwen3-vl-8b", "qwen3-vl-mid", "qwen3-vl-tiny")
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="hub id, local folder or built-in name (loads real weights)")
-    src.add_argument("--arch", help=f"architecture with random weights, no download: {', '.join(ARCHS)}")
+    src.add_argument("--arch", help=f"architecture with random weights, no download: {', '.join(ARCH_NAMES)}")
     p.add_argument("--methods", default="none,fastv,learnpruner", help="comma-separated method names")
     p.add_argument("--tokens", default=None,
                    help="comma-separated budgets: visual tokens per image, average per LLM layer (default: every "
@@ -24,14 +24,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=8, help="tokens generated for end-to-end and decode time")
     p.add_argument("--text-tokens", type=int, default=64, help="non-image prompt tokens per sample")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per cell")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median and min-max reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per cell")
     p.add_argument("--variants", type=int, default=3, help="different random inputs cycled through the runs")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads")
     p.add_argument("--out", default="learnpruner-bench", help="folder for results.json and bench.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--full-table", action="store_true",
+                   help="print every column (sections, ideal, memory, throughput); results.json always has them")
     p.add_argument("--fast", action="store_true",
                    help="run every method on the fast path (static-shape prefill and decode; CUDA graphs on GPU)")
     p.add_argument("--item", choices=("image", "video"), default=None,
@@ -41,6 +43,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 @command("bench", "measure speed, memory and FLOPs of pruning methods", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import plot_results, speed_table, write_results
+    from .run import run_bench
+
     if args.threads is not None:
         if args.threads <= 0:
             raise ValueError(f"--threads must be a positive integer, got {args.threads}")
@@ -51,7 +58,7 @@ def _bench(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, variants=args.variants, progress=not args.no_progress,
         fast=args.fast, item=args.item,
     )
-    print(speed_table(records))
+    print(speed_table(records, full=args.full_table))
     path = write_results(records, args.out)
     png = plot_results(records, args.out)
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))

@@ -28,11 +28,17 @@ def _image_note(r: dict) -> str:
     return r.get("item_note") or f"{r['visual_tokens']} visual tokens"
 
 
-def speed_table(records: list[dict]) -> str:
-    """The results as a markdown table, with the measurement conventions underneath."""
-    head = ["method", "tokens", "batch", "avg vis tok", "vision ms", "stage1 ms", "llm sel ms", "prefill ms",
-            "ideal ms", "overhead", "prefill speedup", "ideal speedup", "decode ms/tok", "e2e ms", "e2e speedup",
-            "tok/s", "peak mem MiB", "KV MiB", "GFLOPs", "FLOPs ratio"]
+def speed_table(records: list[dict], full: bool = False) -> str:
+    """The results as a markdown table, with the measurement conventions underneath: by default the figures people
+    compare (median with the runs' min-max, speedups, decode, KV, FLOPs ratio); ``full`` adds every column (the
+    sections, the ideal, memory, throughput). A row whose budget keeps every token is marked and given no speedup."""
+    if full:
+        head = ["method", "tokens", "batch", "avg vis tok", "vision ms", "stage1 ms", "llm sel ms", "prefill ms",
+                "ideal ms", "overhead", "prefill speedup", "ideal speedup", "decode ms/tok", "e2e ms", "e2e speedup",
+                "tok/s", "peak mem MiB", "KV MiB", "GFLOPs", "FLOPs ratio"]
+    else:
+        head = ["method", "tokens", "batch", "avg vis tok", "prefill ms (min-max)", "prefill speedup",
+                "decode ms/tok", "e2e ms (min-max)", "e2e speedup", "KV MiB", "FLOPs ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for r in records:
@@ -40,12 +46,19 @@ def speed_table(records: list[dict]) -> str:
             notes.append(f"- {r['method']} tokens={r['tokens']} batch={r['batch_size']}: skipped ({r['skipped']})")
             continue
         label = r["method"] + (" (fast)" if r.get("fast") else " (plain HF)" if r["method"] == "none" else "")
-        cells = [label, r["tokens"], r["batch_size"], _fmt(r["avg_visual_tokens"]), _fmt(r["vision_ms"]),
-                 _fmt(r["stage1_ms"], 2), _fmt(r["llm_select_ms"], 2), _fmt(r["prefill_ms"]),
-                 _fmt(r["ideal_prefill_ms"]), _fmt(r["overhead"], 2), _fmt(r["prefill_speedup"], 2),
-                 _fmt(r["ideal_speedup"], 2), _fmt(r["decode_ms_per_token"]), _fmt(r["e2e_ms"]),
-                 _fmt(r["e2e_speedup"], 2), _fmt(r["throughput_tok_s"], 2), _fmt(_mib(r["peak_mem_bytes"])),
-                 _fmt(_mib(r["kv_cache_bytes"]), 2), _fmt(r["flops"] / 1e9), _fmt(r["flops_ratio"], 3)]
+        if r["method"] != "none" and r.get("prunes") is False:
+            label += " (prunes nothing: every token kept)"
+        if full:
+            cells = [label, r["tokens"], r["batch_size"], _fmt(r["avg_visual_tokens"]), _fmt(r["vision_ms"]),
+                     _fmt(r["stage1_ms"], 2), _fmt(r["llm_select_ms"], 2), _fmt(r["prefill_ms"]),
+                     _fmt(r["ideal_prefill_ms"]), _fmt(r["overhead"], 2), _fmt(r["prefill_speedup"], 2),
+                     _fmt(r["ideal_speedup"], 2), _fmt(r["decode_ms_per_token"]), _fmt(r["e2e_ms"]),
+                     _fmt(r["e2e_speedup"], 2), _fmt(r["throughput_tok_s"], 2), _fmt(_mib(r["peak_mem_bytes"])),
+                     _fmt(_mib(r["kv_cache_bytes"]), 2), _fmt(r["flops"] / 1e9), _fmt(r["flops_ratio"], 3)]
+        else:
+            cells = [label, r["tokens"], r["batch_size"], _fmt(r["avg_visual_tokens"]), _with_range(r, "prefill_ms"),
+                     _speedup(r, "prefill_speedup"), _fmt(r["decode_ms_per_token"]), _with_range(r, "e2e_ms"),
+                     _speedup(r, "e2e_speedup"), _fmt(_mib(r["kv_cache_bytes"]), 2), _fmt(r["flops_ratio"], 3)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if records:
         r = records[0]
@@ -54,13 +67,15 @@ def speed_table(records: list[dict]) -> str:
             "",
             f"model {r['model']} on {r['device']}{threads}; dtype {r['dtype']}; torch {r['torch']}, transformers "
             f"{r['transformers']}; {r['text_tokens']} text tokens + {_image_note(r)} per sample, "
-            f"{r['new_tokens']} new tokens; median of {r['repeats']} runs after {r['warmup']} warm-up(s), inputs "
+            f"{r['new_tokens']} new tokens; median (and min-max) of {r['repeats']} runs after {r['warmup']} "
+            f"warm-up(s), inputs "
             f"rotating over {r['variants']} random images/prompts; "
             + ("CUDA-event timing." if r["device_type"] == "cuda" else "time.perf_counter timing."),
             "tokens: the budget (visual tokens per image, average per LLM layer); `none` is measured once, at "
             "every token, on the unpatched model (plain transformers). "
             "prefill = one forward with the KV cache and logits_to_keep=1 (time to first token, vision included). "
-            "decode ms/tok = (e2e - prefill) / (new tokens - 1), e2e = generate (greedy, exactly N new tokens). "
+            "decode ms/tok = (generate(N) - generate(1)) / (N - 1), medians, e2e = generate (greedy, exactly N new "
+            "tokens). "
             "ideal = measured vision ms + the plain decoder layers fed only the scheduled token counts (no "
             "selection work; on the fast path, on a GPU, that forward replayed as a CUDA graph: the floor); "
             "overhead = prefill / ideal. Speedups are against `none` on plain transformers at the "
@@ -76,6 +91,17 @@ def speed_table(records: list[dict]) -> str:
     if notes:
         lines += ["", "Skipped:"] + notes
     return "\n".join(lines)
+
+
+def _with_range(r: dict, key: str) -> str:
+    lo, hi = r.get(f"{key}_min"), r.get(f"{key}_max")
+    return _fmt(r[key]) + (f" ({_fmt(lo)}-{_fmt(hi)})" if lo is not None and hi is not None else "")
+
+
+def _speedup(r: dict, key: str) -> str:
+    if r["method"] == "none":
+        return "1 (baseline)" if not r.get("fast") else _fmt(r.get(key), 2)
+    return "-" if r.get("prunes") is False else _fmt(r.get(key), 2)
 
 
 def write_results(records: list[dict], out_dir) -> Path:

@@ -230,7 +230,8 @@ def _add_speedups(records: list[dict]) -> None:
     dense_fast = {r["batch_size"]: r for r in measured if r["fast"]}
     for rec in records:
         base = dense.get(rec["batch_size"])
-        ok = base is not None and "skipped" not in rec
+        # a row that prunes nothing (the budget keeps every token) gets no speedup: any difference is noise
+        ok = base is not None and "skipped" not in rec and (rec.get("prunes", True) or rec["method"] == "none")
         rec["prefill_speedup"] = base["prefill_ms"] / rec["prefill_ms"] if ok else None
         rec["e2e_speedup"] = base["e2e_ms"] / rec["e2e_ms"] if ok else None
         rec["ideal_speedup"] = base["ideal_prefill_ms"] / rec["ideal_prefill_ms"] if ok else None
@@ -286,9 +287,8 @@ def _measure(model, ad, clock, batch: _Batch, name, t, sched, settings: _Setting
     def prefill(i):
         return model(**inputs[i % v], use_cache=True, logits_to_keep=1)
 
-    def generate(i):
-        return model.generate(**inputs[i % v], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False)
+    def generate(i, n=new_tokens):
+        return model.generate(**inputs[i % v], max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     try:
         with torch.inference_mode():
@@ -298,11 +298,14 @@ def _measure(model, ad, clock, batch: _Batch, name, t, sched, settings: _Setting
             for i in range(warmup):
                 prefill(i)
                 generate(i)
-            state.timer = clock
+            # the prefill's time uninstrumented (the section timer adds work of its own), then its sections
             prefill_ms, sections, out = [], defaultdict(list), None
             for i in range(repeats):
-                out, ms, secs = clock.run(lambda i=i: prefill(i))
+                out, ms, _ = clock.run(lambda i=i: prefill(i))
                 prefill_ms.append(ms)
+            state.timer = clock
+            for i in range(repeats):
+                _, _, secs = clock.run(lambda i=i: prefill(i))
                 for key in ("vision", "stage1", "projector", "llm_select"):
                     sections[key].append(secs.get(key, 0.0))
             state.timer = None
@@ -316,6 +319,9 @@ def _measure(model, ad, clock, batch: _Batch, name, t, sched, settings: _Setting
                 if seq.shape[1] - inputs[i % v]["input_ids"].shape[1] != new_tokens:
                     raise RuntimeError(f"generate produced {seq.shape[1]} tokens, expected {new_tokens} new ones")
                 e2e_ms.append(ms)
+            # decode = generate(N) - generate(1), both through generate: the same preparation, so the difference is
+            # the N - 1 decode steps (a standalone forward against generate once gave negative decode times)
+            first_ms = [clock.run(lambda i=i: generate(i, 1))[1] for i in range(repeats)] if new_tokens > 1 else []
             peak = torch.cuda.max_memory_allocated() if cuda else None
     finally:
         state.timer = None
@@ -355,14 +361,28 @@ def _measure(model, ad, clock, batch: _Batch, name, t, sched, settings: _Setting
         "schedule": {"r1": sched.r1, "drops": [list(d) for d in sched.drops]},
         "vision_ms": med["vision"], "stage1_ms": med["stage1"], "projector_ms": med["projector"],
         "llm_select_ms": med["llm_select"],
-        "prefill_ms": prefill_med, "prefill_ms_all": prefill_ms,
-        "decode_ms_per_token": (e2e_med - prefill_med) / (new_tokens - 1) if new_tokens > 1 else None,
-        "e2e_ms": e2e_med, "e2e_ms_all": e2e_ms,
+        "prefill_ms": prefill_med, "prefill_ms_all": prefill_ms, **_spread("prefill_ms", prefill_ms),
+        "decode_ms_per_token": _decode_per_token(e2e_ms, first_ms, new_tokens), "first_token_ms_all": first_ms,
+        "e2e_ms": e2e_med, "e2e_ms_all": e2e_ms, **_spread("e2e_ms", e2e_ms),
+        "prunes": not sched.is_noop,
         "throughput_tok_s": b * new_tokens / (e2e_med / 1000.0),
         "ideal_llm_ms": ideal_llm, "ideal_prefill_ms": ideal_total, "overhead": prefill_med / ideal_total,
         "peak_mem_bytes": peak, "kv_cache_bytes": kv,
         "flops": int(sum(breakdown.values())), "flops_breakdown": breakdown,
     }
+
+
+def _spread(key: str, values: list[float]) -> dict:
+    """``{key_min, key_max}`` of a figure's runs (its spread beside the median)."""
+    return {f"{key}_min": min(values), f"{key}_max": max(values)} if values else {}
+
+
+def _decode_per_token(e2e_ms: list[float], first_ms: list[float], new_tokens: int) -> float | None:
+    """Median ms per decode step: ``(median generate(N) - median generate(1)) / (N - 1)``, never below 0 (a
+    difference of two medians within their noise is reported as 0, not as a negative time)."""
+    if new_tokens <= 1 or not first_ms:
+        return None
+    return max(0.0, (_median(e2e_ms) - _median(first_ms)) / (new_tokens - 1))
 
 
 class _PlainState:

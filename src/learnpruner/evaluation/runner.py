@@ -66,8 +66,10 @@ def evaluate(
     method_options: dict[str, dict] | None = None,
     progress: bool = True,
     budget: str = "average",
+    data_name: str | None = None,
 ) -> list[dict]:
     """Evaluate every ``method x budget`` cell; returns this run's records (``DIR/results.json`` holds every cell).
+    ``data_name``: what the items are called (``--data``), for titles; the items' fingerprint identifies them.
 
     ``budget``: how each budget label is read (``"average"`` visual tokens per LLM layer, or ``"paper"``: each
     peer's published configuration for the label; see ``learnpruner.apply``); every record holds the average
@@ -111,7 +113,8 @@ def evaluate(
     (out / "preds").mkdir(parents=True, exist_ok=True)
     run = {"id": f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "methods": list(methods), "budgets": list(budgets),
-           "items": len(items), "data": hashlib.sha256("".join(hashes.values()).encode()).hexdigest()[:16]}
+           "items": len(items), "data": hashlib.sha256("".join(hashes.values()).encode()).hexdigest()[:16],
+           **({"data_name": data_name} if data_name else {})}
     processor.tokenizer.padding_side = "left"
     cells = [(m, t) for m in methods for t in (budgets if m != "none" else [max(budgets)])]
     cells.sort(key=lambda c: c[0] != "none")  # the reference first: no-op cells reuse its predictions

@@ -35,3 +35,6 @@ from .learnpruner import learnpruner_schedule
 __all__ = ["Method", "Option", "COMMON", "boolean", "choice", "fraction", "int_sequence", "positive_int", "METHODS",
            "ABLATIONS", "register", "get_method", "positions_for", "describe_budgets",
            "check_layer", "stage1_schedule", "stage2_schedule", "learnpruner_schedule"]
+
+# the peers register their methods next to their rules (learnpruner.peers imports this package's names above)
+from .. import peers  # noqa: E402,F401

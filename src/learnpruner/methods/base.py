@@ -156,6 +156,8 @@ class Method:
     stage1_unit: str = "image"
     paper_fn: Callable[[int, int, int, dict], Schedule] | None = None
     positions: str = "original"
+    summary: str = ""  # where it prunes, in a few words (the methods table)
+    paper: str = ""  # its paper, short (the methods table; ``doc`` cites it in full)
     # the model folder's LPM this method reads when no lpm= is given (methods with their own trained module)
     lpm_folder: str = "learnpruner-lpm"
     specs: dict | None = field(default=None, compare=False, repr=False)

@@ -17,6 +17,8 @@ def _random_schedule(tokens: int, n: int, num_layers: int, options: dict) -> Sch
 
 register(Method(
     name="none",
+    summary='keeps every token (the reference)',
+    paper='-',
     stage1=None,
     stage2=None,
     schedule_fn=_none_schedule,
@@ -25,6 +27,8 @@ register(Method(
 
 register(Method(
     name="random",
+    summary='after the encoder: uniformly at random (seeded per item)',
+    paper='baseline',
     stage1="random",
     stage2=None,
     schedule_fn=_random_schedule,

@@ -21,6 +21,8 @@ def _fastv_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedul
 
 register(Method(
     name="fastv",
+    summary="LLM layer 2: the last token's attention",
+    paper='FastV, ECCV 2024',
     stage1=None,
     stage2="last",
     schedule_fn=_fastv_schedule,

@@ -66,7 +66,8 @@ def _stage2_only_schedule(tokens: int, n: int, num_layers: int, options: dict) -
     return stage2_schedule(tokens, n, num_layers, options, stage2_layer(options, num_layers), "text-only")
 
 
-def variant(name: str, stage1: str | None, stage2: str | None, doc: str, listed: bool = True) -> Method:
+def variant(name: str, stage1: str | None, stage2: str | None, doc: str, listed: bool = True, summary: str = "",
+            paper: str = "") -> Method:
     """Register the LearnPruner variant with these stages: its schedule (both stages: learnpruner's; stage 1
     alone: T after the encoder; stage 2 alone: one drop at layer K) and its options (``lpm`` and ``diversity``
     where stage 1 reads the LPM; ``r1`` with both stages; ``r2`` and ``layer`` with stage 2) follow from them."""
@@ -84,7 +85,8 @@ def variant(name: str, stage1: str | None, stage2: str | None, doc: str, listed:
     if stage2:
         wanted |= {"r2", "layer"}
     options = tuple(LAYER if o == "layer" else o for o in OPTION_ORDER if o in wanted)
-    return register(Method(name=name, stage1=stage1, stage2=stage2, schedule_fn=schedule, options=options, doc=doc),
+    return register(Method(name=name, stage1=stage1, stage2=stage2, schedule_fn=schedule, options=options, doc=doc,
+                           summary=summary, paper=paper),
                     listed=listed)
 
 
@@ -132,7 +134,9 @@ def _lpm_lpm_stage2(ctx: LLMContext, k: int) -> Selection:
 # --- the variants --------------------------------------------------------------------------------------
 
 VARIANTS = {
-    "learnpruner": variant("learnpruner", "lpm", "text", listed=True, doc=(
+    "learnpruner": variant("learnpruner", "lpm", "text", listed=True,
+                           summary='LPM after the encoder + instruction attention at layer 12',
+                           paper='LearnPruner, arXiv 2604.23950', doc=(
         "LearnPruner (arXiv 2604.23950). Stage 1: a learnable pruning module scores each visual token from "
         "the vision feature layer; the top r1 by keep-probability are kept, 10% of r1 (diversity=0.1) filled "
         "by max-min cosine diversity. Stage 2: after LLM layer K-1 (K=12 for 32 layers, scaled with depth: "
@@ -142,21 +146,27 @@ VARIANTS = {
         "paper's text. The paper reports the average convention, so budget='paper' is the same. Positions: "
         "original (kept tokens keep their position ids, as the paper does)."
     )),
-    "lpm-only": variant("lpm-only", "lpm", None, listed=True, doc=(
+    "lpm-only": variant("lpm-only", "lpm", None, listed=True,
+                        summary="after the encoder: the LPM (learnpruner's stage 1)",
+                        paper='ablation, arXiv 2604.23950', doc=(
         "LearnPruner ablation 'LPM only' (arXiv 2604.23950, ablation at 64 tokens: 96.1): stage 1 of learnpruner "
         "(the LPM's top tokens with the 10% max-min diversity fill) keeps T tokens; no LLM drop, so every layer "
         "sees T. Needs lpm= like learnpruner. "
         "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
         "positions='contiguous' renumbers them."
     )),
-    "cls-text": variant("cls-text", "cls-attention", "text", listed=True, doc=(
+    "cls-text": variant("cls-text", "cls-attention", "text", listed=True,
+                        summary="[CLS] attention after the encoder + learnpruner's stage 2",
+                        paper='ablation, arXiv 2604.23950', doc=(
         "LearnPruner ablation '[CLS] attention + text attention': learnpruner with the LPM replaced by [CLS] "
         "attention (top r1 by the [CLS] attention of the encoder layer producing the feature layer, mean over "
         "heads, no diversity fill); stage 2 and the r1:r2 = 3:1 schedule at layer K (12 of 32) are learnpruner's. "
         "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
         "positions='contiguous' renumbers them."
     )),
-    "text-only": variant("text-only", None, "text", listed=True, doc=(
+    "text-only": variant("text-only", None, "text", listed=True,
+                        summary="layer 12: instruction attention (learnpruner's stage 2)",
+                        paper='ablation, arXiv 2604.23950', doc=(
         "LearnPruner ablation 'text attention only': no stage 1; after LLM layer K-1 (learnpruner's K: 12 of 32, "
         "scaled with depth) the visual tokens are scored by the attention of all instruction tokens after the "
         "image and the top r are kept for layers K..L-1, r = (T L - K n) / (L - K) so the average is T. With "
@@ -166,7 +176,9 @@ VARIANTS = {
         "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
         "positions='contiguous' renumbers them."
     )),
-    "cls-only": variant("cls-only", "cls-attention", None, listed=False, doc=(
+    "cls-only": variant("cls-only", "cls-attention", None, listed=False,
+                           summary='after the encoder: [CLS] attention',
+                           paper='ablation, arXiv 2604.23950', doc=(
         "LearnPruner ablation '[CLS] attention only' (arXiv 2604.23950, ablation at 64 tokens: 94.6): after the "
         "vision encoder the T tokens with the highest [CLS] attention (encoder layer producing the feature layer, "
         "mean over heads) are kept, no diversity fill and no LLM drop, so every layer sees T (lpm-only with the "
@@ -174,7 +186,9 @@ VARIANTS = {
         "Positions: original by default (kept tokens keep their position ids, as the LearnPruner paper); "
         "positions='contiguous' renumbers them."
     )),
-    "lpm-lpm": variant("lpm-lpm", "lpm-lpm", "lpm-again", listed=False, doc=(
+    "lpm-lpm": variant("lpm-lpm", "lpm-lpm", "lpm-again", listed=False,
+                           summary='LPM after the encoder, the LPM again at layer 12',
+                           paper='ablation, arXiv 2604.23950', doc=(
         "LearnPruner ablation 'LPM + LPM' (arXiv 2604.23950, ablation at 64 tokens: 96.9, the same as the method): "
         "learnpruner with stage 2's text attention replaced by a second LPM pass. Definition used here (the paper "
         "publishes no stage-2 LPM, and a module for the LLM's hidden states would need its own training): stage 1 "

@@ -53,6 +53,8 @@ def _coverage(ctx: VisionContext, k: int) -> Selection:
 
 register(Method(
     name="learnpruner-set",
+    summary='after the encoder: coverage in a learned place-aware metric + learned quality',
+    paper='this library (extends arXiv 2604.23950)',
     stage1="coverage",
     stage2=None,
     schedule_fn=stage1_schedule,

@@ -24,6 +24,8 @@ def _scope(ctx: VisionContext, k: int) -> Selection:
 
 register(Method(
     name="scope",
+    summary='after the encoder: [CLS] saliency x coverage gain',
+    paper='SCOPE, NeurIPS 2025',
     positions="contiguous",
     stage1="scope",
     stage2=None,
@@ -57,6 +59,8 @@ def _mmr(ctx: VisionContext, k: int) -> Selection:
 
 register(Method(
     name="mmr",
+    summary='after the encoder: maximal marginal relevance (LPM importance)',
+    paper='IDPruner, arXiv 2602.13315',
     positions="original",
     stage1="mmr",
     stage2=None,

@@ -128,6 +128,8 @@ def _dart_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedule
 
 register(Method(
     name="dart",
+    summary='LLM layer 2: pivots, keep the least duplicated',
+    paper='DART, EMNLP 2025',
     stage1=None,
     stage2="dart",
     schedule_fn=_dart_schedule,

@@ -75,6 +75,8 @@ def _pdrop_paper(tokens: int, n: int, num_layers: int, options: dict) -> Schedul
 
 register(Method(
     name="pyramiddrop",
+    summary="LLM layers 8/16/24: last instruction token's attention",
+    paper='PyramidDrop, CVPR 2025',
     stage1=None,
     stage2="last",
     schedule_fn=_pdrop_schedule,

@@ -198,6 +198,8 @@ def _sparsevlm_schedule(tokens: int, n: int, num_layers: int, options: dict) -> 
 
 register(Method(
     name="sparsevlm",
+    summary='LLM layers 2/6/15: text raters + recycling',
+    paper='SparseVLM, ICML 2025',
     stage1=None,
     stage2="sparsevlm",
     schedule_fn=_sparsevlm_schedule,

@@ -126,6 +126,8 @@ def _visionzip_schedule(tokens: int, n: int, num_layers: int, options: dict) -> 
 
 register(Method(
     name="visionzip",
+    summary='after the encoder: [CLS]-dominant + merged contextual',
+    paper='VisionZip, CVPR 2025',
     positions="contiguous",
     stage1="visionzip",
     stage2=None,
@@ -179,6 +181,8 @@ def _vispruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> 
 
 register(Method(
     name="vispruner",
+    summary='after the encoder: [CLS]-important + diverse',
+    paper='VisPruner, ICCV 2025',
     positions="contiguous",
     stage1="vispruner",
     stage2=None,
@@ -218,6 +222,8 @@ def _divprune_schedule(tokens: int, n: int, num_layers: int, options: dict) -> S
 
 register(Method(
     name="divprune",
+    summary='after the encoder: max-min diversity',
+    paper='DivPrune, CVPR 2025',
     positions="contiguous",
     stage1="divprune",
     stage2=None,
@@ -330,6 +336,8 @@ def _cdpruner_schedule(tokens: int, n: int, num_layers: int, options: dict) -> S
 
 register(Method(
     name="cdpruner",
+    summary='after the encoder: conditional DPP (instruction relevance)',
+    paper='CDPruner, 2025',
     stage1="cdpruner",
     stage2=None,
     schedule_fn=_cdpruner_schedule,

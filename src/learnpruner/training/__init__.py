@@ -55,14 +55,27 @@ unless ``overwrite=True``.
 
 from __future__ import annotations
 
-from .checkpoints import check_out_dir, iter_history
-from .config import GATED_ATTENTION, MASKS, RUN_FILES, TrainConfig
-from .data import Example, JsonlRecords, ShapesRecords, SkipRecord, _collate, _encode, chat_messages
-from .gating import Stage2Gate, _register_gated_attention, gated_attention
-from .loop import train_lpm
-from .loss import _Targets, hard_keep_mask, prompt_embeddings, rotary_positions, step_loss
+import importlib
 
-__all__ = ["TrainConfig", "train_lpm", "check_out_dir", "iter_history", "JsonlRecords", "ShapesRecords", "Example",
-           "SkipRecord", "GATED_ATTENTION", "MASKS", "RUN_FILES", "chat_messages", "hard_keep_mask", "step_loss",
-           "prompt_embeddings", "rotary_positions", "gated_attention", "Stage2Gate", "_collate", "_encode",
-           "_register_gated_attention", "_Targets"]
+# name -> the submodule that defines it; loaded on first use (PEP 562), so the CLI reads TrainConfig's defaults
+# without importing torch
+_LAZY = {
+    "check_out_dir": ".checkpoints", "iter_history": ".checkpoints",
+    "GATED_ATTENTION": ".config", "MASKS": ".config", "RUN_FILES": ".config", "TrainConfig": ".config",
+    "Example": ".data", "JsonlRecords": ".data", "ShapesRecords": ".data", "SkipRecord": ".data",
+    "_collate": ".data", "_encode": ".data", "chat_messages": ".data",
+    "Stage2Gate": ".gating", "_register_gated_attention": ".gating", "gated_attention": ".gating",
+    "train_lpm": ".loop",
+    "_Targets": ".loss", "hard_keep_mask": ".loss", "prompt_embeddings": ".loss", "rotary_positions": ".loss",
+    "step_loss": ".loss",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'learnpruner.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

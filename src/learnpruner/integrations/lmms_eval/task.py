@@ -21,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 
 from ...commands import command
-from ...utils import atomic_write
 
 __all__ = ["write_task"]
 
@@ -36,6 +35,7 @@ def write_task(out: str | Path, split: str = "test", limit: int | None = None, n
                max_new_tokens: int = 4) -> Path:
     """Write the task (JSONL, PNGs, YAML, utils.py) into ``out``; returns the YAML's path."""
     from ...testbed.shapes import SPLIT_SIZES, generate_item
+    from ...utils import atomic_write
 
     if split not in SPLIT_SIZES:
         raise ValueError(f"--split must be one of {', '.join(SPLIT_SIZES)}, got {split!r}")

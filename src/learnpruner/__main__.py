@@ -1,0 +1,7 @@
+"""``python -m learnpruner``: the ``learnpruner`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
