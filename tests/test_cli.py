@@ -156,3 +156,26 @@ def test_methods_opens_with_one_table_and_explains_budgets_once(capsys):
     assert "gamma = 0.5" in one and "served in vLLM: yes" in one and "families: " in one
     assert main(["methods", "learnpruner"]) == 0
     assert "served in vLLM: as lpm-only (stage 1 only)" in capsys.readouterr().out
+
+
+def test_serve_builds_the_server_command_from_the_method_and_refuses_what_vllm_cannot_run(capsys):
+    import json
+    import shlex
+
+    assert main(["serve", "shapes-tiny", "--method", "divprune", "--tokens", "32", "--dry-run", "--", "--port",
+                 "8001", "--dtype", "float32"]) == 0
+    cmd = shlex.split(capsys.readouterr().out.strip())
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and cmd[-4:] == ["--port", "8001", "--dtype",
+                                                                                      "float32"]
+    hf = json.loads(cmd[cmd.index("--hf-overrides") + 1])
+    assert hf["architectures"] == ["LearnPrunerLlavaForConditionalGeneration"]
+    assert hf["learnpruner"]["method"] == "divprune" and hf["learnpruner"]["tokens"] == 32
+    # the unpruned baseline goes through the plugin's architecture too (it loads the transformers-5 key layout)
+    assert main(["serve", "shapes-tiny", "--method", "none", "--dry-run"]) == 0
+    assert '"method": "none"' in capsys.readouterr().out
+    assert main(["serve", "shapes-tiny", "--method", "fastv", "--tokens", "32", "--dry-run"]) == 2
+    assert "vLLM cannot run" in capsys.readouterr().err
+    assert main(["serve", "shapes-tiny", "--method", "divprune", "--dry-run"]) == 2
+    assert "needs --tokens T or --ratio R" in capsys.readouterr().err
+    assert main(["serve", "shapes-tiny", "--method", "divprune", "--tokens", "8", "--dry-run", "--", "--model",
+                 "x"]) == 2

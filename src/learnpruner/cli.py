@@ -614,6 +614,26 @@ def methods_table() -> str:
     return "\n".join(rows)
 
 
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="DIR", help="the eval folder (learnpruner eval --out DIR)")
+    p.add_argument("--html", default=None, metavar="FILE", help="where to write the page (default: DIR/report.html)")
+    p.add_argument("--items", type=int, default=3,
+                   help="items shown with the patches each method kept (re-runs the cells' model on them; 0: none)")
+    p.add_argument("--device", default="cpu")
+
+
+@command("report", "one self-contained HTML page from an eval folder: plot, intervals, verdicts, items",
+         _report_args)
+def _report(args: argparse.Namespace) -> int:
+    from .evaluation.html import write_report
+
+    if args.items < 0:
+        raise ValueError(f"--items must be a non-negative integer, got {args.items}")
+    path = write_report(args.out, args.html, items=args.items, overlays=args.items > 0, device=args.device)
+    print(f"report: {path}")
+    return 0
+
+
 def _env_args(p: argparse.ArgumentParser) -> None:
     pass
 
@@ -672,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from .integrations.lmms_eval import task  # noqa: F401  (registers the `lmms-task` subcommand)
     from .integrations.vllm import bench as vllm_bench  # noqa: F401  (registers `vllm-bench`; imports vLLM lazily)
+    from .integrations.vllm import serve  # noqa: F401  (registers `serve`)
 
     parser = argparse.ArgumentParser(prog="learnpruner", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"learnpruner {__version__}")
@@ -682,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # what each command writes (compare's --out is the eval folder it reads)
-OUTPUTS = {"train": ("out",), "eval": ("out",), "calibrate": ("out",), "generate": ("overlay",), "bench": ("out",),
-           "demo": ("out",), "lmms-task": ("out",), "vllm-bench": ("out",), "compare": ("json",)}
+OUTPUTS = {"report": ("html",), "train": ("out",), "eval": ("out",), "calibrate": ("out",), "generate": ("overlay",),
+           "bench": ("out",), "demo": ("out",), "lmms-task": ("out",), "vllm-bench": ("out",), "compare": ("json",),
+           "serve": ()}
 
 
 def _refuse_outputs_in_package(args: argparse.Namespace) -> None:
@@ -698,10 +720,17 @@ def _refuse_outputs_in_package(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Bad input: one ``error: ...`` line on stderr and exit code 2 (argparse's
     usage errors too); Ctrl-C: one line (for ``eval``, how to resume) and exit code 130."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed = []
+    if argv[:1] == ["serve"] and "--" in argv:  # what follows -- goes to vLLM unchanged
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return e.code if isinstance(e.code, int) else 2
+    if getattr(args, "passthrough", False):
+        args.vllm_args = passed
     try:
         _refuse_outputs_in_package(args)
         return COMMANDS[args.command][1](args) or 0
