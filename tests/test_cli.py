@@ -179,3 +179,11 @@ def test_serve_builds_the_server_command_from_the_method_and_refuses_what_vllm_c
     assert "needs --tokens T or --ratio R" in capsys.readouterr().err
     assert main(["serve", "shapes-tiny", "--method", "divprune", "--tokens", "8", "--dry-run", "--", "--model",
                  "x"]) == 2
+
+
+def test_vllm_bench_percentiles_interpolate_as_numpy_does():
+    from learnpruner.integrations.vllm.bench import percentiles
+
+    p = percentiles("x", [4.0, 1.0, 3.0, 2.0, 5.0])
+    assert p == {"x_p50": 3.0, "x_p90": 4.6, "x_p99": pytest.approx(4.96)}
+    assert percentiles("x", []) == {} and percentiles("x", [7.0])["x_p99"] == 7.0

@@ -101,7 +101,7 @@ def test_training_moves_gamma_and_quality_and_ships_them(processor, tmp_path):
     lpm = train_lpm(model, processor, ShapesRecords(), tmp_path, cfg, progress=False)
     meta = json.loads((tmp_path / "lpm.json").read_text())
     gamma = meta["extra"]["options"]["gamma"]
-    assert gamma != pytest.approx(0.5) and math.isfinite(gamma) and meta["extra"]["options"]["beta"] == 1.0
+    assert gamma != pytest.approx(0.5) and math.isfinite(gamma) and meta["extra"]["options"]["beta"] == 0.1
     assert lpm.mlp[-1].weight.abs().sum() > 0  # the zero-initialised quality moved
     hist = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]
     assert len(hist) == 6 and all(math.isfinite(h["loss"]) for h in hist) and "gamma" in hist[-1]

@@ -138,6 +138,9 @@ def test_vllm_bench_measures_stock_and_pruned_serving(tmp_path):
                for r in records)
     assert json.loads((tmp_path / "vllm-bench.json").read_text()) == records
     assert "| learnpruner | 16 |" in table(records)
+    for r in records:  # percentiles as vLLM's serving benchmark reports them
+        assert r["ttft_ms_p50"] <= r["ttft_ms_p90"] <= r["ttft_ms_p99"] and r["latency_ms_p50"] > 0
+    assert "TTFT ms p50 / p90 / p99" in table(records)
 
 
 def test_tensor_parallel_ranks_select_alike(transformers_model, monkeypatch):

@@ -5,7 +5,7 @@ LearnPruner's LPM scores every token alone, so it cannot know that two patches s
 tokens it keeps many patches of a few objects and over-counts (docs/lpm-analysis.md). ``learnpruner-set`` keeps
 the LPM as a learned *quality* term inside a set objective, greedy max-min coverage
 (:func:`~learnpruner.selection.coverage_greedy`): each step keeps the token maximising
-``beta * q_i - max_{s in kept} sim(i, s)``, ``q_i`` the LPM's keep logit (``logit_keep - logit_drop``) and ``sim``
+``beta * q_i - max_{s in kept} sim(i, s)``, ``q_i = tanh(logit_keep - logit_drop)`` of the LPM and ``sim``
 the cosine similarity in a joint appearance-and-place space (:func:`~learnpruner.selection.coverage_similarity`:
 the projected visual tokens beside each token's grid position weighted by ``gamma``). Both ``gamma`` and the
 quality MLP are learned from the answer loss with the VLM frozen (``learnpruner train --method learnpruner-set``:
@@ -27,9 +27,11 @@ SET_FOLDER = "learnpruner-set"  # the model folder's learnpruner-set module (an 
 
 
 def set_quality(lpm, features: torch.Tensor) -> torch.Tensor:
-    """``[g, n]``: the LPM's keep logit of each token (``logit_keep - logit_drop``), learnpruner-set's quality."""
+    """``[g, n]``: learnpruner-set's quality of each token, ``tanh`` of the LPM's keep logit (``logit_keep -
+    logit_drop``): bounded in ``(-1, 1)``, so ``beta`` caps how far quality can outweigh coverage (an unbounded logit
+    let early REINFORCE steps swamp the coverage term and the policy collapsed onto a few tokens)."""
     logits = lpm.logits(features).float()
-    return logits[..., 1] - logits[..., 0]
+    return torch.tanh(logits[..., 1] - logits[..., 0])
 
 
 def set_similarity(ctx: VisionContext, gamma: float | torch.Tensor) -> torch.Tensor:
@@ -65,15 +67,16 @@ register(Method(
                f"folder's {SET_FOLDER}/)"),
         Option("gamma", 0.5, fraction("gamma", 0.0, 10.0), "weight of a token's grid position beside its "
                "appearance in the similarity (learned; the module's lpm.json ships it; 0.5 without one)"),
-        Option("beta", 1.0, fraction("beta", 0.0, 100.0), "weight of the learned quality (the LPM's keep logit) "
-               "against coverage; 0: coverage alone"),
+        Option("beta", 0.1, fraction("beta", 0.0, 10.0), "weight of the learned quality (tanh of the LPM's keep "
+               "logit, in (-1, 1)) against coverage (a similarity); 0: coverage alone"),
     ),
     doc=(
         "learnpruner-set: this library's set-aware extension of LearnPruner (arXiv 2604.23950), not in the paper. "
         "Stage 1 after the vision encoder keeps T tokens by greedy max-min coverage with a learned quality: each "
         "step keeps the token maximising beta * q_i - max over kept s of sim(i, s) (the first: beta * q_i minus "
-        "its similarity to its nearest other token, DivPrune's first pick), q_i the module's keep logit on the "
-        "vision feature layer's rows and sim the cosine similarity of normalize([normalize(projected token); "
+        "its similarity to its nearest other token, DivPrune's first pick), q_i = tanh of the module's keep logit "
+        "on the vision feature layer's rows (bounded, so beta caps its weight) and sim the cosine similarity of "
+        "normalize([normalize(projected token); "
         "gamma * (row, column)]), the token's grid place in [-1, 1] in its crop or frame. gamma and the quality "
         "MLP are learned from the answer loss with the VLM frozen (`learnpruner train --method learnpruner-set`: "
         "REINFORCE on the softmax form of the same greedy rule, leave-one-out baseline; the saved module is the "
@@ -82,7 +85,7 @@ register(Method(
         "LLM drop cost accuracy at 32 tokens on val; every LLM layer sees T tokens); (3) no diversity fill (the set "
         "rule is the diversity); (4) positions original (kept tokens keep their ids; chosen on val); (5) trained "
         "by REINFORCE on the answer loss instead of the straight-through estimator, the LLM running on the kept "
-        "rows only. Defaults: gamma 0.5 and beta 1.0 unless the module ships them; lpm: the model folder's "
+        "rows only. Defaults: gamma 0.5 and beta 0.1 unless the module ships them; lpm: the model folder's "
         f"{SET_FOLDER}/. budget='paper' is the same (T kept). LLaVA-NeXT: on each image's tokens at once, as "
         "DivPrune; video: over all frames at once, (row, column) within each frame."
     ),

@@ -113,7 +113,8 @@ def _new_lpm(ad: Adapter, cfg: TrainConfig, targets: _Targets, n: int, rt: _Runt
         from .set_policy import SetPolicy
 
         lpm = SetPolicy(lpm, gamma=cfg.gamma, tau=cfg.tau).to(rt.device)
-    opt = torch.optim.AdamW(lpm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = lpm.param_groups(cfg.lr) if _is_set(cfg) else lpm.parameters()
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:

@@ -34,7 +34,7 @@ class SetPolicy(nn.Module):
     starts from coverage alone) and ``gamma`` (as ``log_gamma``). Saved as an LPM folder whose ``lpm.json`` ships
     the learned ``gamma`` and ``beta`` as the method's options."""
 
-    def __init__(self, lpm: LearnablePruningModule, gamma: float = 0.5, beta: float = 1.0, tau: float = 0.02,
+    def __init__(self, lpm: LearnablePruningModule, gamma: float = 0.5, beta: float = 0.1, tau: float = 0.02,
                  zero_init: bool = True):
         super().__init__()
         if not gamma > 0:
@@ -63,6 +63,13 @@ class SetPolicy(nn.Module):
 
     def quality(self, features: torch.Tensor) -> torch.Tensor | None:
         return self.beta * set_quality(self.lpm, features) if self.beta else None
+
+    GAMMA_LR = 30.0  # log gamma's learning rate, as a multiple of the quality MLP's (one scalar, a weak gradient)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's groups: the quality MLP at ``lr``, ``log_gamma`` at ``GAMMA_LR * lr``."""
+        return [{"params": list(self.lpm.parameters()), "lr": lr},
+                {"params": [self.log_gamma], "lr": self.GAMMA_LR * lr}]
 
     def options(self) -> dict:
         return {"gamma": round(float(self.gamma.detach()), 6), "beta": self.beta}

@@ -124,21 +124,25 @@ def run_vllm_bench(model: str | None, arch: str | None, settings: list[tuple[str
         llm = vllm.LLM(path, hf_overrides=overrides(family, method, tokens, **options), **kwargs)
         first = vllm.SamplingParams(max_tokens=1, temperature=0)
         llm.generate(single[:1], first, use_tqdm=False)  # warm-up
-        ttft = []
+        ttft, latency = [], []
+        params = vllm.SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0)
         for req in single:
             t0 = time.perf_counter()
             o = llm.generate([req], first, use_tqdm=False)[0]
             ttft.append(time.perf_counter() - t0)
-        params = vllm.SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0)
+            t0 = time.perf_counter()
+            llm.generate([req], params, use_tqdm=False)
+            latency.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         outs = llm.generate(stream, params, use_tqdm=False)
         wall = time.perf_counter() - t0
         rec = {"method": method, "tokens": tokens, "prompt_tokens": len(o.prompt_token_ids),
-               "ttft_ms": 1000 * statistics.median(ttft), "requests_per_s": requests / wall,
+               "ttft_ms": 1000 * statistics.median(ttft), **percentiles("ttft_ms", [1000 * x for x in ttft]),
+               **percentiles("latency_ms", [1000 * x for x in latency]), "requests_per_s": requests / wall,
                "generated_tokens_per_s": sum(len(x.outputs[0].token_ids) for x in outs) / wall,
                "requests": requests, "new_tokens": new_tokens, "card": _card(), "model": arch or model}
         records.append(rec)
-        print_fn(f"{method}@{tokens}: {rec['prompt_tokens']} prompt tokens, TTFT {rec['ttft_ms']:.0f} ms, "
+        print_fn(f"{_label(method, tokens)}: {rec['prompt_tokens']} prompt tokens, TTFT {rec['ttft_ms']:.0f} ms, "
                  f"{rec['requests_per_s']:.2f} req/s")
         del llm
         import gc
@@ -153,13 +157,36 @@ def run_vllm_bench(model: str | None, arch: str | None, settings: list[tuple[str
     return records
 
 
+def percentiles(key: str, values: list[float], qs=(50, 90, 99)) -> dict:
+    """``{key_p50, key_p90, key_p99}`` of ``values`` (linear interpolation between order statistics, as numpy's
+    default and vLLM's serving benchmark report them)."""
+    if not values:
+        return {}
+    xs = sorted(values)
+    out = {}
+    for q in qs:
+        pos = (len(xs) - 1) * q / 100
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        out[f"{key}_p{q}"] = xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return out
+
+
+def _label(method: str, tokens) -> str:
+    return "none (all tokens)" if method == "none" else f"{method}@{tokens}"
+
+
 def table(records: list[dict]) -> str:
-    lines = ["| method | visual tokens | prompt tokens | TTFT ms | vs none | req/s | vs none |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | visual tokens | prompt tokens | TTFT ms p50 / p90 / p99 | vs none | latency ms p50 / p90 / "
+             "p99 | req/s | vs none |", "|---|---|---|---|---|---|---|---|"]
+
+    def pct(r, key):
+        return " / ".join(f"{r[f'{key}_p{q}']:.0f}" if f"{key}_p{q}" in r else "-" for q in (50, 90, 99))
+
     for r in records:
         visual = "all" if r["method"] == "none" else r["tokens"]
-        lines.append(f"| {r['method']} | {visual} | {r['prompt_tokens']} | {r['ttft_ms']:.0f} | "
-                     f"{r.get('ttft_speedup', 1):.2f}x | {r['requests_per_s']:.2f} | "
+        lines.append(f"| {r['method']} | {visual} | {r['prompt_tokens']} | {pct(r, 'ttft_ms')} | "
+                     f"{r.get('ttft_speedup', 1):.2f}x | {pct(r, 'latency_ms')} | {r['requests_per_s']:.2f} | "
                      f"{r.get('throughput_speedup', 1):.2f}x |")
     return "\n".join(lines)
 
@@ -197,6 +224,6 @@ def _vllm_bench(args: argparse.Namespace) -> int:
     records = run_vllm_bench(args.model, args.arch, settings, args.requests, args.new_tokens, args.repeats, args.out,
                              lpm=args.lpm)
     print(f"\n{records[0]['model']} on {records[0]['card']}; {args.requests} requests x {args.new_tokens} new tokens; "
-          "TTFT: median of single requests")
+          f"TTFT and latency ({args.new_tokens} new tokens): percentiles over {args.repeats} single requests")
     print(table(records))
     return 0
