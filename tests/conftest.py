@@ -8,8 +8,8 @@ import pytest  # noqa: E402
 
 # the quick subset (`pytest -m quick`, under 3 minutes on a 2-core CPU): the engine's parity harness, the rules and
 # methods, the plan, the intervals, learnpruner-set, the CLI
-QUICK = {"test_engine.py", "test_rules.py", "test_plan.py", "test_intervals.py", "test_set.py", "test_cli.py",
-         "test_peers_vision.py", "test_budget.py"}
+QUICK = {"test_engine.py", "test_rules.py", "test_plan.py", "test_intervals.py", "test_learnpruner_set.py",
+         "test_cli.py", "test_peers_vision.py", "test_budget.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,7 @@ from harness import layer_lengths
 from helpers import method_options, qwen3_inputs, qwen3_single, tiny_qwen3
 
 # Qwen2.5-VL's prompts and method lists (grids in patches, 16 px here; a video is written group by group here)
-from test_qwen import CLS_METHODS, COUNTS, FULL, ITEMS_PER_SAMPLE, METHODS, PROMPTS, RATIO
+from test_family_qwen2_5_vl import CLS_METHODS, COUNTS, FULL, ITEMS_PER_SAMPLE, METHODS, PROMPTS, RATIO
 
 import learnpruner
 from learnpruner.adapters import adapter_for
@@ -392,9 +392,9 @@ def test_budget_above_an_items_count_keeps_it_whole(model, batches):
 
 
 def _stand_in_processor():
-    """Qwen2.5-VL's torchvision-free stand-in (tests/test_qwen.py) with Qwen3-VL's 16 px patches (64x64 to 128x128
-    px images: 4 to 16 tokens)."""
-    from test_qwen import ImageProcessorStandIn
+    """Qwen2.5-VL's torchvision-free stand-in (tests/test_family_qwen2_5_vl.py) with Qwen3-VL's 16 px patches (64x64
+    to 128x128 px images: 4 to 16 tokens)."""
+    from test_family_qwen2_5_vl import ImageProcessorStandIn
     from transformers import Qwen2VLImageProcessorPil
 
     processor = ImageProcessorStandIn()
@@ -458,7 +458,7 @@ def test_training_forward_adds_the_deepstack_features():
 def test_bench_analytic_flops_and_kv_bytes_equal_the_measured(method):
     """FlopCounterMode on the eager model equals the analytic FLOPs (tower, every merger on the kept rows, LLM,
     head); the cache after the pruned prefill holds the analytic bytes."""
-    from test_qwen import transformers_below
+    from test_family_qwen2_5_vl import transformers_below
     from torch.utils.flop_counter import FlopCounterMode
 
     from learnpruner.adapters import qwen3_vl_bench as b3
