@@ -143,9 +143,14 @@ def test_feature_cache_resumes_holds_coordinates_and_feeds_a_validation_curve(pr
         build_cache(folder, model, processor, ShapesRecords(seed=1), 6, progress=False)
     val = build_cache(tmp_path / "val", model, processor, ShapesRecords(split="val"), 4, progress=False)
     cfg = TrainConfig(tokens=16, steps=4, batch_size=2, lr=5e-2, warmup=1, ckpt_every=2, hidden_dim=16, seed=0,
-                      method="learnpruner-set", tau=0.05, policy_samples=2, val_every=2)
+                      method="learnpruner-set", tau=0.05, policy_samples=2, val_every=2, gamma_grid=(0.2, 1.5),
+                      gamma_records=4)
     train_lpm(model, processor, ShapesRecords(), tmp_path / "run", cfg, progress=False, features=cache, val=val)
-    meta = json.loads((tmp_path / "run" / "lpm.json").read_text())["extra"]["validation"]
+    extra = json.loads((tmp_path / "run" / "lpm.json").read_text())["extra"]
+    fit = extra["gamma_fit"]
+    assert fit["records"] == 4 and [r["gamma"] for r in fit["grid"]] == [0.2, 1.5]
+    assert all(math.isfinite(r["ce"]) and 0 <= r["accuracy"] <= 1 for r in fit["grid"])
+    meta = extra["validation"]
     # the untrained start (coverage alone) is a point of the curve, so training can only be kept if it helped
     assert [p["step"] for p in meta["curve"]] == [0, 2, 4] and meta["chosen_step"] in (0, 2, 4)
     assert (tmp_path / "run" / "curve.png").stat().st_size > 1000

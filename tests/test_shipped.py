@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -116,3 +118,17 @@ def test_shapes_tiny_full_ships_its_own_lpm_trained_on_it():
     fg = np.stack([(it.labels["kind"] > 0).reshape(-1) for it in items])
     auroc = np.mean([(p[f][:, None] > p[~f][None, :]).mean() for p, f in zip(prob, fg)])
     assert auroc > 0.8, auroc
+
+
+@pytest.mark.parametrize("model_name", ["shapes-tiny-full", "shapes-tiny"])
+def test_both_models_ship_a_learnpruner_set_module_that_apply_finds(model_name):
+    import learnpruner
+    from learnpruner.hub import BUILTIN_MODELS, load
+
+    folder = BUILTIN_MODELS[model_name] / "learnpruner-set"
+    meta = json.loads((folder / "lpm.json").read_text())["extra"]
+    assert meta["options"]["gamma"] == 0.5 and "note" in meta  # the card says what was chosen and why
+    assert meta["validation"]["chosen_step"] == 0  # the curve's best point: the untrained start
+    model, _ = load(model_name)
+    plan = learnpruner.resolve(model, "learnpruner-set", 32)
+    assert plan.lpm["path"] == str(folder.resolve()) and plan.sources["gamma"] == "lpm.json"

@@ -46,7 +46,7 @@ def run_demo(model_name: str = "shapes-tiny", images: int = 4, budgets=(64, 32),
         print_fn(f"\n[{item.qtype}] {item.question}   (answer: {item.answer})")
         text, dt = _answer(model, processor, item, device)
         print_fn(f"  none        {576:>3} tokens  -> {text!r:14} {dt * 1000:7.0f} ms")
-        panels = [("unpruned", None, None)]
+        panels = [(f"unpruned (576 tokens): {text!r}", None, None)]
         for tokens in budgets:
             learnpruner.apply(model, "learnpruner", tokens=tokens, **options)
             try:

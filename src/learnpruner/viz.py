@@ -91,7 +91,7 @@ def overlay_kept(image, panels: list[tuple[str, object, object]], grid: int, pat
     h, w = arr.shape[:2]
     ph, pw = h / grid, w / grid
     n = grid * grid
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.9), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.8), dpi=110, squeeze=False)
     for ax, (label, stage1_kept, stage2_kept) in zip(axes[0], panels):
         s1 = np.ones(n, dtype=bool) if stage1_kept is None else np.isin(np.arange(n), np.asarray(stage1_kept))
         shade = np.where(s1, 1.0, 0.22).reshape(grid, grid)
@@ -103,7 +103,7 @@ def overlay_kept(image, panels: list[tuple[str, object, object]], grid: int, pat
                 r, c = divmod(int(idx), grid)
                 ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, ec="#ff2d2d", lw=1.0))
             caption += f", stage 2 (red): {len(np.asarray(stage2_kept))}"
-        ax.set_title(f"{label}\n{caption}", fontsize=8)
+        ax.set_title(f"{label}\n{caption}", fontsize=10)
         ax.axis("off")
     _save(fig, path, title)
 

@@ -76,6 +76,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="learnpruner-set: sets drawn per record (leave-one-out baseline; at least 2)")
     p.add_argument("--gamma", type=float, default=d.gamma,
                    help="learnpruner-set: the start of the learned position weight gamma (> 0)")
+    p.add_argument("--gamma-grid", default=None, metavar="G1,G2,...",
+                   help="learnpruner-set: first fit gamma on the answer loss of --gamma-records cached training "
+                   "records over these values (needs --features)")
+    p.add_argument("--gamma-records", type=int, default=d.gamma_records,
+                   help="learnpruner-set: training records the gamma fit scores")
 
 
 @command("train", "train a Learnable Pruning Module for a frozen VLM (runs under `accelerate launch` too)",
@@ -111,6 +116,13 @@ def _train(args: argparse.Namespace) -> int:
         if args.stage2 or args.dropped_rows is not None:
             raise ValueError("--method learnpruner-set trains stage 1 alone, the LLM on the kept rows only: drop "
                              "--stage2 and --dropped-rows")
+    gamma_grid = None
+    if args.gamma_grid is not None:
+        if method.stage1 != "coverage" or args.features is None:
+            raise ValueError("--gamma-grid is for --method learnpruner-set with --features (it scores cached records)")
+        gamma_grid = tuple(parse_list(args.gamma_grid, float, "--gamma-grid", unique=True))
+        if not all(g > 0 for g in gamma_grid):
+            raise ValueError(f"--gamma-grid takes positive values, got {args.gamma_grid!r}")
     budget_range = None
     if args.budget_range is not None:
         budget_range = tuple(parse_list(args.budget_range, int, "--budget-range"))
@@ -127,7 +139,8 @@ def _train(args: argparse.Namespace) -> int:
                       grad_ckpt=args.grad_ckpt, max_length=args.max_length, budget_range=budget_range,
                       stage2=args.stage2, layer=args.layer, dropped_rows=args.dropped_rows, clip_grad=args.clip_grad,
                       val_every=args.val_every if val_data is not None else 0, method=method.name, tau=args.tau,
-                      policy_samples=args.policy_samples, gamma=args.gamma)
+                      policy_samples=args.policy_samples, gamma=args.gamma, gamma_grid=gamma_grid,
+                      gamma_records=args.gamma_records)
     features = val = None
     if args.features is not None:
         from ..training.features import build_cache

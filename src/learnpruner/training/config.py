@@ -54,6 +54,10 @@ class TrainConfig:
     tau: float = 0.02
     policy_samples: int = 4
     gamma: float = 0.5
+    # fit gamma first on the answer loss of the first ``gamma_records`` training records over these values (None: no
+    # fit; gamma starts at ``gamma``)
+    gamma_grid: tuple[float, ...] | None = None
+    gamma_records: int = 2000
     extra: dict = field(default_factory=dict)
 
     def step_tokens(self, step: int) -> int:

@@ -203,6 +203,15 @@ def train_lpm(
         lpm_t, opt_t = rt.prepare(lpm, opt)
         curve = _Curve(val, cfg, out, select=val_select or lpm_stage1, pad_id=processor.tokenizer.pad_token_id or 0)
         curve.load(out / "checkpoint.pt" if resume else None)
+        if _is_set(cfg) and cfg.gamma_grid and step == 0:
+            if features is None:
+                raise ValueError("gamma_grid fits gamma on cached training records: pass a feature cache (--features)")
+            from .set_policy import fit_gamma
+
+            fit = fit_gamma(model, ad, lpm, features, targets, cfg.gamma_grid, cfg.gamma_records,
+                            processor.tokenizer.pad_token_id or 0)
+            lpm.lpm.config.extra["gamma_fit"] = {"records": min(cfg.gamma_records, len(features)), "grid": fit}
+            logger.info("gamma fit on the training answer loss: %s", fit)
         if _is_set(cfg) and curve.active and step == 0 and rt.is_main:  # the untrained start: coverage alone
             point = curve.add(model, ad, lpm, targets, 0, 0)
             logger.info("step 0: validation accuracy %.1f%% (answer CE %.3f)", 100 * point["accuracy"], point["ce"])

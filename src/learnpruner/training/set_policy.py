@@ -26,7 +26,7 @@ from ..lpm import LearnablePruningModule
 from ..methods.learnpruner_set import set_quality
 from .loss import _feature_table, _take_rows, prompt_embeddings, rotary_positions, row_subset
 
-__all__ = ["SetPolicy", "policy_loss", "answer_ce"]
+__all__ = ["SetPolicy", "policy_loss", "answer_ce", "fit_gamma"]
 
 
 class SetPolicy(nn.Module):
@@ -195,3 +195,31 @@ def _record_of_images(layout, num_images: int, device) -> torch.Tensor:
     rows, _ = (layout.img >= 0).nonzero(as_tuple=True)
     out[layout.img[layout.img >= 0]] = rows.to(device)
     return out
+
+
+@torch.no_grad()
+def fit_gamma(model, ad, policy: SetPolicy, cache, targets, grid, records: int, pad_id: int) -> list[dict]:
+    """Fit ``gamma`` on the answer loss of training records: for each value of ``grid`` the greedy selection
+    (with the policy's current quality) is scored on the first ``records`` records of the training ``cache``
+    (teacher-forced answer cross-entropy, the LLM on the kept rows, as :func:`~.loop.validate` scores), and the
+    policy takes the value of the lowest loss. A zeroth-order fit: gamma's REINFORCE gradient is weak (one scalar
+    that moves every similarity a little). Returns ``[{"gamma", "ce", "accuracy"}]`` per value."""
+    import copy
+
+    from .loop import validate
+
+    if records <= 0:
+        raise ValueError(f"records must be positive, got {records}")
+    view = copy.copy(cache)
+    view.records = cache.records[:records]
+    start = policy.log_gamma.detach().clone()
+    rows = []
+    for g in grid:
+        if not g > 0:
+            raise ValueError(f"the gamma grid takes positive values, got {g}")
+        policy.log_gamma.fill_(math.log(g))
+        point = validate(model, ad, policy, view, targets, None, pad_id)
+        rows.append({"gamma": float(g), "ce": point["ce"], "accuracy": point["accuracy"]})
+    best = min(rows, key=lambda r: r["ce"]) if rows else None
+    policy.log_gamma.copy_(start if best is None else torch.tensor(math.log(best["gamma"])))
+    return rows
