@@ -86,7 +86,7 @@ def test_eval_writes_results_and_resumes_without_recomputing(tiny, tmp_path, mon
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {"method", "tokens", "accuracy", "per_qtype"} <= set(saved[1])
     assert abs(saved[1]["avg_tokens"] - 64.75) < 1e-6
-    assert _png_size(tmp_path / "accuracy.png") == (880, 462)
+    assert _png_size(tmp_path / "accuracy.png") == (990, 528)
 
 
 def test_resuming_a_cell_with_other_options_is_refused(tiny, tmp_path):
@@ -133,18 +133,18 @@ def test_plot_and_overlay_are_valid_pngs(tmp_path):
     plot_accuracy([{"method": "none", "tokens": 576, "status": "ok", "accuracy": 0.9},
                    {"method": "m", "tokens": 64, "status": "ok", "accuracy": 0.7},
                    {"method": "m", "tokens": 32, "status": "ok", "accuracy": 0.5}], tmp_path / "p.png")
-    assert _png_size(tmp_path / "p.png") == (880, 462)
+    assert _png_size(tmp_path / "p.png") == (990, 528)
     img = Image.new("RGB", (336, 336), (200, 100, 50))
     overlay_kept(img, [("a", None, None), ("b", torch.arange(0, 576, 5), torch.arange(0, 576, 25))], 24,
                  tmp_path / "o.png", title="t")
-    assert _png_size(tmp_path / "o.png") == (660, 390)
+    assert _png_size(tmp_path / "o.png") == (924, 528)
 
 
 def test_demo_writes_one_overlay_per_image(tmp_path):
     lines = []
     paths = run_demo("tiny-random-llava", images=2, out_dir=str(tmp_path), print_fn=lines.append)
     assert [p.name for p in paths] == ["demo-0000.png", "demo-0001.png"]
-    assert all(_png_size(p) == (990, 390) for p in paths)
+    assert all(_png_size(p) == (1386, 528) for p in paths)  # three readable panels
     text = "\n".join(lines)
     assert "stage 1 kept 111, stage 2 kept 37" in text and "stage 1 kept 55, stage 2 kept 18" in text
 
