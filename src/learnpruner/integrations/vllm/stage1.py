@@ -154,7 +154,7 @@ class Stage1Spec:
         runs = f" (runs as {self.runs_as}: stage 1 only)" if self.runs_as != self.method else ""
         where = ("contiguous (vLLM's numbering)" if self.positions == "contiguous" else
                  "original (kept tokens keep their 3-D M-RoPE positions)")
-        return f"learnpruner {self.method}{runs}, {budget} visual tokens per item in every layer; positions {where}"
+        return f"{self.method}{runs}, {budget} visual tokens per item in every layer; positions {where}"
 
 
 class Stage1Runner:
