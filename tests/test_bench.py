@@ -258,11 +258,10 @@ def test_run_bench_on_a_next_model_instance_reports_every_image():
     assert not learnpruner.is_pruned(model)
 
 
-def test_next_inputs_and_geometry_come_from_the_adapter():
-    from learnpruner.adapters import adapter_for
-    from learnpruner.adapters.base import ItemGeometry
+def test_next_inputs_and_geometry_come_from_the_family_view():
+    from learnpruner.bench.geometry import ItemGeometry, bench_for
 
-    ad = adapter_for(tiny_llava_next(layers=2))
+    ad = bench_for(tiny_llava_next(layers=2))
     assert ad.item_geometry() == ItemGeometry(size=(112, 112), crops=5, tokens=80, structure=8)
     assert ad.item_geometry((60, 150)) == ItemGeometry(size=(60, 150), crops=3, tokens=48, structure=4)
     images = ad.random_images(2, generator=torch.Generator().manual_seed(0))
@@ -271,7 +270,7 @@ def test_next_inputs_and_geometry_come_from_the_adapter():
     inputs, start = bench._make_inputs(ad.model, 2, 10, 1, "cpu", torch.float32)
     assert start == 5 and inputs[0]["input_ids"].shape == (2, 10 + 88)
     assert int((inputs[0]["input_ids"] == ad.image_token_id).sum()) == 2 * 88
-    llava = adapter_for(tiny_llava(layers=2))
+    llava = bench_for(tiny_llava(layers=2))
     assert llava.item_geometry() == ItemGeometry(size=(112, 112), crops=1, tokens=64, structure=0)
     assert llava.bench_budgets() == [64, 21, 7] and ad.bench_budgets() == [80, 18, 9, 4]
 
@@ -403,7 +402,7 @@ def test_bench_refuses_an_item_the_family_cannot_hold(arch, item, needle):
         bench.run_bench(arch=arch, item=item, progress=False)
 
 
-def test_bench_item_leaves_the_adapter_as_it_was():
+def test_bench_item_leaves_the_view_as_it_was():
     ad = bench.arch_adapter("qwen2.5-vl-tiny")
     video = ad.bench_item("video")
     assert video is not ad and video.bench_kind == "video" and ad.bench_kind == "image"
@@ -433,3 +432,24 @@ def test_bench_help_lists_the_architectures_the_registry_holds():
     from learnpruner.bench.command import ARCH_NAMES
 
     assert ARCH_NAMES == tuple(bench.ARCHS)
+
+
+def test_the_adapter_is_the_engines_interface_and_every_family_registers_itself():
+    from learnpruner.adapters import ADAPTERS, Adapter
+    from learnpruner.bench.geometry import BENCH_FAMILIES, BenchFamily, bench_for
+    from learnpruner.integrations.vllm import ARCHITECTURES, POSITIONS
+
+    for name in ("item_geometry", "random_images", "vision_flops", "projector_flops", "bench_item", "bench_region",
+                 "bench_note", "bench_budgets", "prompt_inputs", "bench_token_id", "bench_kind"):
+        assert not hasattr(Adapter, name), name
+    assert set(BENCH_FAMILIES) == {a.family for a in ADAPTERS}
+    assert set(bench.ARCHS) == {name for cls in BENCH_FAMILIES.values() for name in cls.archs}
+    assert set(ARCHITECTURES) == set(POSITIONS) == {s.key for a in ADAPTERS for s in a.served}
+
+    class Lone(Adapter):  # a family with no benchmark view of its own, registered nowhere
+        family = "lone"
+
+    view = bench_for(Lone(tiny_llava(layers=2)))
+    assert type(view) is BenchFamily and view.family == "lone"
+    with pytest.raises(NotImplementedError, match="describes no benchmark item"):
+        view.item_geometry()

@@ -369,12 +369,14 @@ def test_stage2_of_images_of_two_sizes_in_one_prompt_equals_eager_attention(proc
 def test_token_counts_the_adapter_reports_are_the_ones_it_encodes(model, processor):
     """``num_visual_tokens`` (the largest image) and ``item_geometry`` (per size: tokens, row newlines, crops)
     equal what ``encode`` gives for images of those sizes, as the budgets and the benchmark rely on them."""
-    ad = adapter_for(model)
-    sizes = ((112, 112), (60, 150), (150, 60), ad.largest_image_size())
+    from learnpruner.bench.geometry import bench_for
+
+    ad, view = adapter_for(model), bench_for(model)
+    sizes = ((112, 112), (60, 150), (150, 60), view.largest_image_size())
     inp = next_inputs(processor, sizes=sizes, images_per_prompt=[1, 1, 1, 1])
     visual = ad.encode(inp["pixel_values"], image_sizes=inp["image_sizes"])
     assert visual.counts()[:2] == [80, 48]
     for size, count, slots in zip(sizes, visual.counts(), visual.slots):
-        geo = ad.item_geometry(size)
+        geo = view.item_geometry(size)
         assert (geo.tokens, geo.structure) == (count, int((slots == STRUCTURE).sum())), size
     assert ad.num_visual_tokens() == visual.counts()[-1] == max(visual.counts())

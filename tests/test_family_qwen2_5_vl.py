@@ -502,9 +502,10 @@ def transformers_below(version: str) -> bool:
 
 def test_bench_adapter_helpers_and_random_pixels():
     from learnpruner.adapters import qwen2_5_vl_bench as bq
+    from learnpruner.bench.geometry import bench_for
 
     model = tiny_qwen()
-    ad = adapter_for(model)
+    ad = bench_for(model)
     geo = ad.item_geometry()
     assert geo.size == (896, 1120) and geo.tokens == 1280 and geo.crops == 1 and geo.structure == 0
     images = ad.random_images(2, generator=torch.Generator().manual_seed(0), image_size=(112, 112))

@@ -514,7 +514,6 @@ def test_bench_video_item_laid_out_group_by_group_with_timestamps():
     processor writes it; the engine reads it as one item; the analytic KV bytes (the timestamps counted as text)
     equal the measured cache, for the unpruned and the pruned prefill."""
     from learnpruner import bench
-    from learnpruner.adapters import adapter_for
     from learnpruner.adapters import qwen3_vl_bench as b3
     from learnpruner.bench.inputs import _make_inputs
     from learnpruner.budget import Schedule
@@ -534,7 +533,9 @@ def test_bench_video_item_laid_out_group_by_group_with_timestamps():
         bench.speed_table(records)
 
     model = tiny_qwen3()
-    ad = adapter_for(model).bench_item("video")
+    from learnpruner.bench.geometry import bench_for
+
+    ad = bench_for(model, "video")
     [inp], start = _make_inputs(ad, 2, 12, 1, "cpu", torch.float32)
     ids = inp["input_ids"][0].tolist()
     runs = [len(list(r)) for token, r in itertools.groupby(ids) if token == model.config.video_token_id]

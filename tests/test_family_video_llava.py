@@ -439,11 +439,10 @@ def test_video_bench_end_to_end_on_the_tiny_arch(tmp_path, capsys):
 
 def test_video_bench_inputs_and_geometry_come_from_the_adapter():
     from learnpruner import bench
-    from learnpruner.adapters import adapter_for
-    from learnpruner.adapters.base import ItemGeometry
+    from learnpruner.bench.geometry import ItemGeometry, bench_for
 
     model = bench.build_arch("video-llava-tiny")
-    ad = adapter_for(model)
+    ad = bench_for(model)
     assert ad.item_geometry() == ItemGeometry(size=(56, 56), crops=8, tokens=136, structure=0)
     assert ad.bench_budgets() == [136, 45, 15] and ad.vision_module() is model.model.video_tower
     assert ad.random_images(2)["pixel_values_videos"].shape == (2, 8, 3, 56, 56)
@@ -589,5 +588,7 @@ def test_token_counts_the_adapter_reports_are_the_ones_it_encodes(model):
         pix = torch.randn(1, frames, 3, 56, 56)
         assert ad.video_tokens(frames) == ad.encode(pixel_values_videos=pix).counts()[0] == frames * PER_FRAME
     assert ad.encode(pixel_values_images=torch.randn(1, 3, 56, 56)).counts() == [PER_IMAGE]
-    geo = ad.item_geometry()
-    assert geo.tokens == ad.video_tokens() == ad.bench_frames * PER_FRAME and geo.crops == ad.bench_frames
+    from learnpruner.bench.geometry import bench_for
+
+    geo = bench_for(ad).item_geometry()
+    assert geo.tokens == ad.video_tokens() == ad.default_frames * PER_FRAME and geo.crops == ad.default_frames

@@ -28,7 +28,7 @@ class ToyAdapter(LlavaAdapter):
 def toy(monkeypatch):
     from learnpruner.testbed.model import build_config, build_processor
 
-    monkeypatch.setattr(adapters, "ADAPTERS", list(adapters.ADAPTERS))  # the registration ends with the test
+    monkeypatch.setattr(adapters.base, "ADAPTERS", list(adapters.ADAPTERS))  # the registration ends with the test
     adapters.register_adapter(ToyAdapter)
     processor = build_processor()
     torch.manual_seed(0)

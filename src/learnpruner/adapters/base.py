@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import sys
 from collections.abc import Callable
@@ -26,8 +25,6 @@ class Adapter:
     # forward keyword arguments that carry visual inputs (handed to ``encode``); the first ones that are pixel
     # tensors decide whether a forward has images at all
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
-    bench_kind: str = "image"  # what one benchmark sample holds ("image" or "video"); see bench_item
-    bench_kinds: tuple[str, ...] = ("image",)  # the kinds of benchmark sample the family can hold
     # every image has num_visual_tokens() tokens (LLaVA-1.5); False where counts follow the input's size
     uniform_token_count: bool = False
     visual_inputs: tuple[str, ...] = ("pixel_values",)
@@ -35,6 +32,8 @@ class Adapter:
     vision_options: tuple[str, ...] = ()
     media: tuple[str, ...] = ("image",)  # what a prompt may hold: "image", "video"
     mrope: bool = False  # multi-dimensional rotary positions (M-RoPE): kept tokens cannot be renumbered
+    # the vLLM architectures the family serves pruned (learnpruner.integrations.vllm reads them; none: not served)
+    served: tuple[Served, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -183,77 +182,15 @@ class Adapter:
                     return getattr(mod, name)
         raise TypeError(f"none of {', '.join(names)} is defined next to {type(self.model).__name__} or its bases")
 
-    # --- benchmark helpers (learnpruner.bench) --------------------------------------------------
     def vision_module(self) -> nn.Module:
-        """The module whose forward runs the vision encoder (timed with hooks on an unpatched model)."""
-        raise NotImplementedError
-
-    def item_geometry(self, image_size=None) -> ItemGeometry:
-        """How one image of ``image_size`` ``(height, width)`` enters the model (default: the largest the
-        family takes, the one :meth:`num_visual_tokens` counts)."""
-        raise NotImplementedError
-
-    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
-        """Forward arguments for ``batch`` random images (one per sample) of ``image_size`` (default as in
-        :meth:`item_geometry`): ``pixel_values`` as the processor lays them out, plus the family's extras."""
+        """The module whose forward runs the vision encoder (peers read its post-layernorm; the benchmark times
+        it with hooks on an unpatched model)."""
         raise NotImplementedError
 
     def graph_modules(self) -> list[nn.Module]:
         """The vision modules the fast prefill may capture as CUDA graphs: their forward has static shapes for
         given input shapes and no host synchronisation (none by default)."""
         return []
-
-    def bench_item(self, kind: str | None) -> Adapter:
-        """An adapter of the same model whose benchmark helpers below describe a sample holding ``kind``
-        (``None``: the family's default, :attr:`bench_kind`); this adapter is left as it was. ``ValueError``
-        naming the kinds the family accepts otherwise."""
-        if kind is None:
-            return self
-        if kind not in self.bench_kinds:
-            raise ValueError(f"{self.family} benchmarks hold {' or '.join(self.bench_kinds)} samples, not {kind!r}")
-        other = copy.copy(self)
-        other.bench_kind = kind
-        return other
-
-    def bench_region(self) -> torch.Tensor:
-        """``[k]`` token ids of one bench item's part of the prompt, as the processor lays it out: its
-        placeholders, and any text it writes inside the item (:attr:`ItemGeometry.text`). Default: the
-        item's placeholders in one run."""
-        return torch.full((self.item_geometry().placeholders,), self.bench_token_id, dtype=torch.long)
-
-    def bench_note(self, image: ItemGeometry) -> str:
-        """How ``learnpruner bench`` describes one sample's item of geometry ``image`` under its table."""
-        text = f"{image.tokens} visual tokens"
-        if image.crops > 1 or image.structure:
-            h, w = image.size
-            text = (f"one {h}x{w} image ({image.crops} crops): {text} + {image.structure} structure tokens "
-                    f"(row newlines, kept, outside the budget)")
-        return text
-
-    def bench_budgets(self) -> list[int]:
-        """The budgets (visual tokens per image, averaged over LLM layers) ``learnpruner bench`` measures by
-        default: every token of the bench item (:meth:`item_geometry`), then 1/3 and 1/9 of them (the ratios of
-        LLaVA-1.5's 192 and 64 of 576)."""
-        n = self.item_geometry().tokens
-        return [n, max(1, round(n / 3)), max(1, round(n / 9))]
-
-    def vision_flops(self, image: ItemGeometry | None = None) -> int:
-        """Analytic FLOPs of the vision encoder for one image (every pass it makes; 2 per multiply-add)."""
-        raise NotImplementedError
-
-    def projector_flops(self, rows: int) -> int:
-        """Analytic FLOPs of the projector on ``rows`` feature rows (2 per multiply-add)."""
-        raise NotImplementedError
-
-    def prompt_inputs(self, input_ids: torch.Tensor) -> dict:
-        """Forward arguments the family's processor returns next to ``input_ids`` and that follow from them alone
-        (Qwen's ``mm_token_type_ids``); none by default. The benchmark adds them to its fabricated prompts."""
-        return {}
-
-    @property
-    def bench_token_id(self) -> int:
-        """The placeholder id of a benchmark sample's item (the image token; the video token for videos)."""
-        return self.image_token_id
 
     def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         """The 1-D text positions ``[b or 1, s]`` (for masks and layers) in a forward's ``position_ids``; None when
@@ -263,28 +200,42 @@ class Adapter:
 
 
 @dataclass(frozen=True)
-class ItemGeometry:
-    """One benchmark item (an image, or a video whose frames or frame groups are its crops) as the model sees it:
-    its ``size`` ``(height, width)``, the vision encoder's ``crops``
-    (passes) for it, its visual ``tokens`` (selectable, the budget's reference), its ``structure``
-    placeholders (kept, outside the budget: LLaVA-NeXT's row newlines) and the ``text`` tokens the processor
-    writes inside it (Qwen3-VL's timestamps and delimiters between a video's frame groups: plain text, in every
-    layer)."""
+class Served:
+    """One vLLM architecture a family serves with stage-1 pruning (:mod:`learnpruner.integrations.vllm`).
 
-    size: tuple[int, int]
-    crops: int
-    tokens: int
-    structure: int = 0
-    text: int = 0
+    ``key``: the name ``overrides()`` takes ("llava", "qwen3_vl_moe"); ``stock``: vLLM's architecture it replaces;
+    ``module``: the serving file ``integrations/vllm/<module>.py`` holding the ``pruned`` class and the
+    ``guard`` class (vLLM's own, refusing a learnpruner entry that names no pruned architecture); ``positions``:
+    how vLLM numbers the kept tokens ("contiguous", or "original" for M-RoPE)."""
+
+    key: str
+    stock: str
+    module: str
+    pruned: str
+    guard: str
+    positions: str
 
     @property
-    def placeholders(self) -> int:
-        """Image placeholder positions in the prompt (tokens plus structure)."""
-        return self.tokens + self.structure
+    def architecture(self) -> str:
+        """The pruned architecture's name in vLLM's registry and in ``hf_overrides``."""
+        return "LearnPruner" + self.stock
+
+
+# every registered adapter class, tried in order (a user's first); families register themselves (register_adapter)
+ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Add a family's adapter (a subclass of :class:`Adapter`; usable as a class decorator, as every built-in family
+    does). It is tried before those registered earlier, so a subclass of a supported model class can get an
+    adapter of its own."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise TypeError(f"register_adapter takes a subclass of learnpruner.adapters.Adapter, got {cls!r}")
+    if cls not in ADAPTERS:
+        ADAPTERS.insert(0, cls)
+    return cls
 
 
 def families_with(kind: str) -> list[str]:
     """The registered families whose prompts may hold ``kind`` ("image" or "video")."""
-    from . import ADAPTERS
-
     return [a.family for a in ADAPTERS if kind in a.media]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import VisualFeatures
-from .base import Adapter, ItemGeometry
+from .base import Adapter, Served, register_adapter
 from .clip import clip_features, crop_coords
 
 
+@register_adapter
 class LlavaAdapter(Adapter):
     family = "llava"
+    served = (Served("llava", "LlavaForConditionalGeneration", "llava", "PrunedLlava", "GuardedLlava", "contiguous"),)
     vision_options = ("vision_feature_layer", "vision_feature_select_strategy")
     model_classes = ("LlavaForConditionalGeneration",)
     uniform_token_count = True
@@ -75,33 +77,5 @@ class LlavaAdapter(Adapter):
         """The CLIP tower (a plain ViT: static shapes, no host synchronisation)."""
         return [self.model.model.vision_tower]
 
-    # --- benchmark helpers ------------------------------------------------------------------------
     def vision_module(self):
         return self.model.model.vision_tower
-
-    def item_geometry(self, image_size=None) -> ItemGeometry:
-        """Every image is resized to the tower's square input: one crop, :meth:`num_visual_tokens` tokens."""
-        size = self.model.config.vision_config.image_size
-        return ItemGeometry(size=(size, size), crops=1, tokens=self.num_visual_tokens())
-
-    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
-        vc = self.model.config.vision_config
-        shape = (batch, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
-        return {"pixel_values": torch.randn(shape, generator=generator)}
-
-    def vision_flops(self, image: ItemGeometry | None = None) -> int:
-        """CLIP: patch conv + every encoder layer (HF runs them all, whatever the feature layer) on each crop;
-        q/k/v/o and the 2-matrix MLP on ``patches + 1`` positions, attention scores and values full."""
-        vc = self.model.config.vision_config
-        crops = (image or self.item_geometry()).crops
-        d, inter = vc.hidden_size, vc.intermediate_size
-        patches = (vc.image_size // vc.patch_size) ** 2
-        s = patches + 1  # + [CLS]
-        conv = 2 * patches * getattr(vc, "num_channels", 3) * vc.patch_size**2 * d
-        layer = 2 * s * (4 * d * d + 2 * d * inter) + 4 * s * s * d
-        return crops * (conv + vc.num_hidden_layers * layer)
-
-    def projector_flops(self, rows: int) -> int:
-        """Two linear layers: feature width (times the feature layers) -> text hidden -> text hidden."""
-        h = self.text_config.hidden_size
-        return 2 * rows * (self.feature_dim() * h + h * h)

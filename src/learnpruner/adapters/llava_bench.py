@@ -1,9 +1,15 @@
-"""Benchmark architectures of the LLaVA-like families (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA): their configs with
-the published dimensions (random weights; nothing downloaded), CPU-friendly and test-sized variants."""
+"""The benchmark's view of the LLaVA-like families (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA): their architectures with
+the published dimensions (random weights; nothing downloaded), CPU-friendly and test-sized variants; one bench
+item's geometry, its random inputs and the analytic FLOPs of the CLIP tower and the projector
+(:class:`~learnpruner.bench.geometry.BenchFamily`)."""
 
 from __future__ import annotations
 
-__all__ = ["LLAVA_ARCHS", "NEXT_PINPOINTS", "bench_processor"]
+import torch
+
+from ..bench.geometry import BenchFamily, ItemGeometry
+
+__all__ = ["LLAVA_ARCHS", "NEXT_PINPOINTS", "bench_processor", "LlavaBench", "LlavaNextBench", "VideoLlavaBench"]
 
 
 def _clip(hidden, layers, heads, inter, image_size=336, patch=14):
@@ -99,3 +105,118 @@ def bench_processor(config):
     config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
     config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
     return processor
+
+
+def _family_archs(prefix: str | tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict:
+    return {k: v for k, v in LLAVA_ARCHS.items() if k.startswith(prefix) and not k.startswith(exclude)}
+
+
+class LlavaBench(BenchFamily):
+    """LLaVA-1.5: every image is resized to the tower's square input (one crop, 576 tokens at 336 px)."""
+
+    family = "llava"
+    archs = _family_archs("llava-", exclude=("llava-next",))
+
+    @classmethod
+    def processor(cls, config):
+        return bench_processor(config)
+
+    def item_geometry(self, image_size=None) -> ItemGeometry:
+        """Every image is resized to the tower's square input: one crop, :meth:`num_visual_tokens` tokens."""
+        size = self.model.config.vision_config.image_size
+        return ItemGeometry(size=(size, size), crops=1, tokens=self.num_visual_tokens())
+
+    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
+        vc = self.model.config.vision_config
+        shape = (batch, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator)}
+
+    def vision_flops(self, image: ItemGeometry | None = None) -> int:
+        """CLIP: patch conv + every encoder layer (HF runs them all, whatever the feature layer) on each crop;
+        q/k/v/o and the 2-matrix MLP on ``patches + 1`` positions, attention scores and values full."""
+        vc = self.model.config.vision_config
+        crops = (image or self.item_geometry()).crops
+        d, inter = vc.hidden_size, vc.intermediate_size
+        patches = (vc.image_size // vc.patch_size) ** 2
+        s = patches + 1  # + [CLS]
+        conv = 2 * patches * getattr(vc, "num_channels", 3) * vc.patch_size**2 * d
+        layer = 2 * s * (4 * d * d + 2 * d * inter) + 4 * s * s * d
+        return crops * (conv + vc.num_hidden_layers * layer)
+
+    def projector_flops(self, rows: int) -> int:
+        """Two linear layers: feature width (times the feature layers) -> text hidden -> text hidden."""
+        h = self.text_config.hidden_size
+        return 2 * rows * (self.feature_dim() * h + h * h)
+
+
+class LlavaNextBench(LlavaBench):
+    """LLaVA-NeXT: the base crop plus the AnyRes grid of the largest pinpoint (672x672 at 336 px: 5 crops)."""
+
+    family = "llava_next"
+    archs = _family_archs("llava-next")
+
+    processor = BenchFamily.processor  # none: LLaVA-NeXT's AnyRes word-level processor is not built (vllm-bench)
+
+    def largest_image_size(self) -> tuple[int, int]:
+        """The grid pinpoint with the most crops (first of equals): the image :meth:`num_visual_tokens` counts."""
+        size = self.model.config.vision_config.image_size
+        h, w = max(self.model.config.image_grid_pinpoints, key=lambda hw: (hw[0] // size) * (hw[1] // size))
+        return int(h), int(w)
+
+    def item_geometry(self, image_size=None) -> ItemGeometry:
+        """Base crop plus the AnyRes grid for ``image_size`` (default: :meth:`largest_image_size`); tokens are
+        the unpadded grid's, structure its row newlines (672x672 at 336 px: 5 crops, 2880 tokens, 48 rows)."""
+        size = self.largest_image_size() if image_size is None else (int(image_size[0]), int(image_size[1]))
+        crops = self._num_crops([list(size)])[0]
+        order = self.packed_order(crops, self._crop_tokens(), list(size))
+        structure = int((order < 0).sum())
+        return ItemGeometry(size=size, crops=crops, tokens=int(order.numel()) - structure, structure=structure)
+
+    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
+        """``pixel_values`` ``[batch, crops, C, S, S]`` and ``image_sizes`` ``[batch, 2]``, as the processor
+        returns them for ``batch`` images of one size."""
+        geo = self.item_geometry(image_size)
+        vc = self.model.config.vision_config
+        shape = (batch, geo.crops, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
+        return {"pixel_values": torch.randn(shape, generator=generator),
+                "image_sizes": torch.tensor([list(geo.size)] * batch)}
+
+    def bench_budgets(self) -> list[int]:
+        """Every token, then the LLaVA-NeXT papers' 640/320/160 of 2880 (2/9, 1/9, 1/18 of the count)."""
+        n = self.num_visual_tokens()
+        return [n] + [max(1, round(n * f)) for f in (2 / 9, 1 / 9, 1 / 18)]
+
+
+class VideoLlavaBench(LlavaBench):
+    """Video-LLaVA: the bench's item is one video of the adapter's ``default_frames`` (8) frames."""
+
+    family = "video_llava"
+    archs = _family_archs("video-llava")
+    bench_kind = "video"
+    bench_kinds = ("video",)
+
+    processor = BenchFamily.processor  # none (vLLM serves no Video-LLaVA)
+
+    @property
+    def bench_token_id(self) -> int:
+        """The placeholder id of a bench item: the video token."""
+        return self.model.config.video_token_id
+
+    def item_geometry(self, image_size=None) -> ItemGeometry:
+        """One video of the adapter's ``default_frames`` frames, each resized to the tower's square input and
+        encoded as one crop: 8 crops, 2056 tokens at 224 px (``image_size`` is ignored: every frame enters at that
+        size)."""
+        size = self.model.config.vision_config.image_size
+        return ItemGeometry(size=(size, size), crops=self.adapter.default_frames, tokens=self.video_tokens())
+
+    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
+        """``pixel_values_videos`` ``[batch, frames, C, S, S]``: one random video per sample, as the processor
+        lays them out."""
+        vc = self.model.config.vision_config
+        shape = (batch, self.adapter.default_frames, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
+        return {"pixel_values_videos": torch.randn(shape, generator=generator)}
+
+    def bench_note(self, image) -> str:
+        h, w = image.size
+        return (f"one {image.crops}-frame video ({h}x{w} frames): {image.tokens} visual tokens "
+                f"(each frame's [CLS] row included)")

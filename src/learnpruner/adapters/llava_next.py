@@ -21,13 +21,16 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import STRUCTURE, VisualFeatures
-from .base import ItemGeometry
+from .base import Served, register_adapter
 from .llava import LlavaAdapter
 
 
+@register_adapter
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    served = (Served("llava_next", "LlavaNextForConditionalGeneration", "llava_next", "PrunedLlavaNext",
+                     "GuardedLlavaNext", "contiguous"),)
     uniform_token_count = False  # base crop plus a grid chosen by the aspect ratio
     visual_inputs = ("pixel_values", "image_sizes")
 
@@ -93,33 +96,3 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def output_class(self) -> type:
         return self.model_module_attr("LlavaNextCausalLMOutputWithPast")
-
-    # --- benchmark helpers ------------------------------------------------------------------------
-    def largest_image_size(self) -> tuple[int, int]:
-        """The grid pinpoint with the most crops (first of equals): the image :meth:`num_visual_tokens` counts."""
-        size = self.model.config.vision_config.image_size
-        h, w = max(self.model.config.image_grid_pinpoints, key=lambda hw: (hw[0] // size) * (hw[1] // size))
-        return int(h), int(w)
-
-    def item_geometry(self, image_size=None) -> ItemGeometry:
-        """Base crop plus the AnyRes grid for ``image_size`` (default: :meth:`largest_image_size`); tokens are
-        the unpadded grid's, structure its row newlines (672x672 at 336 px: 5 crops, 2880 tokens, 48 rows)."""
-        size = self.largest_image_size() if image_size is None else (int(image_size[0]), int(image_size[1]))
-        crops = self._num_crops([list(size)])[0]
-        order = self.packed_order(crops, self._crop_tokens(), list(size))
-        structure = int((order < 0).sum())
-        return ItemGeometry(size=size, crops=crops, tokens=int(order.numel()) - structure, structure=structure)
-
-    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
-        """``pixel_values`` ``[batch, crops, C, S, S]`` and ``image_sizes`` ``[batch, 2]``, as the processor
-        returns them for ``batch`` images of one size."""
-        geo = self.item_geometry(image_size)
-        vc = self.model.config.vision_config
-        shape = (batch, geo.crops, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
-        return {"pixel_values": torch.randn(shape, generator=generator),
-                "image_sizes": torch.tensor([list(geo.size)] * batch)}
-
-    def bench_budgets(self) -> list[int]:
-        """Every token, then the LLaVA-NeXT papers' 640/320/160 of 2880 (2/9, 1/9, 1/18 of the count)."""
-        n = self.num_visual_tokens()
-        return [n] + [max(1, round(n * f)) for f in (2 / 9, 1 / 9, 1 / 18)]

@@ -47,7 +47,7 @@ from contextlib import contextmanager
 import torch
 
 from ..engine.layout import VisualFeatures, grid_coords
-from .base import Adapter
+from .base import Adapter, Served, register_adapter
 
 __all__ = ["Qwen2_5_VLAdapter", "ROPE_DELTAS_ATTR", "merge_rows", "grid_offsets", "grid_extent"]
 
@@ -112,9 +112,12 @@ def grid_extent(grid: tuple[int, int, int], t_factor: float = 1.0) -> int:
     return max(int((t - 1) * t_factor), h - 1, w - 1) + 1
 
 
+@register_adapter
 class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    served = (Served("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "PrunedQwen2_5_VL",
+                     "GuardedQwen2_5_VL", "original"),)
     has_cls = False
     media = ("image", "video")
     mrope = True
@@ -307,64 +310,5 @@ class Qwen2_5_VLAdapter(Adapter):
         rope = positions if deltas is None else positions + deltas.to(positions.device)
         return rope[None].expand(3, *rope.shape)
 
-    # --- benchmark helpers (learnpruner.bench; geometry and FLOPs in qwen2_5_vl_bench) ------------------------
     def vision_module(self):
         return self._visual
-
-    bench_kinds = ("image", "video")
-
-    @property
-    def bench_token_id(self) -> int:
-        """The placeholder id of a bench item: the image token, or the video token for a video."""
-        return self.video_token_id if self.bench_kind == "video" else self.image_token_id
-
-    def item_geometry(self, image_size=None):
-        """One bench item after the processor's resize. An image of ``image_size`` ``(height, width)`` px (default
-        :data:`~.qwen2_5_vl_bench.BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens.
-        With ``bench_item("video")``, a video of ``image_size`` ``(frames, height, width)`` (default
-        :data:`~.qwen2_5_vl_bench.BENCH_VIDEO`, 4 temporal groups of 256 tokens): its temporal groups are
-        the crops. No structure either way."""
-        from . import qwen2_5_vl_bench as bq
-        from .base import ItemGeometry
-
-        cfg = self.model.config
-        if self.bench_kind == "video":
-            grid = bq.video_grid(cfg, *(image_size or bq.BENCH_VIDEO))
-        else:
-            grid = bq.image_grid(cfg, *(image_size or bq.BENCH_IMAGE))
-        t, h, w = grid
-        patch = cfg.vision_config.patch_size
-        return ItemGeometry(size=(h * patch, w * patch), crops=t, tokens=bq.grid_tokens(cfg, grid))
-
-    def bench_note(self, image) -> str:
-        h, w = image.size
-        if self.bench_kind == "video":
-            frames = image.crops * self.model.config.vision_config.temporal_patch_size
-            return (f"one {frames}-frame video ({h}x{w} frames, {image.crops} temporal groups): "
-                    f"{image.tokens} visual tokens")
-        return f"one {h}x{w} image: {image.tokens} visual tokens"
-
-    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
-        """Forward arguments of ``batch`` random items of one size, as the processor lays them out: one row per
-        patch in ``pixel_values`` and ``image_grid_thw``, or for a video ``pixel_values_videos``,
-        ``video_grid_thw`` and ``second_per_grid_ts``."""
-        from . import qwen2_5_vl_bench as bq
-
-        if self.bench_kind == "video":
-            return bq.random_pixels(self.model.config, batch, video=image_size or bq.BENCH_VIDEO, generator=generator)
-        return bq.random_pixels(self.model.config, batch, image=image_size or bq.BENCH_IMAGE, generator=generator)
-
-    def vision_flops(self, image=None) -> int:
-        """The windowed tower for one bench item, every temporal group of a video (merger excluded:
-        :meth:`projector_flops`)."""
-        from . import qwen2_5_vl_bench as bq
-
-        image = image if image is not None else self.item_geometry()
-        patch = self.model.config.vision_config.patch_size
-        grid = (image.crops, image.size[0] // patch, image.size[1] // patch)
-        return bq.vision_flops(self.model.config, grid)
-
-    def projector_flops(self, rows: int) -> int:
-        from . import qwen2_5_vl_bench as bq
-
-        return bq.merger_flops(self.model.config, rows)

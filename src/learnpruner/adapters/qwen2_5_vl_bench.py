@@ -1,7 +1,7 @@
 """Benchmark pieces for Qwen2.5-VL: the architectures (random weights), their inputs, analytic FLOPs and KV bytes.
 
-Meant to be hooked into :mod:`learnpruner.bench` (its ``ARCHS`` and the adapter's benchmark helpers); every
-function here also works alone, on a config, without allocating weights.
+Hooked into :mod:`learnpruner.bench` by :class:`Qwen2_5_VLBench` (the family's benchmark view, which registers
+itself with the architectures); every function here also works alone, on a config, without allocating weights.
 
 * :data:`QWEN_ARCHS`: ``qwen2.5-vl-7b`` (``Qwen/Qwen2.5-VL-7B-Instruct``'s dimensions: a 32-block windowed ViT
   of width 1280, full attention in blocks 7/15/23/31, 112 px windows, a 5120 -> 3584 merger, and a 28-layer
@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..bench.geometry import BenchFamily, ItemGeometry
 from ..cost import items_breakdown, items_kv_bytes
 
 __all__ = [
@@ -276,3 +277,65 @@ def bench_processor(config):
         setattr(config, key, value)
     config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
     return processor
+
+
+class Qwen2_5_VLBench(BenchFamily):
+    """Qwen2.5-VL: a bench item is one image (:data:`BENCH_IMAGE`) or, with ``bench_item("video")``, one video
+    (:data:`BENCH_VIDEO`); no structure either way."""
+
+    family = "qwen2_5_vl"
+    archs = QWEN_ARCHS
+    bench_kinds = ("image", "video")
+
+    @classmethod
+    def processor(cls, config):
+        return bench_processor(config)
+
+    @property
+    def bench_token_id(self) -> int:
+        """The placeholder id of a bench item: the image token, or the video token for a video."""
+        return self.video_token_id if self.bench_kind == "video" else self.image_token_id
+
+    def prompt_inputs(self, input_ids: torch.Tensor) -> dict:
+        return {"mm_token_type_ids": self.mm_token_type_ids(input_ids)}
+
+    def item_geometry(self, image_size=None) -> ItemGeometry:
+        """One bench item after the processor's resize. An image of ``image_size`` ``(height, width)`` px (default
+        :data:`BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens. With
+        ``bench_item("video")``, a video of ``image_size`` ``(frames, height, width)`` (default
+        :data:`BENCH_VIDEO`, 4 temporal groups of 256 tokens): its temporal groups are the crops."""
+        cfg = self.model.config
+        if self.bench_kind == "video":
+            grid = video_grid(cfg, *(image_size or BENCH_VIDEO))
+        else:
+            grid = image_grid(cfg, *(image_size or BENCH_IMAGE))
+        t, h, w = grid
+        patch = cfg.vision_config.patch_size
+        return ItemGeometry(size=(h * patch, w * patch), crops=t, tokens=grid_tokens(cfg, grid))
+
+    def bench_note(self, image) -> str:
+        h, w = image.size
+        if self.bench_kind == "video":
+            frames = image.crops * self.model.config.vision_config.temporal_patch_size
+            return (f"one {frames}-frame video ({h}x{w} frames, {image.crops} temporal groups): "
+                    f"{image.tokens} visual tokens")
+        return f"one {h}x{w} image: {image.tokens} visual tokens"
+
+    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
+        """Forward arguments of ``batch`` random items of one size, as the processor lays them out: one row per
+        patch in ``pixel_values`` and ``image_grid_thw``, or for a video ``pixel_values_videos``,
+        ``video_grid_thw`` and ``second_per_grid_ts``."""
+        if self.bench_kind == "video":
+            return random_pixels(self.model.config, batch, video=image_size or BENCH_VIDEO, generator=generator)
+        return random_pixels(self.model.config, batch, image=image_size or BENCH_IMAGE, generator=generator)
+
+    def vision_flops(self, image=None) -> int:
+        """The tower for one bench item, every temporal group of a video (the merger excluded:
+        :meth:`projector_flops`)."""
+        image = image if image is not None else self.item_geometry()
+        patch = self.model.config.vision_config.patch_size
+        return vision_flops(self.model.config, (image.crops, image.size[0] // patch, image.size[1] // patch))
+
+    def projector_flops(self, rows: int) -> int:
+        """The merger's two linear layers on the kept rows."""
+        return merger_flops(self.model.config, rows)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import VisualFeatures
+from .base import Served, register_adapter
 from .qwen2_5_vl import IMAGE, VIDEO, Qwen2_5_VLAdapter, grouped_outputs
 
 __all__ = ["Qwen3VLAdapter", "merge_rows3"]
@@ -52,11 +53,15 @@ def merge_rows3(merger, rows: torch.Tensor) -> torch.Tensor:
     return merger(rows.reshape(-1, patch)).reshape(*lead, -1)
 
 
+@register_adapter
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    served = (Served("qwen3_vl", "Qwen3VLForConditionalGeneration", "qwen3_vl", "PrunedQwen3VL", "GuardedQwen3VL",
+                     "original"),
+              Served("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "qwen3_vl", "PrunedQwen3VLMoe",
+                     "GuardedQwen3VLMoe", "original"))
     visual_inputs = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids")
-    bench_kinds = ("image", "video")
 
     def output_class(self) -> type:
         return self.model_module_attr("Qwen3VLMoeCausalLMOutputWithPast", "Qwen3VLCausalLMOutputWithPast",
@@ -105,61 +110,3 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         """DeepStack tap ``j``'s merger on (kept) grouped rows; the engine adds the result after decoder layer
         ``j``."""
         return merge_rows3(self._visual.deepstack_merger_list[j], rows)
-
-    # --- benchmark helpers (geometry and FLOPs in qwen3_vl_bench) -----------------------------------------
-    def item_geometry(self, image_size=None):
-        """One bench item after the processor's resize. An image of ``image_size`` ``(height, width)`` px (default
-        :data:`~.qwen3_vl_bench.BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens. With
-        ``bench_item("video")``, a video of ``image_size`` ``(frames, height, width)`` (default
-        :data:`~.qwen3_vl_bench.BENCH_VIDEO`, 4 temporal groups of 256 tokens): the groups are its crops, and
-        each group's timestamp and delimiters are its ``text`` (:data:`~.qwen3_vl_bench.GROUP_TEXT` tokens)."""
-        from . import qwen3_vl_bench as b3
-        from .base import ItemGeometry
-        from .qwen2_5_vl_bench import video_grid
-
-        cfg = self.model.config
-        if self.bench_kind == "video":
-            t, h, w = video_grid(cfg, *(image_size or b3.BENCH_VIDEO))
-        else:
-            t, h, w = b3.image_grid(cfg, *(image_size or b3.BENCH_IMAGE))
-        patch = cfg.vision_config.patch_size
-        return ItemGeometry(size=(h * patch, w * patch), crops=t, tokens=b3.grid_tokens(cfg, (t, h, w)),
-                            text=t * b3.GROUP_TEXT if self.bench_kind == "video" else 0)
-
-    def bench_region(self) -> torch.Tensor:
-        """An image: its placeholders. A video: per temporal group a timestamp (:data:`~.qwen3_vl_bench.GROUP_TEXT`
-        - 2 plain text tokens), ``<|vision_start|>``, the group's placeholders and ``<|vision_end|>``, as the
-        processor writes it."""
-        if self.bench_kind != "video":
-            return super().bench_region()
-        from . import qwen3_vl_bench as b3
-
-        geo, cfg = self.item_geometry(), self.model.config
-        group = [2] * (b3.GROUP_TEXT - 2) + [cfg.vision_start_token_id] + [cfg.video_token_id] * (
-            geo.tokens // geo.crops) + [cfg.vision_end_token_id]
-        return torch.tensor(group * geo.crops, dtype=torch.long)
-
-    def bench_note(self, image) -> str:
-        note = super().bench_note(image)
-        return note + f" + {image.text} timestamp and delimiter tokens (text)" if image.text else note
-
-    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
-        from . import qwen3_vl_bench as b3
-
-        if self.bench_kind == "video":
-            return b3.random_pixels(self.model.config, batch, video=image_size or b3.BENCH_VIDEO, generator=generator)
-        return b3.random_pixels(self.model.config, batch, image=image_size or b3.BENCH_IMAGE, generator=generator)
-
-    def vision_flops(self, image=None) -> int:
-        """The tower for one bench image (the mergers excluded: :meth:`projector_flops`)."""
-        from . import qwen3_vl_bench as b3
-
-        image = image if image is not None else self.item_geometry()
-        patch = self.model.config.vision_config.patch_size
-        return b3.vision_flops(self.model.config, (image.crops, image.size[0] // patch, image.size[1] // patch))
-
-    def projector_flops(self, rows: int) -> int:
-        """The main merger and every DeepStack merger on ``rows`` kept tokens."""
-        from . import qwen3_vl_bench as b3
-
-        return b3.merger_flops(self.model.config, rows)

@@ -20,8 +20,9 @@ import math
 
 import torch
 
+from ..bench.geometry import ItemGeometry
 from ..cost import items_breakdown, items_kv_bytes
-from .qwen2_5_vl_bench import check_items, grid_tokens
+from .qwen2_5_vl_bench import Qwen2_5_VLBench, check_items, grid_tokens, video_grid
 
 __all__ = ["QWEN3_ARCHS", "BENCH_IMAGE", "BENCH_VIDEO", "GROUP_TEXT", "qwen3_config", "image_grid", "grid_tokens",
            "vision_flops", "merger_flops", "flops_breakdown", "analytic_kv_bytes", "random_pixels", "word_processor",
@@ -179,3 +180,60 @@ def bench_processor(config):
         setattr(config, key, value)
     config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
     return processor
+
+
+class Qwen3VLBench(Qwen2_5_VLBench):
+    """Qwen3-VL (and its MoE): as Qwen2.5-VL's view, with this module's geometry and costs; a video's frame groups
+    carry their timestamps and delimiters as text."""
+
+    family = "qwen3_vl"
+    archs = QWEN3_ARCHS
+
+    @classmethod
+    def processor(cls, config):
+        return bench_processor(config)
+
+    def item_geometry(self, image_size=None) -> ItemGeometry:
+        """One bench item after the processor's resize. An image of ``image_size`` ``(height, width)`` px (default
+        :data:`BENCH_IMAGE`, 1280 tokens): one pass of the tower, ``h * w / 4`` tokens. With
+        ``bench_item("video")``, a video of ``image_size`` ``(frames, height, width)`` (default
+        :data:`BENCH_VIDEO`, 4 temporal groups of 256 tokens): the groups are its crops, and each group's
+        timestamp and delimiters are its ``text`` (:data:`GROUP_TEXT` tokens)."""
+        cfg = self.model.config
+        if self.bench_kind == "video":
+            t, h, w = video_grid(cfg, *(image_size or BENCH_VIDEO))
+        else:
+            t, h, w = image_grid(cfg, *(image_size or BENCH_IMAGE))
+        patch = cfg.vision_config.patch_size
+        return ItemGeometry(size=(h * patch, w * patch), crops=t, tokens=grid_tokens(cfg, (t, h, w)),
+                            text=t * GROUP_TEXT if self.bench_kind == "video" else 0)
+
+    def bench_region(self) -> torch.Tensor:
+        """An image: its placeholders. A video: per temporal group a timestamp (:data:`GROUP_TEXT` - 2 plain text
+        tokens), ``<|vision_start|>``, the group's placeholders and ``<|vision_end|>``, as the processor writes
+        it."""
+        if self.bench_kind != "video":
+            return super().bench_region()
+        geo, cfg = self.item_geometry(), self.model.config
+        group = [2] * (GROUP_TEXT - 2) + [cfg.vision_start_token_id] + [cfg.video_token_id] * (
+            geo.tokens // geo.crops) + [cfg.vision_end_token_id]
+        return torch.tensor(group * geo.crops, dtype=torch.long)
+
+    def bench_note(self, image) -> str:
+        note = super().bench_note(image)
+        return note + f" + {image.text} timestamp and delimiter tokens (text)" if image.text else note
+
+    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
+        if self.bench_kind == "video":
+            return random_pixels(self.model.config, batch, video=image_size or BENCH_VIDEO, generator=generator)
+        return random_pixels(self.model.config, batch, image=image_size or BENCH_IMAGE, generator=generator)
+
+    def vision_flops(self, image=None) -> int:
+        """The tower for one bench item (the mergers excluded: :meth:`projector_flops`)."""
+        image = image if image is not None else self.item_geometry()
+        patch = self.model.config.vision_config.patch_size
+        return vision_flops(self.model.config, (image.crops, image.size[0] // patch, image.size[1] // patch))
+
+    def projector_flops(self, rows: int) -> int:
+        """The main merger and every DeepStack merger on ``rows`` kept tokens."""
+        return merger_flops(self.model.config, rows)

@@ -20,16 +20,18 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import VisualFeatures
-from .base import ItemGeometry
+from .base import register_adapter
 from .clip import clip_features
 from .llava import LlavaAdapter
 
 
+@register_adapter
 class VideoLlavaAdapter(LlavaAdapter):
     """Shares LLaVA's text model, projector, feature layer and CLIP FLOPs; adds the video tower and items."""
 
     family = "video_llava"
     model_classes = ("VideoLlavaForConditionalGeneration",)
+    served = ()  # vLLM has no Video-LLaVA
     uniform_token_count = False  # images have 256 tokens, videos frames x 257
     media = ("image", "video")
     pixel_inputs = ("pixel_values_images", "pixel_values_videos")
@@ -94,21 +96,13 @@ class VideoLlavaAdapter(LlavaAdapter):
     def output_class(self) -> type:
         return self.model_module_attr("VideoLlavaCausalLMOutputWithPast")
 
-    # --- benchmark helpers (learnpruner.bench): the bench's item is one video -------------------------
-    bench_kind = "video"  # what each bench sample holds (learnpruner.bench reads it)
-    bench_kinds = ("video",)
-    bench_frames = 8  # frames per video, as Video-LLaVA's processor samples them
-
-    @property
-    def bench_token_id(self) -> int:
-        """The placeholder id of a bench item: the video token."""
-        return self.model.config.video_token_id
+    default_frames = 8  # frames per video, as Video-LLaVA's processor samples them (training and the benchmark)
 
     def video_tokens(self, frames: int | None = None) -> int:
-        """Visual tokens of a video of ``frames`` frames (default :attr:`bench_frames`): every frame's patches and
+        """Visual tokens of a video of ``frames`` frames (default :attr:`default_frames`): every frame's patches and
         its [CLS] row, whatever the strategy (8 x 257 = 2056 at 224 px)."""
         vc = self.model.config.vision_config
-        frames = self.bench_frames if frames is None else frames
+        frames = self.default_frames if frames is None else frames
         return frames * ((vc.image_size // vc.patch_size) ** 2 + 1)
 
     def graph_modules(self) -> list:
@@ -116,23 +110,5 @@ class VideoLlavaAdapter(LlavaAdapter):
         return [self.model.model.image_tower, self.model.model.video_tower]
 
     def vision_module(self):
-        """The video tower (the bench feeds videos only)."""
+        """The video tower (what the benchmark feeds; CLIP peers read its post-layernorm, the image tower's twin)."""
         return self.model.model.video_tower
-
-    def item_geometry(self, image_size=None) -> ItemGeometry:
-        """One video of :attr:`bench_frames` frames, each resized to the tower's square input and encoded as one
-        crop: 8 crops, 2056 tokens at 224 px (``image_size`` is ignored: every frame enters at that size)."""
-        size = self.model.config.vision_config.image_size
-        return ItemGeometry(size=(size, size), crops=self.bench_frames, tokens=self.video_tokens())
-
-    def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
-        """``pixel_values_videos`` ``[batch, frames, C, S, S]``: one random video per sample, as the processor
-        lays them out."""
-        vc = self.model.config.vision_config
-        shape = (batch, self.bench_frames, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size)
-        return {"pixel_values_videos": torch.randn(shape, generator=generator)}
-
-    def bench_note(self, image) -> str:
-        h, w = image.size
-        return (f"one {image.crops}-frame video ({h}x{w} frames): {image.tokens} visual tokens "
-                f"(each frame's [CLS] row included)")

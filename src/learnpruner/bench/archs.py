@@ -1,5 +1,6 @@
-"""Named architectures with random weights (each family's come from its adapter module), their models built
-fast, and adapters over weightless meta-device models."""
+"""Named architectures with random weights (each family's come from its benchmark view,
+:class:`~learnpruner.bench.geometry.BenchFamily`), their models built fast, and benchmark views over weightless
+meta-device models."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import math
 
 import torch
 
-from ..adapters import BENCH_ARCHS
+from .geometry import BenchFamily, bench_archs, bench_for
 
-ARCHS = BENCH_ARCHS  # every family's named architectures (adapters/*_bench.py)
+ARCHS = bench_archs()  # every family's named architectures (the BenchFamily subclasses in adapters/*_bench.py)
 
 
 def arch_config(name: str):
@@ -34,22 +35,20 @@ def _meta_model(cfg):
         return _model_class(cfg)._from_config(cfg)
 
 
-def arch_adapter(arch):
-    """The adapter of an architecture (a name from :data:`ARCHS` or a config) over a weightless meta-device
-    model: its image geometry, budgets and FLOPs without allocating a single weight."""
-    from ..adapters import adapter_for
+def arch_adapter(arch, kind: str | None = None) -> BenchFamily:
+    """The benchmark view (:func:`~.geometry.bench_for`) of an architecture (a name from :data:`ARCHS` or a
+    config) over a weightless meta-device model: its item geometry, budgets and FLOPs without allocating a single
+    weight; ``kind``: the item it holds (None: the family's default). Its engine members are the adapter's."""
+    return bench_for(_meta_model(arch_config(arch) if isinstance(arch, str) else arch), kind)
 
-    return adapter_for(_meta_model(arch_config(arch) if isinstance(arch, str) else arch))
 
+def _adapter(model) -> BenchFamily:
+    """The benchmark view of a model, an adapter, a view, a config or an :data:`ARCHS` name (the last two over a
+    meta model)."""
+    from ..adapters import Adapter
 
-def _adapter(model):
-    """The adapter of a model, an adapter, a config or an :data:`ARCHS` name (the last two over a meta model)."""
-    from ..adapters import Adapter, adapter_for
-
-    if isinstance(model, Adapter):
-        return model
-    if isinstance(model, torch.nn.Module):
-        return adapter_for(model)
+    if isinstance(model, (Adapter, BenchFamily, torch.nn.Module)):
+        return bench_for(model)
     return arch_adapter(model)
 
 

@@ -21,7 +21,7 @@ def _image_for(ad, schedule, image):
     image = image if image is not None else ad.item_geometry()
     if schedule.n != image.tokens:
         raise ValueError(f"the schedule is for {schedule.n}-token images, the image has {image.tokens} visual "
-                         f"tokens; pass image=adapter.item_geometry(image_size) for that image's size")
+                         f"tokens; pass image=bench_for(model).item_geometry(image_size) for that image's size")
     return image
 
 
@@ -33,7 +33,7 @@ def flops_breakdown(model, schedule, batch: int, text_tokens: int, lm_head: str 
     :class:`~learnpruner.budget.Schedule` (one image, or video, per sample); ``text_tokens``: non-image tokens per
     sample; ``lm_head``: ``"last"`` (one position per sample, as in generate) or ``"all"`` (every
     position of the final layer, as a plain ``model(**inputs)``); ``image``: the
-    :class:`~learnpruner.adapters.base.ItemGeometry` of the image (default: the family's largest; Video-LLaVA:
+    :class:`~learnpruner.bench.geometry.ItemGeometry` of the image (default: the family's largest; Video-LLaVA:
     an 8-frame video, its frames the crops). The vision tower and projector FLOPs come from the adapter
     (``vision_flops``, ``projector_flops``).
     """

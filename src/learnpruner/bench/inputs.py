@@ -14,10 +14,10 @@ _TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 def _make_inputs(model, batch: int, text_tokens: int, variants: int, device, dtype, seed: int = 0):
     """``variants`` input dicts of ``batch`` prompts ``<s> t*4 <item> t*rest`` with random images (the adapter's
-    ``random_images``; ``<item>`` its :meth:`~learnpruner.adapters.base.Adapter.bench_region`: ``<image>*L``, or
-    ``<video>*L``, or a Qwen3-VL video's timestamped frame groups), ``text_tokens`` prompt tokens besides the item;
-    and the index of the item's first token. ``model``: a model or its adapter (whose ``bench_item`` chose the
-    item)."""
+    ``random_images``; ``<item>`` its :meth:`~learnpruner.bench.geometry.BenchFamily.bench_region`: ``<image>*L``,
+    or ``<video>*L``, or a Qwen3-VL video's timestamped frame groups), ``text_tokens`` prompt tokens besides the
+    item; and the index of the item's first token. ``model``: a model, its adapter or its benchmark view (whose
+    ``bench_item`` chose the item)."""
     ad = _adapter(model)
     region = ad.bench_region()
     pre = min(4, text_tokens - 1)

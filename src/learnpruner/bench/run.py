@@ -101,7 +101,7 @@ def run_bench(
     ``item``: what each sample holds, ``"image"`` or ``"video"``, where the family takes both (Qwen2.5-VL:
     an 896x1120 px image of 1280 tokens, or 8 frames of 448x448 px, 1024 tokens); default the family's own.
     """
-    from ..adapters import adapter_for
+    from .geometry import bench_for
 
     methods, tokens, batch_sizes = _check_args(model, arch, methods, tokens, batch_sizes, item, new_tokens=new_tokens,
                                                text_tokens=text_tokens, repeats=repeats, warmup=warmup,
@@ -115,7 +115,7 @@ def run_bench(
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = _resolve_dtype(dtype, dev)
     model, label = _load_model(model, arch, dev, dt, seed)
-    ad = adapter_for(model).bench_item(item)
+    ad = bench_for(model, item)
     model.generation_config.pad_token_id = ad.text_config.pad_token_id or 0
     if tokens is None:
         tokens = ad.bench_budgets()

@@ -18,23 +18,31 @@ import json
 
 __all__ = ["register", "overrides", "model_class", "ARCHITECTURES", "POSITIONS", "TESTED_VLLM"]
 
-# family -> (vLLM's architecture, the pruned one, the module holding it, the guarded stock class)
-ARCHITECTURES = {
-    "llava": ("LlavaForConditionalGeneration", "LearnPrunerLlavaForConditionalGeneration", "llava:PrunedLlava",
-              "llava:GuardedLlava"),
-    "llava_next": ("LlavaNextForConditionalGeneration", "LearnPrunerLlavaNextForConditionalGeneration",
-                   "llava_next:PrunedLlavaNext", "llava_next:GuardedLlavaNext"),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "LearnPrunerQwen2_5_VLForConditionalGeneration",
-                   "qwen2_5_vl:PrunedQwen2_5_VL", "qwen2_5_vl:GuardedQwen2_5_VL"),
-    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "LearnPrunerQwen3VLForConditionalGeneration",
-                 "qwen3_vl:PrunedQwen3VL", "qwen3_vl:GuardedQwen3VL"),
-    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "LearnPrunerQwen3VLMoeForConditionalGeneration",
-                     "qwen3_vl:PrunedQwen3VLMoe", "qwen3_vl:GuardedQwen3VLMoe"),
-}
-# how each family's vLLM model numbers the kept tokens: LLaVA's 1-D positions run on over the shortened prompt;
-# M-RoPE families keep the kept tokens' original 3-D positions (as the transformers engine does)
-POSITIONS = {"llava": "contiguous", "llava_next": "contiguous", "qwen2_5_vl": "original", "qwen3_vl": "original",
-             "qwen3_vl_moe": "original"}
+
+
+def _served() -> dict:
+    """key -> :class:`~learnpruner.adapters.Served`, from every registered adapter's ``served`` (a family declares
+    what vLLM serves of it in its adapter; nothing here lists families)."""
+    from ...adapters import ADAPTERS
+
+    return {s.key: s for cls in reversed(ADAPTERS) for s in cls.served}
+
+
+def __getattr__(name: str):
+    """``ARCHITECTURES``: key -> (vLLM's architecture, the pruned one, the module holding it, the guarded stock
+    class); ``POSITIONS``: how each key's vLLM model numbers the kept tokens (LLaVA's 1-D positions run on over the
+    shortened prompt; M-RoPE families keep the kept tokens' original 3-D positions, as the transformers engine
+    does). Built on first use from the adapters (so that the CLI's parser imports no torch)."""
+    if name == "ARCHITECTURES":
+        return _architectures()
+    if name == "POSITIONS":
+        return {k: s.positions for k, s in _served().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _architectures() -> dict[str, tuple[str, str, str, str]]:
+    return {k: (s.stock, s.architecture, f"{s.module}:{s.pruned}", f"{s.module}:{s.guard}")
+            for k, s in _served().items()}
 TESTED_VLLM = ("0.32.",)  # the plugin uses private vLLM interfaces: the versions it is tested on
 
 
@@ -57,7 +65,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     check_vllm_version()
-    for stock, arch, target, guard in ARCHITECTURES.values():
+    for stock, arch, target, guard in _architectures().values():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"{__name__}.{target}")
         ModelRegistry.register_model(stock, f"{__name__}.{guard}")
@@ -67,7 +75,7 @@ def model_class(family: str):
     """The pruned vLLM model class of ``family`` (imports vLLM)."""
     import importlib
 
-    module, name = ARCHITECTURES[family][2].split(":")
+    module, name = _architectures()[family][2].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
@@ -79,9 +87,10 @@ def overrides(family: str, method: str = "learnpruner", tokens: int | None = Non
     line's ``--hf-overrides``."""
     from .stage1 import CONFIG_KEY, Stage1Spec
 
-    if family not in ARCHITECTURES:
-        raise ValueError(f"family {family!r} has no vLLM integration; accepted: {', '.join(ARCHITECTURES)}")
+    architectures = _architectures()
+    if family not in architectures:
+        raise ValueError(f"family {family!r} has no vLLM integration; accepted: {', '.join(architectures)}")
     spec = Stage1Spec.check(method, tokens, ratio, options, family=family)
     entry = {"method": spec.method, "tokens": spec.tokens, "ratio": spec.ratio, "options": spec.options}
-    result = {"architectures": [ARCHITECTURES[family][1]], CONFIG_KEY: entry}
+    result = {"architectures": [architectures[family][1]], CONFIG_KEY: entry}
     return json.dumps(result) if as_json else result

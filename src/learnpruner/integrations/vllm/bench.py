@@ -31,17 +31,18 @@ __all__ = ["run_vllm_bench"]
 
 def _arch_folder(arch: str, out: Path) -> tuple[Path, str]:
     """A model folder for ``arch`` (config, word-level tokenizer and processor; no weights) and its family."""
-    from ...adapters import BENCH_PROCESSORS
     from ...bench import arch_config
+    from ...bench.geometry import bench_processor, processor_families
     from . import ARCHITECTURES
 
     config = arch_config(arch)
     family = config.model_type
-    if family not in ARCHITECTURES or family not in BENCH_PROCESSORS:
+    with_processor = set(processor_families())
+    if family not in ARCHITECTURES or family not in with_processor:
         raise ValueError(f"--arch {arch!r} ({family}): vllm-bench runs the architectures of "
-                         f"{', '.join(sorted(set(ARCHITECTURES) & set(BENCH_PROCESSORS)))}")
+                         f"{', '.join(sorted(set(ARCHITECTURES) & with_processor))}")
     folder = out / f"arch-{arch}"
-    processor = BENCH_PROCESSORS[family](config)
+    processor = bench_processor(family, config)
     config.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder, family
