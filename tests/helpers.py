@@ -384,3 +384,38 @@ def method_options(method: str) -> dict:
     if method == "random":
         return {"seed": 1}
     return {"lpm": "random"} if learnpruner.get_method(method).needs_lpm else {}
+
+
+def tiny_llava_onevision(attn: str = "sdpa", layers: int = 8, seed: int = 0, pinpoints=None):
+    """A random LLaVA-OneVision: SigLIP at 56 px (16 tokens per crop, no [CLS]), grids up to 2x2 crops
+    (``anyres_max_9`` never interpolates them; ``pinpoints`` may give larger grids), a Qwen2 text model, and the
+    testbed's word-level tokenizer (``<image>`` the image token; the video token is one id past it)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from learnpruner.testbed.model import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    text_cfg = Qwen2Config(
+        vocab_size=len(tok) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    vision_cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    image_size=56, patch_size=14)
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=len(tok), vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints or NEXT_PINPOINTS,
+    )
+    cfg._attn_implementation = attn
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.suppress_tokens = [cfg.image_token_id, cfg.video_token_id]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model

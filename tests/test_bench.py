@@ -428,10 +428,11 @@ def test_every_figure_has_its_spread_and_no_time_is_negative_and_no_op_rows_get_
     assert len(bench.speed_table(records, full=True).splitlines()[0].split("|")) - 2 == 20
 
 
-def test_bench_help_lists_the_architectures_the_registry_holds():
-    from learnpruner.bench.command import ARCH_NAMES
-
-    assert ARCH_NAMES == tuple(bench.ARCHS)
+def test_bench_arch_list_prints_every_registered_architecture(capsys):
+    assert main(["bench", "--arch", "list"]) == 0
+    out = capsys.readouterr().out
+    named = [name for line in out.splitlines() for name in line.split(": ", 1)[1].split(", ")]
+    assert sorted(named) == sorted(bench.ARCHS) and "llava_onevision: llava-onevision-7b" in out
 
 
 def test_the_adapter_is_the_engines_interface_and_every_family_registers_itself():

@@ -6,16 +6,12 @@ import argparse
 
 from ..commands import command
 
-# the named architectures' names, for --help without importing torch (a test checks them against bench.ARCHS)
-ARCH_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "llava-mid", "llava-tiny", "llava-next-7b", "llava-next-mid",
-              "llava-next-tiny", "video-llava-7b", "video-llava-mid", "video-llava-tiny", "qwen2.5-vl-7b",
-              "qwen2.5-vl-mid", "qwen2.5-vl-tiny", "qwen3-vl-8b", "qwen3-vl-mid", "qwen3-vl-tiny")
-
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="hub id, local folder or built-in name (loads real weights)")
-    src.add_argument("--arch", help=f"architecture with random weights, no download: {', '.join(ARCH_NAMES)}")
+    src.add_argument("--arch", help="a named architecture with random weights, no download (e.g. llava-1.5-7b, "
+                     "qwen2.5-vl-7b, llava-onevision-7b; `--arch list` prints every one, with its family)")
     p.add_argument("--methods", default="none,fastv,learnpruner", help="comma-separated method names")
     p.add_argument("--tokens", default=None,
                    help="comma-separated budgets: visual tokens per image, average per LLM layer (default: every "
@@ -47,6 +43,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .report import plot_results, speed_table, write_results
     from .run import run_bench
+
+    if args.arch == "list":  # the names each family's benchmark view registers
+        from .geometry import BENCH_FAMILIES, bench_archs
+
+        bench_archs()
+        for family, cls in BENCH_FAMILIES.items():
+            print(f"{family}: {', '.join(cls.archs)}")
+        return 0
 
     if args.threads is not None:
         if args.threads <= 0:
