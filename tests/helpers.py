@@ -419,3 +419,30 @@ def tiny_llava_onevision(attn: str = "sdpa", layers: int = 8, seed: int = 0, pin
     model.generation_config.suppress_tokens = [cfg.image_token_id, cfg.video_token_id]
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
+
+
+def tiny_internvl(attn: str = "sdpa", layers: int = 8, seed: int = 0):
+    """A random InternVL3: InternViT at 112 px (64 patches, pixel-shuffled to 16 tokens per tile), a Qwen2 text
+    model, and the testbed's word-level tokenizer (``<image>`` the placeholder; ``<img>``/``</img>`` two ids past
+    the vocabulary)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    from learnpruner.testbed.model import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    text_cfg = Qwen2Config(
+        vocab_size=len(tok) + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    vision_cfg = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                      image_size=(112, 112), patch_size=(14, 14))
+    cfg = InternVLConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=tok.convert_tokens_to_ids(
+        "<image>"), image_seq_length=16, downsample_ratio=0.5)
+    cfg._attn_implementation = attn
+    model = InternVLForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.suppress_tokens = [cfg.image_token_id]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model

@@ -154,7 +154,7 @@ def test_unreachable_budget_is_skipped_with_its_reason():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"arch": "llava-9b"}, "unknown arch 'llava-9b'; accepted: llava-1.5-7b"),
+    ({"arch": "llava-9b"}, "unknown arch 'llava-9b'; accepted: internvl3-8b, internvl3-mid, internvl3-tiny, llava-"),
     ({"arch": "llava-tiny", "methods": "none,bogus"}, "unknown method 'bogus'; known methods:"),
     ({"arch": "llava-tiny", "tokens": "64,0"}, "tokens must be a positive integer"),
     ({"arch": "llava-tiny", "tokens": "64,abc"}, "tokens: 'abc' is not a valid value"),

@@ -62,7 +62,7 @@ def _prepare_batch(model, ad, size: int, text_tokens: int, variants: int, device
     feats, structure = [], None
     with torch.inference_mode():
         for inp in inputs:
-            visual = ad.encode(**{k: v for k, v in inp.items() if k not in _TEXT_INPUTS})
+            visual = ad.encode(input_ids=inp["input_ids"], **{k: v for k, v in inp.items() if k not in _TEXT_INPUTS})
             feats.append(visual.rows(list(range(visual.num_images))))
             k = int((visual.slots[0] == STRUCTURE).sum())
             if k and visual.structure is not None:

@@ -1,0 +1,270 @@
+"""InternVL3 (InternViT tiles, pixel shuffle, a per-token projector): every method against the unmodified
+transformers model.
+
+Tiny random configs built offline: InternViT at 112 px (64 patches plus a class token, pixel-shuffled to 16
+tokens per tile), a Qwen2 LLM. An image is its tiles: one run of placeholders between ``<img>`` and ``</img>``
+(plain text here); prompts are built by hand (the InternVL processor needs a video processor, which needs
+torchvision).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import layer_lengths
+from helpers import method_options, tiny_internvl
+
+import learnpruner
+from learnpruner.adapters import adapter_for
+from learnpruner.testbed.model import build_tokenizer
+
+torch.set_num_threads(1)
+
+METHODS = sorted(m for m in learnpruner.METHODS if not learnpruner.get_method(m).needs_cls)
+NEEDS_CLS = sorted(m for m in learnpruner.METHODS if learnpruner.get_method(m).needs_cls)
+PRUNED = [m for m in METHODS if m != "none"]
+BUDGET = 24
+TOK = build_tokenizer()
+PER_TILE = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_internvl()
+
+
+@pytest.fixture(autouse=True)
+def _unpatch(model):
+    yield
+    if learnpruner.is_pruned(model):
+        learnpruner.remove(model)
+
+
+def inputs(model, tiles=((3,), (2,)), seed=0, questions=("what colour is the circle ?", "how many squares ?")) -> dict:
+    """A left-padded batch; prompt ``j`` holds images of ``tiles[j]`` tiles each, ``<img>`` ... ``</img>`` around
+    each (two plain text ids), and ``pixel_values`` every tile in prompt order."""
+    g = torch.Generator().manual_seed(seed)
+    start, end = len(TOK), len(TOK) + 1
+    rows = []
+    for j, images in enumerate(tiles):
+        ids = [TOK.bos_token_id] + TOK.encode("user :", add_special_tokens=False)
+        for c in images:
+            ids += [start] + [model.config.image_token_id] * (c * PER_TILE) + [end]
+        rows.append(ids + TOK.encode(questions[j % len(questions)] + " assistant :", add_special_tokens=False))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), TOK.pad_token_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    total = sum(sum(t) for t in tiles)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(total, 3, 112, 112, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def inp(model):
+    return inputs(model)
+
+
+def _single(inp, i, tiles=((3,), (2,))):
+    real = inp["attention_mask"][i].bool()
+    first = sum(sum(t) for t in tiles[:i])
+    return {"input_ids": inp["input_ids"][i:i + 1, real], "attention_mask": inp["attention_mask"][i:i + 1, real],
+            "pixel_values": inp["pixel_values"][first:first + sum(tiles[i])]}
+
+
+@torch.no_grad()
+def test_projecting_the_rows_encode_gives_is_the_models_own_features(model):
+    ad = adapter_for(model)
+    inp = inputs(model, tiles=((3, 1), (2,)))
+    visual = ad.encode(inp["pixel_values"], input_ids=inp["input_ids"])
+    ref = model.model.get_image_features(inp["pixel_values"]).pooler_output  # [tiles, 16, hidden]
+    assert visual.counts() == [48, 16, 32] and [int(c.max()) + 1 for c in visual.crops] == [3, 1, 2]
+    torch.testing.assert_close(torch.cat([ad.project(f) for f in visual.features]), ref.flatten(0, 1), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="the prompt holds placeholders for 6 tiles, pixel_values 5"):
+        ad.encode(inp["pixel_values"][:5], input_ids=inp["input_ids"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", METHODS)
+def test_full_budget_is_identical_to_unpatched(model, inp, method):
+    ref = model(**inp).logits
+    ref_gen = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    learnpruner.apply(model, method, tokens=48, **method_options(method))
+    assert torch.equal(model(**inp).logits, ref)
+    assert torch.equal(model.generate(**inp, max_new_tokens=3, do_sample=False), ref_gen)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", PRUNED)
+def test_each_image_follows_its_own_schedule(model, inp, method):
+    learnpruner.apply(model, method, tokens=BUDGET, **method_options(method))
+    model(**inp)
+    st = learnpruner.stats(model)
+    assert [im.count for im in st.images] == [48, 32]
+    for im in st.images:
+        assert im.tokens_per_layer == im.schedule.per_layer()
+        assert abs(im.average_tokens - min(BUDGET, im.count)) <= 1.0
+    for i, im in enumerate(st.images):
+        single = _single(inp, i)
+        with layer_lengths(model) as lengths:
+            model(**single)
+        s = single["input_ids"].shape[1]
+        assert lengths == [s - im.count + k for k in im.schedule.per_layer()]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", [m for m in PRUNED if m != "random"])
+def test_padded_batch_of_different_sizes_equals_each_alone(model, inp, method):
+    learnpruner.apply(model, method, tokens=BUDGET, **method_options(method))
+    pos = (inp["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate numbers a padded row (DART: key norms)
+    batched = model(**inp, position_ids=pos)
+    st = learnpruner.stats(model)
+    gen = model.generate(**inp, max_new_tokens=3, do_sample=False)
+    width = inp["input_ids"].shape[1]
+    for i in range(2):
+        single = _single(inp, i)
+        out = model(**single)
+        a, b = st.images[i], learnpruner.stats(model).images[0]
+        if a.stage1_kept is not None:
+            assert torch.equal(a.stage1_kept, b.stage1_kept)
+        for x, y in zip(a.llm_kept, b.llm_kept, strict=True):
+            assert torch.equal(x, y)
+        torch.testing.assert_close(batched.logits[i, -1], out.logits[0, -1], atol=1e-4, rtol=1e-4)
+        g = model.generate(**single, max_new_tokens=3, do_sample=False)
+        assert torch.equal(g[0, single["input_ids"].shape[1]:], gen[i, width:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["learnpruner", "fastv", "divprune", "pyramiddrop"])
+def test_cached_generation_equals_stepwise_recomputation(model, inp, method):
+    learnpruner.apply(model, method, tokens=BUDGET, **method_options(method))
+    steps = 3
+    banned = [model.config.image_token_id, model.generation_config.eos_token_id]
+    gen = model.generate(**inp, max_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, suppress_tokens=banned)
+    st = learnpruner.stats(model)
+    new = gen.sequences[:, inp["input_ids"].shape[1]:]
+    with learnpruner.fixed_selection(model, st.stage1_kept, st.llm_kept):
+        for t in range(steps):
+            ids = torch.cat([inp["input_ids"], new[:, :t]], dim=1)
+            mask = torch.cat([inp["attention_mask"], torch.ones_like(new[:, :t])], dim=1)
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=inp["pixel_values"],
+                           use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, gen.logits[t], atol=1e-4, rtol=1e-4)
+            logits[:, banned] = float("-inf")
+            assert torch.equal(logits.argmax(-1), new[:, t]), f"step {t}"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_stage2_scores_equal_eager_attention(impl, inp):
+    model, ref = tiny_internvl(attn=impl, seed=1), tiny_internvl(attn="eager", seed=1)
+    layer = 3
+    learnpruner.apply(model, "learnpruner", tokens=8, lpm="random", r1=24, r2=6, layer=layer)
+    model(**inp)
+    st = learnpruner.stats(model)
+    image_id = model.config.image_token_id
+    for i in range(2):
+        single = _single(inp, i)
+        ids = single["input_ids"][0]
+        placeholder = (ids == image_id).nonzero()[:, 0]
+        kept1 = st.images[i].stage1_kept
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        slots = torch.arange(placeholder.shape[0])
+        keep[placeholder[~torch.isin(slots, kept1)]] = False
+        feats = model.model.get_image_features(single["pixel_values"]).pooler_output.flatten(0, 1)
+        embeds = ref.model.language_model.embed_tokens(ids[None])
+        embeds[0, placeholder] = feats.to(embeds.dtype)
+        pos = torch.arange(ids.shape[0])[None]
+        out = ref.model.language_model(inputs_embeds=embeds[:, keep], position_ids=pos[:, keep],
+                                       attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+                                       output_attentions=True)
+        probs = out.attentions[layer - 1][0].float()
+        kept_ids = ids[keep]
+        kept_slots = torch.full_like(ids, -1)
+        kept_slots[placeholder] = slots
+        kept_slots = kept_slots[keep]
+        last_image = int((kept_ids == image_id).nonzero().max())
+        q = torch.arange(kept_ids.shape[0]) > last_image
+        visual_cols = kept_slots >= 0
+        expected = probs[:, q][:, :, visual_cols].mean(dim=(0, 1))
+        torch.testing.assert_close(st.stage2_scores[i, kept_slots[visual_cols]], expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", NEEDS_CLS)
+def test_a_method_that_reads_the_cls_token_is_refused_by_name(model, method):
+    with pytest.raises(ValueError, match=f"method '{method}' reads the vision encoder's \\[CLS\\] attention, but "
+                                         "internvl has no \\[CLS\\] token"):
+        learnpruner.apply(model, method, tokens=BUDGET, **method_options(method))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,opts", [("learnpruner", {"tokens": 16, "lpm": "random"}), ("fastv", {"tokens": 30}),
+                                         ("learnpruner-set", {"tokens": 16, "lpm": "random"})])
+def test_the_fast_path_generates_what_the_plain_path_does(model, inp, method, opts):
+    learnpruner.apply(model, method, **opts)
+    plain = model.generate(**inp, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    learnpruner.remove(model)
+    learnpruner.apply(model, method, fast=True, **opts)
+    quick = model.generate(**inp, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(plain.sequences, quick.sequences)
+    for a, b in zip(plain.scores, quick.scores):
+        finite = torch.isfinite(a)
+        torch.testing.assert_close(a[finite], b[finite], atol=1e-5, rtol=1e-5)
+
+
+# --- the benchmark --------------------------------------------------------------------------------------------
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    from torch.utils import flop_counter
+
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def test_internvl3_8b_arch_has_the_real_dims_and_six_tiles_plus_a_thumbnail():
+    from learnpruner import bench
+
+    cfg = bench.arch_config("internvl3-8b")
+    vc, tc = cfg.vision_config, cfg.text_config
+    assert (vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads, vc.intermediate_size) == (1024, 24, 16, 4096)
+    assert (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads,
+            tc.intermediate_size) == (3584, 28, 28, 4, 18944)
+    ad = bench.arch_adapter("internvl3-8b")
+    assert all(p.is_meta for p in ad.model.parameters())
+    assert 7.9e9 < sum(p.numel() for p in ad.model.parameters()) < 8.1e9
+    geo = ad.item_geometry()
+    assert (geo.crops, geo.tokens, geo.text, ad.feature_dim()) == (7, 1792, 2, 4096)
+    assert ad.bench_budgets() == [1792, 597, 199]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,opts", [("none", {}), ("fastv", {"tokens": 60}), ("random", {"tokens": 24}),
+                                         ("learnpruner", {"tokens": 24, "lpm": "random", "diversity": 0.0})])
+def test_analytic_flops_and_kv_bytes_match_the_measured_ones(method, opts):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from learnpruner import bench
+
+    model = bench.build_arch("internvl3-tiny")
+    inputs = bench._make_inputs(model, 2, 20, 1, "cpu", torch.float32, seed=1)[0][0]
+    learnpruner.apply(model, method, **opts)
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        model(**inputs, use_cache=False)
+    measured = counter.get_total_flops() - sum(counter.get_flop_counts().get("LearnablePruningModule", {}).values())
+    st = learnpruner.stats(model)
+    assert [im.count for im in st.images] == [7 * 16] * 2
+    assert bench.analytic_flops(model, st.schedule, 2, 20, lm_head="all") == pytest.approx(measured, rel=0.02)
+    cache = bench._output_cache(model(**inputs, use_cache=True))
+    assert bench.kv_cache_bytes(cache) == bench.analytic_kv_bytes(model, st.schedule, 2, 20, dtype=torch.float32)
+    learnpruner.remove(model)
+
+
+def test_bench_runs_on_the_tiny_arch():
+    from learnpruner import bench
+
+    records = bench.run_bench(arch="internvl3-tiny", methods="none,divprune", tokens="24", batch_sizes="1",
+                              new_tokens=2, text_tokens=8, repeats=1, warmup=0, progress=False)
+    assert {r["family"] for r in records} == {"internvl"} and all(r["kv_cache_bytes"] > 0 for r in records)
