@@ -446,3 +446,76 @@ def tiny_internvl(attn: str = "sdpa", layers: int = 8, seed: int = 0):
     model.generation_config.suppress_tokens = [cfg.image_token_id]
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
+
+
+class CountingProcessor:
+    """A torchvision-free stand-in for a family's processor (the stock OneVision and InternVL processors need a video
+    processor, which needs torchvision): ``images`` turns PIL images into the model's pixel inputs, ``counts`` gives
+    each image's placeholder text, the testbed's word-level tokenizer and chat template do the rest. The counts come
+    from the model's own layout (the adapter), as the stock processors compute them from the config."""
+
+    image_token = "<image>"
+
+    def __init__(self, images, counts):
+        from learnpruner.testbed.model import CHAT_TEMPLATE, build_tokenizer
+
+        self.tokenizer = build_tokenizer()
+        self.tokenizer.padding_side = "left"
+        self.chat_template = CHAT_TEMPLATE
+        self._images, self._counts = images, counts
+        self.batch_decode = self.tokenizer.batch_decode
+
+    def __call__(self, text, images=None, return_tensors="pt", padding=True, **kwargs):
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        out = {}
+        if images:
+            flat = [im for group in images for im in (group if isinstance(group, list) else [group])]
+            px = self._images(flat)
+            out.update(px)
+            places = iter(self._counts(px))
+            texts = ["".join(part + (next(places) if k < t.count(self.image_token) else "")
+                             for k, part in enumerate(t.split(self.image_token))) for t in texts]
+        out.update(self.tokenizer(texts, return_tensors=return_tensors, padding=True))
+        return BatchFeature(out)
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+
+def onevision_processor(model):
+    """:class:`CountingProcessor` for :func:`tiny_llava_onevision`: OneVision's PIL image processor at 56 px crops."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from learnpruner.adapters import adapter_for
+
+    ad = adapter_for(model)
+    images = LlavaOnevisionImageProcessorPil(size={"height": 56, "width": 56},
+                                             image_grid_pinpoints=model.config.image_grid_pinpoints)
+
+    def counts(px):
+        crops = ad._num_crops(px["image_sizes"], None)
+        return ["<image>" * int(ad._image_layout(c, s.tolist(), None)[0].numel())
+                for c, s in zip(crops, px["image_sizes"])]
+
+    return CountingProcessor(lambda ims: dict(images(images=ims, return_tensors="pt")), counts)
+
+
+def internvl_processor(model, tiles: int = 2):
+    """:class:`CountingProcessor` for :func:`tiny_internvl`: every image resized to ``tiles`` side-by-side 112 px tiles
+    (the thumbnail left out), placeholders 16 per tile (``<img>``/``</img>`` left out: plain text here)."""
+    import numpy as np
+
+    per = model.config.image_seq_length
+
+    def pixels(ims):
+        out = []
+        for im in ims:
+            arr = np.asarray(im.convert("RGB").resize((112 * tiles, 112)), dtype=np.float32) / 127.5 - 1
+            t = torch.from_numpy(arr).permute(2, 0, 1)
+            out += [t[:, :, 112 * k:112 * (k + 1)] for k in range(tiles)]
+        return {"pixel_values": torch.stack(out)}
+
+    return CountingProcessor(pixels, lambda px: ["<image>" * (per * tiles)] * (px["pixel_values"].shape[0] // tiles))

@@ -268,3 +268,27 @@ def test_bench_runs_on_the_tiny_arch():
     records = bench.run_bench(arch="internvl3-tiny", methods="none,divprune", tokens="24", batch_sizes="1",
                               new_tokens=2, text_tokens=8, repeats=1, warmup=0, progress=False)
     assert {r["family"] for r in records} == {"internvl"} and all(r["kv_cache_bytes"] > 0 for r in records)
+
+
+def test_eval_and_lpm_training_run_on_internvl(tmp_path):
+    from helpers import internvl_processor
+
+    from learnpruner.evaluation import evaluate, load_items
+    from learnpruner.training import ShapesRecords, TrainConfig, train_lpm
+
+    model = tiny_internvl(layers=4)
+    processor = internvl_processor(model)
+    recs = evaluate(model, processor, load_items("shapesvqa", 4), ["none", "divprune", "learnpruner-set"], [8],
+                    tmp_path / "eval", batch_size=2, progress=False,
+                    method_options={"learnpruner-set": {"lpm": "random"}})
+    assert {r["method"] for r in recs} == {"none", "divprune", "learnpruner-set"}
+    assert all(r["status"] == "ok" and r["n"] == 4 and "ci" in r for r in recs)
+    cfg = TrainConfig(tokens=8, steps=3, batch_size=2, lr=3e-3, warmup=1, ckpt_every=3, hidden_dim=16, mask="topk")
+    trained = train_lpm(model, processor, ShapesRecords(), tmp_path / "lpm", cfg, progress=False)
+    hist = torch.load(tmp_path / "lpm" / "checkpoint.pt", weights_only=True)["history"]
+    assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert trained.config.family == "internvl" and trained.config.feature_dim == 4 * 32  # pixel-shuffled width
+    learnpruner.apply(model, "learnpruner", tokens=8, lpm=str(tmp_path / "lpm"))
+    with torch.no_grad():
+        model(**inputs(model))
+    assert [im.count for im in learnpruner.stats(model).images] == [48, 32]

@@ -364,3 +364,27 @@ def test_the_fast_path_generates_what_the_plain_path_does(model, method, opts):
     for a, b in zip(plain.scores, quick.scores):
         finite = torch.isfinite(a)
         torch.testing.assert_close(a[finite], b[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_eval_and_lpm_training_run_on_onevision(tmp_path):
+    from helpers import onevision_processor
+
+    from learnpruner.evaluation import evaluate, load_items
+    from learnpruner.training import ShapesRecords, TrainConfig, train_lpm
+
+    model = tiny_llava_onevision(layers=4)
+    processor = onevision_processor(model)
+    recs = evaluate(model, processor, load_items("shapesvqa", 4), ["none", "divprune", "learnpruner-set"], [16],
+                    tmp_path / "eval", batch_size=2, progress=False,
+                    method_options={"learnpruner-set": {"lpm": "random"}})
+    assert {r["method"] for r in recs} == {"none", "divprune", "learnpruner-set"}
+    assert all(r["status"] == "ok" and r["n"] == 4 and "ci" in r for r in recs)
+    cfg = TrainConfig(tokens=16, steps=3, batch_size=2, lr=3e-3, warmup=1, ckpt_every=3, hidden_dim=16, mask="topk")
+    trained = train_lpm(model, processor, ShapesRecords(), tmp_path / "lpm", cfg, progress=False)
+    hist = torch.load(tmp_path / "lpm" / "checkpoint.pt", weights_only=True)["history"]
+    assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert trained.config.family == "llava_onevision" and trained.config.feature_dim == 64  # projected rows
+    learnpruner.apply(model, "learnpruner", tokens=16, lpm=str(tmp_path / "lpm"))
+    with torch.no_grad():
+        model(**image_inputs(model))
+    assert [im.count for im in learnpruner.stats(model).images] == [80, 48]
