@@ -131,7 +131,8 @@ def test_encode_gives_the_models_own_rows_with_newlines_as_structure(pinpoints):
     visual = ad.encode(None, input_ids=video["input_ids"][:1], pixel_values_videos=video["pixel_values_videos"][:1])
     ref = model.model.get_video_features(video["pixel_values_videos"][:1]).pooler_output[0]
     assert visual.counts() == [16] == [ad.video_tokens(4)] and int((visual.slots[0] < 0).sum()) == 1
-    torch.testing.assert_close(visual.features[0], ref[:-1], atol=0, rtol=0)
+    # (the video's newline: the last row of get_video_features from transformers 5.2x, added in forward before)
+    torch.testing.assert_close(visual.features[0], ref[:16], atol=0, rtol=0)
 
 
 @torch.no_grad()

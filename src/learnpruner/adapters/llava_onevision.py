@@ -26,14 +26,15 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import STRUCTURE, VisualFeatures, grid_coords
-from .base import Adapter, register_adapter
+from .base import Adapter, Served, register_adapter
 
 
 @register_adapter
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
-    served = ()  # not yet served in vLLM (issue 37's serving file is still to write)
+    served = (Served("llava_onevision", "LlavaOnevisionForConditionalGeneration", "llava_onevision",
+                     "PrunedLlavaOnevision", "GuardedLlavaOnevision", "contiguous"),)
     has_cls = False  # SigLIP
     media = ("image", "video")
     pixel_inputs = ("pixel_values", "pixel_values_videos")
@@ -131,12 +132,6 @@ class LlavaOnevisionAdapter(Adapter):
         place[base:] -= base
         return newline, part, place
 
-    def _grid_shape(self, newline: torch.Tensor, base: int) -> tuple[int, int]:
-        """Rows and columns of an image's (unpadded, maybe interpolated) grid, from its newline positions."""
-        rows = int(newline[base:].sum())
-        cols = (newline.shape[0] - base - rows) // max(rows, 1)
-        return rows, cols
-
     def encode(self, pixel_values: torch.Tensor | None = None, cls_attention: bool = False, input_ids=None,
                image_sizes=None, pixel_values_videos=None, image_sizes_videos=None, batch_num_images=None,
                vision_feature_layer=None, vision_feature_select_strategy=None, vision_aspect_ratio=None,
@@ -161,30 +156,25 @@ class LlavaOnevisionAdapter(Adapter):
             lengths = [int(p.shape[0]) for p in packed]
             first = _first_placeholders(input_ids, self.image_token_id, lengths)
             for j, (rows, c, size) in enumerate(zip(packed, crops, image_sizes)):
-                newline, part, place = self._image_layout(c, size.tolist() if torch.is_tensor(size) else size,
-                                                          aspect)
-                device = rows.device
-                newline, part, place = newline.to(device), part.to(device), place.to(device)
-                base = self._crop_tokens() if c > 1 else int((~newline).sum())
-                coords = grid_coords(place, side, side)
-                if c > 1:
-                    gh, gw = self._grid_shape(newline, base)
-                    coords[base:] = grid_coords(place[base:], gh, gw)
-                items.append((first[j], rows[~newline], _slots(newline), part, coords))
+                newline, part, _ = self._image_layout(c, size.tolist() if torch.is_tensor(size) else size, aspect)
+                newline, part = newline.to(rows.device), part.to(rows.device)
+                items.append((first[j], rows[~newline], _slots(newline), part, image_coords(newline, side, c > 1)))
         if pixel_values_videos is not None:
             v, frames = pixel_values_videos.shape[:2]
             pooled = inner.get_video_features(pixel_values_videos, vision_feature_layer=layer,
                                               vision_feature_select_strategy=strategy, return_dict=True).pooler_output
             per = self._pooled_side() ** 2
-            first = _first_placeholders(input_ids, self.video_token_id, [pooled.shape[1]] * v)
+            # transformers >= 5.2x appends the video's newline in get_video_features, earlier 5.x in forward: the
+            # prompt holds it either way
+            pooled = pooled[:, :frames * per]
+            first = _first_placeholders(input_ids, self.video_token_id, [frames * per + 1] * v)
             for j in range(v):
                 device = pooled.device
-                newline = torch.zeros(pooled.shape[1], dtype=torch.bool, device=device)
+                newline = torch.zeros(frames * per + 1, dtype=torch.bool, device=device)
                 newline[-1] = True  # one newline after the whole video
-                place = torch.arange(per, device=device).repeat(frames)
-                items.append((first[j], pooled[j, :-1], _slots(newline),
+                items.append((first[j], pooled[j], _slots(newline),
                               torch.arange(frames, device=device).repeat_interleave(per),
-                              grid_coords(place, self._pooled_side(), self._pooled_side())))
+                              video_coords(frames, self._pooled_side()).to(device)))
         items.sort(key=lambda it: it[0])
         return VisualFeatures([it[1] for it in items], [it[2] for it in items], structure=inner.image_newline,
                               crops=[it[3] for it in items], coords=[it[4] for it in items])
@@ -192,6 +182,27 @@ class LlavaOnevisionAdapter(Adapter):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The identity: stage 1 already reads projected rows (see the module docstring)."""
         return features
+
+
+def image_coords(newline: torch.Tensor, side: int, gridded: bool) -> torch.Tensor:
+    """``[n, 2]``: each token row of one packed image (``newline``: ``[L]``, which rows are newlines) at its place in
+    its part's raster (:func:`~learnpruner.engine.layout.grid_coords`): the base crop's ``side x side`` grid, then,
+    where the image has a high-resolution grid (``gridded``), that grid's rows (one per newline) and columns. The
+    vLLM plugin uses it too."""
+    n = int((~newline).sum())
+    base = side * side if gridded else n
+    coords = grid_coords(torch.arange(base, device=newline.device), side, side)
+    if gridded:
+        rows = int(newline[base:].sum())
+        cols = (n - base) // max(rows, 1)
+        coords = torch.cat([coords, grid_coords(torch.arange(n - base, device=newline.device), rows, cols)])
+    return coords
+
+
+def video_coords(frames: int, pooled: int) -> torch.Tensor:
+    """``[frames * pooled**2, 2]``: each pooled token of a video at its place in its frame's ``pooled x pooled``
+    grid (the vLLM plugin uses it too)."""
+    return grid_coords(torch.arange(pooled * pooled).repeat(frames), pooled, pooled)
 
 
 def _slots(newline: torch.Tensor) -> torch.Tensor:
