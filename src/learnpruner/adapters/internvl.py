@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import VisualFeatures, grid_coords
-from .base import Adapter, register_adapter
+from .base import Adapter, Served, register_adapter
 
 
 class _Captured(Exception):
@@ -31,7 +31,8 @@ class _Captured(Exception):
 class InternVLAdapter(Adapter):
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
-    served = ()  # not yet served in vLLM
+    served = (Served("internvl", "InternVLForConditionalGeneration", "internvl", "PrunedInternVL", "GuardedInternVL",
+                     "contiguous"),)
     has_cls = False  # the class token is dropped before the pixel shuffle
     vision_options = ("vision_feature_layer", "vision_feature_select_strategy")
 
