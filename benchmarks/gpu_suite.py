@@ -4,7 +4,9 @@ Full run (one H100-class GPU, bf16, random weights, no network; about 8 minutes)
 and 16 with 576/192/64/32 visual tokens, methods none/fastv/learnpruner, on the plain and the fast path;
 LLaVA-NeXT-7B (a 672x672 image) at 2880 and 160; Qwen2.5-VL-7B with an 896x1120 image (1280 -> 142) and an
 8-frame 448x448 video (1024 -> 114) at batch 1; Qwen3-VL-8B with a 1024x1280 image (1280 -> 142, DeepStack
-included) and an 8-frame 512x512 video (1024 -> 114, timestamped frame groups) at batch 1. ``--smoke`` runs the
+included) and an 8-frame 512x512 video (1024 -> 114, timestamped frame groups) at batch 1; LLaVA-OneVision-7B with
+a 2304x2304 image (7290 -> 405, anyres_max_9) and an 8-frame video (1568 -> 196), and InternVL3-8B with 6 tiles
+plus the thumbnail (1792 -> 199), learnpruner-set at batch 1. ``--smoke`` runs the
 same code on tiny architectures on the CPU in seconds (CI runs it). Writes ``results.json``, ``table.md`` and the
 plots into ``--out`` and prints the table, with the card (device, dtype, versions, command) and the issue's
 targets checked.
@@ -33,6 +35,9 @@ FULL = [  # (arch, methods, tokens, batch sizes, item: None for the family's own
     ("qwen2.5-vl-7b", "none,learnpruner", "1024,114", "1", "video"),
     ("qwen3-vl-8b", "none,learnpruner", "1280,142", "1", "image"),
     ("qwen3-vl-8b", "none,learnpruner", "1024,114", "1", "video"),
+    ("llava-onevision-7b", "none,learnpruner-set", "7290,405", "1", "image"),
+    ("llava-onevision-7b", "none,learnpruner-set", "1568,196", "1", "video"),
+    ("internvl3-8b", "none,learnpruner-set", "1792,199", "1", None),
 ]
 SMOKE = [
     ("llava-tiny", "none,fastv,learnpruner", "64,32,16", "1,2", None),
@@ -40,6 +45,9 @@ SMOKE = [
     ("qwen2.5-vl-tiny", "none,learnpruner", "1024,114", "1", "video"),
     ("qwen3-vl-tiny", "none,learnpruner", "1280,142", "1", "image"),
     ("qwen3-vl-tiny", "none,learnpruner", "1024,114", "1", "video"),
+    ("llava-onevision-tiny", "none,learnpruner-set", "160,18", "1", "image"),
+    ("llava-onevision-tiny", "none,learnpruner-set", "32,8", "1", "video"),
+    ("internvl3-tiny", "none,learnpruner-set", "112,12", "1", None),
 ]
 
 

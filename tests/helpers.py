@@ -519,3 +519,87 @@ def internvl_processor(model, tiles: int = 2):
         return {"pixel_values": torch.stack(out)}
 
     return CountingProcessor(pixels, lambda px: ["<image>" * (per * tiles)] * (px["pixel_values"].shape[0] // tiles))
+
+
+def save_onevision(path, pinpoints) -> str:
+    """A tiny random LLaVA-OneVision (SigLIP at 56 px, 16 tokens a crop; Qwen2 with head size 32 for vLLM's CPU
+    attention) and its processor (needs torchvision: the video processor), saved to ``path``."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from learnpruner.testbed.model import CHAT_TEMPLATE, build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_tokens(["<video>"], special_tokens=True)
+    torch.manual_seed(0)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=56, patch_size=14, vision_use_head=False)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                                  image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full")
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    images = LlavaOnevisionImageProcessor(size={"height": 56, "width": 56}, image_grid_pinpoints=pinpoints)
+    videos = LlavaOnevisionVideoProcessor(size={"height": 56, "width": 56})
+    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
+                                        num_image_tokens=16, vision_feature_select_strategy="full",
+                                        chat_template=CHAT_TEMPLATE)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def save_internvl(path) -> str:
+    """A tiny random InternVL3 (InternViT at 112 px: 16 tokens a tile; up to 4 tiles plus the thumbnail; Qwen2 with
+    head size 32) and its processor (needs torchvision), saved to ``path``; its chat template writes
+    ``<IMG_CONTEXT>`` for an image."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+    )
+
+    from learnpruner.testbed.model import CHAT_TEMPLATE, build_tokenizer
+
+    words = build_tokenizer()
+    special = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+               "video_token": "<video>"}
+    words.add_tokens(list(special.values()), special_tokens=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>", padding_side="left",
+                                  extra_special_tokens=special)
+    torch.manual_seed(0)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=(112, 112), patch_size=(14, 14))
+    config = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=16, downsample_ratio=0.5,
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    model = InternVLForConditionalGeneration(config).eval()
+    images = GotOcr2ImageProcessor(size={"height": 112, "width": 112}, crop_to_patches=True, min_patches=1,
+                                   max_patches=4)
+    processor = InternVLProcessor(image_processor=images, tokenizer=tok,
+                                  video_processor=InternVLVideoProcessor(size={"height": 112, "width": 112}),
+                                  image_seq_length=16,
+                                  chat_template=CHAT_TEMPLATE.replace("<image>", "<IMG_CONTEXT>"))
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

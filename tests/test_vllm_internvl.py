@@ -28,45 +28,9 @@ TOKENS = 24
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import (
-        GotOcr2ImageProcessor,
-        InternVLConfig,
-        InternVLForConditionalGeneration,
-        InternVLProcessor,
-        InternVLVideoProcessor,
-        InternVLVisionConfig,
-        PreTrainedTokenizerFast,
-        Qwen2Config,
-    )
+    from helpers import save_internvl
 
-    from learnpruner.testbed.model import CHAT_TEMPLATE, build_tokenizer
-
-    words = build_tokenizer()
-    special = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-               "video_token": "<video>"}
-    words.add_tokens(list(special.values()), special_tokens=True)
-    tok = PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>", pad_token="<pad>", padding_side="left",
-                                  extra_special_tokens=special)
-    torch.manual_seed(0)
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  image_size=(112, 112), patch_size=(14, 14))
-    config = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=16, downsample_ratio=0.5,
-                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
-    model = InternVLForConditionalGeneration(config).eval()
-    images = GotOcr2ImageProcessor(size={"height": 112, "width": 112}, crop_to_patches=True, min_patches=1,
-                                   max_patches=4)
-    processor = InternVLProcessor(image_processor=images, tokenizer=tok,
-                                  video_processor=InternVLVideoProcessor(size={"height": 112, "width": 112}),
-                                  image_seq_length=16, chat_template=CHAT_TEMPLATE)
-    path = tmp_path_factory.mktemp("tiny-internvl")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
-
+    return save_internvl(tmp_path_factory.mktemp("tiny-internvl"))
 
 def _images():
     from PIL import Image

@@ -28,43 +28,9 @@ TOKENS = 24
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+    from helpers import save_onevision
 
-    from learnpruner.testbed.model import CHAT_TEMPLATE, build_tokenizer
-
-    tok = build_tokenizer()
-    tok.add_tokens(["<video>"], special_tokens=True)
-    torch.manual_seed(0)
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                image_size=56, patch_size=14, vision_use_head=False)
-    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_grid_pinpoints=PINPOINTS,
-                                  image_token_id=tok.convert_tokens_to_ids("<image>"),
-                                  video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
-                                  vision_feature_select_strategy="full")
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.model.image_newline.normal_()
-    images = LlavaOnevisionImageProcessor(size={"height": 56, "width": 56}, image_grid_pinpoints=PINPOINTS)
-    videos = LlavaOnevisionVideoProcessor(size={"height": 56, "width": 56})
-    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
-                                        num_image_tokens=16, vision_feature_select_strategy="full",
-                                        chat_template=CHAT_TEMPLATE)
-    path = tmp_path_factory.mktemp("tiny-onevision")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
-
+    return save_onevision(tmp_path_factory.mktemp("tiny-onevision"), PINPOINTS)
 
 def _images():
     from PIL import Image

@@ -318,13 +318,24 @@ def test_a_learnpruner_entry_without_its_architecture_is_refused(folder):
 
 
 def test_the_engine_says_what_it_prunes_when_it_starts(folder, capfd):
-    # read from vLLM's own handler's output: vLLM configures logging when an engine starts, which resets the handlers
-    # of loggers below "vllm" created before it (a handler added here would be dropped when this test runs alone)
+    import logging
+
+    # vLLM configures logging when its first engine starts, which resets the handlers of loggers below "vllm" made
+    # before; its own handler may write to a stream captured earlier. Read both: a handler of ours, and the output
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("vllm.learnpruner")
+    logger.addHandler(handler)
     _fresh_engines()
     capfd.readouterr()
-    _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
+    try:
+        _engine(folder, overrides("qwen3_vl", "learnpruner", TOKENS, lpm="random"))
+    finally:
+        logger.removeHandler(handler)
     captured = capfd.readouterr()
-    line = next(x for x in (captured.out + captured.err).splitlines() if "learnpruner: serving" in x)
+    lines = records + (captured.out + captured.err).splitlines()
+    line = next(x for x in lines if "learnpruner: serving" in x)
     assert "serving qwen3_vl with learnpruner (runs as lpm-only: stage 1 only), tokens=12" in line
     assert "LPM: random (untrained, seed 0)" in line
     _fresh_engines()

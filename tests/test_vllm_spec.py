@@ -23,7 +23,7 @@ def test_overrides_name_the_pruned_architecture_and_carry_the_spec():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"family": "blip"}, r"family 'blip' has no vLLM integration; accepted: llava"),
+    ({"family": "blip"}, r"family 'blip' has no vLLM integration; accepted: internvl, llava, llava_next"),
     ({"method": "nope"}, r"unknown method 'nope'"),
     ({"method": "fastv"}, r"'fastv' drops visual tokens inside the LLM, which vLLM cannot run"),
     ({"method": "sparsevlm"}, r"inside the LLM"),
