@@ -81,3 +81,28 @@ def test_a_folder_answers_as_the_engine_in_a_batch_of_two_sizes(family, tmp_path
     [line] = [x for x in lines if "visual tokens per layer / per image" in x]
     per_request = dict(part.split(" ") for part in line.split("per image: ")[1].strip().split("; "))
     assert per_request == {f"t/{i}": f"16.0/{n}" for i, n in enumerate(counts)}
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "internvl"])
+def test_the_commands_run_on_a_folder_with_its_real_processor(family, tmp_path, capsys):
+    """``learnpruner generate``, ``eval`` and ``train`` on a saved folder, through the stock processor."""
+    from helpers import save_internvl, save_onevision
+
+    from learnpruner.cli import main
+
+    if family == "internvl":
+        folder = save_internvl(tmp_path / family)
+    else:
+        folder = save_onevision(tmp_path / family, [[56 * h, 56 * w] for h in range(1, 5) for w in range(1, 5)])
+    assert main(["generate", "--model", folder, "--image", "shapesvqa:0", "--method", "divprune", "--tokens", "16",
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert "16" in capsys.readouterr().out
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", folder, "--data", "shapesvqa", "--limit", "4", "--methods", "none,divprune",
+                 "--tokens", "16", "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert (out / "results.json").is_file()
+    lpm = tmp_path / "lpm"
+    assert main(["train", "--model", folder, "--data", "shapesvqa", "--tokens", "16", "--out", str(lpm),
+                 "--steps", "2", "--batch-size", "2", "--records", "4", "--features", str(tmp_path / "fc"),
+                 "--device", "cpu"]) == 0
+    assert (lpm / "lpm.json").is_file()

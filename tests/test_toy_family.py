@@ -1,6 +1,8 @@
-"""A new model family is one adapter file: a toy family (LLaVA's model under a class of its own, with an adapter
-written as one small class) is registered at run time, and every tool of the package runs on it unchanged:
-apply/generate/stats/remove, eval with intervals, LPM training, calibration-free adaptive checks, the benchmark."""
+"""``register_adapter`` from user code: a toy family defined outside the package (LLaVA's model under a class of its
+own, with an adapter written as one small class, and no benchmark view of its own) is registered at run time, and
+every tool of the package runs on it unchanged: apply/generate/stats/remove, eval with intervals, LPM training,
+calibration-free adaptive checks, the benchmark. (That a new layout is a family's own files is shown by
+LLaVA-OneVision and InternVL3: tests/test_family_llava_onevision.py, tests/test_family_internvl.py.)"""
 
 from __future__ import annotations
 

@@ -243,8 +243,7 @@ def _encode(example: Example, processor, ad: Adapter, max_length: int) -> Encode
             collapsed.append(t)
             where.append(i)
     full = tok(text)["input_ids"]
-    if full != collapsed:
-        raise SkipRecord("tokenizer and processor disagree")
+    where = _align(full, collapsed, where, placeholder)
     labels = [-100] * len(ids)
     for k in range(len(example.turns)):
         prompt = tok(processor.apply_chat_template(messages[: 2 * k + 1], add_generation_prompt=True))["input_ids"]
@@ -257,6 +256,23 @@ def _encode(example: Example, processor, ad: Adapter, max_length: int) -> Encode
         raise SkipRecord("no answer tokens")
     visual = {name: out[name] for name in ad.visual_inputs if name in out}
     return Encoded(ids, labels, visual)
+
+
+def _align(full: list[int], collapsed: list[int], where: list[int], placeholder: list[bool]) -> list[int]:
+    """For each of the tokenizer's ids (``full``), its position in the processor's ids. ``collapsed``: the
+    processor's ids with each placeholder run collapsed to one, ``where`` their positions. The processor may write
+    text of its own right around an item's placeholders (InternVL's ``<img>`` ... ``</img>``): those ids are
+    skipped (prompt, never labels); any other difference raises :class:`SkipRecord`."""
+    out, i = [], 0
+    for t, w in zip(collapsed, where):
+        if i < len(full) and full[i] == t:
+            out.append(w)
+            i += 1
+        elif not ((w > 0 and placeholder[w - 1]) or (w + 1 < len(placeholder) and placeholder[w + 1])):
+            raise SkipRecord("tokenizer and processor disagree")
+    if i != len(full):
+        raise SkipRecord("tokenizer and processor disagree")
+    return out
 
 
 def _stack_padded(values: list[torch.Tensor]) -> torch.Tensor:
