@@ -2,7 +2,8 @@
 # Issue 38's evidence on shapes-tiny-full, shapesvqa:test-large (6000 items, never used to choose anything):
 # learnpruner-set against the stage-1 peers, learnpruner, lpm-only and none at 64 and 32 tokens; then the other
 # 2026 and diversity peers on the first 2000 items (a folder of its own: cells of different items are never
-# paired). Resumable: rerun to continue. OUT defaults to runs/set-evidence.
+# paired), and learnpruner-set against DivPrune at 192 and 128 tokens on all 6000 (a third folder). Resumable: rerun
+# to continue. OUT defaults to runs/set-evidence.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/set-evidence}"
@@ -11,5 +12,8 @@ learnpruner eval --model shapes-tiny-full --data shapesvqa:test-large --batch-si
     --methods none,divprune,learnpruner,lpm-only,learnpruner-set --out "$out/full"
 learnpruner eval --model shapes-tiny-full --data shapesvqa:test-large --limit 2000 --batch-size 32 --tokens 64,32 \
     --methods learnpruner-set,divprune,cdpruner,vispruner,scope,mmr --out "$out/first-2000"
+learnpruner eval --model shapes-tiny-full --data shapesvqa:test-large --batch-size 32 --tokens 192,128 \
+    --methods learnpruner-set,divprune --out "$out/high-budgets"
 learnpruner compare learnpruner-set --out "$out/full" --json "$out/full-paired.json"
+learnpruner compare learnpruner-set --out "$out/high-budgets" --json "$out/high-budgets-paired.json"
 learnpruner compare learnpruner-set --out "$out/first-2000" --json "$out/first-2000-paired.json"

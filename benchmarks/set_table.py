@@ -48,5 +48,6 @@ def table(folder: Path, budgets=(64, 32), unpruned: float | None = None) -> str:
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/set-evidence")
     for sub in sorted(p for p in root.iterdir() if (p / "preds").is_dir()):
-        print(table(sub))
+        budgets = sorted({r["tokens"] for r in all_cells(sub) if r.get("method") != "none"}, reverse=True)
+        print(table(sub, tuple(budgets)))
         print()
