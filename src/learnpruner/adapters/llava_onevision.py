@@ -115,10 +115,10 @@ class LlavaOnevisionAdapter(Adapter):
                                           patch_size=cfg.vision_config.image_size) if p else 1
                 for s, p in zip(image_sizes, patching)]
 
-    def _image_layout(self, crops: int, image_size, aspect) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _image_layout(self, crops: int, image_size, aspect) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's placeholders as the model's own ``pack_image_features`` lays them out, read off a marker
-        run (zeros for tokens, 1 for the newline): ``(is_newline [L], part [n], place [n])``, ``part`` 0 for the
-        base crop and 1 for the grid, ``place`` each token's raster index in its part."""
+        run (zeros for tokens, 1 for the newline): ``(is_newline [L], part [n])``, ``part`` 0 for the base crop's
+        tokens and 1 for the grid's."""
         marker = [torch.zeros(crops, self._crop_tokens(), 1)]
         packed, _ = self.model.model.pack_image_features(
             marker, torch.as_tensor(image_size).view(1, 2), image_newline=torch.ones(1),
@@ -128,9 +128,7 @@ class LlavaOnevisionAdapter(Adapter):
         n = int((~newline).sum())
         part = torch.zeros(n, dtype=torch.long)
         part[base:] = 1
-        place = torch.arange(n)
-        place[base:] -= base
-        return newline, part, place
+        return newline, part
 
     def encode(self, pixel_values: torch.Tensor | None = None, cls_attention: bool = False, input_ids=None,
                image_sizes=None, pixel_values_videos=None, image_sizes_videos=None, batch_num_images=None,
@@ -156,7 +154,7 @@ class LlavaOnevisionAdapter(Adapter):
             lengths = [int(p.shape[0]) for p in packed]
             first = _first_placeholders(input_ids, self.image_token_id, lengths)
             for j, (rows, c, size) in enumerate(zip(packed, crops, image_sizes)):
-                newline, part, _ = self._image_layout(c, size.tolist() if torch.is_tensor(size) else size, aspect)
+                newline, part = self._image_layout(c, size.tolist() if torch.is_tensor(size) else size, aspect)
                 newline, part = newline.to(rows.device), part.to(rows.device)
                 items.append((first[j], rows[~newline], _slots(newline), part, image_coords(newline, side, c > 1)))
         if pixel_values_videos is not None:

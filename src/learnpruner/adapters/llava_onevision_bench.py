@@ -87,7 +87,7 @@ class LlavaOnevisionBench(BenchFamily):
                                 structure=1)
         size = self.largest_image_size() if image_size is None else (int(image_size[0]), int(image_size[1]))
         crops = self._num_crops([list(size)], None)[0]
-        newline, _, _ = self._image_layout(crops, list(size), None)
+        newline, _ = self._image_layout(crops, list(size), None)
         return ItemGeometry(size=size, crops=crops, tokens=int((~newline).sum()), structure=int(newline.sum()))
 
     def random_images(self, batch: int, generator: torch.Generator | None = None, image_size=None) -> dict:
