@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import layer_lengths
+from harness import (
+    check_batched_equals_single,
+    check_cached_equals_stepwise,
+    check_fast_equals_plain,
+    check_stage2_scores_equal_eager,
+    layer_lengths,
+)
 from helpers import method_options, tiny_llava_onevision
 
 import learnpruner
@@ -194,84 +200,31 @@ def test_each_item_follows_its_own_schedule(model, inp, method):
 @pytest.mark.parametrize("method", [m for m in PRUNED if m != "random"])
 def test_padded_batch_of_different_sizes_equals_each_alone(model, inp, method):
     learnpruner.apply(model, method, tokens=BUDGET, **method_options(method))
-    # positions from the mask, as generate gives them: DART's pivots are L1 norms of keys after RoPE, which move
-    # with a row's left padding when a forward numbers the pads too
-    pos = (inp["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    batched = model(**inp, position_ids=pos)
-    st = learnpruner.stats(model)
-    gen = model.generate(**inp, max_new_tokens=3, do_sample=False)
-    width = inp["input_ids"].shape[1]
-    for i in range(2):
-        single = _single(inp, i)
-        out = model(**single)
-        a, b = st.images[i], learnpruner.stats(model).images[0]
-        if a.stage1_kept is not None:
-            assert torch.equal(a.stage1_kept, b.stage1_kept)
-        for x, y in zip(a.llm_kept, b.llm_kept, strict=True):
-            assert torch.equal(x, y)
-        torch.testing.assert_close(batched.logits[i, -1], out.logits[0, -1], atol=1e-4, rtol=1e-4)
-        g = model.generate(**single, max_new_tokens=3, do_sample=False)
-        assert torch.equal(g[0, single["input_ids"].shape[1]:], gen[i, width:])
+    pos = (inp["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate numbers a padded row (DART: key norms)
+    check_batched_equals_single(model, inp, position_ids=pos, alone=_single)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["learnpruner", "fastv", "divprune", "pyramiddrop"])
 def test_cached_generation_equals_stepwise_recomputation(model, inp, method):
     learnpruner.apply(model, method, tokens=BUDGET, **method_options(method))
-    steps = 3
     banned = [model.config.image_token_id, model.config.video_token_id, model.generation_config.eos_token_id]
-    gen = model.generate(**inp, max_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, suppress_tokens=banned)
-    st = learnpruner.stats(model)
-    new = gen.sequences[:, inp["input_ids"].shape[1]:]
-    with learnpruner.fixed_selection(model, st.stage1_kept, st.llm_kept):
-        for t in range(steps):
-            ids = torch.cat([inp["input_ids"], new[:, :t]], dim=1)
-            mask = torch.cat([inp["attention_mask"], torch.ones_like(new[:, :t])], dim=1)
-            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=inp["pixel_values"],
-                           image_sizes=inp["image_sizes"], use_cache=False).logits[:, -1]
-            torch.testing.assert_close(logits, gen.logits[t], atol=1e-4, rtol=1e-4)
-            logits[:, banned] = float("-inf")
-            assert torch.equal(logits.argmax(-1), new[:, t]), f"step {t}"
+    visual = {"pixel_values": inp["pixel_values"], "image_sizes": inp["image_sizes"]}
+    check_cached_equals_stepwise(model, inp, steps=3, visual=visual, banned=banned)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_stage2_scores_equal_eager_attention(impl, inp):
     model, ref = tiny_llava_onevision(attn=impl, seed=1), tiny_llava_onevision(attn="eager", seed=1)
-    layer = 3
-    learnpruner.apply(model, "learnpruner", tokens=8, lpm="random", r1=48, r2=6, layer=layer)
-    model(**inp)
-    st = learnpruner.stats(model)
-    kept1 = [im.stage1_kept for im in st.images]
+    learnpruner.apply(model, "learnpruner", tokens=8, lpm="random", r1=48, r2=6, layer=3)
+    with torch.no_grad():
+        model(**inp)
     visual = adapter_for(model).encode(inp["pixel_values"], input_ids=inp["input_ids"], image_sizes=inp["image_sizes"])
-    image_id = model.config.image_token_id
-    for i in range(2):
-        single = _single(inp, i)
-        ids = single["input_ids"][0]
-        slots = visual.slots[i]
-        placeholder = (ids == image_id).nonzero()[:, 0]
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        dropped = (slots >= 0) & ~torch.isin(slots, kept1[i] if kept1[i] is not None else slots)
-        keep[placeholder[dropped]] = False
-        packed = model.model.get_image_features(single["pixel_values"], single["image_sizes"]).pooler_output[0]
-        embeds = ref.model.language_model.embed_tokens(ids[None])
-        embeds[0, placeholder] = packed.to(embeds.dtype)
-        pos = torch.arange(ids.shape[0])[None]
-        out = ref.model.language_model(inputs_embeds=embeds[:, keep], position_ids=pos[:, keep],
-                                       attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
-                                       output_attentions=True)
-        probs = out.attentions[layer - 1][0].float()
-        kept_ids = ids[keep]
-        kept_slots = torch.full_like(ids, -1)
-        kept_slots[placeholder] = slots
-        kept_slots = kept_slots[keep]
-        last_image = int((kept_ids == image_id).nonzero().max())
-        q = torch.arange(kept_ids.shape[0]) > last_image
-        visual_cols = kept_slots >= 0
-        expected = probs[:, q][:, :, visual_cols].mean(dim=(0, 1))
-        torch.testing.assert_close(st.stage2_scores[i, kept_slots[visual_cols]], expected, atol=1e-6, rtol=1e-5)
+    def packed(one):
+        return model.model.get_image_features(one["pixel_values"], one["image_sizes"]).pooler_output[0]
+
+    check_stage2_scores_equal_eager(model, ref, inp, _single, 3, visual.slots, packed)
 
 
 @pytest.mark.parametrize("method", NEEDS_CLS)
@@ -355,16 +308,7 @@ def test_bench_runs_on_the_tiny_arch_for_images_and_videos():
 @pytest.mark.parametrize("method,opts", [("learnpruner", {"tokens": 16, "lpm": "random"}), ("fastv", {"tokens": 40}),
                                          ("learnpruner-set", {"tokens": 16, "lpm": "random"})])
 def test_the_fast_path_generates_what_the_plain_path_does(model, method, opts):
-    inp = video_inputs(model)  # an image and two videos in a padded batch
-    learnpruner.apply(model, method, **opts)
-    plain = model.generate(**inp, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    learnpruner.remove(model)
-    learnpruner.apply(model, method, fast=True, **opts)
-    quick = model.generate(**inp, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    assert torch.equal(plain.sequences, quick.sequences)
-    for a, b in zip(plain.scores, quick.scores):
-        finite = torch.isfinite(a)
-        torch.testing.assert_close(a[finite], b[finite], atol=1e-5, rtol=1e-5)
+    check_fast_equals_plain(model, video_inputs(model), method, opts)  # an image and two videos, padded
 
 
 def test_eval_and_lpm_training_run_on_onevision(tmp_path):

@@ -24,7 +24,28 @@ from .base import Adapter, Served, register_adapter
 
 
 class _Captured(Exception):
-    """Stops ``get_image_features`` at the projector once its input is captured."""
+    """Stops a feature path at the projector once its input is captured."""
+
+
+def projector_input(projector: torch.nn.Module, run) -> torch.Tensor:
+    """The input ``projector`` receives when ``run()`` (a model's own feature path) calls it; the path stops there,
+    so the projector does not run. The vLLM plugin uses it too."""
+    captured = {}
+
+    def stop(module, args):
+        captured["rows"] = args[0]
+        raise _Captured
+
+    handle = projector.register_forward_pre_hook(stop)
+    try:
+        run()
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "rows" not in captured:
+        raise RuntimeError(f"the feature path never reached {type(projector).__name__}")
+    return captured["rows"]
 
 
 @register_adapter
@@ -80,23 +101,10 @@ class InternVLAdapter(Adapter):
                       vision_feature_select_strategy=None) -> torch.Tensor:
         """``[tiles, 256, feature_dim]``: the projector's input, from the model's own ``get_image_features``."""
         cfg = self.model.config
-        captured = {}
-
-        def stop(module, args):
-            captured["rows"] = args[0]
-            raise _Captured
-
-        handle = self.model.model.multi_modal_projector.register_forward_pre_hook(stop)
-        try:
-            self.model.model.get_image_features(
-                pixel_values, vision_feature_layer=cfg.vision_feature_layer if vision_feature_layer is None
-                else vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy or cfg.vision_feature_select_strategy)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        return captured["rows"]
+        layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or cfg.vision_feature_select_strategy
+        return projector_input(self.model.model.multi_modal_projector, lambda: self.model.model.get_image_features(
+            pixel_values, vision_feature_layer=layer, vision_feature_select_strategy=strategy))
 
     def encode(self, pixel_values: torch.Tensor, cls_attention: bool = False, input_ids=None,
                vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs) -> VisualFeatures:

@@ -107,6 +107,13 @@ def bench_processor(config):
     return processor
 
 
+def largest_pinpoint(config) -> tuple[int, int]:
+    """``(height, width)`` of the AnyRes grid pinpoint with the most crops (first of equals)."""
+    size = config.vision_config.image_size
+    h, w = max(config.image_grid_pinpoints, key=lambda hw: (hw[0] // size) * (hw[1] // size))
+    return int(h), int(w)
+
+
 def _family_archs(prefix: str | tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in LLAVA_ARCHS.items() if k.startswith(prefix) and not k.startswith(exclude)}
 
@@ -159,9 +166,7 @@ class LlavaNextBench(LlavaBench):
 
     def largest_image_size(self) -> tuple[int, int]:
         """The grid pinpoint with the most crops (first of equals): the image :meth:`num_visual_tokens` counts."""
-        size = self.model.config.vision_config.image_size
-        h, w = max(self.model.config.image_grid_pinpoints, key=lambda hw: (hw[0] // size) * (hw[1] // size))
-        return int(h), int(w)
+        return largest_pinpoint(self.model.config)
 
     def item_geometry(self, image_size=None) -> ItemGeometry:
         """Base crop plus the AnyRes grid for ``image_size`` (default: :meth:`largest_image_size`); tokens are

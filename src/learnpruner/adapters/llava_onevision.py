@@ -42,6 +42,11 @@ class LlavaOnevisionAdapter(Adapter):
     vision_options = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
     default_frames = 8  # frames per video in training and the benchmark (the processor samples what it is given)
 
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per (crops, size, aspect): a request
+        # stream holds few image sizes, and the layout depends on nothing else
+
     # --- parts ----------------------------------------------------------------------------------------------
     @property
     def language_model(self):
@@ -119,6 +124,12 @@ class LlavaOnevisionAdapter(Adapter):
         """One image's placeholders as the model's own ``pack_image_features`` lays them out, read off a marker
         run (zeros for tokens, 1 for the newline): ``(is_newline [L], part [n])``, ``part`` 0 for the base crop's
         tokens and 1 for the grid's."""
+        key = (crops, *(int(v) for v in image_size), aspect)
+        if key not in self._layouts:
+            self._layouts[key] = self._marker_layout(crops, image_size, aspect)
+        return self._layouts[key]
+
+    def _marker_layout(self, crops: int, image_size, aspect) -> tuple[torch.Tensor, torch.Tensor]:
         marker = [torch.zeros(crops, self._crop_tokens(), 1)]
         packed, _ = self.model.model.pack_image_features(
             marker, torch.as_tensor(image_size).view(1, 2), image_newline=torch.ones(1),

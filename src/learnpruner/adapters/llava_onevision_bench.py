@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..bench.geometry import BenchFamily, ItemGeometry
+from .llava_bench import largest_pinpoint
 
 __all__ = ["ONEVISION_ARCHS", "ONEVISION_PINPOINTS", "LlavaOnevisionBench"]
 
@@ -73,9 +74,7 @@ class LlavaOnevisionBench(BenchFamily):
         return self.video_token_id if self.bench_kind == "video" else self.image_token_id
 
     def largest_image_size(self) -> tuple[int, int]:
-        size = self.model.config.vision_config.image_size
-        h, w = max(self.model.config.image_grid_pinpoints, key=lambda hw: (hw[0] // size) * (hw[1] // size))
-        return int(h), int(w)
+        return largest_pinpoint(self.model.config)
 
     def item_geometry(self, image_size=None) -> ItemGeometry:
         """An image of ``image_size`` (default :meth:`largest_image_size`): base crop plus grid crops, tokens and

@@ -21,15 +21,12 @@ from vllm.model_executor.models.interns1 import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails
 
+from ...adapters.internvl import projector_input
 from ...engine.layout import grid_coords
 from .stage1 import attach, guarded, select_kept, spec_of
 
 FAMILY = "internvl"
 ARCHITECTURE = "LearnPrunerInternVLForConditionalGeneration"
-
-
-class _Captured(Exception):
-    """Stops ``extract_feature`` at the projector once its input is captured."""
 
 
 class PrunedInternVLProcessingInfo(InternS1ProcessingInfo):
@@ -79,20 +76,7 @@ class PrunedInternVL(InternS1ForConditionalGeneration):
 
     def shuffled_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[tiles, 256, 4 * width]``: the projector's input of vLLM's own feature path."""
-        captured = {}
-
-        def stop(module, args):
-            captured["rows"] = args[0]
-            raise _Captured
-
-        handle = self.multi_modal_projector.register_forward_pre_hook(stop)
-        try:
-            self.extract_feature(pixel_values)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        return captured["rows"]
+        return projector_input(self.multi_modal_projector, lambda: self.extract_feature(pixel_values))
 
     def _process_vision_input(self, image_input):
         if image_input["type"] != "pixel_values":

@@ -36,16 +36,22 @@ class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return spec_of(self.get_hf_config(), FAMILY).kept(total - newlines) + newlines
 
     def num_newlines(self, image_width: int, image_height: int) -> int:
-        from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
+        return anyres_newlines(self, image_width, image_height)
 
-        config, encoder = self.get_hf_config(), self.get_vision_encoder_info()
-        rows, cols = get_anyres_image_grid_shape(image_size=(image_height, image_width),
-                                                 grid_pinpoints=config.image_grid_pinpoints,
-                                                 patch_size=encoder.get_image_size())
-        _, newlines = self._get_num_unpadded_features(original_height=image_height, original_width=image_width,
-                                                      npatches=encoder.get_patch_grid_length(),
-                                                      num_patch_height=rows, num_patch_width=cols)
-        return newlines
+
+def anyres_newlines(info, image_width: int, image_height: int) -> int:
+    """The row newlines of an AnyRes image, by vLLM's own count (``info``: a LLaVA-NeXT-like processing info; its
+    ``_get_num_unpadded_features`` is the family's, OneVision's with its anyres_max_9 interpolation)."""
+    from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
+
+    config, encoder = info.get_hf_config(), info.get_vision_encoder_info()
+    rows, cols = get_anyres_image_grid_shape(image_size=(image_height, image_width),
+                                             grid_pinpoints=config.image_grid_pinpoints,
+                                             patch_size=encoder.get_image_size())
+    _, newlines = info._get_num_unpadded_features(original_height=image_height, original_width=image_width,
+                                                  npatches=encoder.get_patch_grid_length(),
+                                                  num_patch_height=rows, num_patch_width=cols)
+    return newlines
 
 
 @MULTIMODAL_REGISTRY.register_processor(LlavaNextMultiModalProcessor, info=PrunedLlavaNextProcessingInfo,

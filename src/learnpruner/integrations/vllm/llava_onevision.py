@@ -22,6 +22,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...adapters.llava_onevision import image_coords, video_coords
 from .llava import CLIP_WEIGHT_NAMES
+from .llava_next import anyres_newlines
 from .stage1 import attach, guarded, select_kept, spec_of
 
 FAMILY = "llava_onevision"
@@ -33,20 +34,8 @@ class PrunedLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         total = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        newlines = self.num_newlines(image_width, image_height)
+        newlines = anyres_newlines(self, image_width, image_height)
         return spec_of(self.get_hf_config(), FAMILY).kept(total - newlines) + newlines
-
-    def num_newlines(self, image_width: int, image_height: int) -> int:
-        from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
-
-        config, encoder = self.get_hf_config(), self.get_vision_encoder_info()
-        rows, cols = get_anyres_image_grid_shape(image_size=(image_height, image_width),
-                                                 grid_pinpoints=config.image_grid_pinpoints,
-                                                 patch_size=encoder.get_image_size())
-        _, newlines = self._get_num_unpadded_features(original_height=image_height, original_width=image_width,
-                                                      npatches=encoder.get_patch_grid_length(),
-                                                      num_patch_height=rows, num_patch_width=cols)
-        return newlines
 
     def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
         total = super().get_num_video_tokens(image_width=image_width, image_height=image_height,
