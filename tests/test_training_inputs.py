@@ -237,3 +237,20 @@ def test_train_never_writes_into_the_installed_package(capsys):
         err = capsys.readouterr().err
         assert "lies inside the installed learnpruner package" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+
+
+def test_the_tokenizer_aligns_with_a_processor_that_writes_text_around_an_item():
+    """InternVL's processor writes ``<img>`` ... ``</img>`` around an image's placeholders: those ids are skipped;
+    any other difference between the tokenizer and the processor skips the record."""
+    import pytest
+
+    from learnpruner.training.data import SkipRecord, _align
+
+    ids = [1, 5, 90, 7, 7, 7, 91, 6, 2]  # <s> a <img> ctx ctx ctx </img> b </s>
+    placeholder = [t == 7 for t in ids]
+    collapsed, where = [1, 5, 90, 7, 91, 6, 2], [0, 1, 2, 3, 6, 7, 8]
+    assert _align([1, 5, 7, 6, 2], collapsed, where, placeholder) == [0, 1, 3, 7, 8]
+    with pytest.raises(SkipRecord, match="tokenizer and processor disagree"):
+        _align([1, 4, 7, 6, 2], collapsed, where, placeholder)  # a text token differs
+    with pytest.raises(SkipRecord, match="tokenizer and processor disagree"):
+        _align([1, 5, 7, 6, 2, 3], collapsed, where, placeholder)  # the tokenizer has more
